@@ -1,0 +1,400 @@
+"""AA-CLIP two-stage training: text adapters (stage 1), then image adapters (stage 2).
+
+    python train.py                                  # tiny backbone on the synthetic set
+    python train.py --dataset VisA --shot 32         # ViT-L-14-336 + openai weights, 518 px
+
+Quirks of the original training loop reproduced by default (spec aaclip.md §17):
+* `--stage1_loss last_level`: the original overwrites the loss inside its level loop, so only the
+  last level's segmentation loss (+ one orthogonal term) trains the text adapters;
+  `sum_levels` sums all levels. The paper's stage-1 L_cls is absent; `--stage1_cls_loss` adds it.
+* `--cls_logit_scale 1`: stage-2 cross-entropy on un-scaled cosine logits.
+Resume from `--save_path` follows the corrected rule (train while epoch < total) and restores
+the optimizer, the LR scheduler and the RNG states; the original skipped a stage-1 epoch and
+restarted the scheduler (§13).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from datasets.anomaly import TrainDataset
+from datasets.catalog import default_data_root, get_dataset_info
+from datasets.metadata import ensure_training_records
+from datasets.synthetic import ensure_synthetic
+from models.aaclip import AdaptedCLIP, build_aaclip, load_adapter
+from utils.checkpoint import save_checkpoint
+from utils.config import (
+    CONFIG_DIR,
+    add_backbone_args,
+    add_data_args,
+    add_run_args,
+    parse_with_config,
+    resolve_backbone_defaults,
+    save_yaml,
+)
+from utils.errors import ConfigError, UserError
+from utils.forward_utils import (
+    calculate_seg_loss,
+    calculate_similarity_map,
+    get_adapted_single_class_text_embedding,
+    get_adapted_text_embedding,
+    orthogonal_loss,
+)
+from utils.runtime import resolve_device, rng_state, seed_everything, set_rng_state, setup_logging
+
+logger = logging.getLogger("train")
+
+MODELS = ("aaclip",)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="aaclip", choices=MODELS)
+    add_run_args(parser, "folder for checkpoints, train.log and config.yaml")
+    add_data_args(parser, "training data set (paper: VisA, or MVTec for the VisA row)")
+    parser.add_argument("--training_mode", default="few_shot", choices=("few_shot", "full_shot"))
+    parser.add_argument(
+        "--shot",
+        type=int,
+        default=32,
+        help="k images per class (k/2 normal, k/2 anomalous); 0 means full shot",
+    )
+    add_backbone_args(parser)
+    stage1 = parser.add_argument_group("stage 1 (text adapters)")
+    stage1.add_argument("--text_epoch", type=int, default=5)
+    stage1.add_argument("--text_batch_size", type=int, default=16)
+    stage1.add_argument("--text_lr", type=float, default=1e-5)
+    stage1.add_argument(
+        "--text_norm_weight",
+        type=float,
+        default=0.1,
+        help="weight of the orthogonal (disentangle) loss",
+    )
+    stage1.add_argument("--surgery_until_layer", type=int, default=20)
+    stage1.add_argument(
+        "--surgery_attention",
+        default="batch_mix",
+        choices=("batch_mix", "per_image"),
+        help="batch_mix reproduces the original's softmax over the batch",
+    )
+    stage1.add_argument(
+        "--stage1_loss",
+        default="last_level",
+        choices=("last_level", "sum_levels"),
+        help="last_level reproduces the original (only the last level trains)",
+    )
+    stage1.add_argument(
+        "--stage1_cls_loss",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="add the paper's L_cls on the clean CLS embedding (absent in code)",
+    )
+    stage2 = parser.add_argument_group("stage 2 (image adapters)")
+    stage2.add_argument("--image_epoch", type=int, default=20)
+    stage2.add_argument("--image_batch_size", type=int, default=2)
+    stage2.add_argument("--image_lr", type=float, default=5e-4)
+    stage2.add_argument(
+        "--image_milestones",
+        type=int,
+        nargs="*",
+        default=[16000, 32000],
+        help="MultiStepLR milestones in iterations",
+    )
+    stage2.add_argument("--image_gamma", type=float, default=0.5)
+    stage2.add_argument(
+        "--cls_logit_scale",
+        type=float,
+        default=1.0,
+        help="scale of the stage-2 CE logits (original: 1, un-scaled cosines)",
+    )
+    parser.add_argument("--betas", type=float, nargs=2, default=[0.5, 0.999])
+    parser.add_argument(
+        "--augment",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="random geometric (and stage-2 colour) augmentation",
+    )
+    args = parse_with_config(parser, argv, CONFIG_DIR / "aaclip.yaml")
+    resolve_backbone_defaults(args)
+    if args.shot < 0:
+        raise ConfigError(f"--shot {args.shot} must be >= 0 (0 means full shot)")
+    if args.shot == 0:
+        args.training_mode = "full_shot"
+    return args
+
+
+def run_config(args: argparse.Namespace) -> dict:
+    """The settings stored in every checkpoint and in config.yaml."""
+    return {
+        key: (str(value) if isinstance(value, Path) else value) for key, value in vars(args).items()
+    }
+
+
+def build_train_loader(
+    records: list[dict], args: argparse.Namespace, text: bool, device: torch.device
+) -> DataLoader:
+    """Shuffled loader over the training records; `text=True` is stage 1 (no colour jitter).
+
+    The shuffle generator is re-seeded per epoch (`seed + epoch`), so a resumed run draws the
+    same batches as an uninterrupted one.
+    """
+    dataset = TrainDataset(records, args.data_root, args.img_size, text=text, augment=args.augment)
+    workers = (
+        args.num_workers if args.num_workers is not None else (4 if device.type == "cuda" else 0)
+    )
+    return DataLoader(
+        dataset,
+        batch_size=args.text_batch_size if text else args.image_batch_size,
+        shuffle=True,
+        drop_last=False,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        generator=torch.Generator().manual_seed(args.seed),
+    )
+
+
+def stage1_loss(
+    level_maps: list[torch.Tensor],
+    mask: torch.Tensor,
+    epoch_text_feature: torch.Tensor,
+    text_norm_weight: float,
+    mode: str = "last_level",
+) -> torch.Tensor:
+    """Stage-1 loss: per-level train maps `[B, 2, S, S]`, mask `[B, 1, S, S]`, anchors `[B, D, 2]`.
+
+    `last_level` (faithful): the original reassigns the loss per level, so only the last map
+    counts; `sum_levels`: every level's segmentation loss. One orthogonal term either way.
+    """
+    orthogonal = text_norm_weight * orthogonal_loss(epoch_text_feature)
+    if mode == "last_level":
+        return calculate_seg_loss(level_maps[-1], mask) + orthogonal
+    if mode == "sum_levels":
+        return sum(calculate_seg_loss(level_map, mask) for level_map in level_maps) + orthogonal
+    raise ConfigError(f"unknown --stage1_loss {mode!r}; use last_level or sum_levels")
+
+
+def class_logits(
+    features: torch.Tensor, epoch_text_feature: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """`[B, D]` image features against their class anchors `[B, D, 2]` -> `[B, 2]` logits."""
+    return scale * torch.matmul(features.unsqueeze(1), epoch_text_feature)[:, 0]
+
+
+def train_text_adapter(
+    model: AdaptedCLIP,
+    train_loader: DataLoader,
+    optimizer: torch.optim.Optimizer,
+    args: argparse.Namespace,
+    device: torch.device,
+    start_epoch: int = 0,
+) -> AdaptedCLIP:
+    """Stage 1: anchors per unique class (with gradient) against frozen surgery patch features."""
+    model.train()
+    last_level_only = args.stage1_loss == "last_level" and not args.stage1_cls_loss
+    for epoch in tqdm(range(start_epoch, args.text_epoch), desc="stage 1 epochs"):
+        train_loader.generator.manual_seed(args.seed + epoch)
+        losses = []
+        for batch in tqdm(train_loader, desc=f"text epoch {epoch + 1}", leave=False):
+            images = batch["image"].to(device, non_blocking=True)
+            mask = batch["mask"].to(device, non_blocking=True)
+            class_names = list(batch["class_name"])
+            anchors = {
+                name: get_adapted_single_class_text_embedding(model, args.dataset, name, device)
+                for name in dict.fromkeys(class_names)
+            }
+            epoch_text_feature = torch.stack([anchors[name] for name in class_names])  # [B, D, 2]
+            patch_features, cls = model.surgery_features(images)
+            if last_level_only:
+                # The other levels' maps would be computed and discarded (they carry no gradient).
+                patch_features = patch_features[-1:]
+            level_maps = [
+                calculate_similarity_map(features, epoch_text_feature, args.img_size)
+                for features in patch_features
+            ]
+            loss = stage1_loss(
+                level_maps, mask, epoch_text_feature, args.text_norm_weight, args.stage1_loss
+            )
+            if args.stage1_cls_loss:
+                logits = class_logits(cls, epoch_text_feature, args.cls_logit_scale)
+                loss = loss + F.cross_entropy(logits, batch["label"].to(device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+        logger.info("text epoch %d/%d: loss %.4f", epoch + 1, args.text_epoch, mean(losses))
+        save_checkpoint(
+            args.save_path / "text_adapter.pth",
+            {
+                "epoch": epoch + 1,
+                "text_adapter": model.text_adapter.state_dict(),
+                "text_optimizer": optimizer.state_dict(),
+                "config": run_config(args),
+                "rng": rng_state(),
+            },
+        )
+    return model
+
+
+def train_image_adapter(
+    model: AdaptedCLIP,
+    text_embeddings: dict[str, torch.Tensor],
+    train_loader: DataLoader,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    args: argparse.Namespace,
+    device: torch.device,
+    start_epoch: int = 0,
+) -> AdaptedCLIP:
+    """Stage 2: CE on the detection token + focal/dice at every level, scheduler per iteration."""
+    model.train()
+    for epoch in tqdm(range(start_epoch, args.image_epoch), desc="stage 2 epochs"):
+        train_loader.generator.manual_seed(args.seed + epoch)
+        losses = []
+        for batch in tqdm(train_loader, desc=f"image epoch {epoch + 1}", leave=False):
+            images = batch["image"].to(device, non_blocking=True)
+            mask = batch["mask"].to(device, non_blocking=True)
+            label = batch["label"].to(device, non_blocking=True)
+            epoch_text_feature = torch.stack(
+                [text_embeddings[name] for name in batch["class_name"]]
+            )
+            seg_tokens, det_token = model(images)
+            logits = class_logits(det_token, epoch_text_feature, args.cls_logit_scale)
+            loss = F.cross_entropy(logits, label)
+            for tokens in seg_tokens:
+                level_map = calculate_similarity_map(tokens, epoch_text_feature, args.img_size)
+                loss = loss + calculate_seg_loss(level_map, mask)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            losses.append(loss.item())
+        logger.info("image epoch %d/%d: loss %.4f", epoch + 1, args.image_epoch, mean(losses))
+        payload = {
+            "epoch": epoch + 1,
+            "image_adapter": model.image_adapter.state_dict(),
+            "image_optimizer": optimizer.state_dict(),
+            "image_scheduler": scheduler.state_dict(),
+            "config": run_config(args),
+            "rng": rng_state(),
+        }
+        save_checkpoint(args.save_path / f"image_adapter_{epoch + 1}.pth", payload)
+        save_checkpoint(args.save_path / "image_adapter.pth", payload)
+    return model
+
+
+def mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
+
+
+def resume_stage(path: Path, model: AdaptedCLIP, key: str, optimizer, args, scheduler=None) -> int:
+    """Load a stage checkpoint from the save path if present; return the epoch to start from."""
+    if not path.is_file():
+        return 0
+    payload = load_adapter(model, path, key, run_config(args))
+    optimizer.load_state_dict(payload[f"{key}_optimizer"])
+    if scheduler is not None:
+        if "image_scheduler" in payload:
+            scheduler.load_state_dict(payload["image_scheduler"])
+        else:
+            logger.warning(
+                "%s has no scheduler state (original format): the LR milestones restart", path
+            )
+    if "rng" in payload:
+        set_rng_state(payload["rng"])
+    logger.warning("resuming %s from %s after epoch %d", key, path, payload["epoch"])
+    return int(payload["epoch"])
+
+
+def prepare_data_root(args: argparse.Namespace) -> None:
+    """Default the data root to data/<dataset>; generate the synthetic set on first use."""
+    get_dataset_info(args.dataset)
+    if args.data_root is None:
+        args.data_root = default_data_root(args.dataset)
+    if args.dataset == "Synthetic":
+        ensure_synthetic(args.data_root)
+
+
+def run(args: argparse.Namespace) -> None:
+    device = resolve_device(args.device)
+    seed_everything(args.seed)
+    args.save_path.mkdir(parents=True, exist_ok=True)
+    prepare_data_root(args)
+    save_yaml(args.save_path / "config.yaml", run_config(args))
+    records = ensure_training_records(
+        args.dataset, args.data_root, args.training_mode, args.shot, args.seed, args.metadata_dir
+    )
+    logger.info(
+        "training AA-CLIP on %s (%d records) with %s at %d px on %s",
+        args.dataset,
+        len(records),
+        args.model_name,
+        args.img_size,
+        device,
+    )
+    model = build_aaclip(vars(args), device)
+
+    # Stage 1: text adapters.
+    text_optimizer = torch.optim.Adam(
+        model.text_adapter.parameters(), lr=args.text_lr, betas=tuple(args.betas)
+    )
+    text_path = args.save_path / "text_adapter.pth"
+    text_start = resume_stage(text_path, model, "text_adapter", text_optimizer, args)
+    if args.text_epoch == 0 and not text_path.is_file():
+        logger.info("--text_epoch 0: no stage 1, anchors from plain CLIP")
+        model.use_text_adapter = False
+    elif text_start < args.text_epoch:
+        loader = build_train_loader(records, args, text=True, device=device)
+        train_text_adapter(model, loader, text_optimizer, args, device, text_start)
+        del loader
+    del text_optimizer
+
+    # Between stages: anchors computed once, frozen for stage 2.
+    model.eval()
+    with torch.no_grad():
+        text_embeddings = get_adapted_text_embedding(model, args.dataset, device)
+
+    # Stage 2: image adapters.
+    image_optimizer = torch.optim.Adam(
+        model.image_adapter.parameters(), lr=args.image_lr, betas=tuple(args.betas)
+    )
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(
+        image_optimizer, milestones=args.image_milestones, gamma=args.image_gamma
+    )
+    image_start = resume_stage(
+        args.save_path / "image_adapter.pth",
+        model,
+        "image_adapter",
+        image_optimizer,
+        args,
+        scheduler,
+    )
+    if image_start < args.image_epoch:
+        loader = build_train_loader(records, args, text=False, device=device)
+        train_image_adapter(
+            model, text_embeddings, loader, image_optimizer, scheduler, args, device, image_start
+        )
+    logger.info("checkpoints in %s", args.save_path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    setup_logging()
+    try:
+        args = parse_args(argv)
+        setup_logging(args.save_path / "train.log", args.log_level)
+        run(args)
+    except UserError as error:
+        # Errors raised in DataLoader workers arrive wrapped; the last line is the message.
+        logger.error("%s", str(error).strip().splitlines()[-1])
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,109 @@
+"""Shared AA-CLIP maths: class text anchors, similarity maps, losses (spec aaclip.md §6, §9, §10).
+
+Every model imports these; none copies them. Names and argument order are the original's.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torchvision.transforms.functional import gaussian_blur
+
+from datasets.catalog import get_dataset_info, real_name
+from models.prompts import build_prompts
+
+# Test-time blur on the patch grid, by domain (spec aaclip.md §9): kernel size, sigma.
+BLUR = {"Industrial": (7, 1.0), "Medical": (9, 1.5)}
+SIMILARITY_SCALE = 100.0
+FOCAL_SMOOTH = 1e-5
+
+
+def get_adapted_single_class_text_embedding(
+    model: torch.nn.Module, dataset_name: str | None, class_name: str, device: torch.device | str
+) -> torch.Tensor:
+    """Text anchors of one class: `[D, 2]`, column 0 normal, column 1 abnormal, unit columns.
+
+    Each state group's sentences are encoded, L2-normalised, averaged and normalised again.
+    `dataset_name` selects the class's real name (None: the class name, underscores as spaces).
+    """
+    name = real_name(dataset_name, class_name) if dataset_name else class_name.replace("_", " ")
+    anchors = []
+    for sentences in build_prompts(name):
+        token_ids = model.tokenize(sentences).to(device)  # [n, 77]
+        features = F.normalize(model.encode_text(token_ids), dim=-1)  # [n, D]
+        anchors.append(F.normalize(features.mean(dim=0), dim=-1))  # [D]
+    return torch.stack(anchors, dim=1)  # [D, 2]
+
+
+def get_adapted_text_embedding(
+    model: torch.nn.Module, dataset_name: str, device: torch.device | str
+) -> dict[str, torch.Tensor]:
+    """`{class_name: [D, 2]}` for every class of a catalogued data set, in catalog order."""
+    classes = get_dataset_info(dataset_name).classes
+    return {
+        class_name: get_adapted_single_class_text_embedding(model, dataset_name, class_name, device)
+        for class_name in classes
+    }
+
+
+def calculate_similarity_map(
+    patch_features: torch.Tensor,
+    epoch_text_feature: torch.Tensor,
+    img_size: int,
+    test: bool = False,
+    domain: str = "Industrial",
+) -> torch.Tensor:
+    """Patch-vs-anchor similarity maps at image resolution.
+
+    patch_features: `[B, L, D]` on a square grid (L = g²); epoch_text_feature: `[B, D, 2]` or
+    `[D, 2]`. Train: softmax over (normal, abnormal) after bilinear upsampling -> `[B, 2, S, S]`.
+    Test: `(abnormal + 1 - normal) / 2` blurred on the g x g grid (domain kernel, reflect border),
+    then upsampled -> `[B, 1, S, S]`. Computed in float32 whatever the autocast dtype.
+    """
+    scores = SIMILARITY_SCALE * torch.matmul(patch_features.float(), epoch_text_feature.float())
+    batch, length, channels = scores.shape  # [B, L, 2]
+    side = math.isqrt(length)
+    if side * side != length:
+        raise ValueError(f"patch features have {length} tokens, not a square grid")
+    grid = scores.permute(0, 2, 1).reshape(batch, channels, side, side)  # [B, 2, g, g]
+    if not test:
+        upsampled = F.interpolate(grid, size=img_size, mode="bilinear", align_corners=True)
+        return torch.softmax(upsampled, dim=1)  # [B, 2, S, S]
+    anomaly = (grid[:, 1:2] + 1 - grid[:, 0:1]) / 2  # [B, 1, g, g]
+    kernel, sigma = BLUR[domain]
+    anomaly = gaussian_blur(anomaly, [kernel, kernel], [sigma, sigma])
+    return F.interpolate(anomaly, size=img_size, mode="bilinear", align_corners=True)
+
+
+def focal_loss(probs: torch.Tensor, target: torch.Tensor, gamma: float = 2.0) -> torch.Tensor:
+    """Focal loss on softmax maps (alpha 1, one-hot clamped to [1e-5, 1-1e-5], as the original).
+
+    probs: `[B, 2, S, S]`; target: `[B, 1, S, S]` in {0, 1}. Mean over all pixels.
+    """
+    true_prob = torch.where(target.bool(), probs[:, 1:2], probs[:, 0:1])  # [B, 1, S, S]
+    pt = true_prob * (1 - 2 * FOCAL_SMOOTH) + 2 * FOCAL_SMOOTH
+    return (-((1 - pt) ** gamma) * torch.log(pt)).mean()
+
+
+def dice_loss(probs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """`1 - mean_b (2 Σ p·y + 1) / (Σ p + Σ y + 1)`, sums per sample. Shapes `[B, ...]`."""
+    probs = probs.flatten(1)
+    target = target.flatten(1)
+    dice = (2 * (probs * target).sum(1) + 1) / (probs.sum(1) + target.sum(1) + 1)
+    return 1 - dice.mean()
+
+
+def calculate_seg_loss(patch_preds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Focal + dice(normal, 1-mask) + dice(abnormal, mask). `[B, 2, S, S]`, `[B, 1, S, S]`."""
+    return (
+        focal_loss(patch_preds, mask)
+        + dice_loss(patch_preds[:, 0], 1 - mask[:, 0])
+        + dice_loss(patch_preds[:, 1], mask[:, 0])
+    )
+
+
+def orthogonal_loss(epoch_text_feature: torch.Tensor) -> torch.Tensor:
+    """Squared batch-mean cosine between normal and abnormal anchors. `[B, D, 2]` -> scalar."""
+    return ((epoch_text_feature[:, :, 0] * epoch_text_feature[:, :, 1]).sum(1).mean()) ** 2
