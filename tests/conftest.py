@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from datasets.synthetic import generate as generate_synthetic
 from models.backbone import tiny_clip as build_tiny_clip
 
 
@@ -20,3 +21,9 @@ def tiny_clip():
     model = build_tiny_clip(img_size=64)
     model.requires_grad_(False)
     return model.eval()
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory):
+    """The synthetic MVTec-layout data set (3 classes, real masks), written once per run."""
+    return generate_synthetic(tmp_path_factory.mktemp("data") / "Synthetic")
