@@ -1,0 +1,416 @@
+"""Exact, fast anomaly-detection metrics on numpy arrays (specs/metrics.md).
+
+Every threshold-free metric comes from one routine (§7.1): the negatives are sorted once, the
+positives are grouped by distinct score, and binary searches give the false positives at each
+positive score. The results equal sklearn's `roc_auc_score`, `average_precision_score` and
+PR-curve F1-max (ties included), and the MVTec AD official AUPRO, without a full argsort.
+Undefined metrics (one label only) are NaN plus one logged warning; sklearn is never called.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, NamedTuple
+
+import numpy as np
+from scipy import ndimage
+
+from utils.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+COLUMNS_FULL = ["P-AUROC", "P-AP", "P-F1max", "AUPRO", "I-AUROC", "I-AP", "I-F1max"]
+COLUMNS_OFFICIAL = ["P-AUROC", "P-AP", "I-AUROC", "I-AP"]
+PRO_VARIANTS = ("exact", "anomalyclip")
+DOMAINS = ("Industrial", "Medical")
+
+_PIXEL_KEYS = {"P-AUROC": "auroc", "P-AP": "ap", "P-F1max": "f1_max", "AUPRO": "aupro"}
+_IMAGE_KEYS = {"I-AUROC": "auroc", "I-AP": "ap", "I-F1max": "f1_max"}
+# 8-connected regions as in the MVTec official code; scipy's default structure is 4-connected
+_EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
+_ANOMALYCLIP_STEPS = 200
+
+
+def _to_numpy(x: Any) -> np.ndarray:
+    """Array or tensor -> numpy array (half-precision tensors widened exactly to float32)."""
+    if hasattr(x, "detach"):
+        x = x.detach().cpu()
+        if x.is_floating_point() and x.element_size() < 4:
+            x = x.float()
+        x = x.numpy()
+    return np.asarray(x)
+
+
+def _as_scores(x: Any, name: str) -> np.ndarray:
+    """Scores as float32/float64 (other dtypes widened without changing any order or tie)."""
+    scores = _to_numpy(x)
+    if scores.dtype not in (np.float32, np.float64):
+        scores = scores.astype(np.float32 if scores.dtype == np.float16 else np.float64)
+    if np.isnan(scores).any():
+        raise ValueError(f"{name} contain NaN; fix the model output before evaluation")
+    return scores
+
+
+def _as_binary(x: Any, name: str) -> np.ndarray:
+    """Bool or {0, 1} array -> bool array; anything else is refused (binarise masks once)."""
+    arr = _to_numpy(x)
+    if arr.dtype != bool:
+        if not ((arr == 0) | (arr == 1)).all():
+            raise ValueError(f"{name} must be bool or 0/1; binarise them before evaluation")
+        arr = arr.astype(bool)
+    return arr
+
+
+def _check_limit(fpr_limit: float) -> None:
+    if not 0.0 < fpr_limit <= 1.0:
+        raise ConfigError(f"fpr_limit must be in (0, 1], got {fpr_limit}")
+
+
+def _check_variant(pro_variant: str) -> None:
+    if pro_variant not in PRO_VARIANTS:
+        raise ConfigError(f"unknown pro_variant {pro_variant!r}; valid: {', '.join(PRO_VARIANTS)}")
+
+
+def _warn_undefined(what: str, num_pos: int, num_neg: int) -> None:
+    logger.warning(
+        "%s metrics undefined (%d positives, %d negatives); returning NaN", what, num_pos, num_neg
+    )
+
+
+class _Curve(NamedTuple):
+    """Cumulative counts at each distinct positive score u_1 > ... > u_K (spec §7.1)."""
+
+    scores: np.ndarray  # [K] u_k
+    tp: np.ndarray  # [K] int64, #positives with score >= u_k
+    fp_ge: np.ndarray  # [K] int64, #negatives with score >= u_k
+    fp_gt: np.ndarray  # [K] int64, #negatives with score > u_k
+    pro: np.ndarray | None  # [K] float64, summed PRO weight of positives with score >= u_k
+    num_pos: int
+    num_neg: int
+
+
+def _curve(neg_sorted: np.ndarray, pos: np.ndarray, weights: np.ndarray | None = None) -> _Curve:
+    """neg_sorted: [N] ascending; pos: [P] (P > 0); weights: [P] float64 PRO weight per positive."""
+    if weights is None:
+        pos_desc = np.sort(pos)[::-1]
+    else:
+        order = np.argsort(pos, kind="stable")[::-1]
+        pos_desc = pos[order]
+    ends = np.append(np.flatnonzero(pos_desc[1:] != pos_desc[:-1]), pos_desc.size - 1)
+    scores = pos_desc[ends]
+    num_neg = neg_sorted.size
+    pro = None
+    if weights is not None:
+        pro = np.minimum(np.cumsum(weights[order])[ends], 1.0)
+    return _Curve(
+        scores=scores,
+        tp=(ends + 1).astype(np.int64),
+        fp_ge=num_neg - np.searchsorted(neg_sorted, scores, side="left").astype(np.int64),
+        fp_gt=num_neg - np.searchsorted(neg_sorted, scores, side="right").astype(np.int64),
+        pro=pro,
+        num_pos=pos.size,
+        num_neg=num_neg,
+    )
+
+
+def _curve_auroc(curve: _Curve) -> float:
+    """Mann-Whitney with ties as 1/2; the numerator stays exact in int64."""
+    d_tp = np.diff(curve.tp, prepend=0)
+    below = curve.num_neg - curve.fp_ge
+    ties = curve.fp_ge - curve.fp_gt
+    numerator = 2 * int(np.dot(d_tp, below)) + int(np.dot(d_tp, ties))
+    return numerator / (2 * curve.num_pos * curve.num_neg)
+
+
+def _curve_ap(curve: _Curve) -> float:
+    """sklearn step sum: sum_k (R_k - R_{k-1}) * Prec_k."""
+    d_tp = np.diff(curve.tp, prepend=0)
+    return float(np.sum(d_tp / curve.num_pos * (curve.tp / (curve.tp + curve.fp_ge))))
+
+
+def _curve_f1_max(curve: _Curve) -> float:
+    """max_k 2 TP / (TP + FP + P), reached at a distinct positive score."""
+    return float(np.max(2 * curve.tp / (curve.tp + curve.fp_ge + curve.num_pos)))
+
+
+def _area_to_limit(fpr: np.ndarray, pro: np.ndarray, limit: float) -> float:
+    """Trapezoid of pro(fpr) on [0, limit], interpolating at limit (MVTec `trapezoid`).
+
+    fpr: [M] non-decreasing from 0 to 1; pro: [M].
+    """
+    n = int(np.searchsorted(fpr, limit, side="right"))  # points with fpr <= limit
+    x, y = fpr[:n], pro[:n]
+    area = float(np.sum((x[1:] - x[:-1]) * (y[1:] + y[:-1])) / 2)
+    if x[-1] < limit:
+        y_limit = y[-1] + (pro[n] - y[-1]) * (limit - x[-1]) / (fpr[n] - x[-1])
+        area += float(0.5 * (y[-1] + y_limit) * (limit - x[-1]))
+    return area
+
+
+def _curve_aupro(curve: _Curve, fpr_limit: float) -> float:
+    """Exact MVTec AUPRO: (0,0), then (FP>_k/N, PRO_{k-1}), (FP>=_k/N, PRO_k) per k, then (1,1)."""
+    num_points = 2 * curve.scores.size + 2
+    fpr = np.empty(num_points)
+    pro = np.empty(num_points)
+    fpr[0] = pro[0] = 0.0
+    fpr[-1] = pro[-1] = 1.0
+    fpr[1:-1:2] = curve.fp_gt / curve.num_neg
+    pro[1:-1:2] = np.concatenate(([0.0], curve.pro[:-1]))
+    fpr[2:-1:2] = curve.fp_ge / curve.num_neg
+    pro[2:-1:2] = curve.pro
+    return float(_area_to_limit(fpr, pro, fpr_limit) / fpr_limit)
+
+
+def _curve_aupro_anomalyclip(curve: _Curve, neg_sorted: np.ndarray, fpr_limit: float) -> float:
+    """AnomalyCLIP / April-GAN `cal_pro_score` (spec §5.3), its exceptions turned into NaN.
+
+    200 thresholds `np.arange(min, max, (max - min) / 200)`, strict `A > t`, keep FPR < limit,
+    min-max rescale of the kept FPRs, then sklearn's `auc` (trapezoid in threshold order).
+    """
+    low = min(neg_sorted[0], curve.scores[-1])  # numpy scalars: thresholds keep the maps' dtype
+    high = max(neg_sorted[-1], curve.scores[0])
+    step = (high - low) / _ANOMALYCLIP_STEPS
+    if not step > 0:
+        logger.warning("AUPRO (200-step) undefined: constant maps (step 0); returning NaN")
+        return float("nan")
+    thresholds = np.arange(low, high, step)
+    fpr = (curve.num_neg - np.searchsorted(neg_sorted, thresholds, side="right")) / curve.num_neg
+    # PRO(A > t) = summed weight of the positives above t = weight at the smallest u_k > t.
+    above = curve.scores.size - np.searchsorted(curve.scores[::-1], thresholds, side="right")
+    pro = np.where(above > 0, curve.pro[np.maximum(above - 1, 0)], 0.0)
+    keep = fpr < fpr_limit
+    kept_fpr, kept_pro = fpr[keep], pro[keep]
+    if kept_fpr.size < 2 or kept_fpr.max() == kept_fpr.min():
+        logger.warning(
+            "AUPRO (200-step) undefined: %d kept thresholds with distinct FPR; returning NaN",
+            np.unique(kept_fpr).size,
+        )
+        return float("nan")
+    x = (kept_fpr - kept_fpr.min()) / (kept_fpr.max() - kept_fpr.min())
+    return float(-np.trapezoid(kept_pro, x))  # x non-increasing: sklearn's auc uses direction -1
+
+
+class PixelAccumulator:
+    """Streams one class's maps batch by batch; `compute()` gives the pooled pixel metrics.
+
+    Memory: 4 B per negative pixel (float32 maps) plus ~8 B per positive pixel (score and
+    region id). With `capacity` (the class's total pixel count) negatives go into one
+    preallocated buffer instead of a list of chunks that is concatenated at the end.
+    """
+
+    def __init__(
+        self,
+        fpr_limit: float = 0.3,
+        pro_variant: str = "exact",
+        with_pro: bool = True,
+        capacity: int | None = None,
+        name: str = "pixel",
+    ) -> None:
+        _check_limit(fpr_limit)
+        _check_variant(pro_variant)
+        self.fpr_limit = fpr_limit
+        self.pro_variant = pro_variant
+        self.with_pro = with_pro
+        self.capacity = capacity
+        self.name = name
+        self._buffer: np.ndarray | None = None
+        self._filled = 0
+        self._neg_chunks: list[np.ndarray] = []
+        self._pos_chunks: list[np.ndarray] = []
+        self._region_ids: list[np.ndarray] = []
+        self._region_sizes: list[np.ndarray] = []
+        self._num_regions = 0
+
+    def update(self, maps: Any, masks: Any) -> None:
+        """maps: [B, H, W] float32; masks: [B, H, W] bool."""
+        maps = _as_scores(maps, "maps")
+        masks = _as_binary(masks, "masks")
+        if maps.ndim != 3 or maps.shape != masks.shape:
+            raise ValueError(f"maps {maps.shape} and masks {masks.shape} must both be [B, H, W]")
+        self._append_negatives(maps[~masks])
+        if not masks.any():
+            return
+        self._pos_chunks.append(maps[masks])
+        if self.with_pro:
+            for mask in masks:
+                if not mask.any():
+                    continue
+                labels, count = ndimage.label(mask, structure=_EIGHT_CONNECTED)
+                region_of_pixel = labels[mask]  # row-major, the order of maps[masks]
+                self._region_ids.append(region_of_pixel - 1 + self._num_regions)
+                self._region_sizes.append(np.bincount(region_of_pixel)[1:])
+                self._num_regions += count
+
+    def _append_negatives(self, negatives: np.ndarray) -> None:
+        if self.capacity is None:
+            self._neg_chunks.append(negatives)
+            return
+        if self._buffer is None:
+            self._buffer = np.empty(self.capacity, dtype=negatives.dtype)
+        end = self._filled + negatives.size
+        if end > self.capacity:
+            raise ValueError(f"PixelAccumulator capacity {self.capacity} exceeded ({end} pixels)")
+        self._buffer[self._filled : end] = negatives
+        self._filled = end
+
+    def _negatives(self) -> np.ndarray:
+        if self._buffer is not None:
+            return self._buffer[: self._filled]
+        if len(self._neg_chunks) == 1:
+            return self._neg_chunks[0]
+        return np.concatenate(self._neg_chunks) if self._neg_chunks else np.empty(0, np.float32)
+
+    def compute(self) -> dict[str, float]:
+        """-> {"auroc", "ap", "f1_max", "aupro"} ("aupro" only with with_pro); NaN if undefined."""
+        keys = ["auroc", "ap", "f1_max"] + (["aupro"] if self.with_pro else [])
+        neg = self._negatives()
+        neg.sort()  # in place: the accumulator owns this copy
+        pos = np.concatenate(self._pos_chunks) if self._pos_chunks else np.empty(0, neg.dtype)
+        if pos.size == 0 or neg.size == 0:
+            _warn_undefined(self.name, pos.size, neg.size)
+            return dict.fromkeys(keys, float("nan"))
+        weights = None
+        if self.with_pro:
+            sizes = np.concatenate(self._region_sizes).astype(np.float64)
+            weights = (1.0 / sizes)[np.concatenate(self._region_ids)] / sizes.size
+        curve = _curve(neg, pos, weights)
+        result = {
+            "auroc": _curve_auroc(curve),
+            "ap": _curve_ap(curve),
+            "f1_max": _curve_f1_max(curve),
+        }
+        if self.with_pro:
+            if self.pro_variant == "exact":
+                result["aupro"] = _curve_aupro(curve, self.fpr_limit)
+            else:
+                result["aupro"] = _curve_aupro_anomalyclip(curve, neg, self.fpr_limit)
+        return result
+
+
+def pixel_metrics(
+    maps: Any, masks: Any, fpr_limit: float = 0.3, pro_variant: str = "exact"
+) -> dict[str, float]:
+    """Pooled pixel AUROC, AP, F1-max and AUPRO of one class from one sort of its negatives.
+
+    maps: [N, H, W] float32; masks: [N, H, W] bool. -> {"auroc", "ap", "f1_max", "aupro"}.
+    """
+    accumulator = PixelAccumulator(fpr_limit, pro_variant)
+    accumulator.update(maps, masks)
+    return accumulator.compute()
+
+
+def aupro(maps: Any, masks: Any, fpr_limit: float = 0.3, variant: str = "exact") -> float:
+    """AUPRO up to `fpr_limit`, normalised to [0, 1]. maps: [N, H, W]; masks: [N, H, W] bool.
+
+    variant "exact": MVTec AD official definition (8-connected regions, global FPR over every
+    normal pixel, all thresholds). "anomalyclip": the 200-step approximation (spec §5.3).
+    """
+    return pixel_metrics(maps, masks, fpr_limit, variant)["aupro"]
+
+
+def _binary_curve(scores: Any, labels: Any, what: str) -> _Curve | None:
+    """Curve of scores [N] against labels [N]; None (and one warning) if one label only."""
+    scores = _as_scores(scores, "scores").reshape(-1)
+    labels = _as_binary(labels, "labels").reshape(-1)
+    if scores.shape != labels.shape:
+        raise ValueError(f"scores {scores.shape} and labels {labels.shape} differ in size")
+    neg = np.sort(scores[~labels])
+    pos = scores[labels]
+    if pos.size == 0 or neg.size == 0:
+        _warn_undefined(what, pos.size, neg.size)
+        return None
+    return _curve(neg, pos)
+
+
+def auroc(scores: Any, labels: Any) -> float:
+    """Area under the ROC curve (ties count 1/2). scores: [N]; labels: [N] bool."""
+    curve = _binary_curve(scores, labels, "AUROC")
+    return float("nan") if curve is None else _curve_auroc(curve)
+
+
+def average_precision(scores: Any, labels: Any) -> float:
+    """Average precision, sklearn's step sum. scores: [N]; labels: [N] bool."""
+    curve = _binary_curve(scores, labels, "AP")
+    return float("nan") if curve is None else _curve_ap(curve)
+
+
+def f1_max(scores: Any, labels: Any) -> float:
+    """Maximum F1 over the precision-recall curve. scores: [N]; labels: [N] bool."""
+    curve = _binary_curve(scores, labels, "F1-max")
+    return float("nan") if curve is None else _curve_f1_max(curve)
+
+
+def image_metrics(scores: Any, labels: Any, name: str = "image") -> dict[str, float]:
+    """scores: [N]; labels: [N] bool -> {"auroc", "ap", "f1_max"}; NaN when one label only."""
+    curve = _binary_curve(scores, labels, name)
+    if curve is None:
+        return dict.fromkeys(("auroc", "ap", "f1_max"), float("nan"))
+    return {"auroc": _curve_auroc(curve), "ap": _curve_ap(curve), "f1_max": _curve_f1_max(curve)}
+
+
+def _aaclip_rescale(x: np.ndarray, low: Any, high: Any) -> np.ndarray:
+    """AA-CLIP's min-max: skipped when the max is exactly 1 (or the range is empty)."""
+    if high == 1 or high == low:
+        return x
+    return (x - low) / (high - low)
+
+
+def minmax_normalize(x: Any) -> np.ndarray:
+    """(x - min) / (max - min) over the whole array, unchanged if max == 1 or x is constant."""
+    x = _to_numpy(x)
+    return _aaclip_rescale(x, x.min(), x.max())
+
+
+def aaclip_image_scores(maps: Any, det_scores: Any, domain: str) -> np.ndarray:
+    """AA-CLIP image scores of one class (spec §3). maps: [N, H, W]; det_scores: [N] -> [N].
+
+    Industrial: 0.5 * max of the class-min-max map + 0.5 * min-max detection score;
+    Medical: the map maximum only. Transductive (test-set statistics), for paper tables only.
+    """
+    if domain not in DOMAINS:
+        raise ConfigError(f"unknown domain {domain!r}; valid: {', '.join(DOMAINS)}")
+    maps = _to_numpy(maps)
+    map_max = maps.reshape(maps.shape[0], -1).max(axis=1)
+    # min-max is monotone, so the max of the normalised map is the normalised max
+    map_max = _aaclip_rescale(map_max, maps.min(), maps.max()).astype(np.float64)
+    if domain == "Medical":
+        return map_max
+    det = minmax_normalize(_to_numpy(det_scores).astype(np.float64))
+    return 0.5 * map_max + 0.5 * det
+
+
+def evaluate_class(
+    maps: Any,
+    masks: Any,
+    image_scores: Any,
+    labels: Any,
+    columns: list[str],
+    fpr_limit: float = 0.3,
+    pro_variant: str = "exact",
+    class_name: str = "",
+) -> dict[str, float]:
+    """Requested `columns` (names from COLUMNS_FULL) of one class, values in [0, 1] or NaN.
+
+    maps/masks: [N, H, W] (may be None when no pixel column is asked);
+    image_scores/labels: [N] (may be None when no image column is asked).
+    """
+    unknown = [column for column in columns if column not in COLUMNS_FULL]
+    if unknown:
+        raise ConfigError(f"unknown metric columns {unknown}; valid: {', '.join(COLUMNS_FULL)}")
+    prefix = f"{class_name} " if class_name else ""
+    values: dict[str, float] = {}
+    if any(column in _PIXEL_KEYS for column in columns):
+        if maps is None or masks is None:
+            raise ValueError("pixel columns need maps and masks")
+        accumulator = PixelAccumulator(
+            fpr_limit, pro_variant, with_pro="AUPRO" in columns, name=f"{prefix}pixel"
+        )
+        accumulator.update(maps, masks)
+        pixel = accumulator.compute()
+        values.update({col: pixel[key] for col, key in _PIXEL_KEYS.items() if key in pixel})
+    if any(column in _IMAGE_KEYS for column in columns):
+        if image_scores is None or labels is None:
+            raise ValueError("image columns need image scores and labels")
+        image = image_metrics(image_scores, labels, name=f"{prefix}image")
+        values.update({col: image[key] for col, key in _IMAGE_KEYS.items()})
+    return {column: values[column] for column in columns}
