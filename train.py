@@ -54,7 +54,7 @@ logger = logging.getLogger("train")
 MODELS = ("aaclip",)
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="aaclip", choices=MODELS)
     add_run_args(parser, "folder for checkpoints, train.log and config.yaml")
@@ -121,7 +121,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=True,
         help="random geometric (and stage-2 colour) augmentation",
     )
-    args = parse_with_config(parser, argv, CONFIG_DIR / "aaclip.yaml")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    args = parse_with_config(build_parser(), argv, CONFIG_DIR / "aaclip.yaml")
     resolve_backbone_defaults(args)
     if args.shot < 0:
         raise ConfigError(f"--shot {args.shot} must be >= 0 (0 means full shot)")
@@ -298,7 +302,7 @@ def resume_stage(path: Path, model: AdaptedCLIP, key: str, optimizer, args, sche
     if not path.is_file():
         return 0
     payload = load_adapter(model, path, key, run_config(args))
-    optimizer.load_state_dict(payload[f"{key}_optimizer"])
+    optimizer.load_state_dict(payload[key.replace("_adapter", "_optimizer")])
     if scheduler is not None:
         if "image_scheduler" in payload:
             scheduler.load_state_dict(payload["image_scheduler"])

@@ -22,24 +22,35 @@ PAPER_IMG_SIZE = 518
 
 
 def parse_with_config(
-    parser: argparse.ArgumentParser, argv: list[str] | None, default_config: Path | None
+    parser: argparse.ArgumentParser,
+    argv: list[str] | None,
+    default_config: Path | None,
+    tolerated: set[str] | frozenset[str] = frozenset(),
 ) -> argparse.Namespace:
-    """Parse `argv` over the defaults of `--config` (or `default_config`)."""
+    """Parse `argv` over the defaults of `--config` (or `default_config`).
+
+    A YAML key the parser does not know is an error (a typo would otherwise be silently
+    ignored), except keys in `tolerated`: settings of a sibling script sharing the YAML.
+    """
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config", type=Path, default=default_config)
     known, _ = pre.parse_known_args(argv)
     if known.config is not None:
         defaults = load_yaml(known.config)
-        valid = {action.dest for action in parser._actions}
-        unknown = sorted(set(defaults) - valid)
+        valid = parser_keys(parser)
+        unknown = sorted(set(defaults) - valid - set(tolerated))
         if unknown:
-            raise ConfigError(
-                f"{known.config} has unknown keys {unknown}; valid keys: {sorted(valid)}"
-            )
-        parser.set_defaults(**defaults)
+            msg = f"{known.config} has unknown keys {unknown}; valid keys: {sorted(valid)}"
+            raise ConfigError(msg)
+        parser.set_defaults(**{key: value for key, value in defaults.items() if key in valid})
     args = parser.parse_args(argv)
     args.config = known.config
     return args
+
+
+def parser_keys(parser: argparse.ArgumentParser) -> set[str]:
+    """Every setting name a parser accepts."""
+    return {action.dest for action in parser._actions} - {"help"}
 
 
 def load_yaml(path: Path) -> dict[str, Any]:

@@ -18,13 +18,27 @@ logger = logging.getLogger(__name__)
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
+_own_handlers: list[logging.Handler] = []
+
+
 def setup_logging(log_file: Path | None = None, level: str = "INFO") -> None:
-    """Console logging (and a file in the save path); only scripts call this."""
-    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    """Console logging (and a file in the save path); only scripts call this.
+
+    Calling it again replaces the handlers it added before and leaves others (e.g. pytest's).
+    """
+    root = logging.getLogger()
+    for handler in _own_handlers:
+        root.removeHandler(handler)
+        handler.close()
+    _own_handlers.clear()
+    _own_handlers.append(logging.StreamHandler(sys.stderr))
     if log_file is not None:
         Path(log_file).parent.mkdir(parents=True, exist_ok=True)
-        handlers.append(logging.FileHandler(log_file))
-    logging.basicConfig(level=level.upper(), format=LOG_FORMAT, handlers=handlers, force=True)
+        _own_handlers.append(logging.FileHandler(log_file))
+    for handler in _own_handlers:
+        handler.setFormatter(logging.Formatter(LOG_FORMAT))
+        root.addHandler(handler)
+    root.setLevel(level.upper())
 
 
 def seed_everything(seed: int, deterministic: bool = True) -> None:

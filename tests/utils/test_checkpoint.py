@@ -1,0 +1,43 @@
+"""Atomic checkpoint writes and config mismatch messages."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from utils import checkpoint
+from utils.errors import CheckpointError
+
+
+def test_interrupted_save_keeps_the_previous_file(tmp_path, monkeypatch):
+    path = tmp_path / "image_adapter.pth"
+    checkpoint.save_checkpoint(path, {"epoch": 1, "weight": torch.ones(3)})
+
+    def crash(obj, file):
+        file.write(b"half a checkpoint")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save_checkpoint(path, {"epoch": 2, "weight": torch.zeros(3)})
+    monkeypatch.undo()
+    payload = checkpoint.load_checkpoint(path)
+    assert payload["epoch"] == 1
+    assert torch.equal(payload["weight"], torch.ones(3))
+    assert [entry.name for entry in tmp_path.iterdir()] == ["image_adapter.pth"]
+
+
+def test_corrupt_and_missing_checkpoints_raise_one_line(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        checkpoint.load_checkpoint(tmp_path / "nothing.pth")
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="cannot be read"):
+        checkpoint.load_checkpoint(bad)
+
+
+def test_check_config_names_the_flag():
+    saved = {"levels": [6, 12, 18, 24], "image_adapt_until": 6}
+    checkpoint.check_config("x.pth", saved, {"levels": (6, 12, 18, 24)}, ["levels"])
+    with pytest.raises(CheckpointError, match="pass --image_adapt_until 6"):
+        checkpoint.check_config("x.pth", saved, {"image_adapt_until": 4}, ["image_adapt_until"])
