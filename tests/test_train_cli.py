@@ -68,7 +68,10 @@ def test_evaluation_writes_tables(trained, capsys):
     printed = capsys.readouterr().out
     assert "| mean |" in printed and "P-AUROC" in printed and "AUPRO" in printed
     results = json.loads((save_path / "results_Synthetic.json").read_text())
-    assert results["meta"]["epoch"] == 2 if "meta" in results else True
+    assert results["meta"]["epoch"] == 2
+    assert results["meta"]["checkpoint"].endswith("image_adapter.pth")
+    assert set(results["per_class"]) == {"tile", "stripes", "dots"}
+    assert 0.0 <= results["mean"]["P-AUROC"] <= 1.0
     for suffix in (".csv", ".md"):
         assert (save_path / f"results_Synthetic{suffix}").is_file()
 
@@ -257,3 +260,15 @@ def test_checkpoint_from_another_configuration_names_the_flag(trained, caplog):
     argv = ["--data_root", str(data_root), "--save_path", str(save_path), "--relu"]
     assert test_script.main(argv) == 2
     assert "pass no --relu" in one_line_error(caplog) or "--no-relu" in one_line_error(caplog)
+
+
+def test_unknown_class_in_the_records_is_one_line(synthetic_root, tmp_path, caplog):
+    data_root = tmp_path / "Synthetic"
+    shutil.copytree(synthetic_root, data_root)
+    record = {"image_path": "tile/test/good/000.png", "label": 0, "class_name": "widget",
+              "mask_path": ""}
+    (data_root / "full-shot.jsonl").write_text(json.dumps(record) + "\n")
+    argv = ["--data_root", str(data_root), "--save_path", str(tmp_path / "run"),
+            "--training_mode", "full_shot"]
+    assert train.main(argv) == 2
+    assert "widget" in one_line_error(caplog)
