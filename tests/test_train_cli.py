@@ -265,10 +265,20 @@ def test_checkpoint_from_another_configuration_names_the_flag(trained, caplog):
 def test_unknown_class_in_the_records_is_one_line(synthetic_root, tmp_path, caplog):
     data_root = tmp_path / "Synthetic"
     shutil.copytree(synthetic_root, data_root)
-    record = {"image_path": "tile/test/good/000.png", "label": 0, "class_name": "widget",
-              "mask_path": ""}
+    record = {
+        "image_path": "tile/test/good/000.png",
+        "label": 0,
+        "class_name": "widget",
+        "mask_path": "",
+    }
     (data_root / "full-shot.jsonl").write_text(json.dumps(record) + "\n")
-    argv = ["--data_root", str(data_root), "--save_path", str(tmp_path / "run"),
-            "--training_mode", "full_shot"]
+    argv = [
+        "--data_root",
+        str(data_root),
+        "--save_path",
+        str(tmp_path / "run"),
+        "--training_mode",
+        "full_shot",
+    ]
     assert train.main(argv) == 2
     assert "widget" in one_line_error(caplog)
