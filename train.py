@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -47,7 +49,19 @@ from utils.forward_utils import (
     get_adapted_text_embedding,
     orthogonal_loss,
 )
-from utils.runtime import resolve_device, rng_state, seed_everything, set_rng_state, setup_logging
+from utils.runtime import (
+    Distributed,
+    GlobalBatchSampler,
+    autocast,
+    barrier,
+    grad_scaler,
+    init_distributed,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+    setup_logging,
+    shutdown_distributed,
+)
 
 logger = logging.getLogger("train")
 
@@ -121,6 +135,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=True,
         help="random geometric (and stage-2 colour) augmentation",
     )
+    parser.add_argument(
+        "--amp",
+        default="none",
+        choices=("none", "bf16", "fp16"),
+        help="autocast for the backbone (fp32 by default, as the original); maps and losses "
+        "stay float32",
+    )
     return parser
 
 
@@ -142,26 +163,72 @@ def run_config(args: argparse.Namespace) -> dict:
 
 
 def build_train_loader(
-    records: list[dict], args: argparse.Namespace, text: bool, device: torch.device
+    records: list[dict], args: argparse.Namespace, text: bool, dist: Distributed
 ) -> DataLoader:
-    """Shuffled loader over the training records; `text=True` is stage 1 (no colour jitter).
+    """Shuffled loader of this rank's share of each global batch; `text=True` is stage 1.
 
-    The shuffle generator is re-seeded per epoch (`seed + epoch`), so a resumed run draws the
-    same batches as an uninterrupted one.
+    Batch sizes are global: with N processes each takes batch / N images per step. Sampler and
+    worker seeds are re-seeded per epoch (`seed + epoch`, see `start_epoch`), so a resumed run
+    draws the same batches as an uninterrupted one.
     """
     dataset = TrainDataset(records, args.data_root, args.img_size, text=text, augment=args.augment)
-    workers = (
-        args.num_workers if args.num_workers is not None else (4 if device.type == "cuda" else 0)
-    )
+    cuda = dist.device.type == "cuda"
+    workers = args.num_workers if args.num_workers is not None else (4 if cuda else 0)
+    global_batch = args.text_batch_size if text else args.image_batch_size
+    sampler = GlobalBatchSampler(len(dataset), global_batch, dist, args.seed)
     return DataLoader(
         dataset,
-        batch_size=args.text_batch_size if text else args.image_batch_size,
-        shuffle=True,
-        drop_last=False,
+        batch_size=sampler.local_batch_size,
+        sampler=sampler,
         num_workers=workers,
-        pin_memory=device.type == "cuda",
+        pin_memory=cuda,
         generator=torch.Generator().manual_seed(args.seed),
     )
+
+
+def start_epoch(loader: DataLoader, epoch: int, seed: int) -> None:
+    """Seed the epoch's shuffle and worker seeds from `seed + epoch` alone."""
+    loader.sampler.set_epoch(epoch)
+    loader.generator.manual_seed(seed + epoch)
+
+
+class TextAnchors(nn.Module):
+    """Stage-1 forward: class anchors `[C, D, 2]` with gradient through the text adapters.
+
+    A module of its own so that DistributedDataParallel can wrap the stage-1 computation.
+    """
+
+    def __init__(self, model: AdaptedCLIP, dataset_name: str) -> None:
+        super().__init__()
+        self.model = model
+        self.dataset_name = dataset_name
+
+    def forward(self, class_names: list[str]) -> torch.Tensor:
+        device = self.model.device
+        return torch.stack(
+            [
+                get_adapted_single_class_text_embedding(self.model, self.dataset_name, name, device)
+                for name in class_names
+            ]
+        )
+
+
+def wrap_ddp(module: nn.Module, dist: Distributed) -> nn.Module:
+    """DistributedDataParallel over the module's trainable parameters (identity alone)."""
+    if not dist.enabled:
+        return module
+    device_ids = [dist.device] if dist.device.type == "cuda" else None
+    return DistributedDataParallel(module, device_ids=device_ids)
+
+
+def global_mean(value: torch.Tensor, dist: Distributed) -> float:
+    """A per-rank loss averaged over ranks: the single-process loss of the global batch."""
+    value = value.detach()
+    if dist.enabled:
+        value = value.clone()
+        torch.distributed.all_reduce(value)
+        value /= dist.world_size
+    return value.item()
 
 
 def stage1_loss(
@@ -196,25 +263,29 @@ def train_text_adapter(
     train_loader: DataLoader,
     optimizer: torch.optim.Optimizer,
     args: argparse.Namespace,
-    device: torch.device,
-    start_epoch: int = 0,
+    dist: Distributed,
+    first_epoch: int = 0,
 ) -> AdaptedCLIP:
     """Stage 1: anchors per unique class (with gradient) against frozen surgery patch features."""
-    model.train()
+    device = dist.device
+    trainable(model, "text_adapter")
+    anchors_module = wrap_ddp(TextAnchors(model, args.dataset), dist)
+    scaler = grad_scaler(device, args.amp)
     last_level_only = args.stage1_loss == "last_level" and not args.stage1_cls_loss
-    for epoch in tqdm(range(start_epoch, args.text_epoch), desc="stage 1 epochs"):
-        train_loader.generator.manual_seed(args.seed + epoch)
+    quiet = not dist.is_main
+    for epoch in tqdm(range(first_epoch, args.text_epoch), desc="stage 1 epochs", disable=quiet):
+        start_epoch(train_loader, epoch, args.seed)
         losses = []
-        for batch in tqdm(train_loader, desc=f"text epoch {epoch + 1}", leave=False):
+        batches = tqdm(train_loader, desc=f"text epoch {epoch + 1}", leave=False, disable=quiet)
+        for batch in batches:
             images = batch["image"].to(device, non_blocking=True)
             mask = batch["mask"].to(device, non_blocking=True)
             class_names = list(batch["class_name"])
-            anchors = {
-                name: get_adapted_single_class_text_embedding(model, args.dataset, name, device)
-                for name in dict.fromkeys(class_names)
-            }
-            epoch_text_feature = torch.stack([anchors[name] for name in class_names])  # [B, D, 2]
-            patch_features, cls = model.surgery_features(images)
+            unique = list(dict.fromkeys(class_names))
+            with autocast(device, args.amp):
+                anchors = anchors_module(unique)  # [C, D, 2]
+                patch_features, cls = model.surgery_features(images)
+            epoch_text_feature = anchors[[unique.index(name) for name in class_names]].float()
             if last_level_only:
                 # The other levels' maps would be computed and discarded (they carry no gradient).
                 patch_features = patch_features[-1:]
@@ -226,13 +297,16 @@ def train_text_adapter(
                 level_maps, mask, epoch_text_feature, args.text_norm_weight, args.stage1_loss
             )
             if args.stage1_cls_loss:
-                logits = class_logits(cls, epoch_text_feature, args.cls_logit_scale)
+                logits = class_logits(cls.float(), epoch_text_feature, args.cls_logit_scale)
                 loss = loss + F.cross_entropy(logits, batch["label"].to(device))
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            losses.append(global_mean(loss, dist))
         logger.info("text epoch %d/%d: loss %.4f", epoch + 1, args.text_epoch, mean(losses))
+        if not dist.is_main:
+            continue
         save_checkpoint(
             args.save_path / "text_adapter.pth",
             {
@@ -253,33 +327,42 @@ def train_image_adapter(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     args: argparse.Namespace,
-    device: torch.device,
-    start_epoch: int = 0,
+    dist: Distributed,
+    first_epoch: int = 0,
 ) -> AdaptedCLIP:
     """Stage 2: CE on the detection token + focal/dice at every level, scheduler per iteration."""
-    model.train()
-    for epoch in tqdm(range(start_epoch, args.image_epoch), desc="stage 2 epochs"):
-        train_loader.generator.manual_seed(args.seed + epoch)
+    device = dist.device
+    trainable(model, "image_adapter")
+    forward = wrap_ddp(model, dist)
+    scaler = grad_scaler(device, args.amp)
+    quiet = not dist.is_main
+    for epoch in tqdm(range(first_epoch, args.image_epoch), desc="stage 2 epochs", disable=quiet):
+        start_epoch(train_loader, epoch, args.seed)
         losses = []
-        for batch in tqdm(train_loader, desc=f"image epoch {epoch + 1}", leave=False):
+        batches = tqdm(train_loader, desc=f"image epoch {epoch + 1}", leave=False, disable=quiet)
+        for batch in batches:
             images = batch["image"].to(device, non_blocking=True)
             mask = batch["mask"].to(device, non_blocking=True)
             label = batch["label"].to(device, non_blocking=True)
             epoch_text_feature = torch.stack(
                 [text_embeddings[name] for name in batch["class_name"]]
             )
-            seg_tokens, det_token = model(images)
-            logits = class_logits(det_token, epoch_text_feature, args.cls_logit_scale)
+            with autocast(device, args.amp):
+                seg_tokens, det_token = forward(images)
+            logits = class_logits(det_token.float(), epoch_text_feature, args.cls_logit_scale)
             loss = F.cross_entropy(logits, label)
             for tokens in seg_tokens:
                 level_map = calculate_similarity_map(tokens, epoch_text_feature, args.img_size)
                 loss = loss + calculate_seg_loss(level_map, mask)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
             scheduler.step()
-            losses.append(loss.item())
+            losses.append(global_mean(loss, dist))
         logger.info("image epoch %d/%d: loss %.4f", epoch + 1, args.image_epoch, mean(losses))
+        if not dist.is_main:
+            continue
         payload = {
             "epoch": epoch + 1,
             "image_adapter": model.image_adapter.state_dict(),
@@ -293,11 +376,20 @@ def train_image_adapter(
     return model
 
 
+def trainable(model: AdaptedCLIP, name: str) -> None:
+    """Train only `text_adapter` or `image_adapter`; CLIP and the other adapters stay frozen."""
+    model.train()
+    model.text_adapter.requires_grad_(name == "text_adapter")
+    model.image_adapter.requires_grad_(name == "image_adapter")
+
+
 def mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
-def resume_stage(path: Path, model: AdaptedCLIP, key: str, optimizer, args, scheduler=None) -> int:
+def resume_stage(
+    path: Path, model: AdaptedCLIP, key: str, optimizer, args, dist: Distributed, scheduler=None
+) -> int:
     """Load a stage checkpoint from the save path if present; return the epoch to start from."""
     if not path.is_file():
         return 0
@@ -310,7 +402,9 @@ def resume_stage(path: Path, model: AdaptedCLIP, key: str, optimizer, args, sche
             logger.warning(
                 "%s has no scheduler state (original format): the LR milestones restart", path
             )
-    if "rng" in payload:
+    if "rng" in payload and not dist.enabled:
+        # Rank 0's saved stream would make every rank's augmentation identical; under torchrun
+        # the ranks keep their own seeds and a resumed run is close to, not equal to, a fresh one.
         set_rng_state(payload["rng"])
     logger.warning("resuming %s from %s after epoch %d", key, path, payload["epoch"])
     return int(payload["epoch"])
@@ -325,37 +419,65 @@ def prepare_data_root(args: argparse.Namespace) -> None:
         ensure_synthetic(args.data_root)
 
 
-def run(args: argparse.Namespace) -> None:
-    device = resolve_device(args.device)
+def training_records(args: argparse.Namespace, dist: Distributed) -> list[dict]:
+    """Rank 0 prepares the data root and metadata files first; the other ranks then read them."""
+    if dist.is_main:
+        prepare_data_root(args)
+        records = ensure_training_records(
+            args.dataset,
+            args.data_root,
+            args.training_mode,
+            args.shot,
+            args.seed,
+            args.metadata_dir,
+        )
+    barrier(dist)
+    if not dist.is_main:
+        prepare_data_root(args)
+        records = ensure_training_records(
+            args.dataset,
+            args.data_root,
+            args.training_mode,
+            args.shot,
+            args.seed,
+            args.metadata_dir,
+        )
+    return records
+
+
+def run(args: argparse.Namespace, dist: Distributed) -> None:
+    device = dist.device
     seed_everything(args.seed)
-    args.save_path.mkdir(parents=True, exist_ok=True)
-    prepare_data_root(args)
-    save_yaml(args.save_path / "config.yaml", run_config(args))
-    records = ensure_training_records(
-        args.dataset, args.data_root, args.training_mode, args.shot, args.seed, args.metadata_dir
-    )
+    if dist.is_main:
+        args.save_path.mkdir(parents=True, exist_ok=True)
+        save_yaml(args.save_path / "config.yaml", run_config(args))
+    records = training_records(args, dist)
     logger.info(
-        "training AA-CLIP on %s (%d records) with %s at %d px on %s",
+        "training AA-CLIP on %s (%d records) with %s at %d px on %s x %d, amp %s",
         args.dataset,
         len(records),
         args.model_name,
         args.img_size,
         device,
+        dist.world_size,
+        args.amp,
     )
     model = build_aaclip(vars(args), device)
+    # Same adapter initialisation on every rank (seed above); augmentation streams differ per rank.
+    torch.manual_seed(args.seed + dist.rank)
 
     # Stage 1: text adapters.
     text_optimizer = torch.optim.Adam(
         model.text_adapter.parameters(), lr=args.text_lr, betas=tuple(args.betas)
     )
     text_path = args.save_path / "text_adapter.pth"
-    text_start = resume_stage(text_path, model, "text_adapter", text_optimizer, args)
+    text_start = resume_stage(text_path, model, "text_adapter", text_optimizer, args, dist)
     if args.text_epoch == 0 and not text_path.is_file():
         logger.info("--text_epoch 0: no stage 1, anchors from plain CLIP")
         model.use_text_adapter = False
     elif text_start < args.text_epoch:
-        loader = build_train_loader(records, args, text=True, device=device)
-        train_text_adapter(model, loader, text_optimizer, args, device, text_start)
+        loader = build_train_loader(records, args, text=True, dist=dist)
+        train_text_adapter(model, loader, text_optimizer, args, dist, text_start)
         del loader
     del text_optimizer
 
@@ -377,26 +499,35 @@ def run(args: argparse.Namespace) -> None:
         "image_adapter",
         image_optimizer,
         args,
+        dist,
         scheduler,
     )
     if image_start < args.image_epoch:
-        loader = build_train_loader(records, args, text=False, device=device)
+        loader = build_train_loader(records, args, text=False, dist=dist)
         train_image_adapter(
-            model, text_embeddings, loader, image_optimizer, scheduler, args, device, image_start
+            model, text_embeddings, loader, image_optimizer, scheduler, args, dist, image_start
         )
     logger.info("checkpoints in %s", args.save_path)
 
 
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
+    dist = None
     try:
         args = parse_args(argv)
-        setup_logging(args.save_path / "train.log", args.log_level)
-        run(args)
+        dist = init_distributed(args.device)
+        if dist.is_main:
+            setup_logging(args.save_path / "train.log", args.log_level)
+        else:
+            setup_logging(None, "WARNING")
+        run(args, dist)
     except UserError as error:
         # Errors raised in DataLoader workers arrive wrapped; the last line is the message.
         logger.error("%s", str(error).strip().splitlines()[-1])
         return 2
+    finally:
+        if dist is not None:
+            shutdown_distributed(dist)
     return 0
 
 
