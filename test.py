@@ -41,7 +41,7 @@ from utils.errors import CheckpointError, UserError
 from utils.forward_utils import get_adapted_text_embedding
 from utils.metrics import COLUMNS_FULL, COLUMNS_OFFICIAL, aaclip_image_scores, evaluate_class
 from utils.report import format_table, write_results
-from utils.runtime import resolve_device, seed_everything, setup_logging
+from utils.runtime import autocast, resolve_device, seed_everything, setup_logging
 from utils.visualize import save_panels
 
 logger = logging.getLogger("test")
@@ -68,6 +68,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="evaluate every image_adapter_<e>.pth in numeric epoch order",
     )
     group.add_argument("--test_batch_size", type=int, default=32)
+    group.add_argument(
+        "--amp",
+        default="none",
+        choices=("none", "bf16", "fp16"),
+        help="autocast for the backbone; maps and metrics stay float32",
+    )
     group.add_argument(
         "--metrics",
         default="full",
@@ -152,13 +158,14 @@ def load_text_adapter(model: AdaptedCLIP, args: argparse.Namespace) -> str:
 
 @torch.no_grad()
 def predict_class(
-    model: AdaptedCLIP, dataset: TestDataset, batch_size: int, device: torch.device
+    model: AdaptedCLIP, dataset: TestDataset, batch_size: int, device: torch.device, amp: str
 ) -> dict[str, np.ndarray | list]:
     """Raw maps `[n, S, S]`, detection scores `[n]`, masks `[n, S, S]`, labels `[n]` of a class."""
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
     maps, scores, masks, labels, paths, file_names = [], [], [], [], [], []
     for batch in tqdm(loader, desc="batches", leave=False):
-        output = model.predict(batch["image"].to(device), list(batch["class_name"]))
+        with autocast(device, amp):
+            output = model.predict(batch["image"].to(device), list(batch["class_name"]))
         maps.append(output.anomaly_map.cpu().numpy())
         scores.append(output.image_score.cpu().numpy())
         masks.append(batch["mask"][:, 0].numpy().astype(bool))
@@ -187,7 +194,7 @@ def evaluate(
     columns = COLUMNS_OFFICIAL if args.metrics == "official" else COLUMNS_FULL
     per_class = {}
     for class_name, dataset in tqdm(datasets.items(), desc="classes"):
-        outputs = predict_class(model, dataset, args.test_batch_size, device)
+        outputs = predict_class(model, dataset, args.test_batch_size, device, args.amp)
         image_scores = aaclip_image_scores(outputs["maps"], outputs["det_scores"], domain)
         per_class[class_name] = evaluate_class(
             outputs["maps"],

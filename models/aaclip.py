@@ -299,8 +299,9 @@ class AdaptedCLIP(nn.Module):
             calculate_similarity_map(tokens, text, self.img_size, test=True, domain=self.domain)
             for tokens in seg_tokens
         )[:, 0]  # [B, S, S]
-        det_score = torch.matmul(det_token.float().unsqueeze(1), text.float())[:, 0, 1]  # [B]
-        return AnomalyOutput(anomaly_map.float(), (det_score + 1) / 2)
+        with torch.autocast(images.device.type, enabled=False):
+            det_score = torch.matmul(det_token.float().unsqueeze(1), text.float())[:, 0, 1]  # [B]
+        return AnomalyOutput(anomaly_map, (det_score + 1) / 2)
 
 
 def build_aaclip(config: dict, device: torch.device | str = "cpu") -> AdaptedCLIP:

@@ -62,6 +62,17 @@ def calculate_similarity_map(
     Test: `(abnormal + 1 - normal) / 2` blurred on the g x g grid (domain kernel, reflect border),
     then upsampled -> `[B, 1, S, S]`. Computed in float32 whatever the autocast dtype.
     """
+    with torch.autocast(patch_features.device.type, enabled=False):
+        return _similarity_map(patch_features, epoch_text_feature, img_size, test, domain)
+
+
+def _similarity_map(
+    patch_features: torch.Tensor,
+    epoch_text_feature: torch.Tensor,
+    img_size: int,
+    test: bool,
+    domain: str,
+) -> torch.Tensor:
     scores = SIMILARITY_SCALE * torch.matmul(patch_features.float(), epoch_text_feature.float())
     batch, length, channels = scores.shape  # [B, L, 2]
     side = math.isqrt(length)
