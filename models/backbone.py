@@ -140,6 +140,28 @@ def vision_heads(clip: CLIP) -> int:
 # Attention variants run inside a frozen block
 
 
+def fused_attention(
+    block: nn.Module, h: torch.Tensor, attn_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Standard multi-head attention with the block's own weights, through fused SDPA.
+
+    The same maths as the block's `nn.MultiheadAttention`, without its batch-first transposes:
+    under CPU bf16 autocast the in-projection of that transposed tensor falls into a slow
+    copy-bound path (20x slower than fp32 at batch 2 on ViT-L).
+
+    h: `[B, L, D]` (already `ln_1`-normalised) -> `[B, L, D]`.
+    """
+    attn = block.attn
+    batch, length, width = h.shape
+    heads = attn.num_heads
+    qkv = F.linear(h, attn.in_proj_weight, attn.in_proj_bias)  # [B, L, 3D]
+    qkv = qkv.view(batch, length, 3, heads, width // heads).permute(2, 0, 3, 1, 4)  # [3,B,H,L,hd]
+    if attn_mask is not None:
+        attn_mask = attn_mask.to(qkv.dtype)
+    out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], attn_mask=attn_mask)
+    return attn.out_proj(out.transpose(1, 2).reshape(batch, length, width))  # [B, L, D]
+
+
 def value_value_attention(block: nn.Module, h: torch.Tensor, per_image: bool) -> torch.Tensor:
     """CLIP-Surgery/DPAM value-value attention with the block's own frozen weights.
 
@@ -181,14 +203,15 @@ def run_block(
     attention: str = "standard",
     attn_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """One residual block with a chosen attention rule; `standard` is open_clip's own forward.
+    """One residual block (`x + attn(ln_1(x))`, `x + mlp(ln_2(x))`) with a chosen attention rule.
 
+    `standard` is the block's own attention through fused SDPA (`fused_attention`).
     x: `[B, L, D]` -> `[B, L, D]`.
     """
-    if attention == "standard":
-        return block(x, attn_mask=attn_mask)
     h = block.ln_1(x)
-    if attention == "vv_batch_mix":
+    if attention == "standard":
+        attended = fused_attention(block, h, attn_mask)
+    elif attention == "vv_batch_mix":
         attended = value_value_attention(block, h, per_image=False)
     elif attention == "vv_per_image":
         attended = value_value_attention(block, h, per_image=True)
@@ -260,7 +283,7 @@ def text_embed(clip: CLIP, token_ids: torch.Tensor) -> torch.Tensor:
 def walk_text(clip: CLIP, x: torch.Tensor, hook: BlockHook | None = None) -> torch.Tensor:
     """All text blocks with the causal mask; `hook(i, x)` after block i. `[N, 77, D_t]` -> same."""
     for index, block in enumerate(clip.transformer.resblocks):
-        x = block(x, attn_mask=clip.attn_mask)
+        x = run_block(block, x, attn_mask=clip.attn_mask)
         if hook is not None:
             x = hook(index, x)
     return x

@@ -1,0 +1,336 @@
+"""Throughput of AA-CLIP: test-time images/s and seconds per training step, ours vs the original.
+
+    python benchmarks/throughput.py                                   # ViT-L-14-336 at 224 px, CPU
+    python benchmarks/throughput.py --model_name tiny --img_size 64   # seconds
+    python benchmarks/throughput.py --img_size 518 --device cuda
+
+"straightforward" is the original's way of doing the same work: attention through the slow
+weights-returning path, and in stage 1 a second CLIP copy for the surgery features, a separate
+full clean pass for the CLS embedding, and all four level maps computed though only the last
+one is used. "ours" is the fused attention, one CLIP, a shared block prefix and the last map
+only. Every row runs in its own process so that its peak memory (RSS on CPU, allocated memory
+on CUDA) is its own. Random weights: speed does not depend on them. Next to each autocast row
+is how far its maps move from fp32 (max |diff| over the map's range), and a last table shows
+how the synthetic test set's metrics move.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import resource
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from models import backbone  # noqa: E402
+from models.aaclip import AdaptedCLIP, build_aaclip  # noqa: E402
+from train import stage1_loss  # noqa: E402
+from utils.forward_utils import (  # noqa: E402
+    calculate_seg_loss,
+    calculate_similarity_map,
+    get_adapted_single_class_text_embedding,
+)
+from utils.runtime import autocast, resolve_device  # noqa: E402
+
+ROWS = {
+    "inference/straightforward": ("inference", "straightforward", "none"),
+    "inference/ours": ("inference", "ours", "none"),
+    "inference/ours+amp": ("inference", "ours", "amp"),
+    "stage 1/straightforward": ("stage1", "straightforward", "none"),
+    "stage 1/ours": ("stage1", "ours", "none"),
+    "stage 1/ours+amp": ("stage1", "ours", "amp"),
+    "stage 2/straightforward": ("stage2", "straightforward", "none"),
+    "stage 2/ours": ("stage2", "ours", "none"),
+    "stage 2/ours+amp": ("stage2", "ours", "amp"),
+}
+
+
+@contextmanager
+def weights_returning_attention():
+    """Make every standard block run the weights-returning attention, as the original walks."""
+    original = backbone.run_block
+
+    def run_block(block, x, attention="standard", attn_mask=None):
+        rule = "weights_returning" if attention == "standard" else attention
+        return original(block, x, rule, attn_mask)
+
+    backbone.run_block = run_block
+    try:
+        yield
+    finally:
+        backbone.run_block = original
+
+
+def build_model(args: argparse.Namespace, device: torch.device) -> AdaptedCLIP:
+    config = {
+        "model_name": args.model_name,
+        "pretrained": None,
+        "img_size": args.img_size,
+        "text_adapt_weight": 0.1,
+        "image_adapt_weight": 0.1,
+        "text_adapt_until": 3,
+        "image_adapt_until": 6,
+        "levels": [6, 12, 18, 24],
+        "relu": False,
+    }
+    model = build_aaclip(config, device)
+    model.set_class_text_features(
+        {"object": get_adapted_single_class_text_embedding(model, None, "object", device).detach()}
+    )
+    return model
+
+
+def straightforward_surgery_features(
+    model: AdaptedCLIP, surgery_clip, images: torch.Tensor
+) -> list[torch.Tensor]:
+    """Stage-1 features the original's way: a second CLIP copy walked from the start, and a full
+    separate clean pass for the CLS embedding."""
+    with torch.no_grad():
+        cls = torch.nn.functional.normalize(model.clipmodel.encode_image(images), dim=-1)
+        first = model.surgery_blocks().start
+        levels = []
+
+        def record(index, tokens):
+            if index + 1 in model.levels:
+                levels.append(tokens[:, 1:])
+            return tokens
+
+        rule = lambda index: "vv_batch_mix" if index >= first else "standard"  # noqa: E731
+        x = backbone.vision_embed(surgery_clip, images)
+        backbone.walk_vision(surgery_clip, x, record, attention=rule)
+        return [
+            torch.nn.functional.normalize(backbone.project_image_tokens(surgery_clip, t), dim=-1)
+            + cls[:, None]
+            for t in levels
+        ]
+
+
+def random_batch(args: argparse.Namespace, device: torch.device) -> dict[str, torch.Tensor]:
+    """Images `[B, 3, S, S]`, masks `[B, 1, S, S]` and labels `[B]` (seeded)."""
+    generator = torch.Generator().manual_seed(0)
+    size = (args.batch_size, 1, args.img_size, args.img_size)
+    return {
+        "images": torch.randn(args.batch_size, 3, *size[2:], generator=generator).to(device),
+        "masks": (torch.rand(size, generator=generator) > 0.9).float().to(device),
+        "labels": torch.randint(0, 2, (args.batch_size,), generator=generator).to(device),
+    }
+
+
+def make_step(
+    kind: str, straightforward: bool, amp: str, model: AdaptedCLIP, args, batch: dict
+) -> Callable[[], object]:
+    """One unit of work: a test-time forward + map, or one training step."""
+    device = batch["images"].device
+    images, masks, labels = batch["images"], batch["masks"], batch["labels"]
+    text = model.class_text_features["object"].expand(args.batch_size, -1, -1)
+    if kind == "inference":
+
+        def step():
+            with torch.inference_mode(), autocast(device, amp):
+                return model.predict(images, ["object"] * args.batch_size).anomaly_map
+
+        return step
+    if kind == "stage1":
+        optimizer = torch.optim.Adam(model.text_adapter.parameters(), lr=1e-5)
+        model.image_adapter.requires_grad_(False)
+        surgery_clip = copy.deepcopy(model.clipmodel) if straightforward else None
+
+        def step():
+            with autocast(device, amp):
+                anchors = get_adapted_single_class_text_embedding(model, None, "object", device)
+                if surgery_clip is not None:
+                    features = straightforward_surgery_features(model, surgery_clip, images)
+                else:
+                    features = model.surgery_features(images)[0][-1:]
+            anchors = anchors.float().expand(args.batch_size, -1, -1)
+            maps = [calculate_similarity_map(f, anchors, args.img_size) for f in features]
+            loss = stage1_loss(maps, masks, anchors, 0.1, "last_level")
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+
+        return step
+    optimizer = torch.optim.Adam(model.image_adapter.parameters(), lr=5e-4)
+    model.text_adapter.requires_grad_(False)
+
+    def step():
+        with autocast(device, amp):
+            seg_tokens, det_token = model(images)
+        logits = torch.matmul(det_token.float().unsqueeze(1), text)[:, 0]
+        loss = torch.nn.functional.cross_entropy(logits, labels)
+        for tokens in seg_tokens:
+            loss = loss + calculate_seg_loss(
+                calculate_similarity_map(tokens, text, args.img_size), masks
+            )
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def measure_row(name: str, args: argparse.Namespace) -> dict:
+    """Time one row in this process; returns seconds per call, peak memory and map deviation."""
+    kind, way, precision = ROWS[name]
+    straightforward = way == "straightforward"
+    amp = args.amp if precision == "amp" else "none"
+    device = resolve_device(args.device)
+    torch.manual_seed(0)
+    model = build_model(args, device)
+    model.train(kind != "inference")
+    batch = random_batch(args, device)
+    step = make_step(kind, straightforward, amp, model, args, batch)
+    context = weights_returning_attention() if straightforward else nullcontext()
+    with context:
+        step()  # warm-up
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            output = step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = (time.perf_counter() - start) / args.steps
+    result = {"seconds": seconds, "peak_gib": peak_memory_gib(device)}
+    if kind == "inference" and amp != "none":
+        reference = make_step(kind, False, "none", model, args, batch)()
+        span = (reference.max() - reference.min()).item()
+        result["map_deviation"] = (output - reference).abs().max().item() / span
+    return result
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def synthetic_metric_shift(args: argparse.Namespace) -> dict:
+    """Pixel/image AUROC and AUPRO on the synthetic test set, fp32 vs autocast."""
+    import numpy as np
+
+    from datasets.anomaly import build_test_datasets
+    from datasets.metadata import load_test_records
+    from datasets.synthetic import ensure_synthetic
+    from utils.forward_utils import get_adapted_text_embedding
+    from utils.metrics import aaclip_image_scores, evaluate_class
+
+    device = resolve_device(args.device)
+    root = ensure_synthetic(Path(args.synthetic_root))
+    model = build_model(args, device).eval()
+    model.set_class_text_features(get_adapted_text_embedding(model, "Synthetic", device))
+    datasets = build_test_datasets(load_test_records("Synthetic", root), root, args.img_size)
+    shifts: dict[str, list[float]] = {"P-AUROC": [], "AUPRO": [], "I-AUROC": []}
+    for dataset in datasets.values():
+        indices = range(0, len(dataset), max(1, len(dataset) // args.metric_images))
+        batch = torch.utils.data.default_collate([dataset[i] for i in indices])
+        scores = {}
+        for amp in ("none", args.amp):
+            with torch.inference_mode(), autocast(device, amp):
+                output = model.predict(batch["image"].to(device), list(batch["class_name"]))
+            maps = output.anomaly_map.cpu().numpy()
+            image_scores = aaclip_image_scores(maps, output.image_score.cpu().numpy(), "Industrial")
+            scores[amp] = evaluate_class(
+                maps,
+                batch["mask"][:, 0].numpy().astype(bool),
+                image_scores,
+                batch["label"].numpy(),
+                list(shifts),
+            )
+        for column in shifts:
+            shifts[column].append(abs(scores[args.amp][column] - scores["none"][column]))
+    return {column: float(np.nanmax(values)) for column, values in shifts.items()}
+
+
+def run_in_subprocess(task: list[str], args: argparse.Namespace) -> dict:
+    """Run one measurement in a fresh process (its own peak memory); its last line is JSON."""
+    command = [
+        sys.executable,
+        __file__,
+        *task,
+        "--model_name",
+        args.model_name,
+        "--img_size",
+        str(args.img_size),
+        "--batch_size",
+        str(args.batch_size),
+        "--steps",
+        str(args.steps),
+        "--device",
+        args.device,
+        "--amp",
+        args.amp,
+        "--metric_images",
+        str(args.metric_images),
+        "--synthetic_root",
+        args.synthetic_root,
+    ]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"{task} failed:\n{result.stderr[-2000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model_name", default="ViT-L-14-336")
+    parser.add_argument("--img_size", type=int, default=224)
+    parser.add_argument("--batch_size", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=2, help="timed calls per row (+1 warm-up)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--amp", default="bf16", choices=("bf16", "fp16"))
+    parser.add_argument("--metric_images", type=int, default=8, help="per synthetic class")
+    parser.add_argument("--synthetic_root", default="data/Synthetic")
+    parser.add_argument("--row", choices=sorted(ROWS), help=argparse.SUPPRESS)
+    parser.add_argument("--metric_shift", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.row:
+        print(json.dumps(measure_row(args.row, args)))
+        return 0
+    if args.metric_shift:
+        print(json.dumps(synthetic_metric_shift(args)))
+        return 0
+
+    device = resolve_device(args.device)
+    print(
+        f"AA-CLIP throughput: {args.model_name}, {args.img_size} px, batch {args.batch_size}, "
+        f"{device} ({torch.get_num_threads()} threads), autocast {args.amp} for '+amp' rows\n"
+    )
+    print("| row | images/s | s/step | peak GiB | vs straightforward | maps vs fp32 |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    baselines = {}
+    for name, (kind, way, _) in ROWS.items():
+        result = run_in_subprocess(["--row", name], args)
+        seconds = result["seconds"]
+        if way == "straightforward":
+            baselines[kind] = seconds
+        ratio = baselines[kind] / seconds
+        throughput = f"{args.batch_size / seconds:.2f}" if kind == "inference" else ""
+        step = "" if kind == "inference" else f"{seconds:.3f}"
+        deviation = f"{result['map_deviation']:.2%}" if "map_deviation" in result else ""
+        print(
+            f"| {name} | {throughput} | {step} | {result['peak_gib']:.2f} | {ratio:.2f}x "
+            f"| {deviation} |",
+            flush=True,
+        )
+    shift = run_in_subprocess(["--metric_shift"], args) if args.metric_images else {}
+    if shift:
+        print(
+            f"\nSynthetic test set ({args.metric_images} images per class), largest per-class "
+            f"|{args.amp} - fp32|: " + ", ".join(f"{k} {v:.4f}" for k, v in shift.items())
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
