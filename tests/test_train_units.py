@@ -42,3 +42,21 @@ def test_multistep_schedule_halves_exactly_at_iteration_16000():
     assert optimizer.param_groups[0]["lr"] == pytest.approx(5e-4)
     scheduler.step()
     assert optimizer.param_groups[0]["lr"] == pytest.approx(2.5e-4)
+
+
+def test_global_batch_sampler_splits_each_global_batch_across_ranks():
+    from utils.runtime import Distributed, GlobalBatchSampler
+
+    single = GlobalBatchSampler(10, 4, Distributed(), seed=3)
+    order = list(single)
+    assert sorted(order) == list(range(10)) and len(single) == 10
+    ranks = [GlobalBatchSampler(10, 4, Distributed(rank, 2), seed=3) for rank in range(2)]
+    shares = [list(sampler) for sampler in ranks]
+    assert all(
+        len(share) == len(sampler) == 6 for share, sampler in zip(shares, ranks, strict=True)
+    )
+    for step in range(2):  # the full global batches are exactly the single-process batches
+        union = shares[0][2 * step : 2 * step + 2] + shares[1][2 * step : 2 * step + 2]
+        assert sorted(union) == sorted(order[4 * step : 4 * step + 4])
+    single.set_epoch(1)
+    assert list(single) != order

@@ -208,8 +208,6 @@ class GlobalBatchSampler(Sampler[int]):
             yield from order[offset + start : offset + start + self.local_batch_size]
 
     def __len__(self) -> int:
-        batches = -(-self.size // self.global_batch_size)
-        if self.dist.enabled:
-            return batches * self.local_batch_size
-        last = self.size - (batches - 1) * self.global_batch_size
-        return (batches - 1) * self.global_batch_size + last
+        if not self.dist.enabled:
+            return self.size
+        return -(-self.size // self.global_batch_size) * self.local_batch_size
