@@ -1,12 +1,14 @@
-"""Evaluate AA-CLIP checkpoints on a labelled data set, per class then the macro mean.
+"""Evaluate trained checkpoints on a labelled data set, per class then the macro mean.
 
     python test.py --save_path ckpt/x --dataset MVTec            # image_adapter.pth
     python test.py --save_path ckpt/x --dataset MVTec --all_epochs
     python test.py --checkpoint ckpt/x/image_adapter_15.pth --dataset BTAD --metrics official
 
-The protocol is the original's (spec aaclip.md §14): maps summed over levels, per-class min-max
-of maps and detection scores, image score `0.5 * map max + 0.5 * det` (industrial) or the map max
-(medical). The min-max is transductive: fine for paper tables, not for deployment (predict.py).
+The model is read from the checkpoint (`--model` picks one when a folder holds several). Each
+model's paper protocol gives the image score; AA-CLIP's (spec aaclip.md §14): maps summed over
+levels, per-class min-max of maps and detection scores, image score `0.5 * map max + 0.5 * det`
+(industrial) or the map max (medical). That min-max is transductive: fine for paper tables, not
+for deployment (predict.py).
 """
 
 from __future__ import annotations
@@ -23,10 +25,11 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from datasets.anomaly import TestDataset, build_test_datasets
-from datasets.catalog import default_data_root, get_dataset_info
+from datasets.catalog import default_data_root, get_dataset_info, real_name
 from datasets.metadata import load_test_records
 from datasets.synthetic import ensure_synthetic
 from models.aaclip import AdaptedCLIP, build_aaclip, load_adapter
+from models.registry import MODELS, checkpoint_stem, find_checkpoint, load_trained_model
 from train import build_parser as build_train_parser
 from utils.config import (
     CONFIG_DIR,
@@ -38,21 +41,23 @@ from utils.config import (
     resolve_backbone_defaults,
 )
 from utils.errors import CheckpointError, UserError
-from utils.forward_utils import get_adapted_text_embedding
-from utils.metrics import COLUMNS_FULL, COLUMNS_OFFICIAL, aaclip_image_scores, evaluate_class
+from utils.metrics import COLUMNS_FULL, COLUMNS_OFFICIAL, evaluate_class
 from utils.report import format_table, write_results
 from utils.runtime import autocast, resolve_device, seed_everything, setup_logging
 from utils.visualize import save_panels
 
 logger = logging.getLogger("test")
 
-EPOCH_FILE = re.compile(r"image_adapter_(\d+)\.pth$")
-
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="aaclip", choices=("aaclip",))
-    add_run_args(parser, "folder with text_adapter.pth and image_adapter*.pth; results go here")
+    parser.add_argument(
+        "--model",
+        default=None,
+        choices=tuple(MODELS),
+        help="which model's checkpoints to evaluate; default: the one found in the save path",
+    )
+    add_run_args(parser, "folder with the trained checkpoints; results go here")
     add_data_args(parser, "test data set (its full-shot records = its test split)")
     add_backbone_args(parser)
     group = parser.add_argument_group("evaluation")
@@ -60,12 +65,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--checkpoint",
         type=Path,
         default=None,
-        help="evaluate this image-adapter file (default: <save_path>/image_adapter.pth)",
+        help="evaluate this checkpoint file (default: the save path's image_adapter.pth, "
+        "feclip.pth, ...)",
     )
     group.add_argument(
         "--all_epochs",
         action="store_true",
-        help="evaluate every image_adapter_<e>.pth in numeric epoch order",
+        help="evaluate every per-epoch file (image_adapter_<e>.pth, ...) in numeric order",
     )
     group.add_argument("--test_batch_size", type=int, default=32)
     group.add_argument(
@@ -120,25 +126,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def checkpoint_files(args: argparse.Namespace) -> list[Path]:
-    """The image-adapter files to evaluate, in numeric epoch order for `--all_epochs`."""
+def checkpoint_files(args: argparse.Namespace) -> tuple[str, list[Path]]:
+    """(model name, files to evaluate); every per-epoch file in numeric order for --all_epochs."""
     if args.checkpoint is not None:
         if not args.checkpoint.is_file():
             raise CheckpointError(f"--checkpoint {args.checkpoint} does not exist")
-        return [args.checkpoint]
-    if args.all_epochs:
-        files = [
-            path
-            for path in args.save_path.glob("image_adapter_*.pth")
-            if EPOCH_FILE.search(path.name)
-        ]
-        if not files:
-            raise CheckpointError(f"no image_adapter_<epoch>.pth in {args.save_path}; train first")
-        return sorted(files, key=lambda path: int(EPOCH_FILE.search(path.name).group(1)))
-    path = args.save_path / "image_adapter.pth"
-    if not path.is_file():
-        raise CheckpointError(f"{path} does not exist; train first or pass --checkpoint FILE")
-    return [path]
+        return find_checkpoint(args.checkpoint, args.model)[0], [args.checkpoint]
+    if not args.all_epochs:
+        model, main_file = find_checkpoint(args.save_path, args.model)
+        return model, [main_file]
+    for model in [args.model] if args.model else list(MODELS):
+        epoch_file = re.compile(rf"{re.escape(checkpoint_stem(model))}_(\d+)\.pth")
+        files = [path for path in args.save_path.glob("*.pth") if epoch_file.fullmatch(path.name)]
+        if files:
+            return model, sorted(files, key=lambda path: int(epoch_file.fullmatch(path.name)[1]))
+    raise CheckpointError(f"no per-epoch checkpoints in {args.save_path}; train first")
 
 
 def load_text_adapter(model: AdaptedCLIP, args: argparse.Namespace) -> str:
@@ -158,14 +160,20 @@ def load_text_adapter(model: AdaptedCLIP, args: argparse.Namespace) -> str:
 
 @torch.no_grad()
 def predict_class(
-    model: AdaptedCLIP, dataset: TestDataset, batch_size: int, device: torch.device, amp: str
+    model: torch.nn.Module,
+    dataset: TestDataset,
+    prompt_name: str,
+    batch_size: int,
+    device: torch.device,
+    amp: str,
 ) -> dict[str, np.ndarray | list]:
-    """Raw maps `[n, S, S]`, detection scores `[n]`, masks `[n, S, S]`, labels `[n]` of a class."""
+    """Raw maps `[n, S, S]`, image scores `[n]`, masks `[n, S, S]`, labels `[n]` of a class."""
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
     maps, scores, masks, labels, paths, file_names = [], [], [], [], [], []
     for batch in tqdm(loader, desc="batches", leave=False):
         with autocast(device, amp):
-            output = model.predict(batch["image"].to(device), list(batch["class_name"]))
+            images = batch["image"].to(device)
+            output = model.predict(images, [prompt_name] * len(images))
         maps.append(output.anomaly_map.cpu().numpy())
         scores.append(output.image_score.cpu().numpy())
         masks.append(batch["mask"][:, 0].numpy().astype(bool))
@@ -183,7 +191,7 @@ def predict_class(
 
 
 def evaluate(
-    model: AdaptedCLIP,
+    model: torch.nn.Module,
     datasets: dict[str, TestDataset],
     args: argparse.Namespace,
     device: torch.device,
@@ -194,8 +202,9 @@ def evaluate(
     columns = COLUMNS_OFFICIAL if args.metrics == "official" else COLUMNS_FULL
     per_class = {}
     for class_name, dataset in tqdm(datasets.items(), desc="classes"):
-        outputs = predict_class(model, dataset, args.test_batch_size, device, args.amp)
-        image_scores = aaclip_image_scores(outputs["maps"], outputs["det_scores"], domain)
+        prompt_name = real_name(args.dataset, class_name)
+        outputs = predict_class(model, dataset, prompt_name, args.test_batch_size, device, args.amp)
+        image_scores = model.table_image_scores(outputs["maps"], outputs["det_scores"], domain)
         per_class[class_name] = evaluate_class(
             outputs["maps"],
             outputs["masks"],
@@ -229,12 +238,37 @@ def write_panels(outputs: dict, class_name: str, args: argparse.Namespace) -> No
         save_panels(folder / name, np.asarray(image), heat[index], mask=mask)
 
 
-def results_stem(dataset: str, checkpoint: Path) -> str:
-    return (
-        f"results_{dataset}"
-        if checkpoint.name == "image_adapter.pth"
-        else f"results_{dataset}_{checkpoint.stem}"
-    )
+def results_stem(dataset: str, checkpoint: Path, model: str) -> str:
+    """`results_<dataset>` for the main checkpoint, else with the file's stem appended."""
+    if checkpoint.stem == checkpoint_stem(model):
+        return f"results_{dataset}"
+    return f"results_{dataset}_{checkpoint.stem}"
+
+
+class AaclipLoader:
+    """AA-CLIP from the command line's backbone flags (original checkpoints carry no config):
+    built once with `text_adapter.pth`, then each image-adapter file loaded into it."""
+
+    def __init__(self, args: argparse.Namespace, device: torch.device) -> None:
+        self.model = build_aaclip(vars(args), device)
+        self.text_source = load_text_adapter(self.model, args)
+        self.args = args
+
+    def __call__(self, path: Path) -> tuple[torch.nn.Module, dict, dict]:
+        payload = load_adapter(self.model, path, "image_adapter", vars(self.args))
+        return self.model.eval(), payload, {"text_adapter": self.text_source}
+
+
+def load_for_test(
+    model_name: str, path: Path, args: argparse.Namespace, device: torch.device, cache: dict
+) -> tuple[torch.nn.Module, dict, dict]:
+    """(model in eval mode, checkpoint payload, extra result metadata) for one file."""
+    if model_name == "aaclip":
+        if "aaclip" not in cache:
+            cache["aaclip"] = AaclipLoader(args, device)
+        return cache["aaclip"](path)
+    _, model, payload = load_trained_model(path, device, model_name)
+    return model, payload, {}
 
 
 def run(args: argparse.Namespace) -> None:
@@ -245,31 +279,36 @@ def run(args: argparse.Namespace) -> None:
         args.data_root = default_data_root(args.dataset)
     if args.dataset == "Synthetic":
         ensure_synthetic(args.data_root)
-    files = checkpoint_files(args)
-    model = build_aaclip(vars(args), device)
-    model.domain = info.domain
-    text_source = load_text_adapter(model, args)
-    model.eval()
-    with torch.no_grad():
-        model.set_class_text_features(get_adapted_text_embedding(model, args.dataset, device))
+    model_name, files = checkpoint_files(args)
     records = load_test_records(args.dataset, args.data_root, args.metadata_dir)
-    datasets = build_test_datasets(records, args.data_root, args.img_size)
     columns = COLUMNS_OFFICIAL if args.metrics == "official" else COLUMNS_FULL
     out_dir = args.checkpoint.parent if args.checkpoint is not None else args.save_path
+    cache: dict = {}
     for path in files:
-        payload = load_adapter(model, path, "image_adapter", vars(args))
-        logger.info("evaluating %s (epoch %s) on %s", path, payload.get("epoch"), args.dataset)
+        model, payload, extra_meta = load_for_test(model_name, path, args, device, cache)
+        if hasattr(model, "domain"):
+            model.domain = info.domain
+        args.img_size = model.img_size
+        datasets = build_test_datasets(records, args.data_root, model.img_size)
+        logger.info(
+            "evaluating %s %s (epoch %s) on %s",
+            model_name,
+            path,
+            payload.get("epoch"),
+            args.dataset,
+        )
         per_class = evaluate(
             model, datasets, args, device, visualize=args.visualize and path == files[-1]
         )
         meta = {
             "dataset": args.dataset,
+            "model": model_name,
             "checkpoint": str(path),
             "epoch": payload.get("epoch"),
-            "text_adapter": text_source,
+            **extra_meta,
             "resolution": args.img_size,
             "mask_resize": "nearest",
-            "smoothing": "gaussian on the patch grid (AA-CLIP)",
+            "smoothing": getattr(model, "smoothing", "gaussian on the patch grid (AA-CLIP)"),
             "pro_variant": args.pro_variant,
             "fpr_limit": args.fpr_limit,
             "undefined_metric": args.undefined_metric,
@@ -280,7 +319,7 @@ def run(args: argparse.Namespace) -> None:
         }
         write_results(
             out_dir,
-            results_stem(args.dataset, path),
+            results_stem(args.dataset, path, model_name),
             per_class,
             columns,
             meta,

@@ -16,20 +16,17 @@ restarted the scheduler (§13).
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from datasets.anomaly import TrainDataset
-from datasets.catalog import default_data_root, get_dataset_info
-from datasets.metadata import ensure_training_records
-from datasets.synthetic import ensure_synthetic
 from models.aaclip import AdaptedCLIP, build_aaclip, load_adapter
 from utils.checkpoint import save_checkpoint
 from utils.config import (
@@ -37,6 +34,7 @@ from utils.config import (
     add_backbone_args,
     add_data_args,
     add_run_args,
+    load_yaml,
     parse_with_config,
     resolve_backbone_defaults,
     save_yaml,
@@ -51,35 +49,38 @@ from utils.forward_utils import (
 )
 from utils.runtime import (
     Distributed,
-    GlobalBatchSampler,
     autocast,
-    barrier,
     grad_scaler,
-    init_distributed,
     rng_state,
     seed_everything,
     set_rng_state,
     setup_logging,
-    shutdown_distributed,
+)
+from utils.training import (
+    add_training_data_args,
+    build_train_loader,
+    check_shot,
+    global_mean,
+    mean,
+    run_config,
+    run_main,
+    start_epoch,
+    training_records,
+    wrap_ddp,
 )
 
 logger = logging.getLogger("train")
 
-MODELS = ("aaclip",)
+# Sibling models train in their own scripts; `train.py --model NAME` hands the command line over.
+TRAINERS: dict[str, str] = {}
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="aaclip", choices=MODELS)
+    parser.add_argument("--model", default="aaclip", choices=("aaclip",))
     add_run_args(parser, "folder for checkpoints, train.log and config.yaml")
     add_data_args(parser, "training data set (paper: VisA, or MVTec for the VisA row)")
-    parser.add_argument("--training_mode", default="few_shot", choices=("few_shot", "full_shot"))
-    parser.add_argument(
-        "--shot",
-        type=int,
-        default=32,
-        help="k images per class (k/2 normal, k/2 anomalous); 0 means full shot",
-    )
+    add_training_data_args(parser)
     add_backbone_args(parser)
     stage1 = parser.add_argument_group("stage 1 (text adapters)")
     stage1.add_argument("--text_epoch", type=int, default=5)
@@ -129,67 +130,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="scale of the stage-2 CE logits (original: 1, un-scaled cosines)",
     )
     parser.add_argument("--betas", type=float, nargs=2, default=[0.5, 0.999])
-    parser.add_argument(
-        "--augment",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="random geometric (and stage-2 colour) augmentation",
-    )
-    parser.add_argument(
-        "--amp",
-        default="none",
-        choices=("none", "bf16", "fp16"),
-        help="autocast for the backbone (fp32 by default, as the original); maps and losses "
-        "stay float32",
-    )
     return parser
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parse_with_config(build_parser(), argv, CONFIG_DIR / "aaclip.yaml")
     resolve_backbone_defaults(args)
-    if args.shot < 0:
-        raise ConfigError(f"--shot {args.shot} must be >= 0 (0 means full shot)")
-    if args.shot == 0:
-        args.training_mode = "full_shot"
+    check_shot(args)
     return args
 
 
-def run_config(args: argparse.Namespace) -> dict:
-    """The settings stored in every checkpoint and in config.yaml."""
-    return {
-        key: (str(value) if isinstance(value, Path) else value) for key, value in vars(args).items()
-    }
-
-
-def build_train_loader(
+def aaclip_loader(
     records: list[dict], args: argparse.Namespace, text: bool, dist: Distributed
 ) -> DataLoader:
-    """Shuffled loader of this rank's share of each global batch; `text=True` is stage 1.
-
-    Batch sizes are global: with N processes each takes batch / N images per step. Sampler and
-    worker seeds are re-seeded per epoch (`seed + epoch`, see `start_epoch`), so a resumed run
-    draws the same batches as an uninterrupted one.
-    """
+    """Stage-1 (`text=True`) or stage-2 loader over the training records (global batches)."""
     dataset = TrainDataset(records, args.data_root, args.img_size, text=text, augment=args.augment)
-    cuda = dist.device.type == "cuda"
-    workers = args.num_workers if args.num_workers is not None else (4 if cuda else 0)
-    global_batch = args.text_batch_size if text else args.image_batch_size
-    sampler = GlobalBatchSampler(len(dataset), global_batch, dist, args.seed)
-    return DataLoader(
-        dataset,
-        batch_size=sampler.local_batch_size,
-        sampler=sampler,
-        num_workers=workers,
-        pin_memory=cuda,
-        generator=torch.Generator().manual_seed(args.seed),
-    )
-
-
-def start_epoch(loader: DataLoader, epoch: int, seed: int) -> None:
-    """Seed the epoch's shuffle and worker seeds from `seed + epoch` alone."""
-    loader.sampler.set_epoch(epoch)
-    loader.generator.manual_seed(seed + epoch)
+    batch = args.text_batch_size if text else args.image_batch_size
+    return build_train_loader(dataset, batch, args, dist)
 
 
 class TextAnchors(nn.Module):
@@ -211,24 +168,6 @@ class TextAnchors(nn.Module):
                 for name in class_names
             ]
         )
-
-
-def wrap_ddp(module: nn.Module, dist: Distributed) -> nn.Module:
-    """DistributedDataParallel over the module's trainable parameters (identity alone)."""
-    if not dist.enabled:
-        return module
-    device_ids = [dist.device] if dist.device.type == "cuda" else None
-    return DistributedDataParallel(module, device_ids=device_ids)
-
-
-def global_mean(value: torch.Tensor, dist: Distributed) -> float:
-    """A per-rank loss averaged over ranks: the single-process loss of the global batch."""
-    value = value.detach()
-    if dist.enabled:
-        value = value.clone()
-        torch.distributed.all_reduce(value)
-        value /= dist.world_size
-    return value.item()
 
 
 def stage1_loss(
@@ -383,10 +322,6 @@ def trainable(model: AdaptedCLIP, name: str) -> None:
     model.image_adapter.requires_grad_(name == "image_adapter")
 
 
-def mean(values: list[float]) -> float:
-    return sum(values) / len(values) if values else float("nan")
-
-
 def resume_stage(
     path: Path, model: AdaptedCLIP, key: str, optimizer, args, dist: Distributed, scheduler=None
 ) -> int:
@@ -408,41 +343,6 @@ def resume_stage(
         set_rng_state(payload["rng"])
     logger.warning("resuming %s from %s after epoch %d", key, path, payload["epoch"])
     return int(payload["epoch"])
-
-
-def prepare_data_root(args: argparse.Namespace) -> None:
-    """Default the data root to data/<dataset>; generate the synthetic set on first use."""
-    get_dataset_info(args.dataset)
-    if args.data_root is None:
-        args.data_root = default_data_root(args.dataset)
-    if args.dataset == "Synthetic":
-        ensure_synthetic(args.data_root)
-
-
-def training_records(args: argparse.Namespace, dist: Distributed) -> list[dict]:
-    """Rank 0 prepares the data root and metadata files first; the other ranks then read them."""
-    if dist.is_main:
-        prepare_data_root(args)
-        records = ensure_training_records(
-            args.dataset,
-            args.data_root,
-            args.training_mode,
-            args.shot,
-            args.seed,
-            args.metadata_dir,
-        )
-    barrier(dist)
-    if not dist.is_main:
-        prepare_data_root(args)
-        records = ensure_training_records(
-            args.dataset,
-            args.data_root,
-            args.training_mode,
-            args.shot,
-            args.seed,
-            args.metadata_dir,
-        )
-    return records
 
 
 def run(args: argparse.Namespace, dist: Distributed) -> None:
@@ -476,7 +376,7 @@ def run(args: argparse.Namespace, dist: Distributed) -> None:
         logger.info("--text_epoch 0: no stage 1, anchors from plain CLIP")
         model.use_text_adapter = False
     elif text_start < args.text_epoch:
-        loader = build_train_loader(records, args, text=True, dist=dist)
+        loader = aaclip_loader(records, args, text=True, dist=dist)
         train_text_adapter(model, loader, text_optimizer, args, dist, text_start)
         del loader
     del text_optimizer
@@ -503,32 +403,39 @@ def run(args: argparse.Namespace, dist: Distributed) -> None:
         scheduler,
     )
     if image_start < args.image_epoch:
-        loader = build_train_loader(records, args, text=False, dist=dist)
+        loader = aaclip_loader(records, args, text=False, dist=dist)
         train_image_adapter(
             model, text_embeddings, loader, image_optimizer, scheduler, args, dist, image_start
         )
     logger.info("checkpoints in %s", args.save_path)
 
 
+def model_choice(argv: list[str] | None) -> str:
+    """The `--model` of a command line, else the `model` key of its `--config`, else aaclip."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--model", default=None)
+    pre.add_argument("--config", type=Path, default=None)
+    known, _ = pre.parse_known_args(argv)
+    model = known.model
+    if model is None and known.config is not None:
+        model = load_yaml(known.config).get("model")
+    model = model or "aaclip"
+    if model != "aaclip" and model not in TRAINERS:
+        choices = ", ".join(["aaclip", *TRAINERS])
+        raise ConfigError(f"unknown --model {model!r}; choose one of {choices}")
+    return model
+
+
 def main(argv: list[str] | None = None) -> int:
-    setup_logging()
-    dist = None
     try:
-        args = parse_args(argv)
-        dist = init_distributed(args.device)
-        if dist.is_main:
-            setup_logging(args.save_path / "train.log", args.log_level)
-        else:
-            setup_logging(None, "WARNING")
-        run(args, dist)
+        model = model_choice(argv)
     except UserError as error:
-        # Errors raised in DataLoader workers arrive wrapped; the last line is the message.
-        logger.error("%s", str(error).strip().splitlines()[-1])
+        setup_logging()
+        logger.error("%s", error)
         return 2
-    finally:
-        if dist is not None:
-            shutdown_distributed(dist)
-    return 0
+    if model != "aaclip":
+        return importlib.import_module(TRAINERS[model]).main(argv)
+    return run_main(parse_args, run, argv)
 
 
 if __name__ == "__main__":

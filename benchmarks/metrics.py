@@ -1,17 +1,29 @@
 """Time the pixel metrics of utils/metrics.py against the straightforward implementations.
 
-Builds one synthetic class (smooth random maps, elliptic defects that raise the map, some
-normal images) and prints a Markdown table: our split-sort AUPRO versus the MVTec full-argsort
-recipe and the 200-step AnomalyCLIP variant, and our pixel_metrics versus sklearn.
+Default mode: one synthetic class (smooth random maps, elliptic defects that raise the map, some
+normal images; by default 200 maps of 500x500 = 50 M pixels, the size of one VisA class) and a
+Markdown table: our exact split-sort AUPRO versus a per-threshold loop (200 thresholds, the
+implementation people write), the MVTec full-argsort recipe and the 200-step AnomalyCLIP variant,
+and our pixel_metrics versus sklearn. Every row gives seconds, its ratio to ours and peak memory:
+the extra numpy memory the call allocated (tracemalloc) and the process's peak RSS during the call
+(Linux: /proc/self/clear_refs resets the peak before each row).
 
-    python benchmarks/metrics.py [--images 50] [--size 256] [--seed 0]
+`--mvtec`: an MVTec-AD-sized evaluation, 15 classes with MVTec AD's test counts (1,725 images)
+at 518 px, generated and evaluated one class at a time as test.py does (pixel_metrics, i.e.
+P-AUROC, P-AP, P-F1max and exact AUPRO, plus the 200-step AUPRO), then the peak RSS of the
+process checked against 8 GiB.
+
+    python benchmarks/metrics.py [--images 200] [--size 500] [--seed 0]
+    python benchmarks/metrics.py --mvtec [--size 518] [--seed 0]
 """
 
 from __future__ import annotations
 
 import argparse
+import resource
 import sys
 import time
+import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,19 +35,49 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from utils.metrics import aupro, pixel_metrics  # noqa: E402
 
+EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
+MIB = 2**20
+GIB = 2**30
+RSS_BUDGET = 8 * GIB
+SPEEDUP_TARGET = 20.0
+# MVTec AD test split: class -> (test images, of which defect-free); 1,725 images, 467 good.
+MVTEC_TEST = {
+    "bottle": (83, 20),
+    "cable": (150, 58),
+    "capsule": (132, 23),
+    "carpet": (117, 28),
+    "grid": (78, 21),
+    "hazelnut": (110, 40),
+    "leather": (124, 32),
+    "metal_nut": (115, 22),
+    "pill": (167, 26),
+    "screw": (160, 41),
+    "tile": (117, 33),
+    "toothbrush": (42, 12),
+    "transistor": (100, 60),
+    "wood": (79, 19),
+    "zipper": (151, 32),
+}
+
 
 def synthetic_class(
-    num_images: int, size: int, seed: int, normal_fraction: float = 0.3
+    num_images: int,
+    size: int,
+    seed: int,
+    normal_fraction: float = 0.3,
+    num_normal: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """-> maps [N, S, S] float32, masks [N, S, S] bool (the first images are normal)."""
     rng = np.random.default_rng(seed)
+    if num_normal is None:
+        num_normal = int(np.ceil(normal_fraction * num_images))
     maps = np.empty((num_images, size, size), dtype=np.float32)
     masks = np.zeros((num_images, size, size), dtype=bool)
     rows, cols = np.mgrid[:size, :size]
     for i in range(num_images):
         noise = ndimage.gaussian_filter(rng.standard_normal((size, size)), sigma=size / 64)
         maps[i] = noise / noise.std()
-        if i < normal_fraction * num_images:
+        if i < num_normal:
             continue
         for _ in range(rng.integers(1, 4)):
             center_r, center_c = rng.uniform(0, size, 2)
@@ -46,12 +88,23 @@ def synthetic_class(
     return maps, masks
 
 
+def area_to_limit(fpr: np.ndarray, pro: np.ndarray, fpr_limit: float) -> float:
+    """Trapezoid of pro(fpr) on [0, fpr_limit], interpolated at the limit (spec §5.1 step 5)."""
+    n = int(np.searchsorted(fpr, fpr_limit, side="right"))  # points with fpr <= limit
+    area = float(np.sum((fpr[1:n] - fpr[: n - 1]) * (pro[1:n] + pro[: n - 1])) / 2)
+    if fpr[n - 1] < fpr_limit:
+        slope = (pro[n] - pro[n - 1]) / (fpr[n] - fpr[n - 1])
+        pro_limit = pro[n - 1] + slope * (fpr_limit - fpr[n - 1])
+        area += 0.5 * (pro[n - 1] + pro_limit) * (fpr_limit - fpr[n - 1])
+    return area
+
+
 def full_sort_aupro(maps: np.ndarray, masks: np.ndarray, fpr_limit: float = 0.3) -> float:
     """MVTec AD official recipe (spec §7.2): argsort every pixel, cumsum, merge ties."""
     labels = np.zeros(masks.shape, dtype=np.int64)
     num_regions = 0
     for i, mask in enumerate(masks):
-        image_labels, count = ndimage.label(mask, structure=np.ones((3, 3)))
+        image_labels, count = ndimage.label(mask, structure=EIGHT_CONNECTED)
         labels[i] = np.where(image_labels > 0, image_labels + num_regions, 0)
         num_regions += count
     sizes = np.bincount(labels.ravel())
@@ -64,71 +117,201 @@ def full_sort_aupro(maps: np.ndarray, masks: np.ndarray, fpr_limit: float = 0.3)
     ends = np.append(np.flatnonzero(sorted_scores[1:] != sorted_scores[:-1]), ok.size - 1)
     fpr = np.concatenate(([0.0], np.minimum(fpr[ends], 1.0), [1.0]))
     pro = np.concatenate(([0.0], np.minimum(pro[ends], 1.0), [1.0]))
-    n = int(np.searchsorted(fpr, fpr_limit, side="right"))
-    area = float(np.sum((fpr[1:n] - fpr[: n - 1]) * (pro[1:n] + pro[: n - 1])) / 2)
-    if fpr[n - 1] < fpr_limit:
-        slope = (pro[n] - pro[n - 1]) / (fpr[n] - fpr[n - 1])
-        pro_limit = pro[n - 1] + slope * (fpr_limit - fpr[n - 1])
-        area += 0.5 * (pro[n - 1] + pro_limit) * (fpr_limit - fpr[n - 1])
-    return area / fpr_limit
+    return area_to_limit(fpr, pro, fpr_limit) / fpr_limit
 
 
-def timed(function: Callable[[], float | dict]) -> tuple[float, float | dict]:
-    start = time.perf_counter()
-    value = function()
-    return time.perf_counter() - start, value
+def per_threshold_aupro(
+    maps: np.ndarray, masks: np.ndarray, fpr_limit: float = 0.3, steps: int = 200
+) -> float:
+    """The straightforward loop: `steps` thresholds evenly spaced from the map min to max.
+
+    At each threshold t every map is binarised (A >= t); per image, each 8-connected region of
+    its mask gets its overlap #{x in r : A(x) >= t} / |r|; FPR is over all normal pixels (the
+    background of anomalous images and every pixel of normal images). The (FPR, mean PRO)
+    points, from (0, 0) (no pixel positive) to (1, 1) (t = min), are integrated up to
+    `fpr_limit` with interpolation there and divided by it. The masks are labelled only once.
+    """
+    labelled = []  # (image index, region labels [H, W], region sizes [count])
+    for i, mask in enumerate(masks):
+        if mask.any():
+            labels, count = ndimage.label(mask, structure=EIGHT_CONNECTED)
+            labelled.append((i, labels, np.bincount(labels.ravel(), minlength=count + 1)[1:]))
+    normal = ~masks
+    num_normal = np.count_nonzero(normal)
+    fprs, pros = [0.0], [0.0]
+    for threshold in np.linspace(maps.min(), maps.max(), steps, dtype=maps.dtype)[::-1]:
+        binary = maps >= threshold
+        fprs.append(np.count_nonzero(binary & normal) / num_normal)
+        overlaps = [
+            np.bincount(labels[binary[i]], minlength=sizes.size + 1)[1:] / sizes
+            for i, labels, sizes in labelled
+        ]
+        pros.append(float(np.concatenate(overlaps).mean()))
+    return area_to_limit(np.array(fprs), np.array(pros), fpr_limit) / fpr_limit
+
+
+def _reset_peak_rss() -> bool:
+    """Set the process's peak RSS (VmHWM) to its current RSS; False where Linux refuses."""
+    try:
+        with open("/proc/self/clear_refs", "w") as file:
+            file.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss() -> int:
+    """Peak RSS in bytes: VmHWM (resettable) where readable, else ru_maxrss (KiB on Linux)."""
+    try:
+        with open("/proc/self/status") as file:
+            for line in file:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class Row:
+    """One timed call: seconds, value, extra traced numpy memory and peak process RSS."""
+
+    def __init__(self, function: Callable[[], float | dict]) -> None:
+        rss_reset = _reset_peak_rss()
+        traced_before = tracemalloc.get_traced_memory()[0]
+        tracemalloc.reset_peak()
+        start = time.perf_counter()
+        self.value = function()
+        self.seconds = time.perf_counter() - start
+        self.traced_peak = tracemalloc.get_traced_memory()[1] - traced_before
+        self.rss_peak = _peak_rss() if rss_reset else None
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--images", type=int, default=50, help="test images in the class")
-    parser.add_argument("--size", type=int, default=256, help="map side in pixels")
+    parser.add_argument("--images", type=int, default=200, help="test images in the class")
+    parser.add_argument("--size", type=int, default=None, help="map side (500; --mvtec: 518)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", type=int, default=200, help="per-threshold loop thresholds")
+    parser.add_argument("--mvtec", action="store_true", help="MVTec-AD-sized run, 15 classes")
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    maps, masks = synthetic_class(args.images, args.size, args.seed)
+def run_single_class(args: argparse.Namespace) -> int:
+    size = args.size or 500
+    maps, masks = synthetic_class(args.images, size, args.seed)
     scores, labels = maps.ravel(), masks.ravel()
-    rows: list[tuple[str, float, float, float, float]] = []
+    tracemalloc.start()
 
-    ours_time, ours = timed(lambda: aupro(maps, masks))
-    rows.append(("AUPRO@0.3 split sort (ours, exact)", ours_time, ours, 0.0, 1.0))
+    ours = Row(lambda: aupro(maps, masks))
+    loop = Row(lambda: per_threshold_aupro(maps, masks, steps=args.steps))
+    table = [
+        ("AUPRO@0.3 split sort (ours, exact)", ours, ours.value, 0.0, ours),
+        (
+            f"AUPRO@0.3 per-threshold loop ({args.steps} thresholds)",
+            loop,
+            loop.value,
+            abs(loop.value - ours.value),
+            ours,
+        ),
+    ]
     for name, function in (
         ("AUPRO@0.3 full argsort (MVTec recipe)", lambda: full_sort_aupro(maps, masks)),
         ("AUPRO (200-step, anomalyclip)", lambda: aupro(maps, masks, variant="anomalyclip")),
     ):
-        seconds, value = timed(function)
-        rows.append((name, seconds, value, abs(value - ours), seconds / ours_time))
+        row = Row(function)
+        table.append((name, row, row.value, abs(row.value - ours.value), ours))
 
-    all_time, all_four = timed(lambda: pixel_metrics(maps, masks))
+    all_four = Row(lambda: pixel_metrics(maps, masks))
     for name, key, sklearn_metric in (
         ("P-AUROC", "auroc", roc_auc_score),
         ("P-AP", "ap", average_precision_score),
     ):
-        reference = all_four[key]
-        rows.append((f"{name} pixel_metrics (ours, all four)", all_time, reference, 0.0, 1.0))
-        seconds, value = timed(lambda metric=sklearn_metric: metric(labels, scores))
-        rows.append(
+        reference = all_four.value[key]
+        table.append((f"{name} pixel_metrics (ours, all four)", all_four, reference, 0.0, all_four))
+        row = Row(lambda metric=sklearn_metric: metric(labels, scores))
+        table.append(
             (
                 f"{name} sklearn {sklearn_metric.__name__}",
-                seconds,
-                value,
-                abs(value - reference),
-                seconds / all_time,
+                row,
+                row.value,
+                abs(row.value - reference),
+                all_four,
             )
         )
+    tracemalloc.stop()
 
     print(
-        f"{args.images} images of {args.size}x{args.size} "
-        f"({scores.size / 1e6:.1f} M pixels, {labels.mean():.2%} defect), seed {args.seed}\n"
+        f"{args.images} images of {size}x{size} "
+        f"({scores.size / 1e6:.1f} M pixels, {labels.mean():.2%} defect), seed {args.seed}; "
+        f"maps + masks hold {(maps.nbytes + masks.nbytes) / MIB:.0f} MiB\n"
     )
-    print("| method | seconds | value | abs diff vs exact | time / ours |")
-    print("| --- | ---: | ---: | ---: | ---: |")
-    for name, seconds, value, diff, ratio in rows:
-        print(f"| {name} | {seconds:.3f} | {value:.6f} | {diff:.2e} | {ratio:.1f}x |")
-    return 0
+    print(
+        "| method | seconds | value | abs diff vs exact | time / ours "
+        "| peak extra numpy MiB (tracemalloc) | peak RSS MiB |"
+    )
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for name, row, value, diff, baseline in table:
+        rss = "n/a" if row.rss_peak is None else f"{row.rss_peak / MIB:.0f}"
+        print(
+            f"| {name} | {row.seconds:.3f} | {value:.6f} | {diff:.2e} "
+            f"| {row.seconds / baseline.seconds:.1f}x | {row.traced_peak / MIB:.0f} | {rss} |"
+        )
+    ratio = loop.seconds / ours.seconds
+    verdict = "PASS" if ratio >= SPEEDUP_TARGET else "FAIL"
+    print(
+        f"\nper-threshold loop / ours: {ratio:.1f}x "
+        f"(target >= {SPEEDUP_TARGET:.0f}x at this size): {verdict}"
+    )
+    return 0 if verdict == "PASS" else 1
+
+
+def run_mvtec(args: argparse.Namespace) -> int:
+    size = args.size or 518
+    print(
+        f"MVTec-AD-sized evaluation: {len(MVTEC_TEST)} classes, "
+        f"{sum(n for n, _ in MVTEC_TEST.values())} images at {size}x{size}, one class at a time, "
+        f"seed {args.seed}\n"
+    )
+    print(
+        "| class | images (normal) | M pixels | generate s | metrics s | P-AUROC | P-AP "
+        "| P-F1max | AUPRO@0.3 | AUPRO (200-step) | peak RSS so far GiB |"
+    )
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    total_pixels, total_generate, total_metrics = 0, 0.0, 0.0
+    for index, (name, (num_images, num_normal)) in enumerate(MVTEC_TEST.items()):
+        start = time.perf_counter()
+        maps, masks = synthetic_class(num_images, size, args.seed + index, num_normal=num_normal)
+        generate = time.perf_counter() - start
+        start = time.perf_counter()
+        result = pixel_metrics(maps, masks)
+        result["aupro_200"] = aupro(maps, masks, variant="anomalyclip")
+        seconds = time.perf_counter() - start
+        total_pixels += maps.size
+        total_generate += generate
+        total_metrics += seconds
+        del maps, masks  # one class at a time, as test.py does
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB
+        print(
+            f"| {name} | {num_images} ({num_normal}) | {num_images * size * size / 1e6:.1f} "
+            f"| {generate:.1f} | {seconds:.2f} | {result['auroc']:.4f} | {result['ap']:.4f} "
+            f"| {result['f1_max']:.4f} | {result['aupro']:.4f} | {result['aupro_200']:.4f} "
+            f"| {peak:.2f} |"
+        )
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    verdict = "PASS" if peak < RSS_BUDGET else "FAIL"
+    print(
+        f"\n{total_pixels / 1e6:.0f} M pixels; generation {total_generate:.0f} s, "
+        f"metrics {total_metrics:.1f} s"
+    )
+    print(
+        f"peak RSS (ru_maxrss) {peak / GIB:.2f} GiB, budget {RSS_BUDGET / GIB:.0f} GiB: {verdict}"
+    )
+    return 0 if verdict == "PASS" else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    return run_mvtec(args) if args.mvtec else run_single_class(args)
 
 
 if __name__ == "__main__":

@@ -22,8 +22,10 @@ computed once for both the clean CLS and the surgery features.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from open_clip.model import CLIP
@@ -33,7 +35,8 @@ from models import backbone
 from models.adapters import SimpleAdapter, SimpleProj, residual_blend, xavier_init
 from utils.checkpoint import check_config, load_checkpoint
 from utils.errors import CheckpointError
-from utils.forward_utils import calculate_similarity_map
+from utils.forward_utils import calculate_similarity_map, get_adapted_single_class_text_embedding
+from utils.metrics import aaclip_image_scores
 
 logger = logging.getLogger(__name__)
 
@@ -275,15 +278,21 @@ class AdaptedCLIP(nn.Module):
     # Inference
 
     def text_features_for(self, class_names: list[str]) -> torch.Tensor:
-        """Stack cached class anchors per image: `[B, D, 2]`."""
-        missing = sorted(set(class_names) - self.class_text_features.keys())
-        if missing:
-            msg = f"no text anchors for classes {missing}; call set_class_text_features first"
-            raise ValueError(msg)
+        """Class anchors per image: `[B, D, 2]`.
+
+        `class_names` are prompt names (e.g. "metal nut"); anchors missing from the cache are
+        computed once, in float32 and without gradient, and cached.
+        """
+        for name in dict.fromkeys(class_names):
+            if name not in self.class_text_features:
+                with torch.no_grad(), torch.autocast(self.device.type, enabled=False):
+                    self.class_text_features[name] = get_adapted_single_class_text_embedding(
+                        self, None, name, self.device
+                    )
         return torch.stack([self.class_text_features[name] for name in class_names])
 
     def set_class_text_features(self, features: dict[str, torch.Tensor]) -> None:
-        """Cache per-class anchors `{class: [D, 2]}` used by `predict`."""
+        """Replace the anchor cache `{prompt name: [D, 2]}` used by `predict`."""
         self.class_text_features = dict(features)
 
     @torch.no_grad()
@@ -302,6 +311,12 @@ class AdaptedCLIP(nn.Module):
         with torch.autocast(images.device.type, enabled=False):
             det_score = torch.matmul(det_token.float().unsqueeze(1), text.float())[:, 0, 1]  # [B]
         return AnomalyOutput(anomaly_map, (det_score + 1) / 2)
+
+    @staticmethod
+    def table_image_scores(maps: np.ndarray, scores: np.ndarray, domain: str) -> np.ndarray:
+        """Paper-table image scores of one class from `predict`'s maps `[N, S, S]` and scores
+        `[N]`: AA-CLIP's per-class min-max fusion (transductive; test.py only)."""
+        return aaclip_image_scores(maps, scores, domain)
 
 
 def build_aaclip(config: dict, device: torch.device | str = "cpu") -> AdaptedCLIP:
@@ -366,3 +381,32 @@ def _diagnose_mismatch(path, key: str, state: dict, model: AdaptedCLIP) -> str:
         if adapters != model.text_adapt_until:
             return f"{path} has {adapters} text adapters; pass --text_adapt_until {adapters}"
     return f"{path} has weights of another size than this backbone; check --model_name"
+
+
+def from_checkpoint(
+    path: Path, device: torch.device | str = "cpu", overrides: dict | None = None
+) -> tuple[AdaptedCLIP, dict]:
+    """An AdaptedCLIP ready for `predict`, rebuilt from our `image_adapter*.pth`.
+
+    The stored config rebuilds the backbone; `text_adapter.pth` beside the file is loaded when
+    present (else plain CLIP anchors, with a warning). Returns (model in eval mode, payload).
+    """
+    path = Path(path)
+    payload = load_checkpoint(path)
+    config = payload.get("config")
+    if config is None:
+        msg = (
+            f"{path} has no stored config (original AA-CLIP format); evaluate it with test.py "
+            "and the backbone flags it was trained with"
+        )
+        raise CheckpointError(msg)
+    config = {**config, **(overrides or {})}
+    model = build_aaclip(config, device)
+    text_path = path.parent / "text_adapter.pth"
+    if text_path.is_file():
+        load_adapter(model, text_path, "text_adapter", config)
+    else:
+        logger.warning("no %s: text anchors come from plain CLIP (no stage 1)", text_path)
+        model.use_text_adapter = False
+    load_adapter(model, path, "image_adapter", config)
+    return model.eval(), payload

@@ -105,7 +105,9 @@ def test_all_epochs_are_sorted_numerically(tmp_path):
     for epoch in (1, 2, 10, 11):
         (tmp_path / f"image_adapter_{epoch}.pth").touch()
     args = test_script.parse_args(["--save_path", str(tmp_path), "--all_epochs"])
-    assert [path.name for path in test_script.checkpoint_files(args)] == [
+    model, files = test_script.checkpoint_files(args)
+    assert model == "aaclip"
+    assert [path.name for path in files] == [
         "image_adapter_1.pth",
         "image_adapter_2.pth",
         "image_adapter_10.pth",
