@@ -76,17 +76,22 @@ def save_yaml(path: Path, settings: dict[str, Any]) -> None:
     atomic_write(Path(path), lambda file: file.write(text), mode="w")
 
 
-def resolve_backbone_defaults(args: argparse.Namespace) -> None:
+def resolve_backbone_defaults(
+    args: argparse.Namespace, paper_img_size: int = PAPER_IMG_SIZE
+) -> None:
     """Fill `model_name`/`img_size` left unset: tiny at 64 px for Synthetic, the paper's
-    ViT-L-14-336 at 518 px for every real data set."""
+    ViT-L-14-336 at `paper_img_size` (AA-CLIP 518, FE-CLIP and SOWA 336) for real data sets."""
     if args.model_name is None:
         args.model_name = "tiny" if args.dataset == "Synthetic" else PAPER_MODEL
     if args.img_size is None:
-        args.img_size = TINY_IMG_SIZE if args.model_name == "tiny" else PAPER_IMG_SIZE
+        args.img_size = TINY_IMG_SIZE if args.model_name == "tiny" else paper_img_size
 
 
-def add_backbone_args(parser: argparse.ArgumentParser) -> None:
-    """Flags that define the frozen backbone and the AA-CLIP adapters (must match at test)."""
+def add_clip_args(
+    parser: argparse.ArgumentParser, quick_gelu: bool = False
+) -> argparse._ArgumentGroup:
+    """Flags that define the frozen CLIP: `--model_name`, `--pretrained`, `--quick_gelu`,
+    `--img_size`. Returns the group so a model can add its own flags to it."""
     group = parser.add_argument_group("backbone and adapters")
     group.add_argument(
         "--model_name",
@@ -102,12 +107,21 @@ def add_backbone_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--quick_gelu",
         action=argparse.BooleanOptionalAction,
-        default=False,
-        help="QuickGELU as OpenAI trained; the released AA-CLIP runs exact GELU",
+        default=quick_gelu,
+        help="QuickGELU as OpenAI trained (the released AA-CLIP runs exact GELU)",
     )
     group.add_argument(
-        "--img_size", type=int, default=None, help="input side; default 64 for tiny, 518 otherwise"
+        "--img_size",
+        type=int,
+        default=None,
+        help="input side; default 64 for tiny, else the paper's",
     )
+    return group
+
+
+def add_backbone_args(parser: argparse.ArgumentParser) -> None:
+    """The frozen CLIP's flags and AA-CLIP's adapter flags (must match at test)."""
+    group = add_clip_args(parser)
     group.add_argument(
         "--levels",
         type=int,
