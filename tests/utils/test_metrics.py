@@ -1,5 +1,5 @@
-"""utils/metrics.py against the hand-checked vectors of specs/metrics.md §9, sklearn and a
-full-sort MVTec AUPRO oracle (spec §7.2)."""
+"""utils/metrics.py against the hand-checked vectors of specs/metrics.md §9, sklearn, a
+full-sort MVTec AUPRO oracle (spec §7.2) and a brute-force every-threshold AUPRO (spec §5.1)."""
 
 import bisect
 import logging
@@ -88,6 +88,47 @@ def literal_cal_pro_score(masks: np.ndarray, amaps: np.ndarray, expect_fpr: floa
     keep = fprs < expect_fpr
     fprs = (fprs[keep] - fprs[keep].min()) / (fprs[keep].max() - fprs[keep].min())
     return float(auc(fprs, pros[keep]))
+
+
+def brute_force_aupro(maps: np.ndarray, masks: np.ndarray, limit: float = 0.3) -> float:
+    """AUPRO by definition (spec §5.1), independent of both sort-based algorithms.
+
+    Every distinct score t is a threshold (positive: A >= t). At each one: the overlap of every
+    8-connected region of every mask, averaged over regions, and the FPR over all normal pixels
+    (normal images included). Curve (0,0), the points by decreasing t, (1,1); trapezoids up to
+    `limit`, the segment that crosses it cut at `limit` by linear interpolation; / limit.
+    """
+    regions = []
+    for i, mask in enumerate(masks):
+        labels, count = ndimage.label(mask, structure=np.ones((3, 3)))
+        regions += [(i, labels == region) for region in range(1, count + 1)]
+    normal = ~masks
+    points = [(0.0, 0.0)]
+    for threshold in np.unique(maps)[::-1]:
+        positive = maps >= threshold
+        fpr = (positive & normal).sum() / normal.sum()
+        pro = np.mean([positive[i][region].sum() / region.sum() for i, region in regions])
+        points.append((float(fpr), float(pro)))
+    points.append((1.0, 1.0))
+    area = 0.0
+    for (x0, y0), (x1, y1) in zip(points[:-1], points[1:], strict=True):
+        if x0 >= limit:
+            break
+        if x1 > limit:
+            y1 = y0 + (y1 - y0) * (limit - x0) / (x1 - x0)
+            x1 = limit
+        area += (x1 - x0) * (y0 + y1) / 2
+    return area / limit
+
+
+def random_mask_class(seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """4 maps of 8x8 rounded to 0.1 (ties); scattered random masks (many 8-connected regions,
+    some only diagonally connected); image 0 normal; defects score higher on average."""
+    rng = np.random.default_rng(seed)
+    masks = rng.random((4, 8, 8)) < 0.25
+    masks[0] = False
+    maps = np.round(np.clip(rng.random(masks.shape) + 0.3 * masks, 0, 1), 1).astype(np.float32)
+    return maps, masks
 
 
 def random_class(seed: int, num_images: int = 6, size: int = 16) -> tuple[np.ndarray, np.ndarray]:
@@ -249,6 +290,17 @@ def test_equals_sklearn_and_full_sort_oracle(seed):
     assert auroc(scores, labels) == result["auroc"]
     assert average_precision(scores, labels) == result["ap"]
     assert f1_max(scores, labels) == result["f1_max"]
+
+
+@pytest.mark.parametrize("limit", [0.3, 0.05, 1.0])
+@pytest.mark.parametrize("seed", range(5))
+def test_exact_aupro_equals_brute_force(seed, limit):
+    maps, masks = random_mask_class(seed)
+    expected = brute_force_aupro(maps, masks, limit)
+    assert aupro(maps, masks, fpr_limit=limit, variant="exact") == pytest.approx(expected, abs=1e-9)
+    maps, masks = random_class(seed)  # rectangles, 6 images of 16x16
+    expected = brute_force_aupro(maps, masks, limit)
+    assert aupro(maps, masks, fpr_limit=limit, variant="exact") == pytest.approx(expected, abs=1e-9)
 
 
 @pytest.mark.parametrize("seed", range(3))
