@@ -31,6 +31,7 @@ from datasets.synthetic import ensure_synthetic
 from models.aaclip import AdaptedCLIP, build_aaclip, load_adapter
 from models.registry import MODELS, checkpoint_stem, find_checkpoint, load_trained_model
 from train import build_parser as build_train_parser
+from utils.checkpoint import load_checkpoint
 from utils.config import (
     CONFIG_DIR,
     add_backbone_args,
@@ -74,6 +75,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="evaluate every per-epoch file (image_adapter_<e>.pth, ...) in numeric order",
     )
     group.add_argument("--test_batch_size", type=int, default=32)
+    group.add_argument(
+        "--cross_attn_at_test",
+        default=None,
+        choices=("image", "none", "both"),
+        help="cross-attention models: override the trained setting (none: the fork's test)",
+    )
     group.add_argument(
         "--amp",
         default="none",
@@ -267,8 +274,17 @@ def load_for_test(
         if "aaclip" not in cache:
             cache["aaclip"] = AaclipLoader(args, device)
         return cache["aaclip"](path)
-    _, model, payload = load_trained_model(path, device, model_name)
-    return model, payload, {}
+    overrides = {}
+    if args.cross_attn_at_test is not None:
+        overrides["cross_attn_at_test"] = args.cross_attn_at_test
+    if not load_checkpoint(path).get("config"):
+        # A file of the original code (e.g. the cross-attention fork): the flags say how to build.
+        overrides = {**vars(args), **overrides}
+    _, model, payload = load_trained_model(path, device, model_name, overrides)
+    extra = {}
+    if hasattr(model, "cross_attn_at_test"):
+        extra["cross_attn_at_test"] = model.cross_attn_at_test
+    return model, payload, extra
 
 
 def run(args: argparse.Namespace) -> None:
@@ -280,6 +296,7 @@ def run(args: argparse.Namespace) -> None:
     if args.dataset == "Synthetic":
         ensure_synthetic(args.data_root)
     model_name, files = checkpoint_files(args)
+    args.model = model_name
     records = load_test_records(args.dataset, args.data_root, args.metadata_dir)
     columns = COLUMNS_OFFICIAL if args.metrics == "official" else COLUMNS_FULL
     out_dir = args.checkpoint.parent if args.checkpoint is not None else args.save_path

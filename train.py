@@ -18,6 +18,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -72,12 +74,13 @@ from utils.training import (
 logger = logging.getLogger("train")
 
 # Sibling models train in their own scripts; `train.py --model NAME` hands the command line over.
-TRAINERS: dict[str, str] = {}
+TRAINERS: dict[str, str] = {"aaclip_cross_attn": "train_cross_attention"}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="aaclip", choices=("aaclip",))
+def build_parser(model: str = "aaclip", description: str | None = None) -> argparse.ArgumentParser:
+    """AA-CLIP's flags; the cross-attention script builds on them under its own model name."""
+    parser = argparse.ArgumentParser(description=description or __doc__.split("\n")[0])
+    parser.add_argument("--model", default=model, choices=(model,))
     add_run_args(parser, "folder for checkpoints, train.log and config.yaml")
     add_data_args(parser, "training data set (paper: VisA, or MVTec for the VisA row)")
     add_training_data_args(parser)
@@ -153,6 +156,7 @@ class TextAnchors(nn.Module):
     """Stage-1 forward: class anchors `[C, D, 2]` with gradient through the text adapters.
 
     A module of its own so that DistributedDataParallel can wrap the stage-1 computation.
+    `image_contexts` (one `[B_i, L, D]` tensor per class) condition the cross-attention variant.
     """
 
     def __init__(self, model: AdaptedCLIP, dataset_name: str) -> None:
@@ -160,14 +164,42 @@ class TextAnchors(nn.Module):
         self.model = model
         self.dataset_name = dataset_name
 
-    def forward(self, class_names: list[str]) -> torch.Tensor:
+    def forward(
+        self, class_names: list[str], image_contexts: list[torch.Tensor] | None = None
+    ) -> torch.Tensor:
         device = self.model.device
+        contexts = image_contexts or [None] * len(class_names)
         return torch.stack(
             [
-                get_adapted_single_class_text_embedding(self.model, self.dataset_name, name, device)
-                for name in class_names
+                get_adapted_single_class_text_embedding(
+                    self.model, self.dataset_name, name, device, image_context=context
+                )
+                for name, context in zip(class_names, contexts, strict=True)
             ]
         )
+
+
+@dataclass(frozen=True)
+class StageHooks:
+    """What a variant of AA-CLIP changes in the two stage loops (train_cross_attention.py).
+
+    trainable: sets `requires_grad` for the stage (default: the stage's adapter alone).
+    save_stem: checkpoint file stem (`text_adapter`, `image_adapter`, ...).
+    extra_state: extra checkpoint entries (e.g. the cross-attention weights) at save time.
+    text_contexts: stage 1, `(level features, class names, unique classes) -> one image
+        context per unique class` for the text path.
+    image_kwargs: stage 2, `class names -> extra keyword arguments of the model's forward`.
+    """
+
+    trainable: Callable[[AdaptedCLIP], None]
+    save_stem: str
+    extra_state: Callable[[], dict] = dict
+    text_contexts: Callable[[list[torch.Tensor], list[str], list[str]], list] | None = None
+    image_kwargs: Callable[[list[str]], dict] | None = None
+
+
+TEXT_STAGE = StageHooks(lambda model: trainable(model, "text_adapter"), "text_adapter")
+IMAGE_STAGE = StageHooks(lambda model: trainable(model, "image_adapter"), "image_adapter")
 
 
 def stage1_loss(
@@ -204,10 +236,11 @@ def train_text_adapter(
     args: argparse.Namespace,
     dist: Distributed,
     first_epoch: int = 0,
+    hooks: StageHooks = TEXT_STAGE,
 ) -> AdaptedCLIP:
     """Stage 1: anchors per unique class (with gradient) against frozen surgery patch features."""
     device = dist.device
-    trainable(model, "text_adapter")
+    hooks.trainable(model)
     anchors_module = wrap_ddp(TextAnchors(model, args.dataset), dist)
     scaler = grad_scaler(device, args.amp)
     last_level_only = args.stage1_loss == "last_level" and not args.stage1_cls_loss
@@ -222,8 +255,13 @@ def train_text_adapter(
             class_names = list(batch["class_name"])
             unique = list(dict.fromkeys(class_names))
             with autocast(device, args.amp):
-                anchors = anchors_module(unique)  # [C, D, 2]
                 patch_features, cls = model.surgery_features(images)
+                contexts = (
+                    hooks.text_contexts(patch_features, class_names, unique)
+                    if hooks.text_contexts is not None
+                    else None
+                )
+                anchors = anchors_module(unique, contexts)  # [C, D, 2]
             epoch_text_feature = anchors[[unique.index(name) for name in class_names]].float()
             if last_level_only:
                 # The other levels' maps would be computed and discarded (they carry no gradient).
@@ -247,10 +285,11 @@ def train_text_adapter(
         if not dist.is_main:
             continue
         save_checkpoint(
-            args.save_path / "text_adapter.pth",
+            args.save_path / f"{hooks.save_stem}.pth",
             {
                 "epoch": epoch + 1,
                 "text_adapter": model.text_adapter.state_dict(),
+                **hooks.extra_state(),
                 "text_optimizer": optimizer.state_dict(),
                 "config": run_config(args),
                 "rng": rng_state(),
@@ -268,10 +307,11 @@ def train_image_adapter(
     args: argparse.Namespace,
     dist: Distributed,
     first_epoch: int = 0,
+    hooks: StageHooks = IMAGE_STAGE,
 ) -> AdaptedCLIP:
     """Stage 2: CE on the detection token + focal/dice at every level, scheduler per iteration."""
     device = dist.device
-    trainable(model, "image_adapter")
+    hooks.trainable(model)
     forward = wrap_ddp(model, dist)
     scaler = grad_scaler(device, args.amp)
     quiet = not dist.is_main
@@ -286,8 +326,9 @@ def train_image_adapter(
             epoch_text_feature = torch.stack(
                 [text_embeddings[name] for name in batch["class_name"]]
             )
+            extra = hooks.image_kwargs(batch["class_name"]) if hooks.image_kwargs else {}
             with autocast(device, args.amp):
-                seg_tokens, det_token = forward(images)
+                seg_tokens, det_token = forward(images, **extra)
             logits = class_logits(det_token.float(), epoch_text_feature, args.cls_logit_scale)
             loss = F.cross_entropy(logits, label)
             for tokens in seg_tokens:
@@ -305,13 +346,14 @@ def train_image_adapter(
         payload = {
             "epoch": epoch + 1,
             "image_adapter": model.image_adapter.state_dict(),
+            **hooks.extra_state(),
             "image_optimizer": optimizer.state_dict(),
             "image_scheduler": scheduler.state_dict(),
             "config": run_config(args),
             "rng": rng_state(),
         }
-        save_checkpoint(args.save_path / f"image_adapter_{epoch + 1}.pth", payload)
-        save_checkpoint(args.save_path / "image_adapter.pth", payload)
+        save_checkpoint(args.save_path / f"{hooks.save_stem}_{epoch + 1}.pth", payload)
+        save_checkpoint(args.save_path / f"{hooks.save_stem}.pth", payload)
     return model
 
 

@@ -177,6 +177,13 @@ class AdaptedCLIP(nn.Module):
         end-of-text token goes through the trainable final projection. With
         `use_text_adapter=False` (no stage 1) this is plain CLIP `encode_text`.
         """
+        return self._encode_text(token_ids)
+
+    def _encode_text(
+        self, token_ids: torch.Tensor, before_adapter: backbone.BlockHook | None = None
+    ) -> torch.Tensor:
+        """`encode_text` with `before_adapter(i, x)` run after text block i, before its adapter
+        (the cross-attention variant's insertion point; only on the adapted path)."""
         clip = self.clipmodel
         x = backbone.text_embed(clip, token_ids)  # [N, 77, D_t]
         if not self.use_text_adapter:
@@ -185,6 +192,8 @@ class AdaptedCLIP(nn.Module):
             )
 
         def adapt(index: int, tokens: torch.Tensor) -> torch.Tensor:
+            if before_adapter is not None:
+                tokens = before_adapter(index, tokens)
             if index < self.text_adapt_until:
                 return residual_blend(tokens, self.text_adapter[index](tokens), self.t_w)
             return tokens
@@ -201,11 +210,20 @@ class AdaptedCLIP(nn.Module):
         images: `[B, 3, S, S]` -> (seg tokens: one `[B, g², D]` unit-norm tensor per level,
         det token `[B, D]`, the mean of unit vectors, norm <= 1).
         """
+        return self._encode_image(images)
+
+    def _encode_image(
+        self, images: torch.Tensor, before_adapter: backbone.BlockHook | None = None
+    ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """`encode_image` with `before_adapter(i, x)` run after vision block i, before its
+        adapter (the cross-attention variant's insertion point)."""
         clip = self.clipmodel
         adapters = self.image_adapter["layer_adapters"]
         level_tokens: list[torch.Tensor] = []
 
         def adapt_and_record(index: int, tokens: torch.Tensor) -> torch.Tensor:
+            if before_adapter is not None:
+                tokens = before_adapter(index, tokens)
             if index < self.image_adapt_until:
                 tokens = residual_blend(tokens, adapters[index](tokens), self.i_w)
             if index + 1 in self.levels:
@@ -303,12 +321,18 @@ class AdaptedCLIP(nn.Module):
         abnormal-minus-normal maps, spec §9) and image score `[B]` = `(det · t_abnormal + 1) / 2`.
         """
         text = self.text_features_for(class_names).to(images.device)  # [B, D, 2]
-        seg_tokens, det_token = self.encode_image(images)
+        return self.maps_and_scores(*self.encode_image(images), text)
+
+    def maps_and_scores(
+        self, seg_tokens: list[torch.Tensor], det_token: torch.Tensor, text: torch.Tensor
+    ) -> AnomalyOutput:
+        """Test-time map (sum of the levels' blurred maps) `[B, S, S]` and detection score `[B]`
+        from seg tokens `[B, g², D]` per level, det token `[B, D]` and anchors `[B, D, 2]`."""
         anomaly_map = sum(
             calculate_similarity_map(tokens, text, self.img_size, test=True, domain=self.domain)
             for tokens in seg_tokens
         )[:, 0]  # [B, S, S]
-        with torch.autocast(images.device.type, enabled=False):
+        with torch.autocast(text.device.type, enabled=False):
             det_score = torch.matmul(det_token.float().unsqueeze(1), text.float())[:, 0, 1]  # [B]
         return AnomalyOutput(anomaly_map, (det_score + 1) / 2)
 
@@ -321,25 +345,32 @@ class AdaptedCLIP(nn.Module):
 
 def build_aaclip(config: dict, device: torch.device | str = "cpu") -> AdaptedCLIP:
     """AdaptedCLIP from a run config (CLI args or a checkpoint's `config`)."""
-    clip = backbone.load_clip(
+    return AdaptedCLIP(clip_from_config(config, device), **aaclip_settings(config)).to(device)
+
+
+def clip_from_config(config: dict, device: torch.device | str = "cpu") -> CLIP:
+    """The frozen CLIP a run config names (`model_name`, `pretrained`, `img_size`, `quick_gelu`)."""
+    return backbone.load_clip(
         config["model_name"],
         pretrained=config.get("pretrained", "openai"),
         img_size=config["img_size"],
         quick_gelu=config.get("quick_gelu", False),
         device=device,
     )
-    model = AdaptedCLIP(
-        clip,
-        text_adapt_weight=config["text_adapt_weight"],
-        image_adapt_weight=config["image_adapt_weight"],
-        text_adapt_until=config["text_adapt_until"],
-        image_adapt_until=config["image_adapt_until"],
-        levels=config["levels"],
-        relu=config["relu"],
-        surgery_until_layer=config.get("surgery_until_layer", 20),
-        surgery_attention=config.get("surgery_attention", "batch_mix"),
-    )
-    return model.to(device)
+
+
+def aaclip_settings(config: dict) -> dict:
+    """AdaptedCLIP's constructor arguments from a run config."""
+    return {
+        "text_adapt_weight": config["text_adapt_weight"],
+        "image_adapt_weight": config["image_adapt_weight"],
+        "text_adapt_until": config["text_adapt_until"],
+        "image_adapt_until": config["image_adapt_until"],
+        "levels": config["levels"],
+        "relu": config["relu"],
+        "surgery_until_layer": config.get("surgery_until_layer", 20),
+        "surgery_attention": config.get("surgery_attention", "batch_mix"),
+    }
 
 
 def load_adapter(model: AdaptedCLIP, path, key: str, config: dict) -> dict:

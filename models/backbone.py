@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import open_clip
 import torch
@@ -280,10 +281,16 @@ def text_embed(clip: CLIP, token_ids: torch.Tensor) -> torch.Tensor:
     return x + clip.positional_embedding.to(cast_dtype)
 
 
-def walk_text(clip: CLIP, x: torch.Tensor, hook: BlockHook | None = None) -> torch.Tensor:
-    """All text blocks with the causal mask; `hook(i, x)` after block i. `[N, 77, D_t]` -> same."""
-    for index, block in enumerate(clip.transformer.resblocks):
-        x = run_block(block, x, attn_mask=clip.attn_mask)
+def walk_text(
+    clip: CLIP, x: torch.Tensor, hook: BlockHook | None = None, stop: int | None = None
+) -> torch.Tensor:
+    """Text blocks `0..stop-1` (all by default) with the causal mask; `hook(i, x)` after block i.
+
+    x: `[N, 77, D_t]` -> `[N, 77, D_t]`.
+    """
+    blocks = clip.transformer.resblocks
+    for index in range(len(blocks) if stop is None else stop):
+        x = run_block(blocks[index], x, attn_mask=clip.attn_mask)
         if hook is not None:
             x = hook(index, x)
     return x
@@ -298,3 +305,41 @@ def text_pool(clip: CLIP, x: torch.Tensor, token_ids: torch.Tensor) -> torch.Ten
 def text_project(clip: CLIP, pooled: torch.Tensor) -> torch.Tensor:
     """CLIP's frozen text projection. `[N, D_t]` -> `[N, D]`."""
     return pooled @ clip.text_projection
+
+
+# --------------------------------------------------------------------------------------------
+# SOWA: a block's frozen attention weights, projection without ln_post, learnable prompt contexts
+
+
+class AttentionWeights(NamedTuple):
+    """The frozen tensors of a vision block's attention (the block's own, not copies)."""
+
+    in_proj_weight: torch.Tensor  # [3 D_v, D_v]: rows q, k, v
+    in_proj_bias: torch.Tensor | None  # [3 D_v]
+    out_proj_weight: torch.Tensor  # [D_v, D_v]
+    out_proj_bias: torch.Tensor | None  # [D_v]
+
+
+def vision_attention_weights(clip: CLIP, index: int) -> AttentionWeights:
+    """Attention weights of vision block `index` (0-based)."""
+    attn = clip.visual.transformer.resblocks[index].attn
+    return AttentionWeights(
+        attn.in_proj_weight, attn.in_proj_bias, attn.out_proj.weight, attn.out_proj.bias
+    )
+
+
+def project_tokens(clip: CLIP, tokens: torch.Tensor) -> torch.Tensor:
+    """The frozen projection alone (no `ln_post`). `[..., D_v]` -> `[..., D]`."""
+    return tokens @ clip.visual.proj
+
+
+def text_embed_with_context(
+    clip: CLIP, token_ids: torch.Tensor, context: torch.Tensor, start: int = 1
+) -> torch.Tensor:
+    """`text_embed` with the token embeddings at positions `start..start+n-1` replaced by
+    learnable contexts (CoOp). ids `[N, 77]`, context `[N, n, D_t]` -> `[N, 77, D_t]`."""
+    cast_dtype = clip.transformer.get_cast_dtype()
+    tokens = clip.token_embedding(token_ids).to(cast_dtype)
+    end = start + context.shape[1]
+    x = torch.cat([tokens[:, :start], context.to(cast_dtype), tokens[:, end:]], dim=1)
+    return x + clip.positional_embedding.to(cast_dtype)

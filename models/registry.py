@@ -20,6 +20,7 @@ from utils.errors import CheckpointError
 # Model name -> (module, main checkpoint file in a save path). The order decides which model a
 # folder holds when several files are present (a cross-attention run also keeps AA-CLIP names).
 MODELS: dict[str, tuple[str, str]] = {
+    "aaclip_cross_attn": ("models.cross_attention", "image_adapter_cross_attn.pth"),
     "aaclip": ("models.aaclip", "image_adapter.pth"),
 }
 
@@ -46,9 +47,11 @@ def find_checkpoint(path: Path, model: str | None = None) -> tuple[str, Path]:
 
 
 def model_of(path: Path, payload: dict | None = None) -> str:
-    """The model a checkpoint file holds: its config's `model`, else AA-CLIP (original format)."""
+    """The model a checkpoint file holds: its config's `model`; for files without one, the
+    cross-attention fork's when it holds cross-attention weights, else the original AA-CLIP's."""
     payload = load_checkpoint(path) if payload is None else payload
-    name = (payload.get("config") or {}).get("model", "aaclip")
+    fork = "image_cross_attn" in payload or "text_cross_attn" in payload
+    name = (payload.get("config") or {}).get("model", "aaclip_cross_attn" if fork else "aaclip")
     if name not in MODELS:
         raise CheckpointError(f"{path} holds a {name!r} model; this version knows {list(MODELS)}")
     return name

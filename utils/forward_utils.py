@@ -21,18 +21,24 @@ FOCAL_SMOOTH = 1e-5
 
 
 def get_adapted_single_class_text_embedding(
-    model: torch.nn.Module, dataset_name: str | None, class_name: str, device: torch.device | str
+    model: torch.nn.Module,
+    dataset_name: str | None,
+    class_name: str,
+    device: torch.device | str,
+    image_context: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Text anchors of one class: `[D, 2]`, column 0 normal, column 1 abnormal, unit columns.
 
     Each state group's sentences are encoded, L2-normalised, averaged and normalised again.
     `dataset_name` selects the class's real name (None: the class name, underscores as spaces).
+    `image_context` `[B_i, L, D]` conditions the text path of the cross-attention variant.
     """
     name = real_name(dataset_name, class_name) if dataset_name else class_name.replace("_", " ")
+    context = {} if image_context is None else {"image_context": image_context}
     anchors = []
     for sentences in build_prompts(name):
         token_ids = model.tokenize(sentences).to(device)  # [n, 77]
-        features = F.normalize(model.encode_text(token_ids), dim=-1)  # [n, D]
+        features = F.normalize(model.encode_text(token_ids, **context), dim=-1)  # [n, D]
         anchors.append(F.normalize(features.mean(dim=0), dim=-1))  # [D]
     return torch.stack(anchors, dim=1)  # [D, 2]
 
@@ -54,6 +60,7 @@ def calculate_similarity_map(
     img_size: int,
     test: bool = False,
     domain: str = "Industrial",
+    scale: float = SIMILARITY_SCALE,
 ) -> torch.Tensor:
     """Patch-vs-anchor similarity maps at image resolution.
 
@@ -61,9 +68,10 @@ def calculate_similarity_map(
     `[D, 2]`. Train: softmax over (normal, abnormal) after bilinear upsampling -> `[B, 2, S, S]`.
     Test: `(abnormal + 1 - normal) / 2` blurred on the g x g grid (domain kernel, reflect border),
     then upsampled -> `[B, 1, S, S]`. Computed in float32 whatever the autocast dtype.
+    `scale` multiplies the similarities (AA-CLIP 100; SOWA 1: softmax of raw cosines).
     """
     with torch.autocast(patch_features.device.type, enabled=False):
-        return _similarity_map(patch_features, epoch_text_feature, img_size, test, domain)
+        return _similarity_map(patch_features, epoch_text_feature, img_size, test, domain, scale)
 
 
 def _similarity_map(
@@ -72,8 +80,9 @@ def _similarity_map(
     img_size: int,
     test: bool,
     domain: str,
+    scale: float,
 ) -> torch.Tensor:
-    scores = SIMILARITY_SCALE * torch.matmul(patch_features.float(), epoch_text_feature.float())
+    scores = scale * torch.matmul(patch_features.float(), epoch_text_feature.float())
     batch, length, channels = scores.shape  # [B, L, 2]
     side = math.isqrt(length)
     if side * side != length:
