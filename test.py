@@ -322,6 +322,7 @@ def run(args: argparse.Namespace) -> None:
             "model": model_name,
             "checkpoint": str(path),
             "epoch": payload.get("epoch"),
+            "train_seed": (payload.get("config") or {}).get("seed"),
             **extra_meta,
             "resolution": args.img_size,
             "mask_resize": "nearest",
