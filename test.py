@@ -42,7 +42,7 @@ from utils.config import (
     resolve_backbone_defaults,
 )
 from utils.errors import CheckpointError, UserError
-from utils.metrics import COLUMNS_FULL, COLUMNS_OFFICIAL, evaluate_class
+from utils.metrics import COLUMNS_FULL, COLUMNS_OFFICIAL, PRO_VARIANTS, evaluate_class
 from utils.report import format_table, write_results
 from utils.runtime import autocast, resolve_device, seed_everything, setup_logging
 from utils.visualize import save_panels
@@ -74,6 +74,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="evaluate every per-epoch file (image_adapter_<e>.pth, ...) in numeric order",
     )
+    group.add_argument(
+        "--results_dir",
+        type=Path,
+        default=None,
+        help="where results_<dataset>.{json,csv,md} go (default: the checkpoint's folder)",
+    )
     group.add_argument("--test_batch_size", type=int, default=32)
     group.add_argument(
         "--cross_attn_at_test",
@@ -97,8 +103,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     group.add_argument(
         "--pro_variant",
         default="exact",
-        choices=("exact", "anomalyclip"),
-        help="AUPRO as MVTec defines it, or AnomalyCLIP's 200-step approximation",
+        choices=PRO_VARIANTS,
+        help="AUPRO as MVTec defines it, AnomalyCLIP's 200-step approximation, or SOWA's "
+        "(the same with the mean of per-image FPRs)",
     )
     group.add_argument("--fpr_limit", type=float, default=0.3)
     group.add_argument(
@@ -300,6 +307,8 @@ def run(args: argparse.Namespace) -> None:
     records = load_test_records(args.dataset, args.data_root, args.metadata_dir)
     columns = COLUMNS_OFFICIAL if args.metrics == "official" else COLUMNS_FULL
     out_dir = args.checkpoint.parent if args.checkpoint is not None else args.save_path
+    if args.results_dir is not None:
+        out_dir = args.results_dir
     cache: dict = {}
     for path in files:
         model, payload, extra_meta = load_for_test(model_name, path, args, device, cache)

@@ -21,7 +21,7 @@ logger = logging.getLogger(__name__)
 
 COLUMNS_FULL = ["P-AUROC", "P-AP", "P-F1max", "AUPRO", "I-AUROC", "I-AP", "I-F1max"]
 COLUMNS_OFFICIAL = ["P-AUROC", "P-AP", "I-AUROC", "I-AP"]
-PRO_VARIANTS = ("exact", "anomalyclip")
+PRO_VARIANTS = ("exact", "anomalyclip", "sowa")
 DOMAINS = ("Industrial", "Medical")
 
 _PIXEL_KEYS = {"P-AUROC": "auroc", "P-AP": "ap", "P-F1max": "f1_max", "AUPRO": "aupro"}
@@ -161,11 +161,18 @@ def _curve_aupro(curve: _Curve, fpr_limit: float) -> float:
     return float(_area_to_limit(fpr, pro, fpr_limit) / fpr_limit)
 
 
-def _curve_aupro_anomalyclip(curve: _Curve, neg_sorted: np.ndarray, fpr_limit: float) -> float:
+def _curve_aupro_anomalyclip(
+    curve: _Curve,
+    neg_sorted: np.ndarray,
+    fpr_limit: float,
+    image_negatives: list[np.ndarray] | None = None,
+) -> float:
     """AnomalyCLIP / April-GAN `cal_pro_score` (spec §5.3), its exceptions turned into NaN.
 
     200 thresholds `np.arange(min, max, (max - min) / 200)`, strict `A > t`, keep FPR < limit,
     min-max rescale of the kept FPRs, then sklearn's `auc` (trapezoid in threshold order).
+    The FPR is pooled over the class's normal pixels; with `image_negatives` (each image's sorted
+    normal-pixel scores) it is SOWA's mean over images of the per-image FPR (sowa.md §7).
     """
     low = min(neg_sorted[0], curve.scores[-1])  # numpy scalars: thresholds keep the maps' dtype
     high = max(neg_sorted[-1], curve.scores[0])
@@ -174,7 +181,21 @@ def _curve_aupro_anomalyclip(curve: _Curve, neg_sorted: np.ndarray, fpr_limit: f
         logger.warning("AUPRO (200-step) undefined: constant maps (step 0); returning NaN")
         return float("nan")
     thresholds = np.arange(low, high, step)
-    fpr = (curve.num_neg - np.searchsorted(neg_sorted, thresholds, side="right")) / curve.num_neg
+    if image_negatives is None:
+        fpr = (
+            curve.num_neg - np.searchsorted(neg_sorted, thresholds, side="right")
+        ) / curve.num_neg
+    else:
+        if any(negatives.size == 0 for negatives in image_negatives):
+            logger.warning("AUPRO (SOWA) undefined: an image has no normal pixel; returning NaN")
+            return float("nan")
+        fpr = np.mean(
+            [
+                (n.size - np.searchsorted(n, thresholds, side="right")) / n.size
+                for n in image_negatives
+            ],
+            axis=0,
+        )
     # PRO(A > t) = summed weight of the positives above t = weight at the smallest u_k > t.
     above = curve.scores.size - np.searchsorted(curve.scores[::-1], thresholds, side="right")
     pro = np.where(above > 0, curve.pro[np.maximum(above - 1, 0)], 0.0)
@@ -196,6 +217,7 @@ class PixelAccumulator:
     Memory: 4 B per negative pixel (float32 maps) plus ~8 B per positive pixel (score and
     region id). With `capacity` (the class's total pixel count) negatives go into one
     preallocated buffer instead of a list of chunks that is concatenated at the end.
+    `pro_variant="sowa"` keeps a second, per-image sorted copy of the negatives.
     """
 
     def __init__(
@@ -220,6 +242,7 @@ class PixelAccumulator:
         self._region_ids: list[np.ndarray] = []
         self._region_sizes: list[np.ndarray] = []
         self._num_regions = 0
+        self._image_negatives: list[np.ndarray] = []  # pro_variant "sowa" only: per-image FPRs
 
     def update(self, maps: Any, masks: Any) -> None:
         """maps: [B, H, W] float32; masks: [B, H, W] bool."""
@@ -228,6 +251,8 @@ class PixelAccumulator:
         if maps.ndim != 3 or maps.shape != masks.shape:
             raise ValueError(f"maps {maps.shape} and masks {masks.shape} must both be [B, H, W]")
         self._append_negatives(maps[~masks])
+        if self.with_pro and self.pro_variant == "sowa":
+            self._image_negatives.extend(np.sort(m[~k]) for m, k in zip(maps, masks, strict=True))
         if not masks.any():
             return
         self._pos_chunks.append(maps[masks])
@@ -283,7 +308,8 @@ class PixelAccumulator:
             if self.pro_variant == "exact":
                 result["aupro"] = _curve_aupro(curve, self.fpr_limit)
             else:
-                result["aupro"] = _curve_aupro_anomalyclip(curve, neg, self.fpr_limit)
+                per_image = self._image_negatives if self.pro_variant == "sowa" else None
+                result["aupro"] = _curve_aupro_anomalyclip(curve, neg, self.fpr_limit, per_image)
         return result
 
 
@@ -304,6 +330,7 @@ def aupro(maps: Any, masks: Any, fpr_limit: float = 0.3, variant: str = "exact")
 
     variant "exact": MVTec AD official definition (8-connected regions, global FPR over every
     normal pixel, all thresholds). "anomalyclip": the 200-step approximation (spec §5.3).
+    "sowa": the same with SOWA's mean over images of the per-image FPR (sowa.md §7).
     """
     return pixel_metrics(maps, masks, fpr_limit, variant)["aupro"]
 

@@ -68,8 +68,13 @@ def oracle_aupro(maps: np.ndarray, masks: np.ndarray, limit: float = 0.3) -> flo
     return mvtec_trapezoid(fpr, pro, limit) / limit
 
 
-def literal_cal_pro_score(masks: np.ndarray, amaps: np.ndarray, expect_fpr: float = 0.3) -> float:
-    """AnomalyCLIP's `cal_pro_score` re-stated loop for loop (spec §5.3), scipy for skimage."""
+def literal_cal_pro_score(
+    masks: np.ndarray, amaps: np.ndarray, expect_fpr: float = 0.3, per_image_fpr: bool = False
+) -> float:
+    """AnomalyCLIP's `cal_pro_score` re-stated loop for loop (spec §5.3), scipy for skimage.
+
+    per_image_fpr: SOWA's version, the FPR is the mean over images of each image's FPR.
+    """
     min_th, max_th = amaps.min(), amaps.max()
     delta = (max_th - min_th) / 200
     pros, fprs = [], []
@@ -82,7 +87,17 @@ def literal_cal_pro_score(masks: np.ndarray, amaps: np.ndarray, expect_fpr: floa
                 coords = labels == region
                 pro.append(binary_amap[coords].sum() / coords.sum())
         inverse_masks = 1 - masks
-        fprs.append(np.logical_and(inverse_masks, binary).sum() / inverse_masks.sum())
+        if per_image_fpr:
+            fprs.append(
+                np.mean(
+                    [
+                        np.logical_and(inverse, image).sum() / inverse.sum()
+                        for inverse, image in zip(inverse_masks, binary, strict=True)
+                    ]
+                )
+            )
+        else:
+            fprs.append(np.logical_and(inverse_masks, binary).sum() / inverse_masks.sum())
         pros.append(np.array(pro).mean())
     pros, fprs = np.array(pros), np.array(fprs)
     keep = fprs < expect_fpr
@@ -358,6 +373,28 @@ def test_anomalyclip_variant_equals_its_literal_restatement(seed):
     assert aupro(maps, masks, variant="anomalyclip") == pytest.approx(expected, abs=1e-12)
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_sowa_variant_equals_its_literal_restatement(seed):
+    maps, masks = random_class(seed)
+    maps = maps + np.float32(0.05) * np.random.default_rng(seed).random(maps.shape, np.float32)
+    expected = literal_cal_pro_score(masks.astype(np.uint8), maps, per_image_fpr=True)
+    value = aupro(maps, masks, variant="sowa")
+    assert value == pytest.approx(expected, abs=1e-12)
+    # Images of different defect sizes weigh their FPRs differently than pooling does.
+    assert value != pytest.approx(aupro(maps, masks, variant="anomalyclip"), abs=1e-9)
+    streamed = PixelAccumulator(pro_variant="sowa")
+    for start in range(0, maps.shape[0], 3):
+        streamed.update(maps[start : start + 3], masks[start : start + 3])
+    assert streamed.compute()["aupro"] == pytest.approx(expected, abs=1e-12)
+
+
+def test_sowa_variant_is_nan_when_an_image_has_no_normal_pixel(caplog):
+    maps, masks = random_class(0)
+    masks[0] = True
+    assert np.isnan(aupro(maps, masks, variant="sowa"))
+    assert "no normal pixel" in caplog.text
+
+
 def test_anomalyclip_variant_is_not_rank_invariant():
     maps, masks = random_class(1)
     maps = maps + np.float32(0.05) * np.random.default_rng(1).random(maps.shape, np.float32)
@@ -400,8 +437,8 @@ def test_pixel_metrics_undefined(caplog, fill):
 
 def test_bad_input_is_refused():
     maps, masks = tv_d()
-    with pytest.raises(ConfigError, match="exact, anomalyclip"):
-        aupro(maps, masks, variant="sowa")
+    with pytest.raises(ConfigError, match="exact, anomalyclip, sowa"):
+        aupro(maps, masks, variant="mvtec")
     with pytest.raises(ConfigError, match="fpr_limit"):
         aupro(maps, masks, fpr_limit=0.0)
     with pytest.raises(ValueError, match="bool or 0/1"):
