@@ -1,0 +1,120 @@
+"""The reproduction kit: scripts/reproduce/*.sh on the synthetic set, and paper_table.py."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+SPECS = REPO.parent / "shared" / "specs"
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def paper_table():
+    return load_script("paper_table")
+
+
+def run_script(script: str, synthetic_root: Path, tmp_path: Path, **env: str) -> Path:
+    """Run a reproduction script on the tiny backbone with Synthetic for every data set."""
+    data_root = tmp_path / "data"
+    data_root.mkdir()
+    (data_root / "Synthetic").symlink_to(synthetic_root, target_is_directory=True)
+    out = tmp_path / "runs"
+    environment = {
+        **os.environ,
+        "PYTHON": sys.executable,
+        "MODEL_NAME": "tiny",
+        "SUBSTITUTE": "Synthetic",
+        "DATA_ROOT": str(data_root),
+        "OUT": str(out),
+        "DEVICE": "cpu",
+        **env,
+    }
+    completed = subprocess.run(
+        ["bash", str(REPO / "scripts" / "reproduce" / script)],
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    return out
+
+
+def test_aaclip_script_end_to_end(synthetic_root, tmp_path, paper_table, capsys):
+    out = run_script(
+        "aaclip_zero_shot.sh",
+        synthetic_root,
+        tmp_path,
+        TRAIN_ARGS="--text_epoch 1 --image_epoch 1",
+        EPOCH="1",
+        VISA_TESTS="MVTec",
+    )
+    runs = sorted(out.iterdir())
+    assert [run.name for run in runs] == ["aaclip_full_from_MVTec", "aaclip_full_from_VisA"]
+    manifest = json.loads((out / "aaclip_full_from_VisA" / "reproduce.json").read_text())
+    assert manifest["seed"] == 111 and manifest["substitute"] == "Synthetic"
+    eval_dir = out / "aaclip_full_from_VisA" / "eval" / "MVTec"
+    assert [p.name for p in eval_dir.glob("*.json")] == ["results_Synthetic_image_adapter_1.json"]
+    results = json.loads(next(eval_dir.glob("*.json")).read_text())
+    assert results["meta"]["train_seed"] == 111
+    assert results["meta"]["checkpoint"].endswith("image_adapter_1.pth")
+
+    assert paper_table.main([str(run) for run in runs]) == 0
+    table = capsys.readouterr().out
+    ours = 100 * results["mean"]["P-AUROC"]
+    assert f"| MVTec | P-AUROC | 91.90 | {ours:.2f} | {ours - 91.9:+.2f} |" in table
+    assert "| VisA | I-AUROC | 84.60 |" in table
+    assert "| BTAD | P-AUROC | 97.00 | not run |" in table
+    assert "substituted by Synthetic" in table
+
+
+def test_paper_table_refuses_a_folder_without_manifest(paper_table, tmp_path, caplog):
+    assert paper_table.main([str(tmp_path)]) == 2
+    assert "no reproduce.json" in caplog.text
+
+
+def test_paper_numbers_are_well_formed(paper_table):
+    numbers = paper_table.load_paper_numbers()
+    METRICS = paper_table.METRICS
+    assert set(numbers) == {"aaclip", "feclip", "sowa"}
+    for entries in numbers.values():
+        keys = [(e["setting"], e["train"], e["test"]) for e in entries]
+        metrics = [
+            (key, m) for key, e in zip(keys, entries, strict=True) for m in e if m in METRICS
+        ]
+        assert len(metrics) == len(set(metrics)), "a number is given twice"
+        for entry in entries:
+            assert any(metric in entry for metric in paper_table.METRICS)
+
+
+@pytest.mark.skipif(not SPECS.is_dir(), reason="the project's specs are not beside this clone")
+def test_every_paper_number_is_in_the_spec_it_cites(paper_table):
+    """Each value appears in the cited spec file (e.g. 'aaclip.md §15.1' -> specs/aaclip.md)."""
+    numbers = yaml.safe_load((REPO / "scripts" / "reproduce" / "paper_numbers.yaml").read_text())
+    for method, entries in numbers.items():
+        for entry in entries:
+            spec_file = SPECS / re.match(r"(\S+\.md)", entry["spec"])[1]
+            text = spec_file.read_text()
+            values = [entry[m] for m in paper_table.METRICS if m in entry]
+            values += list((entry.get("std") or {}).values())
+            for value in values:
+                pattern = rf"(?<![\d.]){re.escape(f'{value:g}')}0*(?![\d])"
+                assert re.search(pattern, text), (
+                    f"{method} {entry['test']}: {value} not in {spec_file}"
+                )
