@@ -74,7 +74,11 @@ from utils.training import (
 logger = logging.getLogger("train")
 
 # Sibling models train in their own scripts; `train.py --model NAME` hands the command line over.
-TRAINERS: dict[str, str] = {"aaclip_cross_attn": "train_cross_attention"}
+TRAINERS: dict[str, str] = {
+    "aaclip_cross_attn": "train_cross_attention",
+    "feclip": "train_feclip",
+    "sowa": "train_sowa",
+}
 
 
 def build_parser(model: str = "aaclip", description: str | None = None) -> argparse.ArgumentParser:

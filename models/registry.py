@@ -22,6 +22,8 @@ from utils.errors import CheckpointError
 MODELS: dict[str, tuple[str, str]] = {
     "aaclip_cross_attn": ("models.cross_attention", "image_adapter_cross_attn.pth"),
     "aaclip": ("models.aaclip", "image_adapter.pth"),
+    "feclip": ("models.feclip", "feclip.pth"),
+    "sowa": ("models.sowa", "sowa.pth"),
 }
 
 

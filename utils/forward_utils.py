@@ -107,11 +107,12 @@ def focal_loss(probs: torch.Tensor, target: torch.Tensor, gamma: float = 2.0) ->
     return (-((1 - pt) ** gamma) * torch.log(pt)).mean()
 
 
-def dice_loss(probs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """`1 - mean_b (2 Σ p·y + 1) / (Σ p + Σ y + 1)`, sums per sample. Shapes `[B, ...]`."""
+def dice_loss(probs: torch.Tensor, target: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
+    """`1 - mean_b (2 Σ p·y + s) / (Σ p + Σ y + s)`, sums per sample, s = `smooth` (AA-CLIP and
+    AnomalyCLIP 1). Shapes `[B, ...]`."""
     probs = probs.flatten(1)
     target = target.flatten(1)
-    dice = (2 * (probs * target).sum(1) + 1) / (probs.sum(1) + target.sum(1) + 1)
+    dice = (2 * (probs * target).sum(1) + smooth) / (probs.sum(1) + target.sum(1) + smooth)
     return 1 - dice.mean()
 
 
@@ -127,3 +128,21 @@ def calculate_seg_loss(patch_preds: torch.Tensor, mask: torch.Tensor) -> torch.T
 def orthogonal_loss(epoch_text_feature: torch.Tensor) -> torch.Tensor:
     """Squared batch-mean cosine between normal and abnormal anchors. `[B, D, 2]` -> scalar."""
     return ((epoch_text_feature[:, :, 0] * epoch_text_feature[:, :, 1]).sum(1).mean()) ** 2
+
+
+def binary_focal_loss(
+    probs: torch.Tensor, target: torch.Tensor, gamma: float = 2.0, alpha: float | None = None
+) -> torch.Tensor:
+    """Focal loss on a one-channel anomaly probability map (FE-CLIP, spec feclip.md §10):
+    mean of `-α_t (1 - p_t)^γ log p_t`, p clamped to [1e-6, 1 - 1e-6]. `alpha` None weighs both
+    classes 1 (AnomalyCLIP); a float weighs positives by α and negatives by 1 - α.
+
+    probs, target: `[B, 1, S, S]` (target in {0, 1}).
+    """
+    probs = probs.clamp(1e-6, 1 - 1e-6)
+    positive = target.bool()
+    pt = torch.where(positive, probs, 1 - probs)
+    loss = -((1 - pt) ** gamma) * torch.log(pt)
+    if alpha is not None:
+        loss = loss * torch.where(positive, alpha, 1 - alpha)
+    return loss.mean()
