@@ -84,6 +84,29 @@ def test_aaclip_script_end_to_end(synthetic_root, tmp_path, paper_table, capsys)
     assert "substituted by Synthetic" in table
 
 
+def test_feclip_script_end_to_end(synthetic_root, tmp_path, paper_table, capsys):
+    out = run_script(
+        "feclip_zero_shot.sh",
+        synthetic_root,
+        tmp_path,
+        TRAIN_ARGS="--epochs 1 --batch_size 8",
+        MVTEC_TESTS="BTAD",
+    )
+    runs = sorted(out.iterdir())
+    assert [run.name for run in runs] == [
+        "feclip_zero-shot_from_MVTec",
+        "feclip_zero-shot_from_VisA",
+    ]
+    results = json.loads((runs[1] / "eval" / "MVTec" / "results_Synthetic.json").read_text())
+    assert results["meta"]["pro_variant"] == "anomalyclip"
+    assert results["meta"]["train_seed"] == 42
+    assert paper_table.main([str(run) for run in runs]) == 0
+    table = capsys.readouterr().out
+    ours = 100 * results["mean"]["AUPRO"]
+    assert f"| MVTec | AUPRO | 88.30 | {ours:.2f} | {ours - 88.3:+.2f} |" in table
+    assert "| BTAD | I-AUROC | 90.30 |" in table and "| VisA | I-AUROC | 84.60 | not run |" in table
+
+
 def test_paper_table_refuses_a_folder_without_manifest(paper_table, tmp_path, caplog):
     assert paper_table.main([str(tmp_path)]) == 2
     assert "no reproduce.json" in caplog.text
