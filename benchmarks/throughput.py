@@ -1,4 +1,5 @@
-"""Throughput of AA-CLIP: test-time images/s and seconds per training step, ours vs the original.
+"""Throughput: test-time images/s and seconds per training step, AA-CLIP ours vs the original, and
+the sibling models (FE-CLIP, SOWA) in fp32 and under autocast.
 
     python benchmarks/throughput.py                                   # ViT-L-14-336 at 224 px, CPU
     python benchmarks/throughput.py --model_name tiny --img_size 64   # seconds
@@ -11,7 +12,9 @@ one is used. "ours" is the fused attention, one CLIP, a shared block prefix and 
 only. Every row runs in its own process so that its peak memory (RSS on CPU, allocated memory
 on CUDA) is its own. Random weights: speed does not depend on them. Next to each autocast row
 is how far its maps move from fp32 (max |diff| over the map's range), and a last table shows
-how the synthetic test set's metrics move.
+how the synthetic test set's metrics move. The speed-up column is the ratio to the first row of
+the same group: the straightforward path for AA-CLIP, fp32 for the sibling models (which have no
+original code to compare with here).
 """
 
 from __future__ import annotations
@@ -51,6 +54,10 @@ ROWS = {
     "stage 2/straightforward": ("stage2", "straightforward", "none"),
     "stage 2/ours": ("stage2", "ours", "none"),
     "stage 2/ours+amp": ("stage2", "ours", "amp"),
+    "FE-CLIP inference/ours": ("feclip inference", "ours", "none"),
+    "FE-CLIP inference/ours+amp": ("feclip inference", "ours", "amp"),
+    "FE-CLIP train/ours": ("feclip train", "ours", "none"),
+    "FE-CLIP train/ours+amp": ("feclip train", "ours", "amp"),
 }
 
 
@@ -178,6 +185,42 @@ def make_step(
     return step
 
 
+def feclip_step(kind: str, amp: str, args: argparse.Namespace, batch: dict) -> Callable:
+    """FE-CLIP at its configs/feclip.yaml defaults: test-time predict, or one training step."""
+    import train_feclip
+    from models.feclip import build_feclip
+
+    device = batch["images"].device
+    settings = train_feclip.parse_args(
+        ["--model_name", args.model_name, "--img_size", str(args.img_size), "--amp", amp]
+    )
+    model = build_feclip({**vars(settings), "pretrained": None}, device)
+    images, masks, labels = batch["images"], batch["masks"], batch["labels"]
+    if kind == "feclip inference":
+        model.eval()
+
+        def step():
+            with torch.inference_mode(), autocast(device, amp):
+                return model.predict(images, ["object"] * len(images)).anomaly_map
+
+        return step
+    optimizer = train_feclip.build_optimizer(model, settings)
+    model.train()
+
+    def step():
+        with autocast(device, amp):
+            output = model(images)
+        loss = train_feclip.feclip_loss(output, masks, labels, settings)[0]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+SIBLING_STEPS = {"feclip": feclip_step}
+
+
 def measure_row(name: str, args: argparse.Namespace) -> dict:
     """Time one row in this process; returns seconds per call, peak memory and map deviation."""
     kind, way, precision = ROWS[name]
@@ -185,10 +228,16 @@ def measure_row(name: str, args: argparse.Namespace) -> dict:
     amp = args.amp if precision == "amp" else "none"
     device = resolve_device(args.device)
     torch.manual_seed(0)
-    model = build_model(args, device)
-    model.train(kind != "inference")
     batch = random_batch(args, device)
-    step = make_step(kind, straightforward, amp, model, args, batch)
+    sibling = SIBLING_STEPS.get(kind.split()[0])
+    if sibling is not None:
+        step = sibling(kind, amp, args, batch)
+        reference_step = lambda: sibling(kind, "none", args, batch)()  # noqa: E731
+    else:
+        model = build_model(args, device)
+        model.train(kind != "inference")
+        step = make_step(kind, straightforward, amp, model, args, batch)
+        reference_step = make_step(kind, False, "none", model, args, batch)
     context = weights_returning_attention() if straightforward else nullcontext()
     with context:
         step()  # warm-up
@@ -202,8 +251,9 @@ def measure_row(name: str, args: argparse.Namespace) -> dict:
             torch.cuda.synchronize()
         seconds = (time.perf_counter() - start) / args.steps
     result = {"seconds": seconds, "peak_gib": peak_memory_gib(device)}
-    if kind == "inference" and amp != "none":
-        reference = make_step(kind, False, "none", model, args, batch)()
+    if kind.endswith("inference") and amp != "none":
+        torch.manual_seed(0)
+        reference = reference_step()
         span = (reference.max() - reference.min()).item()
         result["map_deviation"] = (output - reference).abs().max().item() / span
     return result
@@ -303,20 +353,20 @@ def main(argv: list[str] | None = None) -> int:
 
     device = resolve_device(args.device)
     print(
-        f"AA-CLIP throughput: {args.model_name}, {args.img_size} px, batch {args.batch_size}, "
+        f"Throughput: {args.model_name}, {args.img_size} px, batch {args.batch_size}, "
         f"{device} ({torch.get_num_threads()} threads), autocast {args.amp} for '+amp' rows\n"
     )
-    print("| row | images/s | s/step | peak GiB | vs straightforward | maps vs fp32 |")
+    print("| row | images/s | s/step | peak GiB | speed-up | maps vs fp32 |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
     baselines = {}
-    for name, (kind, way, _) in ROWS.items():
+    for name, (kind, _, _) in ROWS.items():
         result = run_in_subprocess(["--row", name], args)
         seconds = result["seconds"]
-        if way == "straightforward":
-            baselines[kind] = seconds
+        baselines.setdefault(kind, seconds)  # the kind's first row: straightforward or fp32
         ratio = baselines[kind] / seconds
-        throughput = f"{args.batch_size / seconds:.2f}" if kind == "inference" else ""
-        step = "" if kind == "inference" else f"{seconds:.3f}"
+        inference = kind.endswith("inference")
+        throughput = f"{args.batch_size / seconds:.2f}" if inference else ""
+        step = "" if inference else f"{seconds:.3f}"
         deviation = f"{result['map_deviation']:.2%}" if "map_deviation" in result else ""
         print(
             f"| {name} | {throughput} | {step} | {result['peak_gib']:.2f} | {ratio:.2f}x "
