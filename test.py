@@ -27,6 +27,7 @@ from tqdm import tqdm
 from datasets.anomaly import TestDataset, build_test_datasets
 from datasets.catalog import default_data_root, get_dataset_info, real_name
 from datasets.metadata import load_test_records
+from datasets.support import draw_support, load_images
 from datasets.synthetic import ensure_synthetic
 from models.aaclip import AdaptedCLIP, build_aaclip, load_adapter
 from models.registry import MODELS, checkpoint_stem, find_checkpoint, load_trained_model
@@ -41,7 +42,7 @@ from utils.config import (
     parser_keys,
     resolve_backbone_defaults,
 )
-from utils.errors import CheckpointError, UserError
+from utils.errors import CheckpointError, ConfigError, UserError
 from utils.metrics import COLUMNS_FULL, COLUMNS_OFFICIAL, PRO_VARIANTS, evaluate_class
 from utils.report import format_table, write_results
 from utils.runtime import autocast, resolve_device, seed_everything, setup_logging
@@ -109,6 +110,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     group.add_argument("--fpr_limit", type=float, default=0.3)
     group.add_argument(
+        "--k_shot",
+        type=int,
+        default=0,
+        help="SOWA: a memory of k normal train-split images per class (0: zero-shot)",
+    )
+    group.add_argument(
+        "--support_seed",
+        type=int,
+        default=42,
+        help="seed of the k-shot support draw (the original draws unseeded)",
+    )
+    group.add_argument(
         "--undefined_metric",
         default=None,
         choices=("nan", "zero"),
@@ -137,6 +150,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.undefined_metric = "zero" if official else "nan"
     if args.decimals is None:
         args.decimals = 2 if official else 1
+    if args.k_shot < 0:
+        raise ConfigError(f"--k_shot {args.k_shot} must be >= 0 (0 means zero-shot)")
     return args
 
 
@@ -210,15 +225,28 @@ def evaluate(
     args: argparse.Namespace,
     device: torch.device,
     visualize: bool,
+    support: dict[str, list[str]] | None = None,
 ) -> dict[str, dict[str, float]]:
-    """Per-class metrics for the loaded adapters."""
+    """Per-class metrics for the loaded adapters.
+
+    With `--k_shot` > 0 the model's support memory holds k normal train-split images of each
+    class while the class is predicted and scored; their paths go into `support`.
+    """
     domain = get_dataset_info(args.dataset).domain
     columns = COLUMNS_OFFICIAL if args.metrics == "official" else COLUMNS_FULL
     per_class = {}
     for class_name, dataset in tqdm(datasets.items(), desc="classes"):
         prompt_name = real_name(args.dataset, class_name)
-        outputs = predict_class(model, dataset, prompt_name, args.test_batch_size, device, args.amp)
-        image_scores = model.table_image_scores(outputs["maps"], outputs["det_scores"], domain)
+        if args.k_shot > 0:
+            set_support_memory(model, class_name, args, device, support)
+        try:
+            outputs = predict_class(
+                model, dataset, prompt_name, args.test_batch_size, device, args.amp
+            )
+            image_scores = model.table_image_scores(outputs["maps"], outputs["det_scores"], domain)
+        finally:
+            if args.k_shot > 0:
+                model.set_memory(None)
         per_class[class_name] = evaluate_class(
             outputs["maps"],
             outputs["masks"],
@@ -231,6 +259,22 @@ def evaluate(
         if visualize:
             write_panels(outputs, class_name, args)
     return per_class
+
+
+def set_support_memory(
+    model: torch.nn.Module,
+    class_name: str,
+    args: argparse.Namespace,
+    device: torch.device,
+    support: dict[str, list[str]] | None,
+) -> None:
+    """Draw the class's k-shot support set (seeded) and hand it to the model's memory."""
+    paths = draw_support(args.dataset, args.data_root, class_name, args.k_shot, args.support_seed)
+    if support is not None:
+        support[class_name] = [Path(path).relative_to(args.data_root).as_posix() for path in paths]
+    images = load_images(paths, model.img_size).to(device)
+    with torch.no_grad(), autocast(device, args.amp):
+        model.set_memory(images)
 
 
 def write_panels(outputs: dict, class_name: str, args: argparse.Namespace) -> None:
@@ -312,6 +356,9 @@ def run(args: argparse.Namespace) -> None:
     cache: dict = {}
     for path in files:
         model, payload, extra_meta = load_for_test(model_name, path, args, device, cache)
+        if args.k_shot > 0 and not hasattr(model, "set_memory"):
+            msg = f"--k_shot {args.k_shot} needs a support memory (sowa), not {model_name}"
+            raise ConfigError(msg)
         if hasattr(model, "domain"):
             model.domain = info.domain
         args.img_size = model.img_size
@@ -323,8 +370,9 @@ def run(args: argparse.Namespace) -> None:
             payload.get("epoch"),
             args.dataset,
         )
+        support: dict[str, list[str]] = {}
         per_class = evaluate(
-            model, datasets, args, device, visualize=args.visualize and path == files[-1]
+            model, datasets, args, device, args.visualize and path == files[-1], support
         )
         meta = {
             "dataset": args.dataset,
@@ -338,6 +386,9 @@ def run(args: argparse.Namespace) -> None:
             "smoothing": getattr(model, "smoothing", "gaussian on the patch grid (AA-CLIP)"),
             "pro_variant": args.pro_variant,
             "fpr_limit": args.fpr_limit,
+            "k_shot": args.k_shot,
+            "support_seed": args.support_seed if args.k_shot > 0 else None,
+            "support": support,
             "undefined_metric": args.undefined_metric,
             "config": {
                 key: str(value) if isinstance(value, Path) else value
