@@ -121,13 +121,13 @@ def format_run(manifest: dict, results: dict[str, dict], rows: list[dict]) -> st
             f"| {row['test']} | {row['metric']} | {paper} | {mine} | {difference} | "
             f"{row['source']} |"
         )
-    extra = sorted(set(results) - {row["test"] for row in rows})
-    if extra:
-        lines.append(f"\nEvaluated without a paper number: {', '.join(extra)}.")
     if not rows:
         lines.append(
             f"| — | — | no published number for this setting in {PAPER_NUMBERS.name} | | | |"
         )
+    extra = sorted(set(results) - {row["test"] for row in rows})
+    if extra:
+        lines.append(f"\nEvaluated without a paper number: {', '.join(extra)}.")
     return "\n".join(lines)
 
 

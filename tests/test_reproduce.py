@@ -107,6 +107,19 @@ def test_feclip_script_end_to_end(synthetic_root, tmp_path, paper_table, capsys)
     assert "| BTAD | I-AUROC | 90.30 |" in table and "| VisA | I-AUROC | 84.60 | not run |" in table
 
 
+def test_sowa_script_end_to_end(synthetic_root, tmp_path, paper_table, capsys):
+    out = run_script("sowa_4shot.sh", synthetic_root, tmp_path, MVTEC_TESTS="VisA")
+    runs = sorted(out.iterdir())
+    assert [run.name for run in runs] == ["sowa_4-shot_from_MVTec", "sowa_4-shot_from_VisA"]
+    results = json.loads((runs[1] / "eval" / "MVTec" / "results_Synthetic.json").read_text())
+    assert results["meta"]["pro_variant"] == "sowa"
+    assert results["meta"]["k_shot"] == 4 and results["meta"]["support_seed"] == 42
+    assert paper_table.main([str(run) for run in runs]) == 0
+    table = capsys.readouterr().out
+    ours = 100 * results["mean"]["I-AUROC"]
+    assert f"| MVTec | I-AUROC | 96.80 ± 0.3 | {ours:.2f} | {ours - 96.8:+.2f} |" in table
+
+
 def test_paper_table_refuses_a_folder_without_manifest(paper_table, tmp_path, caplog):
     assert paper_table.main([str(tmp_path)]) == 2
     assert "no reproduce.json" in caplog.text
