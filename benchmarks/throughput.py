@@ -58,6 +58,10 @@ ROWS = {
     "FE-CLIP inference/ours+amp": ("feclip inference", "ours", "amp"),
     "FE-CLIP train/ours": ("feclip train", "ours", "none"),
     "FE-CLIP train/ours+amp": ("feclip train", "ours", "amp"),
+    "SOWA inference/ours": ("sowa inference", "ours", "none"),
+    "SOWA inference/ours+amp": ("sowa inference", "ours", "amp"),
+    "SOWA train/ours": ("sowa train", "ours", "none"),
+    "SOWA train/ours+amp": ("sowa train", "ours", "amp"),
 }
 
 
@@ -218,7 +222,40 @@ def feclip_step(kind: str, amp: str, args: argparse.Namespace, batch: dict) -> C
     return step
 
 
-SIBLING_STEPS = {"feclip": feclip_step}
+def sowa_step(kind: str, amp: str, args: argparse.Namespace, batch: dict) -> Callable:
+    """SOWA at its configs/sowa.yaml defaults (zero-shot predict), or one training step."""
+    import train_sowa
+    from models.sowa import build_sowa
+
+    device = batch["images"].device
+    settings = train_sowa.parse_args(
+        ["--model_name", args.model_name, "--img_size", str(args.img_size), "--amp", amp]
+    )
+    model = build_sowa({**vars(settings), "pretrained": None}, device)
+    images, masks, labels = batch["images"], batch["masks"], batch["labels"]
+    if kind == "sowa inference":
+        model.eval()
+
+        def step():
+            with torch.inference_mode(), autocast(device, amp):
+                return model.predict(images, ["object"] * len(images)).anomaly_map
+
+        return step
+    optimizer = train_sowa.build_optimizer(model, settings)
+    model.train()
+
+    def step():
+        with autocast(device, amp):
+            output = model(images)
+        loss = train_sowa.sowa_loss(output, masks, labels, settings.ce_on_probabilities)[0]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+SIBLING_STEPS = {"feclip": feclip_step, "sowa": sowa_step}
 
 
 def measure_row(name: str, args: argparse.Namespace) -> dict:
