@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib
 import json
 import resource
 import subprocess
@@ -189,18 +190,19 @@ def make_step(
     return step
 
 
-def feclip_step(kind: str, amp: str, args: argparse.Namespace, batch: dict) -> Callable:
-    """FE-CLIP at its configs/feclip.yaml defaults: test-time predict, or one training step."""
-    import train_feclip
-    from models.feclip import build_feclip
-
+def sibling_step(kind: str, amp: str, args: argparse.Namespace, batch: dict) -> Callable:
+    """FE-CLIP or SOWA at its configs/<model>.yaml defaults: test-time (zero-shot) predict, or
+    one training step with the model's own optimizer and loss."""
+    model_name, task = kind.split()
+    trainer = importlib.import_module(f"train_{model_name}")
+    build = getattr(importlib.import_module(f"models.{model_name}"), f"build_{model_name}")
     device = batch["images"].device
-    settings = train_feclip.parse_args(
+    settings = trainer.parse_args(
         ["--model_name", args.model_name, "--img_size", str(args.img_size), "--amp", amp]
     )
-    model = build_feclip({**vars(settings), "pretrained": None}, device)
+    model = build({**vars(settings), "pretrained": None}, device)
     images, masks, labels = batch["images"], batch["masks"], batch["labels"]
-    if kind == "feclip inference":
+    if task == "inference":
         model.eval()
 
         def step():
@@ -208,13 +210,16 @@ def feclip_step(kind: str, amp: str, args: argparse.Namespace, batch: dict) -> C
                 return model.predict(images, ["object"] * len(images)).anomaly_map
 
         return step
-    optimizer = train_feclip.build_optimizer(model, settings)
+    optimizer = trainer.build_optimizer(model, settings)
     model.train()
 
     def step():
         with autocast(device, amp):
             output = model(images)
-        loss = train_feclip.feclip_loss(output, masks, labels, settings)[0]
+        if model_name == "feclip":
+            loss = trainer.feclip_loss(output, masks, labels, settings)[0]
+        else:
+            loss = trainer.sowa_loss(output, masks, labels, settings.ce_on_probabilities)[0]
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -222,40 +227,7 @@ def feclip_step(kind: str, amp: str, args: argparse.Namespace, batch: dict) -> C
     return step
 
 
-def sowa_step(kind: str, amp: str, args: argparse.Namespace, batch: dict) -> Callable:
-    """SOWA at its configs/sowa.yaml defaults (zero-shot predict), or one training step."""
-    import train_sowa
-    from models.sowa import build_sowa
-
-    device = batch["images"].device
-    settings = train_sowa.parse_args(
-        ["--model_name", args.model_name, "--img_size", str(args.img_size), "--amp", amp]
-    )
-    model = build_sowa({**vars(settings), "pretrained": None}, device)
-    images, masks, labels = batch["images"], batch["masks"], batch["labels"]
-    if kind == "sowa inference":
-        model.eval()
-
-        def step():
-            with torch.inference_mode(), autocast(device, amp):
-                return model.predict(images, ["object"] * len(images)).anomaly_map
-
-        return step
-    optimizer = train_sowa.build_optimizer(model, settings)
-    model.train()
-
-    def step():
-        with autocast(device, amp):
-            output = model(images)
-        loss = train_sowa.sowa_loss(output, masks, labels, settings.ce_on_probabilities)[0]
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-
-    return step
-
-
-SIBLING_STEPS = {"feclip": feclip_step, "sowa": sowa_step}
+SIBLINGS = ("feclip", "sowa")
 
 
 def measure_row(name: str, args: argparse.Namespace) -> dict:
@@ -266,10 +238,9 @@ def measure_row(name: str, args: argparse.Namespace) -> dict:
     device = resolve_device(args.device)
     torch.manual_seed(0)
     batch = random_batch(args, device)
-    sibling = SIBLING_STEPS.get(kind.split()[0])
-    if sibling is not None:
-        step = sibling(kind, amp, args, batch)
-        reference_step = lambda: sibling(kind, "none", args, batch)()  # noqa: E731
+    if kind.split()[0] in SIBLINGS:
+        step = sibling_step(kind, amp, args, batch)
+        reference_step = lambda: sibling_step(kind, "none", args, batch)()  # noqa: E731
     else:
         model = build_model(args, device)
         model.train(kind != "inference")
