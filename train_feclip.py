@@ -32,7 +32,6 @@ from models.feclip import (
     build_feclip,
     load_feclip_state,
 )
-from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.config import (
     CONFIG_DIR,
     add_clip_args,
@@ -50,7 +49,6 @@ from utils.runtime import (
     grad_scaler,
     rng_state,
     seed_everything,
-    set_rng_state,
 )
 from utils.training import (
     add_training_data_args,
@@ -58,8 +56,10 @@ from utils.training import (
     check_shot,
     global_mean,
     mean,
+    resume_single_stage,
     run_config,
     run_main,
+    save_epoch_checkpoints,
     start_epoch,
     training_records,
     wrap_ddp,
@@ -242,26 +242,8 @@ def train_feclip(
             "config": run_config(args),
             "rng": rng_state(),
         }
-        save_checkpoint(args.save_path / f"{MODEL_NAME}_{epoch + 1}.pth", payload)
-        save_checkpoint(args.save_path / f"{MODEL_NAME}.pth", payload)
+        save_epoch_checkpoints(args.save_path, MODEL_NAME, payload)
     return model
-
-
-def resume(
-    model: FECLIP, optimizer: torch.optim.Optimizer, args: argparse.Namespace, dist: Distributed
-) -> int:
-    """Load `feclip.pth` from the save path if present (config checked); the epoch to start at."""
-    path = args.save_path / f"{MODEL_NAME}.pth"
-    if not path.is_file():
-        return 0
-    payload = load_checkpoint(path, map_location=dist.device)
-    load_feclip_state(model, path, payload, run_config(args))
-    optimizer.load_state_dict(payload["optimizer"])
-    if "rng" in payload and not dist.enabled:
-        # As train.py: under torchrun the ranks keep their own seeds.
-        set_rng_state(payload["rng"])
-    logger.warning("resuming FE-CLIP from %s after epoch %d", path, payload["epoch"])
-    return int(payload["epoch"])
 
 
 def run(args: argparse.Namespace, dist: Distributed) -> None:
@@ -286,7 +268,13 @@ def run(args: argparse.Namespace, dist: Distributed) -> None:
     # Same adapter initialisation on every rank (seed above); augmentation streams differ per rank.
     torch.manual_seed(args.seed + dist.rank)
     optimizer = build_optimizer(model, args)
-    first_epoch = resume(model, optimizer, args, dist)
+    first_epoch = resume_single_stage(
+        MODEL_NAME,
+        lambda path, payload: load_feclip_state(model, path, payload, run_config(args)),
+        optimizer,
+        args,
+        dist,
+    )
     if dist.is_main:  # after the resume check, so a refused run leaves the folder as it was
         args.save_path.mkdir(parents=True, exist_ok=True)
         save_yaml(args.save_path / "config.yaml", run_config(args))

@@ -36,7 +36,6 @@ from models.sowa import (
     build_sowa,
     load_sowa_state,
 )
-from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.config import (
     CONFIG_DIR,
     add_clip_args,
@@ -54,7 +53,6 @@ from utils.runtime import (
     grad_scaler,
     rng_state,
     seed_everything,
-    set_rng_state,
 )
 from utils.training import (
     add_training_data_args,
@@ -62,8 +60,10 @@ from utils.training import (
     check_shot,
     global_mean,
     mean,
+    resume_single_stage,
     run_config,
     run_main,
+    save_epoch_checkpoints,
     start_epoch,
     training_records,
     wrap_ddp,
@@ -242,32 +242,8 @@ def train_sowa(
             "config": run_config(args),
             "rng": rng_state(),
         }
-        save_checkpoint(args.save_path / f"{MODEL_NAME}_{epoch + 1}.pth", payload)
-        save_checkpoint(args.save_path / f"{MODEL_NAME}.pth", payload)
+        save_epoch_checkpoints(args.save_path, MODEL_NAME, payload)
     return model
-
-
-def resume(
-    model: SOWA,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.ReduceLROnPlateau,
-    args: argparse.Namespace,
-    dist: Distributed,
-) -> int:
-    """Load `sowa.pth` from the save path if present (config checked); the epoch to start at."""
-    path = args.save_path / f"{MODEL_NAME}.pth"
-    if not path.is_file():
-        return 0
-    payload = load_checkpoint(path, map_location=dist.device)
-    load_sowa_state(model, path, payload, run_config(args))
-    optimizer.load_state_dict(payload["optimizer"])
-    if "scheduler" in payload:
-        scheduler.load_state_dict(payload["scheduler"])
-    if "rng" in payload and not dist.enabled:
-        # As train.py: under torchrun the ranks keep their own seeds.
-        set_rng_state(payload["rng"])
-    logger.warning("resuming SOWA from %s after epoch %d", path, payload["epoch"])
-    return int(payload["epoch"])
 
 
 def run(args: argparse.Namespace, dist: Distributed) -> None:
@@ -292,7 +268,14 @@ def run(args: argparse.Namespace, dist: Distributed) -> None:
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimizer, mode="min", factor=0.1, patience=5
     )
-    first_epoch = resume(model, optimizer, scheduler, args, dist)
+    first_epoch = resume_single_stage(
+        MODEL_NAME,
+        lambda path, payload: load_sowa_state(model, path, payload, run_config(args)),
+        optimizer,
+        args,
+        dist,
+        scheduler,
+    )
     if dist.is_main:  # after the resume check, so a refused run leaves the folder as it was
         args.save_path.mkdir(parents=True, exist_ok=True)
         save_yaml(args.save_path / "config.yaml", run_config(args))

@@ -21,12 +21,14 @@ from torch.utils.data import DataLoader, Dataset
 from datasets.catalog import default_data_root, get_dataset_info
 from datasets.metadata import ensure_training_records
 from datasets.synthetic import ensure_synthetic
+from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.errors import ConfigError, UserError
 from utils.runtime import (
     Distributed,
     GlobalBatchSampler,
     barrier,
     init_distributed,
+    set_rng_state,
     setup_logging,
     shutdown_distributed,
 )
@@ -182,3 +184,36 @@ def run_main(
         if dist is not None:
             shutdown_distributed(dist)
     return 0
+
+
+def save_epoch_checkpoints(save_path: Path, stem: str, payload: dict) -> None:
+    """`<stem>_<epoch>.pth` and `<stem>.pth` (the resume point), both written atomically."""
+    save_checkpoint(save_path / f"{stem}_{payload['epoch']}.pth", payload)
+    save_checkpoint(save_path / f"{stem}.pth", payload)
+
+
+def resume_single_stage(
+    stem: str,
+    load_state: Callable[[Path, dict], None],
+    optimizer: torch.optim.Optimizer,
+    args: argparse.Namespace,
+    dist: Distributed,
+    scheduler: object | None = None,
+) -> int:
+    """Resume a single-stage run from `<save_path>/<stem>.pth` if present; the epoch to start at.
+
+    `load_state(path, payload)` checks the config and loads the model's trainable weights.
+    """
+    path = args.save_path / f"{stem}.pth"
+    if not path.is_file():
+        return 0
+    payload = load_checkpoint(path, map_location=dist.device)
+    load_state(path, payload)
+    optimizer.load_state_dict(payload["optimizer"])
+    if scheduler is not None and "scheduler" in payload:
+        scheduler.load_state_dict(payload["scheduler"])
+    if "rng" in payload and not dist.enabled:
+        # As train.py: under torchrun the ranks keep their own seeds.
+        set_rng_state(payload["rng"])
+    logger.warning("resuming %s from %s after epoch %d", stem, path, payload["epoch"])
+    return int(payload["epoch"])
