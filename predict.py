@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import csv
 import hashlib
-import inspect
 import io
 import json
 import logging
@@ -30,11 +29,13 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from datasets.catalog import CATALOG
 from datasets.folder import DEFAULT_PAD_COLOR, FieldImage, ImageFolder, collate, list_images
+from models.base import DEFAULT_DOMAIN, FrozenCLIPModel
+from models.predictor import DOMAINS, AnomalyPredictor
 from models.registry import MODELS, find_checkpoint, load_trained_model
 from utils import calibration as calib
 from utils.checkpoint import atomic_write
@@ -87,6 +88,12 @@ def _add_preprocessing_args(parser: argparse.ArgumentParser, defaults_from: str)
     parser.add_argument(
         "--class_name", default=None, help=f"prompt name of the object (default: {defaults_from})"
     )
+    parser.add_argument(
+        "--domain",
+        default=None,
+        choices=DOMAINS,
+        help=f"the images' domain, e.g. AA-CLIP's blur (default: {defaults_from})",
+    )
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -95,7 +102,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     cal = commands.add_parser("calibrate", help="thresholds from a folder of normal images")
     _add_common_args(cal)
-    _add_preprocessing_args(cal, "off, 255 255 255, 'object'")
+    _add_preprocessing_args(cal, "off, 255 255 255, 'object', the training data set's domain")
     cal.add_argument("--normal_dir", type=Path, required=True, help="folder of normal images")
     cal.add_argument(
         "--percentile", type=float, default=99.5, help="99.5 (more sensitive) or 99.9, any p"
@@ -132,34 +139,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def accepts_valid_mask(model: nn.Module) -> bool:
-    """Whether `model.predict` takes a `valid_mask` keyword (FE-CLIP's masked LFS)."""
-    return "valid_mask" in inspect.signature(model.predict).parameters
-
-
 def score_images(
-    model: nn.Module,
+    predictor: AnomalyPredictor,
     dataset: ImageFolder,
     class_name: str,
-    device: torch.device,
     batch_size: int = 8,
     num_workers: int = 0,
     top_fraction: float = 0.01,
 ) -> Iterator[tuple[FieldImage, dict[str, Any] | None]]:
     """Yield (item, result) per file in order; result is None for an unreadable file, else
     {"image_score", "max", "topk_mean", "mean", "anomaly_map" [S, S]} (reductions over valid
-    pixels only)."""
+    pixels only). Letterboxed images hand their valid mask to the model (FE-CLIP's masked LFS)."""
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate)
-    pass_mask = dataset.use_letterbox and accepts_valid_mask(model)
     for batch in tqdm(loader, desc="scoring", unit="batch", leave=False):
         good = [item for item in batch if not item.error]
         results: dict[int, dict[str, Any]] = {}
         if good:
-            images = torch.stack([item.image for item in good]).to(device)  # [B, 3, S, S]
-            valid = torch.stack([item.valid_mask for item in good]).to(device)  # [B, S, S]
-            extra = {"valid_mask": valid} if pass_mask else {}
-            with torch.no_grad():
-                anomaly_map, image_score = model.predict(images, [class_name] * len(good), **extra)
+            images = torch.stack([item.image for item in good])  # [B, 3, S, S]
+            valid = torch.stack([item.valid_mask for item in good]).to(predictor.device)  # [B,S,S]
+            mask = valid if dataset.use_letterbox else None
+            anomaly_map, image_score = predictor.predict(images, [class_name] * len(good), mask)
             # Padding is masked out of the reductions and cropped from overlays rather than set
             # to 0 (spec §14.1): AA-CLIP's raw maps can be negative, so 0 would be a high value.
             anomaly_map = anomaly_map.float()
@@ -175,6 +174,12 @@ def score_images(
             yield item, results.get(id(item))
 
 
+def training_domain(payload: dict[str, Any]) -> str:
+    """The domain of the data set a checkpoint was trained on (Industrial when unknown)."""
+    dataset = (payload.get("config") or {}).get("dataset")
+    return CATALOG[dataset].domain if dataset in CATALOG else DEFAULT_DOMAIN
+
+
 def _file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as file:
@@ -183,7 +188,9 @@ def _file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _load(args: argparse.Namespace, device: torch.device) -> tuple[str, Path, nn.Module, dict]:
+def _load(
+    args: argparse.Namespace, device: torch.device
+) -> tuple[str, Path, FrozenCLIPModel, dict]:
     name, file = find_checkpoint(args.checkpoint, args.model)
     _, model, payload = load_trained_model(file, device, name)
     return name, file, model, payload
@@ -198,6 +205,8 @@ def run_calibrate(args: argparse.Namespace) -> Path:
     class_name = args.class_name or "object"
     dataset_files = list_images(args.normal_dir)  # an empty folder fails before model loading
     name, file, model, payload = _load(args, device)
+    domain = args.domain or training_domain(payload)
+    predictor = AnomalyPredictor(model, domain)
     dataset = ImageFolder(
         args.normal_dir, model.img_size, letterbox, pad_color, files=dataset_files
     )
@@ -206,7 +215,7 @@ def run_calibrate(args: argparse.Namespace) -> Path:
     used: list[str] = []
     skipped: list[dict[str, str]] = []
     for item, result in score_images(
-        model, dataset, class_name, device, args.batch_size, args.num_workers, args.top_fraction
+        predictor, dataset, class_name, args.batch_size, args.num_workers, args.top_fraction
     ):
         if result is None:
             logger.warning("skipped: %s", item.error)
@@ -241,8 +250,8 @@ def run_calibrate(args: argparse.Namespace) -> Path:
                 "letterbox": letterbox,
                 "pad_color": list(pad_color),
                 "class_name": class_name,
-                "valid_mask_to_model": letterbox and accepts_valid_mask(model),
-                "token_valid_frac": getattr(model, "token_valid_frac", None),
+                "domain": domain,
+                "valid_mask_to_model": letterbox,
             },
             "data": {
                 "folder": str(Path(args.normal_dir).resolve()),
@@ -324,6 +333,13 @@ def run_score(args: argparse.Namespace) -> dict[str, Any]:
     class_name = args.class_name or settings["class_name"]
     rule = args.rule or calibration["rule"]
     reduction = args.reduction or calibration["reduction"]
+    # Calibrations written before the domain was recorded were scored as industrial.
+    calibrated_domain = settings.get("domain", DEFAULT_DOMAIN)
+    domain = args.domain or calibrated_domain
+    if domain != calibrated_domain:
+        logger.warning(
+            "scoring as %s but the thresholds come from %s maps", domain, calibrated_domain
+        )
     if (letterbox, list(pad_color)) != (settings["letterbox"], settings["pad_color"]):
         logger.warning(
             "scoring with letterbox=%s pad %s but the thresholds come from letterbox=%s pad %s",
@@ -335,6 +351,7 @@ def run_score(args: argparse.Namespace) -> dict[str, Any]:
     files = list_images(args.input)  # an empty folder fails before model loading
     device = resolve_device(args.device)
     name, file, model, _ = _load(args, device)
+    predictor = AnomalyPredictor(model, domain)
     if name != calibration["model"]["name"] or model.img_size != settings["img_size"]:
         raise ConfigError(
             f"{calibration_file} calibrates a {calibration['model']['name']} model at "
@@ -345,9 +362,10 @@ def run_score(args: argparse.Namespace) -> dict[str, Any]:
             "%s was calibrated with another checkpoint file; thresholds may not fit", file
         )
     logger.info(
-        "scoring %d files: %s, letterbox=%s, rule=%s, reduction=%s, p%g",
+        "scoring %d files: %s, %s, letterbox=%s, rule=%s, reduction=%s, p%g",
         len(files),
         name,
+        domain,
         letterbox,
         rule,
         reduction,
@@ -365,10 +383,9 @@ def run_score(args: argparse.Namespace) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     scored: list[tuple[int, float, float]] = []  # (row index, image score, map score)
     for item, result in score_images(
-        model,
+        predictor,
         dataset,
         class_name,
-        device,
         args.batch_size,
         args.num_workers,
         calibration["top_fraction"],

@@ -17,6 +17,7 @@ import argparse
 import logging
 import re
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,39 +30,65 @@ from datasets.catalog import default_data_root, get_dataset_info, real_name
 from datasets.metadata import load_test_records
 from datasets.support import draw_support, load_images
 from datasets.synthetic import ensure_synthetic
-from models.aaclip import AdaptedCLIP, build_aaclip, load_adapter
-from models.registry import MODELS, checkpoint_stem, find_checkpoint, load_trained_model
-from train import build_parser as build_train_parser
-from utils.checkpoint import load_checkpoint
+from models.predictor import AnomalyPredictor
+from models.registry import (
+    MODELS,
+    checkpoint_stem,
+    config_classes,
+    find_checkpoint,
+    load_trained_model,
+)
 from utils.config import (
-    CONFIG_DIR,
-    add_backbone_args,
-    add_data_args,
-    add_run_args,
+    ARCH,
+    TEST,
+    TRAIN,
+    add_settings,
+    keys_of,
+    load_yaml,
     parse_with_config,
-    parser_keys,
-    resolve_backbone_defaults,
+    settings_of,
+    to_mapping,
 )
 from utils.errors import CheckpointError, ConfigError, UserError
 from utils.metrics import COLUMNS_FULL, COLUMNS_OFFICIAL, PRO_VARIANTS, evaluate_class
 from utils.report import format_table, write_results
-from utils.runtime import autocast, resolve_device, seed_everything, setup_logging
+from utils.runtime import resolve_device, seed_everything, setup_logging
+from utils.training import RunConfig
 from utils.visualize import save_panels
 
 logger = logging.getLogger("test")
 
+TRAINING_ONLY = ("training_mode", "shot", "augment")
+
+
+def model_setting_names(kinds: tuple[str, ...]) -> set[str]:
+    """Names (and aliases) of every model's settings of these kinds."""
+    names: set[str] = set()
+    for config_class in config_classes():
+        for field in settings_of(config_class, kinds):
+            names |= {field.name, *field.metadata["aliases"]}
+    return names
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     parser.add_argument(
         "--model",
         default=None,
         choices=tuple(MODELS),
         help="which model's checkpoints to evaluate; default: the one found in the save path",
     )
-    add_run_args(parser, "folder with the trained checkpoints; results go here")
-    add_data_args(parser, "test data set (its full-shot records = its test split)")
-    add_backbone_args(parser)
+    add_settings(parser.add_argument_group("run and data"), RunConfig, exclude=TRAINING_ONLY)
+    models = parser.add_argument_group(
+        "model settings: default the checkpoint's; test-time ones override it, architectural "
+        "ones must equal it (or describe a file of the original code, which stores none)"
+    )
+    seen: set[str] = set()
+    for config_class in config_classes():
+        add_settings(models, config_class, (TEST, ARCH), suppress=True, seen=seen)
     group = parser.add_argument_group("evaluation")
     group.add_argument(
         "--checkpoint",
@@ -82,18 +109,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="where results_<dataset>.{json,csv,md} go (default: the checkpoint's folder)",
     )
     group.add_argument("--test_batch_size", type=int, default=32)
-    group.add_argument(
-        "--cross_attn_at_test",
-        default=None,
-        choices=("image", "none", "both"),
-        help="cross-attention models: override the trained setting (none: the fork's test)",
-    )
-    group.add_argument(
-        "--amp",
-        default="none",
-        choices=("none", "bf16", "fp16"),
-        help="autocast for the backbone; maps and metrics stay float32",
-    )
     group.add_argument(
         "--metrics",
         default="full",
@@ -142,9 +157,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=("model", "original"),
         help="panel resolution: the model input or the image's own size",
     )
-    training_keys = parser_keys(build_train_parser())
-    args = parse_with_config(parser, argv, CONFIG_DIR / "aaclip.yaml", tolerated=training_keys)
-    resolve_backbone_defaults(args)
+    # A YAML's architecture and training keys describe a training run: the checkpoint holds them.
+    known = keys_of(RunConfig, *config_classes()) | {action.dest for action in parser._actions}
+    args = parse_with_config(parser, argv, known, ignore=model_setting_names((ARCH, TRAIN)))
     official = args.metrics == "official"
     if args.undefined_metric is None:
         args.undefined_metric = "zero" if official else "nan"
@@ -152,7 +167,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.decimals = 2 if official else 1
     if args.k_shot < 0:
         raise ConfigError(f"--k_shot {args.k_shot} must be >= 0 (0 means zero-shot)")
+    if args.test_batch_size < 1:
+        raise ConfigError(f"--test_batch_size {args.test_batch_size} must be >= 1")
     return args
+
+
+def model_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The model settings given on the command line (or as test-time keys of `--config`)."""
+    return {
+        name: value
+        for name, value in vars(args).items()
+        if name in model_setting_names((TEST, ARCH))
+    }
 
 
 def checkpoint_files(args: argparse.Namespace) -> tuple[str, list[Path]]:
@@ -172,37 +198,19 @@ def checkpoint_files(args: argparse.Namespace) -> tuple[str, list[Path]]:
     raise CheckpointError(f"no per-epoch checkpoints in {args.save_path}; train first")
 
 
-def load_text_adapter(model: AdaptedCLIP, args: argparse.Namespace) -> str:
-    """Load `text_adapter.pth` from the checkpoint's folder; without one, plain CLIP anchors.
-
-    The original silently falls back (`assert len(files) >= 0`, quirk 10); we warn and record it.
-    """
-    folder = args.checkpoint.parent if args.checkpoint is not None else args.save_path
-    path = folder / "text_adapter.pth"
-    if path.is_file():
-        load_adapter(model, path, "text_adapter", vars(args))
-        return str(path)
-    logger.warning("no %s: text anchors come from plain CLIP (no stage 1)", path)
-    model.use_text_adapter = False
-    return "none (plain CLIP anchors)"
-
-
 @torch.no_grad()
 def predict_class(
-    model: torch.nn.Module,
+    predictor: AnomalyPredictor,
     dataset: TestDataset,
     prompt_name: str,
     batch_size: int,
-    device: torch.device,
-    amp: str,
+    num_workers: int,
 ) -> dict[str, np.ndarray | list]:
     """Raw maps `[n, S, S]`, image scores `[n]`, masks `[n, S, S]`, labels `[n]` of a class."""
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     maps, scores, masks, labels, paths, file_names = [], [], [], [], [], []
     for batch in tqdm(loader, desc="batches", leave=False):
-        with autocast(device, amp):
-            images = batch["image"].to(device)
-            output = model.predict(images, [prompt_name] * len(images))
+        output = predictor.predict(batch["image"], [prompt_name] * len(batch["image"]))
         maps.append(output.anomaly_map.cpu().numpy())
         scores.append(output.image_score.cpu().numpy())
         masks.append(batch["mask"][:, 0].numpy().astype(bool))
@@ -220,33 +228,30 @@ def predict_class(
 
 
 def evaluate(
-    model: torch.nn.Module,
+    predictor: AnomalyPredictor,
     datasets: dict[str, TestDataset],
     args: argparse.Namespace,
-    device: torch.device,
     visualize: bool,
     support: dict[str, list[str]] | None = None,
 ) -> dict[str, dict[str, float]]:
-    """Per-class metrics for the loaded adapters.
+    """Per-class metrics of one trained model.
 
-    With `--k_shot` > 0 the model's support memory holds k normal train-split images of each
+    With `--k_shot` > 0 the predictor's support set holds k normal train-split images of each
     class while the class is predicted and scored; their paths go into `support`.
     """
-    domain = get_dataset_info(args.dataset).domain
     columns = COLUMNS_OFFICIAL if args.metrics == "official" else COLUMNS_FULL
+    workers = args.num_workers if args.num_workers is not None else 0
     per_class = {}
     for class_name, dataset in tqdm(datasets.items(), desc="classes"):
         prompt_name = real_name(args.dataset, class_name)
         if args.k_shot > 0:
-            set_support_memory(model, class_name, args, device, support)
+            set_support(predictor, class_name, args, support)
         try:
-            outputs = predict_class(
-                model, dataset, prompt_name, args.test_batch_size, device, args.amp
-            )
-            image_scores = model.table_image_scores(outputs["maps"], outputs["det_scores"], domain)
+            outputs = predict_class(predictor, dataset, prompt_name, args.test_batch_size, workers)
+            image_scores = predictor.table_image_scores(outputs["maps"], outputs["det_scores"])
         finally:
             if args.k_shot > 0:
-                model.set_memory(None)
+                predictor.set_support(None)
         per_class[class_name] = evaluate_class(
             outputs["maps"],
             outputs["masks"],
@@ -257,27 +262,24 @@ def evaluate(
             pro_variant=args.pro_variant,
         )
         if visualize:
-            write_panels(outputs, class_name, args)
+            write_panels(outputs, class_name, args, predictor.model.img_size)
     return per_class
 
 
-def set_support_memory(
-    model: torch.nn.Module,
+def set_support(
+    predictor: AnomalyPredictor,
     class_name: str,
     args: argparse.Namespace,
-    device: torch.device,
     support: dict[str, list[str]] | None,
 ) -> None:
-    """Draw the class's k-shot support set (seeded) and hand it to the model's memory."""
+    """Draw the class's k-shot support set (seeded) and hand it to the predictor."""
     paths = draw_support(args.dataset, args.data_root, class_name, args.k_shot, args.support_seed)
     if support is not None:
         support[class_name] = [Path(path).relative_to(args.data_root).as_posix() for path in paths]
-    images = load_images(paths, model.img_size).to(device)
-    with torch.no_grad(), autocast(device, args.amp):
-        model.set_memory(images)
+    predictor.set_support(load_images(paths, predictor.model.img_size))
 
 
-def write_panels(outputs: dict, class_name: str, args: argparse.Namespace) -> None:
+def write_panels(outputs: dict, class_name: str, args: argparse.Namespace, img_size: int) -> None:
     """[image | ground truth | heat map] per image; the map min-max normalised over the class."""
     maps = outputs["maps"]
     low, high = float(maps.min()), float(maps.max())
@@ -288,7 +290,7 @@ def write_panels(outputs: dict, class_name: str, args: argparse.Namespace) -> No
     ):
         image = Image.open(path).convert("RGB")
         if args.vis_size == "model":
-            image = image.resize((args.img_size, args.img_size), Image.BICUBIC)
+            image = image.resize((img_size, img_size), Image.BICUBIC)
         mask = outputs["masks"][index]
         if args.vis_size == "original":
             mask = np.asarray(Image.fromarray(mask).resize(image.size, Image.NEAREST))
@@ -303,41 +305,6 @@ def results_stem(dataset: str, checkpoint: Path, model: str) -> str:
     return f"results_{dataset}_{checkpoint.stem}"
 
 
-class AaclipLoader:
-    """AA-CLIP from the command line's backbone flags (original checkpoints carry no config):
-    built once with `text_adapter.pth`, then each image-adapter file loaded into it."""
-
-    def __init__(self, args: argparse.Namespace, device: torch.device) -> None:
-        self.model = build_aaclip(vars(args), device)
-        self.text_source = load_text_adapter(self.model, args)
-        self.args = args
-
-    def __call__(self, path: Path) -> tuple[torch.nn.Module, dict, dict]:
-        payload = load_adapter(self.model, path, "image_adapter", vars(self.args))
-        return self.model.eval(), payload, {"text_adapter": self.text_source}
-
-
-def load_for_test(
-    model_name: str, path: Path, args: argparse.Namespace, device: torch.device, cache: dict
-) -> tuple[torch.nn.Module, dict, dict]:
-    """(model in eval mode, checkpoint payload, extra result metadata) for one file."""
-    if model_name == "aaclip":
-        if "aaclip" not in cache:
-            cache["aaclip"] = AaclipLoader(args, device)
-        return cache["aaclip"](path)
-    overrides = {}
-    if args.cross_attn_at_test is not None:
-        overrides["cross_attn_at_test"] = args.cross_attn_at_test
-    if not load_checkpoint(path).get("config"):
-        # A file of the original code (e.g. the cross-attention fork): the flags say how to build.
-        overrides = {**vars(args), **overrides}
-    _, model, payload = load_trained_model(path, device, model_name, overrides)
-    extra = {}
-    if hasattr(model, "cross_attn_at_test"):
-        extra["cross_attn_at_test"] = model.cross_attn_at_test
-    return model, payload, extra
-
-
 def run(args: argparse.Namespace) -> None:
     device = resolve_device(args.device)
     seed_everything(args.seed)
@@ -347,21 +314,23 @@ def run(args: argparse.Namespace) -> None:
     if args.dataset == "Synthetic":
         ensure_synthetic(args.data_root)
     model_name, files = checkpoint_files(args)
-    args.model = model_name
+    if args.config is not None and load_yaml(args.config).get("model", model_name) != model_name:
+        raise ConfigError(f"{args.config} configures another model than this {model_name} run")
     records = load_test_records(args.dataset, args.data_root, args.metadata_dir)
     columns = COLUMNS_OFFICIAL if args.metrics == "official" else COLUMNS_FULL
     out_dir = args.checkpoint.parent if args.checkpoint is not None else args.save_path
     if args.results_dir is not None:
         out_dir = args.results_dir
-    cache: dict = {}
+    overrides = model_overrides(args)
+    model = None
     for path in files:
-        model, payload, extra_meta = load_for_test(model_name, path, args, device, cache)
-        if args.k_shot > 0 and not hasattr(model, "set_memory"):
-            msg = f"--k_shot {args.k_shot} needs a support memory (sowa), not {model_name}"
-            raise ConfigError(msg)
-        if hasattr(model, "domain"):
-            model.domain = info.domain
-        args.img_size = model.img_size
+        if model is None:
+            _, model, payload = load_trained_model(
+                path, device, model_name, overrides, args.dataset
+            )
+        else:  # the next epoch of the same run: same architecture, reload its weights
+            payload = model.load_trained(path)
+        predictor = AnomalyPredictor(model, info.domain, args.amp, args.k_shot)
         datasets = build_test_datasets(records, args.data_root, model.img_size)
         logger.info(
             "evaluating %s %s (epoch %s) on %s",
@@ -372,18 +341,25 @@ def run(args: argparse.Namespace) -> None:
         )
         support: dict[str, list[str]] = {}
         per_class = evaluate(
-            model, datasets, args, device, args.visualize and path == files[-1], support
+            predictor, datasets, args, args.visualize and path == files[-1], support
         )
+        settings = to_mapping(model.config)
         meta = {
             "dataset": args.dataset,
             "model": model_name,
             "checkpoint": str(path),
             "epoch": payload.get("epoch"),
             "train_seed": (payload.get("config") or {}).get("seed"),
-            **extra_meta,
-            "resolution": args.img_size,
+            **model.weight_sources,
+            **{
+                field.name: settings[field.name]
+                for field in settings_of(type(model.config), (TEST,))
+            },
+            "model_settings": settings,
+            "domain": predictor.domain,
+            "resolution": model.img_size,
             "mask_resize": "nearest",
-            "smoothing": getattr(model, "smoothing", "gaussian on the patch grid (AA-CLIP)"),
+            "smoothing": model.smoothing,
             "pro_variant": args.pro_variant,
             "fpr_limit": args.fpr_limit,
             "k_shot": args.k_shot,

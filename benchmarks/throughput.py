@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib
 import json
 import resource
 import subprocess
@@ -36,14 +35,19 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models import backbone  # noqa: E402
-from models.aaclip import AdaptedCLIP, build_aaclip  # noqa: E402
-from train import stage1_loss  # noqa: E402
+from models.aaclip import AdaptedCLIP, stage1_loss  # noqa: E402
+from models.base import FrozenCLIPModel  # noqa: E402
+from models.predictor import AnomalyPredictor  # noqa: E402
+from models.registry import model_class  # noqa: E402
 from utils.forward_utils import (  # noqa: E402
     calculate_seg_loss,
     calculate_similarity_map,
     get_adapted_single_class_text_embedding,
 )
-from utils.runtime import autocast, resolve_device  # noqa: E402
+from utils.runtime import grad_scaler, resolve_device  # noqa: E402
+from utils.training import StageForward, training_step  # noqa: E402
+
+CLASS = "tile"  # a Synthetic class: the training stages look its anchors up
 
 ROWS = {
     "inference/straightforward": ("inference", "straightforward", "none"),
@@ -82,23 +86,11 @@ def weights_returning_attention():
         backbone.run_block = original
 
 
-def build_model(args: argparse.Namespace, device: torch.device) -> AdaptedCLIP:
-    config = {
-        "model_name": args.model_name,
-        "pretrained": None,
-        "img_size": args.img_size,
-        "text_adapt_weight": 0.1,
-        "image_adapt_weight": 0.1,
-        "text_adapt_until": 3,
-        "image_adapt_until": 6,
-        "levels": [6, 12, 18, 24],
-        "relu": False,
-    }
-    model = build_aaclip(config, device)
-    model.set_class_text_features(
-        {"object": get_adapted_single_class_text_embedding(model, None, "object", device).detach()}
-    )
-    return model
+def build_model(name: str, args: argparse.Namespace, device: torch.device) -> FrozenCLIPModel:
+    """A registered model at its default settings on the benchmark's backbone, random weights."""
+    model = model_class(name)
+    config = model.config_class(model_name=args.model_name, pretrained="", img_size=args.img_size)
+    return model.from_config(config, device)
 
 
 def straightforward_surgery_features(
@@ -112,7 +104,7 @@ def straightforward_surgery_features(
         levels = []
 
         def record(index, tokens):
-            if index + 1 in model.levels:
+            if index in model.config.block_indices:
                 levels.append(tokens[:, 1:])
             return tokens
 
@@ -126,43 +118,54 @@ def straightforward_surgery_features(
         ]
 
 
-def random_batch(args: argparse.Namespace, device: torch.device) -> dict[str, torch.Tensor]:
-    """Images `[B, 3, S, S]`, masks `[B, 1, S, S]` and labels `[B]` (seeded)."""
+def random_batch(args: argparse.Namespace, device: torch.device) -> dict:
+    """A training batch: image `[B, 3, S, S]`, mask `[B, 1, S, S]`, label `[B]` (seeded)."""
     generator = torch.Generator().manual_seed(0)
     size = (args.batch_size, 1, args.img_size, args.img_size)
     return {
-        "images": torch.randn(args.batch_size, 3, *size[2:], generator=generator).to(device),
-        "masks": (torch.rand(size, generator=generator) > 0.9).float().to(device),
-        "labels": torch.randint(0, 2, (args.batch_size,), generator=generator).to(device),
+        "image": torch.randn(args.batch_size, 3, *size[2:], generator=generator).to(device),
+        "mask": (torch.rand(size, generator=generator) > 0.9).float().to(device),
+        "label": torch.randint(0, 2, (args.batch_size,), generator=generator).to(device),
+        "class_name": [CLASS] * args.batch_size,
     }
 
 
-def make_step(
-    kind: str, straightforward: bool, amp: str, model: AdaptedCLIP, args, batch: dict
-) -> Callable[[], object]:
-    """One unit of work: a test-time forward + map, or one training step."""
-    device = batch["images"].device
-    images, masks, labels = batch["images"], batch["masks"], batch["labels"]
-    text = model.class_text_features["object"].expand(args.batch_size, -1, -1)
-    if kind == "inference":
+def inference_step(model: FrozenCLIPModel, amp: str, batch: dict) -> Callable[[], torch.Tensor]:
+    """The test-time forward + map, as test.py runs it (class anchors cached by the predictor)."""
+    predictor = AnomalyPredictor(model, amp=amp)
 
-        def step():
-            with torch.inference_mode(), autocast(device, amp):
-                return model.predict(images, ["object"] * args.batch_size).anomaly_map
+    def step():
+        with torch.inference_mode():
+            return predictor.predict(batch["image"], batch["class_name"]).anomaly_map
 
-        return step
+    return step
+
+
+def fit_step(model: FrozenCLIPModel, stage_index: int, amp: str, batch: dict) -> Callable:
+    """One step of a training stage exactly as `utils.training.fit` takes it."""
+    stage = model.stages()[stage_index]
+    model.prepare_stage(stage, "Synthetic")
+    optimizer, _ = model.configure_optimizer(stage)
+    forward = StageForward(model, stage)
+    scaler = grad_scaler(model.device, amp)
+    model.train()
+    return lambda: training_step(forward, model, batch, optimizer, scaler, amp)
+
+
+def straightforward_step(kind: str, model: AdaptedCLIP, args, batch: dict) -> Callable:
+    """A stage-1 or stage-2 step the original's way (fp32)."""
+    images, masks, labels = batch["image"], batch["mask"], batch["label"]
+    device = images.device
+    text = model.class_text(CLASS).expand(args.batch_size, -1, -1)
+    model.train()
     if kind == "stage1":
         optimizer = torch.optim.Adam(model.text_adapter.parameters(), lr=1e-5)
         model.image_adapter.requires_grad_(False)
-        surgery_clip = copy.deepcopy(model.clipmodel) if straightforward else None
+        surgery_clip = copy.deepcopy(model.clipmodel)
 
         def step():
-            with autocast(device, amp):
-                anchors = get_adapted_single_class_text_embedding(model, None, "object", device)
-                if surgery_clip is not None:
-                    features = straightforward_surgery_features(model, surgery_clip, images)
-                else:
-                    features = model.surgery_features(images)[0][-1:]
+            anchors = get_adapted_single_class_text_embedding(model, None, CLASS, device)
+            features = straightforward_surgery_features(model, surgery_clip, images)
             anchors = anchors.float().expand(args.batch_size, -1, -1)
             maps = [calculate_similarity_map(f, anchors, args.img_size) for f in features]
             loss = stage1_loss(maps, masks, anchors, 0.1, "last_level")
@@ -175,8 +178,7 @@ def make_step(
     model.text_adapter.requires_grad_(False)
 
     def step():
-        with autocast(device, amp):
-            seg_tokens, det_token = model(images)
+        seg_tokens, det_token = model(images)
         logits = torch.matmul(det_token.float().unsqueeze(1), text)[:, 0]
         loss = torch.nn.functional.cross_entropy(logits, labels)
         for tokens in seg_tokens:
@@ -190,44 +192,17 @@ def make_step(
     return step
 
 
-def sibling_step(kind: str, amp: str, args: argparse.Namespace, batch: dict) -> Callable:
-    """FE-CLIP or SOWA at its configs/<model>.yaml defaults: test-time (zero-shot) predict, or
-    one training step with the model's own optimizer and loss."""
-    model_name, task = kind.split()
-    trainer = importlib.import_module(f"train_{model_name}")
-    build = getattr(importlib.import_module(f"models.{model_name}"), f"build_{model_name}")
-    device = batch["images"].device
-    settings = trainer.parse_args(
-        ["--model_name", args.model_name, "--img_size", str(args.img_size), "--amp", amp]
-    )
-    model = build({**vars(settings), "pretrained": None}, device)
-    images, masks, labels = batch["images"], batch["masks"], batch["labels"]
+def make_step(kind: str, straightforward: bool, amp: str, args, batch: dict) -> Callable:
+    """One unit of work of a row: a test-time forward + map, or one training step."""
+    name, _, task = kind.partition(" ")
+    if name in ("inference", "stage1", "stage2"):  # AA-CLIP's rows
+        name, task = "aaclip", name
+    model = build_model(name, args, batch["image"].device)
     if task == "inference":
-        model.eval()
-
-        def step():
-            with torch.inference_mode(), autocast(device, amp):
-                return model.predict(images, ["object"] * len(images)).anomaly_map
-
-        return step
-    optimizer = trainer.build_optimizer(model, settings)
-    model.train()
-
-    def step():
-        with autocast(device, amp):
-            output = model(images)
-        if model_name == "feclip":
-            loss = trainer.feclip_loss(output, masks, labels, settings)[0]
-        else:
-            loss = trainer.sowa_loss(output, masks, labels, settings.ce_on_probabilities)[0]
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-
-    return step
-
-
-SIBLINGS = ("feclip", "sowa")
+        return inference_step(model, amp, batch)
+    if straightforward:
+        return straightforward_step(task, model, args, batch)
+    return fit_step(model, 1 if task == "stage2" else 0, amp, batch)
 
 
 def measure_row(name: str, args: argparse.Namespace) -> dict:
@@ -238,14 +213,8 @@ def measure_row(name: str, args: argparse.Namespace) -> dict:
     device = resolve_device(args.device)
     torch.manual_seed(0)
     batch = random_batch(args, device)
-    if kind.split()[0] in SIBLINGS:
-        step = sibling_step(kind, amp, args, batch)
-        reference_step = lambda: sibling_step(kind, "none", args, batch)()  # noqa: E731
-    else:
-        model = build_model(args, device)
-        model.train(kind != "inference")
-        step = make_step(kind, straightforward, amp, model, args, batch)
-        reference_step = make_step(kind, False, "none", model, args, batch)
+    step = make_step(kind, straightforward, amp, args, batch)
+    reference_step = make_step(kind, False, "none", args, batch)
     context = weights_returning_attention() if straightforward else nullcontext()
     with context:
         step()  # warm-up
@@ -280,13 +249,11 @@ def synthetic_metric_shift(args: argparse.Namespace) -> dict:
     from datasets.anomaly import build_test_datasets
     from datasets.metadata import load_test_records
     from datasets.synthetic import ensure_synthetic
-    from utils.forward_utils import get_adapted_text_embedding
     from utils.metrics import aaclip_image_scores, evaluate_class
 
     device = resolve_device(args.device)
     root = ensure_synthetic(Path(args.synthetic_root))
-    model = build_model(args, device).eval()
-    model.set_class_text_features(get_adapted_text_embedding(model, "Synthetic", device))
+    model = build_model("aaclip", args, device)
     datasets = build_test_datasets(load_test_records("Synthetic", root), root, args.img_size)
     shifts: dict[str, list[float]] = {"P-AUROC": [], "AUPRO": [], "I-AUROC": []}
     for dataset in datasets.values():
@@ -294,8 +261,10 @@ def synthetic_metric_shift(args: argparse.Namespace) -> dict:
         batch = torch.utils.data.default_collate([dataset[i] for i in indices])
         scores = {}
         for amp in ("none", args.amp):
-            with torch.inference_mode(), autocast(device, amp):
-                output = model.predict(batch["image"].to(device), list(batch["class_name"]))
+            with torch.inference_mode():
+                output = AnomalyPredictor(model, amp=amp).predict(
+                    batch["image"], list(batch["class_name"])
+                )
             maps = output.anomaly_map.cpu().numpy()
             image_scores = aaclip_image_scores(maps, output.image_score.cpu().numpy(), "Industrial")
             scores[amp] = evaluate_class(

@@ -126,22 +126,23 @@ class _RecordDataset(Dataset):
 
 
 class TrainDataset(_RecordDataset):
-    """AA-CLIP's training set; `text=True` is stage 1 (no colour jitter), `False` stage 2."""
+    """The training set: with `augment`, joint geometric augmentation and, with `color_jitter`,
+    colour jitter first (AA-CLIP stage 2 and the single-stage models; stage 1 has none)."""
 
     def __init__(
         self,
         records: list[dict],
         root: Path | str,
         img_size: int,
-        text: bool,
+        color_jitter: bool = True,
         augment: bool = True,
     ) -> None:
         super().__init__(records, root, img_size)
-        self.text = text
+        self.color_jitter = color_jitter
         self.augment = augment
 
     def __getitem__(self, index: int) -> dict:
-        item = self._load(index, jitter=self.augment and not self.text)
+        item = self._load(index, jitter=self.augment and self.color_jitter)
         if self.augment:
             item["image"], item["mask"] = joint_augment(item["image"], item["mask"])
         return item

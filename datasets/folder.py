@@ -164,23 +164,6 @@ def letterbox(
     return _normalize(canvas), geometry.valid_mask(), geometry
 
 
-def token_valid_mask(
-    valid_mask: torch.Tensor, grid: int, min_fraction: float = 0.5
-) -> torch.Tensor:
-    """Pixel validity `[..., S, S]` bool -> token validity `[..., g, g]` bool: a token is valid
-    when the valid fraction of its pixels is >= `min_fraction` (FE-CLIP's `token_valid_frac`,
-    spec §14.1; 1.0 = all of its pixels valid). Exact when g divides S (one token = one patch,
-    as for ViT-L-14-336 and the tiny backbone); otherwise adaptive average-pool cells.
-    """
-    if not 0.0 < min_fraction <= 1.0:
-        raise DataError(f"min_fraction {min_fraction} is outside (0, 1]; use e.g. 0.5")
-    shape = valid_mask.shape
-    flat = valid_mask.reshape(-1, 1, *shape[-2:]).float()
-    fraction = F.adaptive_avg_pool2d(flat, grid)  # [N, 1, g, g]
-    # Fractions are k / patch²; a tolerance keeps k / patch² == min_fraction on the valid side.
-    return (fraction >= min_fraction - 1e-6).reshape(*shape[:-2], grid, grid)
-
-
 @dataclass
 class FieldImage:
     """One loaded file: network input, valid mask, geometry, or the error that stopped it."""

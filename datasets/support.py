@@ -82,13 +82,6 @@ def draw_support(dataset: str, root: Path, class_name: str, k: int, seed: int) -
     return random.Random(seed).sample(candidates, k)
 
 
-def load_support_images(
-    dataset: str, root: Path, class_name: str, k: int, seed: int, img_size: int
-) -> torch.Tensor:
-    """The drawn support images, CLIP-normalised: `[k, 3, S, S]`."""
-    return load_images(draw_support(dataset, root, class_name, k, seed), img_size)
-
-
 def load_images(paths: list[Path], img_size: int) -> torch.Tensor:
     """Images read and CLIP-normalised: `[len(paths), 3, S, S]`."""
     return torch.stack([load_image(path, img_size) for path in paths])

@@ -12,7 +12,12 @@ Quirks of the original reproduced here by default, each with the setting that co
 * Stage-1 patch features are `normalize(f) + normalize(cls)`, not re-normalised (§8.4), and the
   detection token is a mean of unit vectors, not re-normalised (§7).
 * The final text projection is a new trainable map; CLIP's `text_projection` is unused (§5).
-Training-loop quirks (stage-1 loss on the last level only, un-scaled CE logits) live in train.py.
+* `stage1_loss="last_level"`: the original overwrites the loss inside its level loop, so only the
+  last level's segmentation loss (+ one orthogonal term) trains the text adapters;
+  `"sum_levels"` sums all levels. The paper's stage-1 L_cls is absent; `stage1_cls_loss` adds it.
+* `cls_logit_scale=1`: stage-2 cross-entropy on un-scaled cosine logits.
+Resume follows the corrected rule (train while epoch < total, optimizer, scheduler and RNG states
+restored); the original skipped a stage-1 epoch and restarted the scheduler (§13).
 
 Unlike the original, one CLIP instance serves both the adapted path and the stage-1 surgery path:
 the walker swaps the attention rule per call, and the blocks before the first surgery block are
@@ -21,9 +26,10 @@ computed once for both the clean CLS and the surgery features.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
 import torch
@@ -33,132 +39,199 @@ from torch import nn
 
 from models import backbone
 from models.adapters import SimpleAdapter, SimpleProj, residual_blend, xavier_init
-from utils.checkpoint import check_config, load_checkpoint
-from utils.errors import CheckpointError
-from utils.forward_utils import calculate_similarity_map, get_adapted_single_class_text_embedding
+from models.base import DEFAULT_DOMAIN, AnomalyOutput, ClipConfig, FrozenCLIPModel, Stage
+from utils.checkpoint import load_checkpoint
+from utils.config import ARCH, setting
+from utils.errors import CheckpointError, ConfigError
+from utils.forward_utils import (
+    calculate_seg_loss,
+    calculate_similarity_map,
+    get_adapted_single_class_text_embedding,
+    get_adapted_text_embedding,
+    orthogonal_loss,
+)
 from utils.metrics import aaclip_image_scores
+from utils.runtime import float32_island
 
 logger = logging.getLogger(__name__)
 
 SURGERY_ATTENTION = {"batch_mix": "vv_batch_mix", "per_image": "vv_per_image"}
-# Settings a checkpoint must share with the model it is loaded into.
-TEXT_ADAPTER_KEYS = ("model", "model_name", "quick_gelu", "text_adapt_until", "text_adapt_weight")
-IMAGE_ADAPTER_KEYS = (
-    "model",
-    "model_name",
-    "quick_gelu",
-    "img_size",
-    "levels",
-    "image_adapt_until",
-    "image_adapt_weight",
-    "relu",
-)
 
 
-class AnomalyOutput(NamedTuple):
-    """What every model's `predict` returns; unpacks as a pair."""
+@dataclasses.dataclass
+class AAClipConfig(ClipConfig):
+    """AA-CLIP's settings (spec aaclip.md §16; the original's defaults)."""
 
-    anomaly_map: torch.Tensor  # [B, S, S] float32
-    image_score: torch.Tensor  # [B] float32
+    name: ClassVar[str] = "aaclip"
+    paper_img_size: ClassVar[int] = 518
+    run_defaults: ClassVar[dict[str, Any]] = {"save_path": Path("ckpt/aaclip"), "seed": 111}
+
+    block_indices: list[int] = setting(
+        [5, 11, 17, 23],
+        "0-based vision blocks whose outputs are the segmentation levels (the original's "
+        "1-based --levels 6 12 18 24)",
+        kind=ARCH,
+        aliases={"levels": 1},
+        original="levels",
+        minimum=0,
+    )
+    text_adapt_until: int = setting(
+        3, "text blocks followed by a residual adapter (K_T)", kind=ARCH, minimum=0
+    )
+    image_adapt_until: int = setting(
+        6, "vision blocks followed by a residual adapter (K_I)", kind=ARCH, minimum=0
+    )
+    text_adapt_weight: float = setting(0.1, "blend weight of the text adapters", kind=ARCH)
+    image_adapt_weight: float = setting(0.1, "blend weight of the image adapters", kind=ARCH)
+    relu: bool = setting(
+        False, "LeakyReLU after the seg/det projections (the published runs: off)", kind=ARCH
+    )
+    surgery_until_layer: int = setting(
+        20, "stage-1 value-value attention in the last N - 1 vision blocks", minimum=1
+    )
+    surgery_attention: str = setting(
+        "batch_mix",
+        "stage-1 value-value attention: batch_mix reproduces the original's softmax over the "
+        "images of a batch; per_image corrects it",
+        choices=tuple(SURGERY_ATTENTION),
+    )
+    stage1_loss: str = setting(
+        "last_level",
+        "last_level reproduces the original (only the last level's loss trains); sum_levels",
+        choices=("last_level", "sum_levels"),
+    )
+    stage1_cls_loss: bool = setting(
+        False, "add the paper's L_cls on the clean CLS embedding (absent in the code)"
+    )
+    text_norm_weight: float = setting(0.1, "weight of the orthogonal (disentangle) loss")
+    text_epoch: int = setting(5, "stage-1 epochs", minimum=0)
+    text_batch_size: int = setting(16, "stage-1 global batch size", minimum=1)
+    text_lr: float = setting(1e-5, "stage-1 Adam learning rate", above=0)
+    image_epoch: int = setting(20, "stage-2 epochs", minimum=0)
+    image_batch_size: int = setting(2, "stage-2 global batch size", minimum=1)
+    image_lr: float = setting(5e-4, "stage-2 Adam learning rate", above=0)
+    image_milestones: list[int] = setting(
+        [16000, 32000], "stage-2 MultiStepLR milestones in iterations", nargs="*", minimum=0
+    )
+    image_gamma: float = setting(0.5, "stage-2 MultiStepLR factor", above=0)
+    cls_logit_scale: float = setting(
+        1.0, "scale of the stage-2 CE logits (the original: 1, un-scaled cosines)"
+    )
+    betas: list[float] = setting([0.5, 0.999], "Adam betas of both stages", nargs=2, minimum=0)
+
+    def check(self) -> None:
+        levels = self.block_indices
+        if levels and self.image_adapt_until > levels[0] + 1:
+            msg = (
+                f"--image_adapt_until {self.image_adapt_until} adapts blocks after the first "
+                f"level (block {levels[0]}); use at most {levels[0] + 1}"
+            )
+            raise ConfigError(msg)
 
 
-def default_levels(num_blocks: int) -> list[int]:
-    """1-based block outputs at quarter depths: [6, 12, 18, 24] for 24 blocks."""
-    return [num_blocks // 4, num_blocks // 2, 3 * num_blocks // 4, num_blocks]
+def check_block_indices(indices: list[int], blocks: int, original: str, offset: int) -> None:
+    """0-based `indices` must be increasing and < `blocks`; the message names the flag and the
+    original's flag `original` in its own counting (`offset`)."""
+    if not indices or sorted(set(indices)) != indices or indices[0] < 0 or indices[-1] >= blocks:
+        shown = " ".join(str(index + offset) for index in indices)
+        msg = (
+            f"--block_indices {indices} (--{original} {shown}) must be increasing 0-based "
+            f"indices of the backbone's {blocks} vision blocks (< {blocks})"
+        )
+        raise ConfigError(msg)
 
 
-class AdaptedCLIP(nn.Module):
-    """Frozen CLIP plus AA-CLIP's text and image adapters.
+class TextStageOutput(NamedTuple):
+    """Stage 1's forward: frozen surgery features and the anchors with gradient."""
 
-    Args:
-        clip_model: a plain open_clip CLIP (frozen here).
-        text_adapt_weight: blend weight of the text residual adapters (λ, 0.1).
-        image_adapt_weight: blend weight of the image residual adapters (λ, 0.1).
-        text_adapt_until: number of text blocks followed by an adapter (K_T, 3).
-        image_adapt_until: number of vision blocks followed by an adapter (K_I, 6).
-        levels: 1-based vision block outputs used for segmentation ([6, 12, 18, 24]).
-        relu: LeakyReLU after the seg/det projections (original CLI default False).
-        surgery_until_layer: stage-1 value-value attention in the last `surgery_until_layer - 1`
-            vision blocks (20: 0-based blocks 5..23 of 24).
-        surgery_attention: `batch_mix` (faithful quirk) or `per_image`.
+    patch_features: list[torch.Tensor]  # per level [B, g², D]
+    cls: torch.Tensor  # [B, D] clean CLS embedding
+    anchors: torch.Tensor  # [C, D, 2] one per class of the batch
+    classes: list[str]  # the C classes, in first-appearance order
+
+
+class ImageStageOutput(NamedTuple):
+    """Stage 2's forward: the adapted image path."""
+
+    seg_tokens: list[torch.Tensor]  # per level [B, g², D] unit norm
+    det_token: torch.Tensor  # [B, D]
+
+
+def stage1_loss(
+    level_maps: list[torch.Tensor],
+    mask: torch.Tensor,
+    epoch_text_feature: torch.Tensor,
+    text_norm_weight: float,
+    mode: str = "last_level",
+) -> torch.Tensor:
+    """Stage-1 loss: per-level train maps `[B, 2, S, S]`, mask `[B, 1, S, S]`, anchors `[B, D, 2]`.
+
+    `last_level` (faithful): the original reassigns the loss per level, so only the last map
+    counts; `sum_levels`: every level's segmentation loss. One orthogonal term either way.
     """
+    orthogonal = text_norm_weight * orthogonal_loss(epoch_text_feature)
+    if mode == "last_level":
+        return calculate_seg_loss(level_maps[-1], mask) + orthogonal
+    if mode == "sum_levels":
+        return sum(calculate_seg_loss(level_map, mask) for level_map in level_maps) + orthogonal
+    raise ConfigError(f"unknown --stage1_loss {mode!r}; use last_level or sum_levels")
 
-    def __init__(
-        self,
-        clip_model: CLIP,
-        text_adapt_weight: float = 0.1,
-        image_adapt_weight: float = 0.1,
-        text_adapt_until: int = 3,
-        image_adapt_until: int = 6,
-        levels: list[int] | tuple[int, ...] = (6, 12, 18, 24),
-        relu: bool = False,
-        surgery_until_layer: int = 20,
-        surgery_attention: str = "batch_mix",
-    ) -> None:
-        super().__init__()
-        blocks = backbone.num_vision_blocks(clip_model)
-        levels = list(levels)
-        if sorted(levels) != levels or not 1 <= levels[0] or levels[-1] > blocks:
-            raise ValueError(f"levels {levels} must be increasing 1-based indices <= {blocks}")
-        if image_adapt_until > levels[0]:
-            raise ValueError(f"image_adapt_until {image_adapt_until} exceeds the first level")
-        if text_adapt_until > backbone.num_text_blocks(clip_model):
-            raise ValueError(f"text_adapt_until {text_adapt_until} exceeds the text depth")
-        if surgery_attention not in SURGERY_ATTENTION:
-            raise ValueError(f"surgery_attention must be one of {sorted(SURGERY_ATTENTION)}")
-        if not 1 <= surgery_until_layer <= blocks + 1:
-            raise ValueError(f"surgery_until_layer must be in 1..{blocks + 1}")
 
-        self.clipmodel = backbone.freeze(clip_model)
-        self.t_w = text_adapt_weight
-        self.i_w = image_adapt_weight
-        self.text_adapt_until = text_adapt_until
-        self.image_adapt_until = image_adapt_until
-        self.levels = levels
-        self.relu = relu
-        self.surgery_until_layer = surgery_until_layer
-        self.surgery_attention = surgery_attention
+def class_logits(
+    features: torch.Tensor, epoch_text_feature: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """`[B, D]` image features against their class anchors `[B, D, 2]` -> `[B, 2]` logits."""
+    return scale * torch.matmul(features.unsqueeze(1), epoch_text_feature)[:, 0]
+
+
+class AdaptedCLIP(FrozenCLIPModel):
+    """Frozen CLIP plus AA-CLIP's text and image adapters (settings: `AAClipConfig`)."""
+
+    config_class = AAClipConfig
+    checkpoint_file = "image_adapter.pth"
+    stage_stems: ClassVar[tuple[str, str]] = ("text_adapter", "image_adapter")
+
+    def __init__(self, config: AAClipConfig | None = None, clip: CLIP | None = None) -> None:
+        config = config if config is not None else AAClipConfig()
+        super().__init__(config, clip)
+        clip = self.clipmodel
+        blocks = backbone.num_vision_blocks(clip)
+        check_block_indices(config.block_indices, blocks, "levels", 1)
+        if config.text_adapt_until > backbone.num_text_blocks(clip):
+            depth = backbone.num_text_blocks(clip)
+            msg = f"--text_adapt_until {config.text_adapt_until} exceeds the {depth} text blocks"
+            raise ConfigError(msg)
+        if config.surgery_until_layer > blocks + 1:
+            msg = f"--surgery_until_layer {config.surgery_until_layer} must be <= {blocks + 1}"
+            raise ConfigError(msg)
         self.use_text_adapter = True
-        self.domain = "Industrial"
         self.tokenizer = backbone.get_tokenizer()
         self._token_cache: dict[tuple[str, ...], torch.Tensor] = {}
-        self.class_text_features: dict[str, torch.Tensor] = {}
+        self.train_dataset: str | None = None
+        self.stage_text: dict[str, torch.Tensor] = {}
+        self._sources: dict[str, str] = {}
 
-        width_v = backbone.vision_width(clip_model)
-        width_t = backbone.text_width(clip_model)
-        dim = backbone.embed_dim(clip_model)
+        width_v = backbone.vision_width(clip)
+        width_t = backbone.text_width(clip)
+        dim = backbone.embed_dim(clip)
         # The final text projection always has LeakyReLU (hard-coded relu=True in the original).
         self.text_adapter = nn.ModuleList(
-            [SimpleAdapter(width_t, width_t) for _ in range(text_adapt_until)]
+            [SimpleAdapter(width_t, width_t) for _ in range(config.text_adapt_until)]
             + [SimpleProj(width_t, dim, relu=True)]
         )
         self.image_adapter = nn.ModuleDict(
             {
                 "layer_adapters": nn.ModuleList(
-                    [SimpleAdapter(width_v, width_v) for _ in range(image_adapt_until)]
+                    [SimpleAdapter(width_v, width_v) for _ in range(config.image_adapt_until)]
                 ),
-                "seg_proj": nn.ModuleList([SimpleProj(width_v, dim, relu) for _ in levels]),
-                "det_proj": SimpleProj(width_v, dim, relu),
+                "seg_proj": nn.ModuleList(
+                    [SimpleProj(width_v, dim, config.relu) for _ in config.block_indices]
+                ),
+                "det_proj": SimpleProj(width_v, dim, config.relu),
             }
         )
         xavier_init(self.text_adapter)
         xavier_init(self.image_adapter)
-
-    # ---------------------------------------------------------------------------------------
-    # Modes: CLIP is frozen and stays in eval mode; only adapters follow train()/eval().
-
-    def train(self, mode: bool = True) -> AdaptedCLIP:
-        super().train(mode)
-        self.clipmodel.eval()
-        return self
-
-    @property
-    def img_size(self) -> int:
-        return backbone.image_size(self.clipmodel)
-
-    @property
-    def device(self) -> torch.device:
-        return self.clipmodel.visual.proj.device
 
     # ---------------------------------------------------------------------------------------
     # Text
@@ -190,12 +263,13 @@ class AdaptedCLIP(nn.Module):
             return backbone.text_project(
                 clip, backbone.text_pool(clip, backbone.walk_text(clip, x), token_ids)
             )
+        weight = self.config.text_adapt_weight
 
         def adapt(index: int, tokens: torch.Tensor) -> torch.Tensor:
             if before_adapter is not None:
                 tokens = before_adapter(index, tokens)
-            if index < self.text_adapt_until:
-                return residual_blend(tokens, self.text_adapter[index](tokens), self.t_w)
+            if index < self.config.text_adapt_until:
+                return residual_blend(tokens, self.text_adapter[index](tokens), weight)
             return tokens
 
         pooled = backbone.text_pool(clip, backbone.walk_text(clip, x, adapt), token_ids)  # [N, D_t]
@@ -219,19 +293,21 @@ class AdaptedCLIP(nn.Module):
         adapter (the cross-attention variant's insertion point)."""
         clip = self.clipmodel
         adapters = self.image_adapter["layer_adapters"]
+        levels = self.config.block_indices
+        weight = self.config.image_adapt_weight
         level_tokens: list[torch.Tensor] = []
 
         def adapt_and_record(index: int, tokens: torch.Tensor) -> torch.Tensor:
             if before_adapter is not None:
                 tokens = before_adapter(index, tokens)
-            if index < self.image_adapt_until:
-                tokens = residual_blend(tokens, adapters[index](tokens), self.i_w)
-            if index + 1 in self.levels:
+            if index < self.config.image_adapt_until:
+                tokens = residual_blend(tokens, adapters[index](tokens), weight)
+            if index in levels:
                 level_tokens.append(tokens[:, 1:])  # patch tokens after this block's adapter
             return tokens
 
         x = backbone.vision_embed(clip, images)  # [B, 1+g², D_v]
-        backbone.walk_vision(clip, x, adapt_and_record, stop=self.levels[-1])
+        backbone.walk_vision(clip, x, adapt_and_record, stop=levels[-1] + 1)
         normed = [backbone.post_norm(clip, tokens) for tokens in level_tokens]  # [B, g², D_v]
         seg_tokens = [
             F.normalize(projection(tokens), dim=-1)
@@ -250,7 +326,7 @@ class AdaptedCLIP(nn.Module):
     def surgery_blocks(self) -> range:
         """0-based vision blocks whose attention the surgery replaces (the last `until - 1`)."""
         blocks = backbone.num_vision_blocks(self.clipmodel)
-        return range(blocks - (self.surgery_until_layer - 1), blocks)
+        return range(blocks - (self.config.surgery_until_layer - 1), blocks)
 
     @torch.no_grad()
     def surgery_features(self, images: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -262,11 +338,12 @@ class AdaptedCLIP(nn.Module):
         """
         clip = self.clipmodel
         first_surgery = self.surgery_blocks().start
-        rule = SURGERY_ATTENTION[self.surgery_attention]
+        rule = SURGERY_ATTENTION[self.config.surgery_attention]
+        levels = self.config.block_indices
         level_tokens: list[torch.Tensor] = []
 
         def record(index: int, tokens: torch.Tensor) -> torch.Tensor:
-            if index + 1 in self.levels:
+            if index in levels:
                 level_tokens.append(tokens[:, 1:])
             return tokens
 
@@ -280,7 +357,7 @@ class AdaptedCLIP(nn.Module):
             record,
             attention=lambda _: rule,
             start=first_surgery,
-            stop=self.levels[-1],
+            stop=levels[-1] + 1,
         )
         patch_features = [
             F.normalize(backbone.project_image_tokens(clip, tokens), dim=-1) + cls[:, None, :]
@@ -288,156 +365,285 @@ class AdaptedCLIP(nn.Module):
         ]
         return patch_features, cls
 
-    def surgery_patch_features(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """Stage-1 patch features (spec §8.4): one `[B, g², D]` tensor per level."""
-        return self.surgery_features(images)[0]
-
     # ---------------------------------------------------------------------------------------
     # Inference
 
-    def text_features_for(self, class_names: list[str]) -> torch.Tensor:
-        """Class anchors per image: `[B, D, 2]`.
+    @property
+    def smoothing(self) -> str:
+        return "gaussian on the patch grid (AA-CLIP)"
 
-        `class_names` are prompt names (e.g. "metal nut"); anchors missing from the cache are
-        computed once, in float32 and without gradient, and cached.
-        """
-        for name in dict.fromkeys(class_names):
-            if name not in self.class_text_features:
-                with torch.no_grad(), torch.autocast(self.device.type, enabled=False):
-                    self.class_text_features[name] = get_adapted_single_class_text_embedding(
-                        self, None, name, self.device
-                    )
-        return torch.stack([self.class_text_features[name] for name in class_names])
-
-    def set_class_text_features(self, features: dict[str, torch.Tensor]) -> None:
-        """Replace the anchor cache `{prompt name: [D, 2]}` used by `predict`."""
-        self.class_text_features = dict(features)
+    def class_text(self, prompt_name: str) -> torch.Tensor:
+        """A class's anchors `[D, 2]` (normal, abnormal), float32 and without gradient."""
+        with torch.no_grad(), float32_island(self.device):
+            return get_adapted_single_class_text_embedding(self, None, prompt_name, self.device)
 
     @torch.no_grad()
-    def predict(self, images: torch.Tensor, class_names: list[str]) -> AnomalyOutput:
-        """Raw test-time outputs (no test-set normalisation).
-
-        images: `[B, 3, S, S]` -> anomaly map `[B, S, S]` (sum over levels of the blurred
-        abnormal-minus-normal maps, spec §9) and image score `[B]` = `(det · t_abnormal + 1) / 2`.
-        """
-        text = self.text_features_for(class_names).to(images.device)  # [B, D, 2]
-        return self.maps_and_scores(*self.encode_image(images), text)
+    def predict(
+        self,
+        images: torch.Tensor,
+        class_names: list[str],
+        valid_mask: torch.Tensor | None = None,
+        *,
+        text: dict[str, Any] | None = None,
+        memory: Any = None,
+        domain: str = DEFAULT_DOMAIN,
+    ) -> AnomalyOutput:
+        """Anomaly map `[B, S, S]` (sum over levels of the blurred abnormal-minus-normal maps,
+        spec §9, the blur by `domain`) and image score `[B]` = `(det · t_abnormal + 1) / 2`.
+        `valid_mask` is not used (the predictor keeps padding out of its reductions)."""
+        anchors = torch.stack(self.class_texts(class_names, text)).to(images.device)  # [B, D, 2]
+        return self.maps_and_scores(*self.encode_image(images), anchors, domain)
 
     def maps_and_scores(
-        self, seg_tokens: list[torch.Tensor], det_token: torch.Tensor, text: torch.Tensor
+        self,
+        seg_tokens: list[torch.Tensor],
+        det_token: torch.Tensor,
+        text: torch.Tensor,
+        domain: str = DEFAULT_DOMAIN,
     ) -> AnomalyOutput:
         """Test-time map (sum of the levels' blurred maps) `[B, S, S]` and detection score `[B]`
         from seg tokens `[B, g², D]` per level, det token `[B, D]` and anchors `[B, D, 2]`."""
         anomaly_map = sum(
-            calculate_similarity_map(tokens, text, self.img_size, test=True, domain=self.domain)
+            calculate_similarity_map(tokens, text, self.img_size, test=True, domain=domain)
             for tokens in seg_tokens
         )[:, 0]  # [B, S, S]
-        with torch.autocast(text.device.type, enabled=False):
+        with float32_island(text.device):
             det_score = torch.matmul(det_token.float().unsqueeze(1), text.float())[:, 0, 1]  # [B]
         return AnomalyOutput(anomaly_map, (det_score + 1) / 2)
 
-    @staticmethod
-    def table_image_scores(maps: np.ndarray, scores: np.ndarray, domain: str) -> np.ndarray:
-        """Paper-table image scores of one class from `predict`'s maps `[N, S, S]` and scores
-        `[N]`: AA-CLIP's per-class min-max fusion (transductive; test.py only)."""
+    def table_image_scores(
+        self, maps: np.ndarray, scores: np.ndarray, domain: str, few_shot: bool
+    ) -> np.ndarray:
+        """AA-CLIP's per-class min-max fusion of map maxima and detection scores (transductive;
+        test.py only)."""
         return aaclip_image_scores(maps, scores, domain)
 
+    # ---------------------------------------------------------------------------------------
+    # Training: stage 1 (text adapters), stage 2 (image adapters)
 
-def build_aaclip(config: dict, device: torch.device | str = "cpu") -> AdaptedCLIP:
-    """AdaptedCLIP from a run config (CLI args or a checkpoint's `config`)."""
-    return AdaptedCLIP(clip_from_config(config, device), **aaclip_settings(config)).to(device)
+    def stages(self) -> list[Stage]:
+        config = self.config
+        text_stem, image_stem = self.stage_stems
+        return [
+            Stage(
+                "text",
+                text_stem,
+                config.text_epoch,
+                config.text_batch_size,
+                color_jitter=False,
+                per_epoch_files=False,
+                optimizer_key="text_optimizer",
+                scheduler_key="text_scheduler",
+                log_prefix="text ",
+            ),
+            Stage(
+                "image",
+                image_stem,
+                config.image_epoch,
+                config.image_batch_size,
+                optimizer_key="image_optimizer",
+                scheduler_key="image_scheduler",
+                log_prefix="image ",
+            ),
+        ]
 
+    def stage_modules(self, stage: Stage) -> list[nn.Module | nn.Parameter]:
+        """What a stage trains, in the optimizer's order: first the stage's adapter."""
+        return [self.text_adapter if stage.name == "text" else self.image_adapter]
 
-def clip_from_config(config: dict, device: torch.device | str = "cpu") -> CLIP:
-    """The frozen CLIP a run config names (`model_name`, `pretrained`, `img_size`, `quick_gelu`)."""
-    return backbone.load_clip(
-        config["model_name"],
-        pretrained=config.get("pretrained", "openai"),
-        img_size=config["img_size"],
-        quick_gelu=config.get("quick_gelu", False),
-        device=device,
-    )
+    def trainable_parameters(self, stage: Stage) -> list[dict[str, Any]]:
+        self.requires_grad_(False)
+        groups = []
+        for module in self.stage_modules(stage):
+            params = [module] if isinstance(module, nn.Parameter) else list(module.parameters())
+            for parameter in params:
+                parameter.requires_grad_(True)
+            groups.append(params)
+        # One group per trained module after the adapter (the cross-attention variant's).
+        first, rest = groups[0], [p for group in groups[1:] for p in group]
+        return [{"params": first}] + ([{"params": rest}] if len(groups) > 1 else [])
 
-
-def aaclip_settings(config: dict) -> dict:
-    """AdaptedCLIP's constructor arguments from a run config."""
-    return {
-        "text_adapt_weight": config["text_adapt_weight"],
-        "image_adapt_weight": config["image_adapt_weight"],
-        "text_adapt_until": config["text_adapt_until"],
-        "image_adapt_until": config["image_adapt_until"],
-        "levels": config["levels"],
-        "relu": config["relu"],
-        "surgery_until_layer": config.get("surgery_until_layer", 20),
-        "surgery_attention": config.get("surgery_attention", "batch_mix"),
-    }
-
-
-def load_adapter(model: AdaptedCLIP, path, key: str, config: dict) -> dict:
-    """Load `text_adapter` or `image_adapter` weights from our or the original's checkpoint.
-
-    Our checkpoints carry their config, compared key by key with `config`; the original's do
-    not, so a mismatch is diagnosed from the weights (e.g. `fc.0.weight` means relu=True).
-    Returns the checkpoint dict.
-    """
-    payload = load_checkpoint(path, map_location=model.device)
-    if key not in payload:
-        raise CheckpointError(f"{path} holds no '{key}' weights (keys: {sorted(payload)})")
-    keys = TEXT_ADAPTER_KEYS if key == "text_adapter" else IMAGE_ADAPTER_KEYS
-    check_config(path, payload.get("config"), {"model": "aaclip", **config}, keys)
-    module = model.text_adapter if key == "text_adapter" else model.image_adapter
-    try:
-        module.load_state_dict(payload[key])
-    except RuntimeError as error:
-        raise CheckpointError(_diagnose_mismatch(path, key, payload[key], model)) from error
-    return payload
-
-
-def _diagnose_mismatch(path, key: str, state: dict, model: AdaptedCLIP) -> str:
-    """One sentence naming the flag a checkpoint without config was trained with."""
-    if key == "image_adapter":
-        relu = any(name.startswith("seg_proj.") and ".fc.0." in name for name in state)
-        if relu != model.relu:
-            return f"{path} was trained with relu={relu}; pass {'--relu' if relu else '--no-relu'}"
-        adapters = len({name.split(".")[1] for name in state if name.startswith("layer_adapters.")})
-        if adapters != model.image_adapt_until:
-            return (
-                f"{path} has {adapters} image layer adapters; pass --image_adapt_until {adapters}"
-            )
-        levels = len({name.split(".")[1] for name in state if name.startswith("seg_proj.")})
-        if levels != len(model.levels):
-            return f"{path} has {levels} seg projections; pass --levels with {levels} values"
-    else:
-        adapters = len({name.split(".")[0] for name in state}) - 1  # last one: the projection
-        if adapters != model.text_adapt_until:
-            return f"{path} has {adapters} text adapters; pass --text_adapt_until {adapters}"
-    return f"{path} has weights of another size than this backbone; check --model_name"
-
-
-def from_checkpoint(
-    path: Path, device: torch.device | str = "cpu", overrides: dict | None = None
-) -> tuple[AdaptedCLIP, dict]:
-    """An AdaptedCLIP ready for `predict`, rebuilt from our `image_adapter*.pth`.
-
-    The stored config rebuilds the backbone; `text_adapter.pth` beside the file is loaded when
-    present (else plain CLIP anchors, with a warning). Returns (model in eval mode, payload).
-    """
-    path = Path(path)
-    payload = load_checkpoint(path)
-    config = payload.get("config")
-    if config is None:
-        msg = (
-            f"{path} has no stored config (original AA-CLIP format); evaluate it with test.py "
-            "and the backbone flags it was trained with"
+    def configure_optimizer(
+        self, stage: Stage
+    ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler | None]:
+        config = self.config
+        lr = config.text_lr if stage.name == "text" else config.image_lr
+        optimizer = torch.optim.Adam(
+            self.trainable_parameters(stage), lr=lr, betas=tuple(config.betas)
         )
-        raise CheckpointError(msg)
-    config = {**config, **(overrides or {})}
-    model = build_aaclip(config, device)
-    text_path = path.parent / "text_adapter.pth"
-    if text_path.is_file():
-        load_adapter(model, text_path, "text_adapter", config)
-    else:
-        logger.warning("no %s: text anchors come from plain CLIP (no stage 1)", text_path)
-        model.use_text_adapter = False
-    load_adapter(model, path, "image_adapter", config)
-    return model.eval(), payload
+        if stage.name == "text":
+            return optimizer, None
+        scheduler = torch.optim.lr_scheduler.MultiStepLR(
+            optimizer, milestones=config.image_milestones, gamma=config.image_gamma
+        )
+        return optimizer, scheduler
+
+    def prepare_stage(self, stage: Stage, dataset: str) -> None:
+        """Stage 2 trains against the stage-1 anchors of every class, computed once, frozen."""
+        self.train_dataset = dataset
+        if stage.name == "image":
+            self.eval()
+            with torch.no_grad():
+                self.stage_text = get_adapted_text_embedding(self, dataset, self.device)
+
+    def skip_stage(self, stage: Stage) -> bool:
+        if stage.name == "text":
+            logger.info("--text_epoch 0: no stage 1, anchors from plain CLIP")
+            self.use_text_adapter = False
+        return False
+
+    def stage1_image_contexts(
+        self, patch_features: list[torch.Tensor], class_names: list[str], classes: list[str]
+    ) -> list[torch.Tensor | None]:
+        """Per class of the batch, the image context its anchors see (none in AA-CLIP)."""
+        return [None] * len(classes)
+
+    def stage2_inputs(self, class_names: list[str]) -> dict[str, Any]:
+        """Extra keyword arguments of the stage-2 forward (none in AA-CLIP)."""
+        return {}
+
+    def forward_train(self, batch: dict[str, Any], stage: Stage) -> Any:
+        if stage.name == "image":
+            return ImageStageOutput(
+                *self(batch["image"], **self.stage2_inputs(batch["class_name"]))
+            )
+        class_names = list(batch["class_name"])
+        classes = list(dict.fromkeys(class_names))
+        patch_features, cls = self.surgery_features(batch["image"])
+        contexts = self.stage1_image_contexts(patch_features, class_names, classes)
+        anchors = torch.stack(
+            [
+                get_adapted_single_class_text_embedding(
+                    self, self.train_dataset, name, self.device, image_context=context
+                )
+                for name, context in zip(classes, contexts, strict=True)
+            ]
+        )  # [C, D, 2] with gradient through the text adapters
+        return TextStageOutput(patch_features, cls, anchors, classes)
+
+    def loss(self, output: Any, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Stage 1: `stage1_loss` (+ L_cls with `stage1_cls_loss`); stage 2: CE on the detection
+        token + focal/dice at every level. Float32."""
+        config = self.config
+        mask = batch["mask"]
+        with float32_island(mask.device):
+            if isinstance(output, TextStageOutput):
+                classes = output.classes
+                epoch_text_feature = output.anchors[
+                    [classes.index(name) for name in batch["class_name"]]
+                ].float()
+                features = output.patch_features
+                if config.stage1_loss == "last_level" and not config.stage1_cls_loss:
+                    # The other levels' maps would be computed and discarded (no gradient).
+                    features = features[-1:]
+                level_maps = [
+                    calculate_similarity_map(tokens, epoch_text_feature, self.img_size)
+                    for tokens in features
+                ]
+                loss = stage1_loss(
+                    level_maps,
+                    mask,
+                    epoch_text_feature,
+                    config.text_norm_weight,
+                    config.stage1_loss,
+                )
+                if config.stage1_cls_loss:
+                    logits = class_logits(
+                        output.cls.float(), epoch_text_feature, config.cls_logit_scale
+                    )
+                    loss = loss + F.cross_entropy(logits, batch["label"])
+                return {"loss": loss}
+            epoch_text_feature = torch.stack(
+                [self.stage_text[name] for name in batch["class_name"]]
+            )
+            logits = class_logits(
+                output.det_token.float(), epoch_text_feature, config.cls_logit_scale
+            )
+            loss = F.cross_entropy(logits, batch["label"])
+            for tokens in output.seg_tokens:
+                level_map = calculate_similarity_map(tokens, epoch_text_feature, self.img_size)
+                loss = loss + calculate_seg_loss(level_map, mask)
+            return {"loss": loss}
+
+    # ---------------------------------------------------------------------------------------
+    # Checkpoints: the original's keys (`text_adapter`, `image_adapter`)
+
+    def stage_state(self, stage: Stage) -> dict[str, Any]:
+        key = f"{stage.name}_adapter"
+        return {key: getattr(self, key).state_dict()}
+
+    def load_stage_state(self, stage: Stage, payload: dict[str, Any], path: Path) -> None:
+        self.load_adapter(path, f"{stage.name}_adapter", payload)
+
+    def load_adapter(
+        self,
+        path: Path,
+        key: str,
+        payload: dict[str, Any] | None = None,
+        config_class: type | None = None,
+    ) -> dict[str, Any]:
+        """Load `text_adapter` or `image_adapter` weights from our or the original's checkpoint.
+
+        Our checkpoints carry their config, checked against this model's (as `config_class`);
+        the original's do not, so a mismatch is diagnosed from the weights (e.g. `fc.0.weight`
+        means relu=True). Returns the checkpoint dict.
+        """
+        payload = load_checkpoint(path, map_location=self.device) if payload is None else payload
+        if key not in payload:
+            raise CheckpointError(f"{path} holds no '{key}' weights (keys: {sorted(payload)})")
+        self.check_checkpoint(path, payload, config_class)
+        module = self.text_adapter if key == "text_adapter" else self.image_adapter
+        try:
+            module.load_state_dict(payload[key])
+        except RuntimeError as error:
+            raise CheckpointError(self._diagnose_mismatch(path, key, payload[key])) from error
+        self._sources[key] = str(path)
+        return payload
+
+    def _diagnose_mismatch(self, path: Path, key: str, state: dict) -> str:
+        """One sentence naming the flag a checkpoint without config was trained with."""
+        config = self.config
+        if key == "image_adapter":
+            relu = any(name.startswith("seg_proj.") and ".fc.0." in name for name in state)
+            if relu != config.relu:
+                flag = "--relu" if relu else "--no-relu"
+                return f"{path} was trained with relu={relu}; pass {flag}"
+            adapters = len(
+                {name.split(".")[1] for name in state if name.startswith("layer_adapters.")}
+            )
+            if adapters != config.image_adapt_until:
+                return (
+                    f"{path} has {adapters} image layer adapters; pass --image_adapt_until "
+                    f"{adapters}"
+                )
+            levels = len({name.split(".")[1] for name in state if name.startswith("seg_proj.")})
+            if levels != len(config.block_indices):
+                return f"{path} has {levels} seg projections; pass --levels with {levels} values"
+        else:
+            adapters = len({name.split(".")[0] for name in state}) - 1  # last: the projection
+            if adapters != config.text_adapt_until:
+                return f"{path} has {adapters} text adapters; pass --text_adapt_until {adapters}"
+        return f"{path} has weights of another size than this backbone; check --model_name"
+
+    def load_trained(self, path: Path, payload: dict[str, Any] | None = None) -> dict[str, Any]:
+        """An image-adapter file, and the stage-1 file beside it (plain CLIP anchors, with a
+        warning, when there is none: the original fell back silently)."""
+        path = Path(path)
+        payload = load_checkpoint(path) if payload is None else payload
+        text_stage, image_stage = self.stages()
+        text_path = path.parent / f"{text_stage.stem}.pth"
+        self._sources = {}
+        if text_path.is_file():
+            self.load_stage_state(text_stage, load_checkpoint(text_path), text_path)
+            self.use_text_adapter = True
+        else:
+            logger.warning("no %s: text anchors come from plain CLIP (no stage 1)", text_path)
+            self.use_text_adapter = False
+            self._sources["text_adapter"] = "none (plain CLIP anchors)"
+        self.load_stage_state(image_stage, payload, path)
+        self.eval()
+        return payload
+
+    @property
+    def weight_sources(self) -> dict[str, str]:
+        return dict(self._sources)

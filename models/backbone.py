@@ -133,10 +133,6 @@ def grid_size(clip: CLIP) -> int:
     return clip.visual.grid_size[0]
 
 
-def vision_heads(clip: CLIP) -> int:
-    return clip.visual.transformer.resblocks[0].attn.num_heads
-
-
 # --------------------------------------------------------------------------------------------
 # Attention variants run inside a frozen block
 

@@ -15,7 +15,8 @@ The fork's quirks (spec §8) and the settings that reproduce or correct them:
   default `"image"` applies the image cross-attention with the class's text context (as trained);
   `"both"` also conditions each image's text anchors on that image.
 * Q3 text prompts see the mean context over the whole image batch unless the prompt count equals
-  the batch size (then prompt n sees image n): `image_context_pairing` in the training script.
+  the batch size (then prompt n sees image n): `image_context_pairing="batch_mean"` (the fork)
+  reproduces it; `"per_class_mean"` lets each class see its own images.
 * Q4 the text context's keys include padding after end-of-text: `text_context_key_mask=True`
   masks them (default False, as the fork).
 * Q6 the fork reused a stale `text_context_dict.pth`; contexts are always recomputed here.
@@ -25,43 +26,100 @@ The fork's quirks (spec §8) and the settings that reproduce or correct them:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from open_clip.model import CLIP
 from torch import nn
 
+from datasets.catalog import get_dataset_info, real_name
 from models import backbone
-from models.aaclip import (
-    AdaptedCLIP,
-    AnomalyOutput,
-    aaclip_settings,
-    clip_from_config,
-    load_adapter,
-)
+from models.aaclip import AAClipConfig, AdaptedCLIP
 from models.adapters import residual_blend
+from models.base import DEFAULT_DOMAIN, AnomalyOutput, Stage
 from models.prompts import build_prompts
-from utils.checkpoint import check_config, load_checkpoint
+from utils.config import ARCH, TEST, setting
 from utils.errors import CheckpointError
 from utils.forward_utils import get_adapted_single_class_text_embedding
+from utils.runtime import float32_island
 
 logger = logging.getLogger(__name__)
 
-MODEL_NAME = "aaclip_cross_attn"
 NORM_EPS = 1e-6
-CROSS_ATTN_KEYS = (
-    "cross_attn_heads",
-    "cross_attn_init",
-    "cross_attn_norm_match",
-    "cross_attn_weight_text",
-    "cross_attn_weight_image",
-    "text_context_normalize",
-    "text_context_key_mask",
-)
 INITS = ("gated", "xavier")
 TEST_MODES = ("image", "none", "both")
+
+
+@dataclasses.dataclass
+class CrossAttentionConfig(AAClipConfig):
+    """AA-CLIP's settings plus the cross-attention modules' (spec cross_attention.md §11)."""
+
+    name: ClassVar[str] = "aaclip_cross_attn"
+    run_defaults: ClassVar[dict[str, Any]] = {
+        **AAClipConfig.run_defaults,
+        "save_path": Path("ckpt/cross_attention"),
+    }
+
+    cross_attn_heads: int = setting(
+        8,
+        "heads of both cross-attention modules (must divide the text width)",
+        kind=ARCH,
+        minimum=1,
+    )
+    cross_attn_weight_text: float = setting(0.1, "residual weight of text_cross_attn", kind=ARCH)
+    cross_attn_weight_image: float = setting(0.1, "residual weight of image_cross_attn", kind=ARCH)
+    cross_attn_norm_match: bool = setting(
+        True, "rescale each branch output to its token's norm (the fork's fix)", kind=ARCH
+    )
+    cross_attn_init: str = setting(
+        "gated",
+        "gated: a learnable gate at 0 keeps step 0 equal to the base; xavier: the fork",
+        kind=ARCH,
+        choices=INITS,
+    )
+    text_context_normalize: bool = setting(
+        True, "L2-normalise the text-context tokens (the fork's fix)", kind=ARCH
+    )
+    text_context_key_mask: bool = setting(
+        False,
+        "mask text-context positions after end-of-text (the fork attends to padding)",
+        kind=ARCH,
+    )
+    cross_attn_at_test: str = setting(
+        "image",
+        "image: the image cross-attention at test; none: the fork (modules unused); both: also "
+        "per-image text anchors",
+        kind=TEST,
+        choices=TEST_MODES,
+    )
+    image_context_pairing: str = setting(
+        "batch_mean",
+        "batch_mean: the fork (all images averaged, or prompt n paired with image n when the "
+        "counts match); per_class_mean: each class's anchors see its own images' mean",
+        choices=("batch_mean", "per_class_mean"),
+    )
+    load_base_text_adapter: Path | None = setting(
+        None, "the base AA-CLIP run's text_adapter.pth (ours or the original code's)"
+    )
+    load_base_image_adapter: Path | None = setting(
+        None, "the base AA-CLIP run's image_adapter.pth (ours or the original code's)"
+    )
+    carry_base_optimizer: bool = setting(
+        True,
+        "start the adapters from the base run's Adam moments (seed 001); the fork reset them",
+    )
+
+
+class ClassText(NamedTuple):
+    """What `predict` needs of a class: anchors and the text context its images attend to."""
+
+    anchors: torch.Tensor  # [D, 2]
+    context: torch.Tensor  # [16 * 77, D_t]
+    key_mask: torch.Tensor  # [16 * 77] bool, True up to each prompt's end-of-text token
 
 
 class CrossAttention(nn.Module):
@@ -122,54 +180,31 @@ def image_batch_context(context: torch.Tensor, batch: int) -> torch.Tensor:
 
 
 class AdaptedCLIPWithCrossAttention(AdaptedCLIP):
-    """AA-CLIP plus `text_cross_attn` and `image_cross_attn` (see the module docstring).
+    """AA-CLIP plus `text_cross_attn` and `image_cross_attn` (see the module docstring;
+    settings: `CrossAttentionConfig`)."""
 
-    Args beyond AdaptedCLIP's:
-        cross_attn_heads: heads of both modules (8; must divide the text width).
-        cross_attn_weight_text / cross_attn_weight_image: residual weights (0.1).
-        cross_attn_norm_match: rescale each branch output to its token's norm (True).
-        cross_attn_init: `gated` (learnable gate at 0) or `xavier` (the fork, no gate).
-        text_context_normalize: L2-normalise every text-context token (True, the fork's fix).
-        text_context_key_mask: mask text-context positions after end-of-text (False, fork).
-        cross_attn_at_test: `image`, `none` (fork) or `both`, used by `predict`.
-    """
+    config_class = CrossAttentionConfig
+    checkpoint_file = "image_adapter_cross_attn.pth"
+    log_file = "train_cross_attention.log"
+    stage_stems: ClassVar[tuple[str, str]] = ("text_adapter_cross_attn", "image_adapter_cross_attn")
 
     def __init__(
-        self,
-        clip_model: CLIP,
-        cross_attn_heads: int = 8,
-        cross_attn_weight_text: float = 0.1,
-        cross_attn_weight_image: float = 0.1,
-        cross_attn_norm_match: bool = True,
-        cross_attn_init: str = "gated",
-        text_context_normalize: bool = True,
-        text_context_key_mask: bool = False,
-        cross_attn_at_test: str = "image",
-        **aaclip_settings,
+        self, config: CrossAttentionConfig | None = None, clip: CLIP | None = None
     ) -> None:
-        super().__init__(clip_model, **aaclip_settings)
-        if cross_attn_init not in INITS:
-            raise ValueError(f"cross_attn_init must be one of {INITS}")
-        if cross_attn_at_test not in TEST_MODES:
-            raise ValueError(f"cross_attn_at_test must be one of {TEST_MODES}")
-        width_t = backbone.text_width(clip_model)
-        width_v = backbone.vision_width(clip_model)
-        dim = backbone.embed_dim(clip_model)
+        config = config if config is not None else CrossAttentionConfig()
+        super().__init__(config, clip)
+        width_t = backbone.text_width(self.clipmodel)
+        width_v = backbone.vision_width(self.clipmodel)
+        dim = backbone.embed_dim(self.clipmodel)
+        heads = config.cross_attn_heads
         # Text queries over image context (joint-space patch features); image queries over text
         # tokens. With ViT-L-14-336 these are the fork's 768/1024 shapes.
-        self.text_cross_attn = CrossAttention(width_t, dim, width_t, cross_attn_heads)
-        self.image_cross_attn = CrossAttention(width_v, width_t, width_t, cross_attn_heads)
-        gated = cross_attn_init == "gated"
+        self.text_cross_attn = CrossAttention(width_t, dim, width_t, heads)
+        self.image_cross_attn = CrossAttention(width_v, width_t, width_t, heads)
+        gated = config.cross_attn_init == "gated"
         self.text_cross_attn_gate = nn.Parameter(torch.zeros(())) if gated else None
         self.image_cross_attn_gate = nn.Parameter(torch.zeros(())) if gated else None
-        self.cross_attn_weight_text = cross_attn_weight_text
-        self.cross_attn_weight_image = cross_attn_weight_image
-        self.cross_attn_norm_match = cross_attn_norm_match
-        self.cross_attn_init = cross_attn_init
-        self.text_context_normalize = text_context_normalize
-        self.text_context_key_mask = text_context_key_mask
-        self.cross_attn_at_test = cross_attn_at_test
-        self.class_text_contexts: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.stage_contexts: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     # ---------------------------------------------------------------------------------------
     # The residual branch
@@ -178,7 +213,7 @@ class AdaptedCLIPWithCrossAttention(AdaptedCLIP):
         self, x: torch.Tensor, attended: torch.Tensor, weight: float, gate: nn.Parameter | None
     ) -> torch.Tensor:
         """`x + weight * gate * c`, c norm-matched to x per token (spec §3). `[B, L, D]`."""
-        if self.cross_attn_norm_match:
+        if self.config.cross_attn_norm_match:
             scale = x.norm(dim=-1, keepdim=True) / (attended.norm(dim=-1, keepdim=True) + NORM_EPS)
             attended = attended * scale
         scale = weight if gate is None else weight * gate
@@ -201,7 +236,7 @@ class AdaptedCLIPWithCrossAttention(AdaptedCLIP):
                 return tokens
             attended = self.text_cross_attn(tokens, context.to(tokens.dtype))
             return self._branch(
-                tokens, attended, self.cross_attn_weight_text, self.text_cross_attn_gate
+                tokens, attended, self.config.cross_attn_weight_text, self.text_cross_attn_gate
             )
 
         return self._encode_text(token_ids, cross)
@@ -210,27 +245,32 @@ class AdaptedCLIPWithCrossAttention(AdaptedCLIP):
     def class_text_context(self, prompt_name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """A class's text context (spec §4.2): its 16 prompts through text block 0 and adapter 0
         (no cross-attention), tokens L2-normalised -> (`[16 * 77, D_t]`, key mask `[16 * 77]`,
-        True up to each prompt's end-of-text token). Cached per prompt name."""
-        if prompt_name not in self.class_text_contexts:
-            clip = self.clipmodel
-            sentences = [sentence for group in build_prompts(prompt_name) for sentence in group]
-            token_ids = self.tokenize(sentences).to(self.device)  # [16, 77]
-            x = backbone.walk_text(clip, backbone.text_embed(clip, token_ids), stop=1)
-            if self.use_text_adapter and self.text_adapt_until > 0:
-                x = residual_blend(x, self.text_adapter[0](x), self.t_w)
-            if self.text_context_normalize:
-                x = F.normalize(x, dim=-1)
-            positions = torch.arange(token_ids.shape[1], device=token_ids.device)
-            keep = positions[None, :] <= token_ids.argmax(dim=-1, keepdim=True)  # [16, 77]
-            self.class_text_contexts[prompt_name] = (x.flatten(0, 1), keep.flatten())
-        return self.class_text_contexts[prompt_name]
+        True up to each prompt's end-of-text token)."""
+        clip = self.clipmodel
+        sentences = [sentence for group in build_prompts(prompt_name) for sentence in group]
+        token_ids = self.tokenize(sentences).to(self.device)  # [16, 77]
+        x = backbone.walk_text(clip, backbone.text_embed(clip, token_ids), stop=1)
+        if self.use_text_adapter and self.config.text_adapt_until > 0:
+            x = residual_blend(x, self.text_adapter[0](x), self.config.text_adapt_weight)
+        if self.config.text_context_normalize:
+            x = F.normalize(x, dim=-1)
+        positions = torch.arange(token_ids.shape[1], device=token_ids.device)
+        keep = positions[None, :] <= token_ids.argmax(dim=-1, keepdim=True)  # [16, 77]
+        return x.flatten(0, 1), keep.flatten()
 
     def text_contexts(self, prompt_names: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Per-image text contexts `[B, 16 * 77, D_t]` and key masks `[B, 16 * 77]` (None
         unless `text_context_key_mask`)."""
-        pairs = [self.class_text_context(name) for name in prompt_names]
+        pairs = {name: self.class_text_context(name) for name in dict.fromkeys(prompt_names)}
+        return self._stack_contexts([pairs[name] for name in prompt_names])
+
+    def _stack_contexts(
+        self, pairs: list[tuple[torch.Tensor, torch.Tensor]]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         context = torch.stack([pair[0] for pair in pairs])
-        mask = torch.stack([pair[1] for pair in pairs]) if self.text_context_key_mask else None
+        mask = (
+            torch.stack([pair[1] for pair in pairs]) if self.config.text_context_key_mask else None
+        )
         return context, mask
 
     # ---------------------------------------------------------------------------------------
@@ -258,7 +298,7 @@ class AdaptedCLIPWithCrossAttention(AdaptedCLIP):
                 return tokens
             attended = self.image_cross_attn(tokens, context.to(tokens.dtype), mask)
             return self._branch(
-                tokens, attended, self.cross_attn_weight_image, self.image_cross_attn_gate
+                tokens, attended, self.config.cross_attn_weight_image, self.image_cross_attn_gate
             )
 
         return self._encode_image(images, cross)
@@ -275,8 +315,21 @@ class AdaptedCLIPWithCrossAttention(AdaptedCLIP):
     # ---------------------------------------------------------------------------------------
     # Inference
 
+    def class_text(self, prompt_name: str) -> ClassText:
+        """A class's anchors (without image context) and text context."""
+        return ClassText(super().class_text(prompt_name), *self.class_text_context(prompt_name))
+
     @torch.no_grad()
-    def predict(self, images: torch.Tensor, class_names: list[str]) -> AnomalyOutput:
+    def predict(
+        self,
+        images: torch.Tensor,
+        class_names: list[str],
+        valid_mask: torch.Tensor | None = None,
+        *,
+        text: dict[str, Any] | None = None,
+        memory: Any = None,
+        domain: str = DEFAULT_DOMAIN,
+    ) -> AnomalyOutput:
         """AA-CLIP's maps and scores with the cross-attention used as `cross_attn_at_test` says.
 
         `none`: exactly the base AA-CLIP computation. `image`: the image path attends to each
@@ -284,102 +337,142 @@ class AdaptedCLIPWithCrossAttention(AdaptedCLIP):
         stage-1 context (first-level surgery features; 16 text forwards per image).
         images: `[B, 3, S, S]` -> (`[B, S, S]`, `[B]`).
         """
-        if self.cross_attn_at_test == "none":
-            return super().predict(images, class_names)
-        context, mask = self.text_contexts(class_names)
-        seg_tokens, det_token = self.encode_image(images, context, mask)
-        if self.cross_attn_at_test == "image":
-            text = self.text_features_for(class_names).to(images.device)
+        texts = self.class_texts(class_names, text)
+        mode = self.config.cross_attn_at_test
+        if mode == "none":
+            seg_tokens, det_token = self.encode_image(images)
         else:
-            image_context = self.surgery_features(images)[0][0]  # [B, g², D]
-            with torch.autocast(images.device.type, enabled=False):
-                text = torch.stack(
-                    [
-                        get_adapted_single_class_text_embedding(
-                            self, None, name, images.device, image_context=image_context[i : i + 1]
-                        )
-                        for i, name in enumerate(class_names)
-                    ]
-                )
-        return self.maps_and_scores(seg_tokens, det_token, text)
+            context, mask = self._stack_contexts([(t.context, t.key_mask) for t in texts])
+            seg_tokens, det_token = self.encode_image(images, context, mask)
+        if mode != "both":
+            anchors = torch.stack([t.anchors for t in texts]).to(images.device)
+            return self.maps_and_scores(seg_tokens, det_token, anchors, domain)
+        image_context = self.surgery_features(images)[0][0]  # [B, g², D]
+        with float32_island(images.device):
+            anchors = torch.stack(
+                [
+                    get_adapted_single_class_text_embedding(
+                        self, None, name, images.device, image_context=image_context[i : i + 1]
+                    )
+                    for i, name in enumerate(class_names)
+                ]
+            )
+        return self.maps_and_scores(seg_tokens, det_token, anchors, domain)
 
-    def cross_attention_state(self, stage: str) -> dict:
-        """Checkpoint entries of a stage's cross-attention (`text` or `image`): the module's state
-        under the fork's key, plus the gate when gated."""
-        module = self.text_cross_attn if stage == "text" else self.image_cross_attn
-        gate = self.text_cross_attn_gate if stage == "text" else self.image_cross_attn_gate
-        state = {f"{stage}_cross_attn": module.state_dict()}
+    # ---------------------------------------------------------------------------------------
+    # Training
+
+    def stage_modules(self, stage: Stage) -> list[nn.Module | nn.Parameter]:
+        """A stage's adapter first (the base's optimizer order), then its module and gate."""
+        gate = getattr(self, f"{stage.name}_cross_attn_gate")
+        modules = [*super().stage_modules(stage), getattr(self, f"{stage.name}_cross_attn")]
+        return modules + ([gate] if gate is not None else [])
+
+    def prepare_stage(self, stage: Stage, dataset: str) -> None:
+        """Stage 2 also fixes each class's text context from the trained text adapter 0."""
+        super().prepare_stage(stage, dataset)
+        if stage.name == "image":
+            self.stage_contexts = {
+                name: self.class_text_context(real_name(dataset, name))
+                for name in get_dataset_info(dataset).classes
+            }
+
+    def skip_stage(self, stage: Stage) -> bool:
+        """`--text_epoch 0`: keep the (base) text adapter beside the image checkpoints."""
+        return stage.name == "text"
+
+    def stage1_image_contexts(
+        self, patch_features: list[torch.Tensor], class_names: list[str], classes: list[str]
+    ) -> list[torch.Tensor]:
+        """The first level's stage-1 features `[B, g², D]` (§4.1), per class of the batch: the
+        whole batch (`batch_mean`, the fork) or the class's own images' mean."""
+        context = patch_features[0]
+        if self.config.image_context_pairing == "batch_mean":
+            return [context] * len(classes)
+        return [
+            context[[i for i, name in enumerate(class_names) if name == wanted]].mean(
+                dim=0, keepdim=True
+            )
+            for wanted in classes
+        ]
+
+    def stage2_inputs(self, class_names: list[str]) -> dict[str, Any]:
+        context, mask = self._stack_contexts([self.stage_contexts[name] for name in class_names])
+        return {"text_context": context, "text_key_mask": mask}
+
+    def stage_state(self, stage: Stage) -> dict[str, Any]:
+        """The adapter, the stage's module under the fork's key, and the gate when gated."""
+        state = {
+            **super().stage_state(stage),
+            f"{stage.name}_cross_attn": getattr(self, f"{stage.name}_cross_attn").state_dict(),
+        }
+        gate = getattr(self, f"{stage.name}_cross_attn_gate")
         if gate is not None:
-            state[f"{stage}_cross_attn_gate"] = gate.detach().clone()
+            state[f"{stage.name}_cross_attn_gate"] = gate.detach().clone()
         return state
 
+    def load_stage_state(self, stage: Stage, payload: dict[str, Any], path: Path) -> None:
+        """A fine-tuned stage (ours or the fork's): the adapter and its cross-attention module
+        (+ gate). Strict; a mismatch names the setting."""
+        super().load_stage_state(stage, payload, path)
+        key = f"{stage.name}_cross_attn"
+        if key not in payload:
+            msg = f"{path} holds no '{key}' weights; is it a base AA-CLIP checkpoint?"
+            raise CheckpointError(msg)
+        try:
+            getattr(self, key).load_state_dict(payload[key])
+        except RuntimeError as error:
+            msg = f"{path} has {key} weights of another size; check --cross_attn_heads/--model_name"
+            raise CheckpointError(msg) from error
+        gate = getattr(self, f"{key}_gate")
+        saved_gate = payload.get(f"{key}_gate")
+        if (gate is None) != (saved_gate is None):
+            init = "xavier" if saved_gate is None else "gated"
+            raise CheckpointError(
+                f"{path} was trained with cross_attn_init={init}; pass --cross_attn_init {init}"
+            )
+        if gate is not None:
+            gate.data.copy_(saved_gate)
 
-def build_cross_attention(
-    config: dict, device: torch.device | str = "cpu"
-) -> AdaptedCLIPWithCrossAttention:
-    """AdaptedCLIPWithCrossAttention from a run config (CLI args or a checkpoint's `config`)."""
-    model = AdaptedCLIPWithCrossAttention(
-        clip_from_config(config, device),
-        cross_attn_heads=config.get("cross_attn_heads", 8),
-        cross_attn_weight_text=config.get("cross_attn_weight_text", 0.1),
-        cross_attn_weight_image=config.get("cross_attn_weight_image", 0.1),
-        cross_attn_norm_match=config.get("cross_attn_norm_match", True),
-        cross_attn_init=config.get("cross_attn_init", "gated"),
-        text_context_normalize=config.get("text_context_normalize", True),
-        text_context_key_mask=config.get("text_context_key_mask", False),
-        cross_attn_at_test=config.get("cross_attn_at_test", "image"),
-        **aaclip_settings(config),
-    )
-    return model.to(device)
-
-
-def load_cross_attention_stage(
-    model: AdaptedCLIPWithCrossAttention, path: Path, stage: str, config: dict
-) -> dict:
-    """Load a fine-tuned stage (`text` or `image`): the adapter and its cross-attention module
-    (+ gate) from our checkpoint or the fork's. Strict; a mismatch names the setting."""
-    payload = load_adapter(model, path, f"{stage}_adapter", config)
-    check_config(path, payload.get("config"), config, CROSS_ATTN_KEYS)
-    key = f"{stage}_cross_attn"
-    if key not in payload:
-        raise CheckpointError(f"{path} holds no '{key}' weights; is it a base AA-CLIP checkpoint?")
-    module = model.text_cross_attn if stage == "text" else model.image_cross_attn
-    try:
-        module.load_state_dict(payload[key])
-    except RuntimeError as error:
-        msg = f"{path} has {key} weights of another size; check --cross_attn_heads/--model_name"
-        raise CheckpointError(msg) from error
-    gate = model.text_cross_attn_gate if stage == "text" else model.image_cross_attn_gate
-    saved_gate = payload.get(f"{key}_gate")
-    if (gate is None) != (saved_gate is None):
-        init = "xavier" if saved_gate is None else "gated"
-        raise CheckpointError(
-            f"{path} was trained with cross_attn_init={init}; pass --cross_attn_init {init}"
-        )
-    if gate is not None:
-        gate.data.copy_(saved_gate)
-    return payload
+    def load_base(self, key: str, path: Path) -> dict[str, Any]:
+        """A base AA-CLIP adapter (`text_adapter` or `image_adapter`; ours or the original
+        code's), strictly; returns its checkpoint."""
+        payload = self.load_adapter(path, key, config_class=AAClipConfig)
+        logger.info("base %s loaded from %s", key, path)
+        return payload
 
 
-def from_checkpoint(
-    path: Path, device: torch.device | str = "cpu", overrides: dict | None = None
-) -> tuple[AdaptedCLIPWithCrossAttention, dict]:
-    """The fine-tuned model from `image_adapter_cross_attn*.pth` and the
-    `text_adapter_cross_attn.pth` beside it, rebuilt from the stored config (the fork's files
-    carry none: pass the backbone settings as `overrides`). Returns (model in eval, payload)."""
-    path = Path(path)
-    payload = load_checkpoint(path)
-    config = {**(payload.get("config") or {}), **(overrides or {})}
-    if "model_name" not in config:
-        msg = f"{path} has no stored config (fork format); pass the backbone flags used to train it"
-        raise CheckpointError(msg)
-    config["model"] = MODEL_NAME
-    model = build_cross_attention(config, device)
-    text_path = path.parent / "text_adapter_cross_attn.pth"
-    if text_path.is_file():
-        load_cross_attention_stage(model, text_path, "text", config)
-    else:
-        logger.warning("no %s: text anchors come from plain CLIP (no stage 1)", text_path)
-        model.use_text_adapter = False
-    load_cross_attention_stage(model, path, "image", config)
-    return model.eval(), payload
+def log_weight_check(model: AdaptedCLIPWithCrossAttention, bases: dict[str, dict]) -> None:
+    """Seed 001 step 5, done right (spec §9.3): log each module's mean |weight| and the base
+    checkpoints' epochs. Magnitudes cannot tell a trained adapter from a fresh one (Xavier gives
+    ~0.03 for 768 x 768 and stage 1 moves weights by < 0.01); the epoch against the base run's
+    own total can, so an unfinished base is a warning."""
+    for name in ("text_adapter", "image_adapter", "text_cross_attn", "image_cross_attn"):
+        weights = [p for p in getattr(model, name).parameters() if p.dim() > 1]
+        magnitude = sum(p.abs().mean().item() for p in weights) / len(weights)
+        logger.info("weight check: %s mean |w| %.6f", name, magnitude)
+    for key, payload in bases.items():
+        total_key = "text_epoch" if key == "text_adapter" else "image_epoch"
+        total = (payload.get("config") or {}).get(total_key)
+        epoch = payload.get("epoch")
+        logger.info("weight check: base %s after epoch %s of %s", key, epoch, total or "?")
+        if total is not None and epoch is not None and epoch < total:
+            logger.warning("the base %s is unfinished (epoch %s of %s)", key, epoch, total)
+
+
+def carry_optimizer_state(
+    optimizer: torch.optim.Optimizer, base_state: dict, count: int, path: Path
+) -> None:
+    """Give the optimizer's first `count` parameters (the adapters, in the base's order) the base
+    run's Adam moments; the cross-attention parameters keep a fresh state."""
+    base_ids = base_state["param_groups"][0]["params"]
+    if len(base_ids) != count:
+        msg = f"{path} optimizer holds {len(base_ids)} parameters, the adapters {count}"
+        raise CheckpointError(f"{msg}; pass --no-carry_base_optimizer")
+    state = optimizer.state_dict()
+    state["state"] = {
+        new_id: base_state["state"][old_id]
+        for new_id, old_id in enumerate(base_ids)
+        if old_id in base_state["state"]
+    }
+    optimizer.load_state_dict(state)

@@ -6,16 +6,21 @@ No official code exists; the user's unofficial anomalib fork (taewanHwang/anomal
 through FFE (block DCT -> Linear + GELU -> inverse DCT) and LFS (sliding-window DCT statistics ->
 Conv + GELU); `λ(ffe + lfs) + (1 - λ)·patch` replaces them in the residual stream. Each tap scores
 the CLS token with CLIP's frozen projection and maps the fused patches through a learnable
-`fc_patch`; scores and maps are averaged over taps. Tap indices are 0-based block indices.
+`fc_patch`; scores and maps are averaged over taps. The taps are `block_indices`, 0-based
+(the fork's name `tap_indices` is an alias).
+
+Training is one stage (spec §10, the paper's Eq. 4/5): BCE on each tap's image logit plus focal
+and dice on each tap's anomaly probability map upsampled to the input, averaged over taps; Adam,
+no scheduler. Checkpoints `feclip.pth` / `feclip_<epoch>.pth` hold the trainable weights.
 
 Choices where the paper is silent, following the user's fork by default (spec §15), each with the
 setting that changes it:
-* `tap_indices=[15, 18, 21, 23]` (the fork's recommended "spread_3"); `[5, 11, 17, 23]` is the
+* `block_indices=[15, 18, 21, 23]` (the fork's recommended "spread_3"); `[5, 11, 17, 23]` is the
   paper's most natural reading of "N = 4 blocks".
 * `patch_ln_post=True`: the frozen `ln_post` runs before `fc_patch` (the fork); False skips it.
 * `temperature=0.07` (the fork, AnomalyCLIP) rather than CLIP's learned logit scale.
-* `fc_patch` trains at 1/100 of the adapters' lr (fork Exp12; train_feclip `--fc_patch_lr_ratio`,
-  1 = the paper's "learnable fc", 0 = frozen, its "only FFE and LFS are optimised").
+* `fc_patch` trains at 1/100 of the adapters' lr (fork Exp12; `fc_patch_lr_ratio` 1 = the
+  paper's "learnable fc", 0 = frozen, its "only FFE and LFS are optimised").
 * `lfs_agg="mean"`: signed mean of the window's DCT coefficients (`abs`, `power` also measured).
 Deliberate departure: seed 003's masked LFS multiplies frequency coefficients by the spatial
 neighbour mask (two different index spaces); here the mask removes letterbox tokens from the
@@ -25,43 +30,27 @@ treats it, so an all-valid mask gives exactly the unmasked statistic.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from open_clip.model import CLIP
 from torch import nn
-from torchvision.transforms.functional import gaussian_blur
 
 from models import backbone
-from models.aaclip import AnomalyOutput, clip_from_config
-from utils.checkpoint import check_config, load_checkpoint
-from utils.errors import CheckpointError, DataError
+from models.aaclip import check_block_indices
+from models.base import DEFAULT_DOMAIN, AnomalyOutput, ClipConfig, FrozenCLIPModel, Stage
+from utils.config import ARCH, TEST, redefault, setting
+from utils.errors import ConfigError, DataError
+from utils.forward_utils import binary_focal_loss, dice_loss, gaussian_smooth, token_valid_mask
+from utils.runtime import float32_island
 
-MODEL_NAME = "feclip"
-DEFAULT_PROMPTS = ("A photo of a normal object", "A photo of a damaged object")
+DEFAULT_PROMPTS = ["A photo of a normal object", "A photo of a damaged object"]
 LFS_AGGREGATIONS = ("mean", "abs", "power")
 PAD_MODES = {"replicate": "replicate", "zero": "constant"}
-# Settings a checkpoint must share with the model it is loaded into.
-CONFIG_KEYS = (
-    "model",
-    "model_name",
-    "quick_gelu",
-    "img_size",
-    "tap_indices",
-    "lambda_fuse",
-    "ffe_window",
-    "lfs_window",
-    "lfs_agg",
-    "lfs_pad",
-    "ffe_pad",
-    "temperature",
-    "prompts",
-    "patch_ln_post",
-)
 
 
 # --------------------------------------------------------------------------------------------
@@ -80,13 +69,13 @@ def dct_basis(n: int, device: torch.device | str | None = None) -> torch.Tensor:
 
 def dct2(x: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
     """2-D DCT `C X Cᵀ` over the window axes of `[..., n, n, D]` (channels last), float32."""
-    with torch.autocast(x.device.type, enabled=False):
+    with float32_island(x.device):
         return torch.einsum("up,vq,...pqd->...uvd", basis, basis, x.float())
 
 
 def idct2(y: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
     """Inverse of `dct2`: `Cᵀ Y C` over the window axes of `[..., n, n, D]`, float32."""
-    with torch.autocast(y.device.type, enabled=False):
+    with float32_island(y.device):
         return torch.einsum("up,vq,...uvd->...pqd", basis, basis, y.float())
 
 
@@ -165,13 +154,10 @@ class LFSAdapter(nn.Module):
             return F.pad(x, (r, r, r, r), mode="replicate")
         return F.pad(x, (r, r, r, r), value=zero_value)
 
-    def statistic(
-        self, grid: torch.Tensor, token_mask: torch.Tensor | None = None, unfold: bool = False
-    ) -> torch.Tensor:
+    def statistic(self, grid: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
         """The per-token window statistic before the Conv. grid `[B, H, W, D]`, token_mask
-        `[B, H, W]` bool (True = real image) -> `[B, D, H, W]` float32. `unfold=True` takes the
-        explicit DCT path for the mean too (a test reference)."""
-        with torch.autocast(grid.device.type, enabled=False):
+        `[B, H, W]` bool (True = real image) -> `[B, D, H, W]` float32."""
+        with float32_island(grid.device):
             x = grid.float().permute(0, 3, 1, 2)  # [B, D, H, W]
             scale = None
             if token_mask is not None:
@@ -184,7 +170,7 @@ class LFSAdapter(nn.Module):
                 )
                 scale = self.window**2 / counts.clamp(min=1.0)  # [B, 1, H, W]
             padded = self._pad(x)
-            if self.aggregation == "mean" and not unfold:
+            if self.aggregation == "mean":
                 channels = x.shape[1]
                 weight = self.kernel.expand(channels, 1, self.window, self.window)
                 stat = F.conv2d(padded, weight, groups=channels)
@@ -217,6 +203,89 @@ class LFSAdapter(nn.Module):
 # Model
 
 
+@dataclasses.dataclass
+class FEClipConfig(ClipConfig):
+    """FE-CLIP's settings (spec feclip.md §17; the user's fork where the paper is silent)."""
+
+    name: ClassVar[str] = "feclip"
+    paper_img_size: ClassVar[int] = 336
+    run_defaults: ClassVar[dict[str, Any]] = {
+        "save_path": Path("ckpt/feclip"),
+        "seed": 42,  # the fork's first of 5 seeds (42, 123, 456, 789, 1024)
+        "augment": False,  # the paper states no augmentation
+    }
+
+    quick_gelu: bool = redefault(ClipConfig, "quick_gelu", True)  # OpenAI's training (spec §2)
+    block_indices: list[int] = setting(
+        [15, 18, 21, 23],
+        "0-based vision blocks followed by FFE + LFS (the fork's spread_3; the paper's likely "
+        "reading: 5 11 17 23)",
+        kind=ARCH,
+        aliases={"tap_indices": 0},
+        original="tap_indices",
+        minimum=0,
+    )
+    lambda_fuse: float = setting(0.1, "λ of the fusion λ(ffe + lfs) + (1 - λ)·patch", kind=ARCH)
+    ffe_window: int = setting(3, "P, the FFE window side", kind=ARCH, minimum=1)
+    lfs_window: int = setting(3, "Q, the LFS window side (odd)", kind=ARCH, minimum=1)
+    lfs_agg: str = setting(
+        "mean",
+        "LFS statistic of a window's DCT coefficients: signed mean, mean |.|, mean square",
+        kind=ARCH,
+        choices=LFS_AGGREGATIONS,
+    )
+    lfs_pad: str = setting("replicate", "LFS window border", kind=ARCH, choices=tuple(PAD_MODES))
+    ffe_pad: str = setting(
+        "replicate", "FFE pad when P does not divide the grid", kind=ARCH, choices=tuple(PAD_MODES)
+    )
+    temperature: float = setting(
+        0.07,
+        "τ of the two-prompt softmax (the fork, AnomalyCLIP)",
+        kind=ARCH,
+        above=0,
+        aliases={"tau": 0},
+    )
+    prompts: list[str] = setting(
+        DEFAULT_PROMPTS,
+        "the (normal, abnormal) object-agnostic prompts",
+        kind=ARCH,
+        nargs=2,
+        metavar=("NORMAL", "ABNORMAL"),
+    )
+    patch_ln_post: bool = setting(True, "frozen ln_post before fc_patch (the fork)", kind=ARCH)
+    smoothing_sigma: float = setting(
+        0.0,
+        "test-time Gaussian blur of the upsampled map in pixels (0: none; the seed measured 2)",
+        kind=TEST,
+        minimum=0,
+    )
+    token_valid_frac: float = setting(
+        0.5,
+        "letterboxed inputs: a token is valid when at least this fraction of it is real image",
+        kind=TEST,
+        above=0,
+    )
+    epochs: int = setting(9, "epochs", minimum=0)
+    batch_size: int = setting(16, "global batch size (split over torchrun ranks)", minimum=1)
+    lr: float = setting(5e-4, "Adam learning rate of FFE and LFS", above=0)
+    fc_patch_lr_ratio: float = setting(
+        0.01, "fc_patch lr = lr x this (the fork: 1/100; 1: the same lr; 0: frozen)", minimum=0
+    )
+    w_cls: float = setting(1.0, "weight of L_cls")
+    w_mask: float = setting(1.0, "weight of L_mask")
+    focal_gamma: float = setting(2.0, "focal loss γ", minimum=0)
+    focal_alpha: float | None = setting(
+        None, "positive-class focal weight (unset: none, AnomalyCLIP; the fork: 0.25)"
+    )
+    dice_smooth: float = setting(1.0, "dice smoothing (AnomalyCLIP 1; the fork: 1e-6)", minimum=0)
+
+    def check(self) -> None:
+        if self.lfs_window % 2 == 0:
+            raise ConfigError(f"--lfs_window {self.lfs_window} must be odd (centred on a token)")
+        if len(self.prompts) != 2:
+            raise ConfigError("--prompts takes two sentences: normal, abnormal")
+
+
 class TapFeatures(NamedTuple):
     """Per-tap tokens of `encode_image`, tap order."""
 
@@ -231,110 +300,37 @@ class TapLogits(NamedTuple):
     patch_logits: torch.Tensor  # [N, B, g, g] float32
 
 
-class FECLIP(nn.Module):
-    """Frozen CLIP with FE-CLIP's FFE/LFS adapters at the tap blocks and a learnable `fc_patch`.
+class FECLIP(FrozenCLIPModel):
+    """Frozen CLIP with FE-CLIP's FFE/LFS adapters at the tap blocks and a learnable `fc_patch`
+    (settings: `FEClipConfig`)."""
 
-    Args:
-        clip_model: a plain open_clip CLIP (frozen here).
-        tap_indices: 0-based vision blocks followed by FFE + LFS (increasing).
-        lambda_fuse: λ in `λ(ffe + lfs) + (1 - λ)·patch`.
-        ffe_window: P, FFE window side.
-        lfs_window: Q, LFS window side (odd).
-        temperature: τ of the two-prompt softmax.
-        prompts: (normal, abnormal) sentences, object-agnostic.
-        patch_ln_post: frozen `ln_post` before `fc_patch` (the fork).
-        smoothing_sigma: test-time Gaussian blur of the upsampled map in pixels (0: none).
-        token_valid_frac: a token is valid when this fraction of its pixels is real image.
-    """
+    config_class = FEClipConfig
+    checkpoint_file = "feclip.pth"
+    log_file = "train_feclip.log"
 
-    def __init__(
-        self,
-        clip_model: CLIP,
-        tap_indices: list[int] | tuple[int, ...] = (15, 18, 21, 23),
-        lambda_fuse: float = 0.1,
-        ffe_window: int = 3,
-        lfs_window: int = 3,
-        lfs_agg: str = "mean",
-        lfs_pad: str = "replicate",
-        ffe_pad: str = "replicate",
-        temperature: float = 0.07,
-        prompts: list[str] | tuple[str, str] = DEFAULT_PROMPTS,
-        patch_ln_post: bool = True,
-        smoothing_sigma: float = 0.0,
-        token_valid_frac: float = 0.5,
-    ) -> None:
-        super().__init__()
-        blocks = backbone.num_vision_blocks(clip_model)
-        taps = list(tap_indices)
-        if not taps or sorted(set(taps)) != taps or taps[0] < 0 or taps[-1] >= blocks:
-            raise ValueError(f"tap_indices {taps} must be increasing 0-based indices < {blocks}")
-        if len(prompts) != 2 or temperature <= 0:
-            raise ValueError("FE-CLIP needs two prompts (normal, abnormal) and temperature > 0")
-        self.clipmodel = backbone.freeze(clip_model)
-        self.tap_indices = taps
-        self.lambda_fuse = lambda_fuse
-        self.temperature = temperature
-        self.prompts = list(prompts)
-        self.patch_ln_post = patch_ln_post
-        self.smoothing_sigma = smoothing_sigma
-        self.token_valid_frac = token_valid_frac
-        width = backbone.vision_width(clip_model)
-        self.ffe = nn.ModuleList(FFEAdapter(width, ffe_window, ffe_pad) for _ in taps)
-        self.lfs = nn.ModuleList(LFSAdapter(width, lfs_window, lfs_agg, lfs_pad) for _ in taps)
-        self.fc_patch = nn.Linear(width, backbone.embed_dim(clip_model))
+    def __init__(self, config: FEClipConfig | None = None, clip: CLIP | None = None) -> None:
+        config = config if config is not None else FEClipConfig()
+        super().__init__(config, clip)
+        check_block_indices(
+            config.block_indices, backbone.num_vision_blocks(self.clipmodel), "tap_indices", 0
+        )
+        width = backbone.vision_width(self.clipmodel)
+        taps = config.block_indices
+        self.ffe = nn.ModuleList(FFEAdapter(width, config.ffe_window, config.ffe_pad) for _ in taps)
+        self.lfs = nn.ModuleList(
+            LFSAdapter(width, config.lfs_window, config.lfs_agg, config.lfs_pad) for _ in taps
+        )
+        self.fc_patch = nn.Linear(width, backbone.embed_dim(self.clipmodel))
         self.register_buffer("text_features", self._encode_prompts(), persistent=False)
-
-    def train(self, mode: bool = True) -> FECLIP:
-        super().train(mode)
-        self.clipmodel.eval()
-        return self
-
-    @property
-    def img_size(self) -> int:
-        return backbone.image_size(self.clipmodel)
-
-    @property
-    def device(self) -> torch.device:
-        return self.clipmodel.visual.proj.device
-
-    @property
-    def smoothing(self) -> str:
-        """How test-time maps are smoothed (recorded with the results)."""
-        if self.smoothing_sigma > 0:
-            return f"gaussian sigma {self.smoothing_sigma:g} px on the upsampled map (FE-CLIP)"
-        return "none (FE-CLIP: bilinear upsampling of the tap-mean map)"
 
     @torch.no_grad()
     def _encode_prompts(self) -> torch.Tensor:
         """Unit text embeddings of the two prompts, frozen CLIP: `[2, D]` (normal, abnormal)."""
-        token_ids = backbone.get_tokenizer()(self.prompts).to(self.device)
-        with torch.autocast(self.device.type, enabled=False):
+        token_ids = backbone.get_tokenizer()(self.config.prompts).to(self.device)
+        with float32_island(self.device):
             return F.normalize(self.clipmodel.encode_text(token_ids).float(), dim=-1)
 
-    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """FFE, LFS and `fc_patch` weights (no CLIP)."""
-        return {
-            key: value
-            for key, value in self.state_dict().items()
-            if not key.startswith("clipmodel.")
-        }
-
-    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Load `trainable_state_dict` output; missing, unexpected or mis-shaped keys raise
-        RuntimeError."""
-        result = self.load_state_dict(state, strict=False)
-        missing = [key for key in result.missing_keys if not key.startswith("clipmodel.")]
-        if missing or result.unexpected_keys:
-            raise RuntimeError(f"missing keys {missing}, unexpected keys {result.unexpected_keys}")
-
     # ---------------------------------------------------------------------------------------
-
-    def token_valid_mask(self, valid_mask: torch.Tensor) -> torch.Tensor:
-        """Pixel validity `[B, S, S]` (True: real image, False: letterbox) -> token validity
-        `[B, g, g]`: the valid fraction of each patch >= `token_valid_frac` (spec §14.1)."""
-        grid = backbone.grid_size(self.clipmodel)
-        fraction = F.adaptive_avg_pool2d(valid_mask[:, None].float(), grid)[:, 0]
-        return fraction >= self.token_valid_frac
 
     def encode_image(
         self, images: torch.Tensor, token_mask: torch.Tensor | None = None
@@ -345,18 +341,19 @@ class FECLIP(nn.Module):
         """
         clip = self.clipmodel
         grid = backbone.grid_size(clip)
-        first = self.tap_indices[0]
+        taps = self.config.block_indices
+        lambda_fuse = self.config.lambda_fuse
         cls_tokens: list[torch.Tensor] = []
         patch_tokens: list[torch.Tensor] = []
 
         def fuse(index: int, tokens: torch.Tensor) -> torch.Tensor:
-            if index not in self.tap_indices:
+            if index not in taps:
                 return tokens
-            tap = self.tap_indices.index(index)
+            tap = taps.index(index)
             batch, length, width = tokens.shape
             patches = tokens[:, 1:].reshape(batch, grid, grid, width)  # [B, g, g, D_v]
             adapted = self.ffe[tap](patches) + self.lfs[tap](patches, token_mask)
-            fused = self.lambda_fuse * adapted + (1 - self.lambda_fuse) * patches
+            fused = lambda_fuse * adapted + (1 - lambda_fuse) * patches
             fused = fused.to(tokens.dtype).reshape(batch, length - 1, width)  # [B, g², D_v]
             cls_tokens.append(tokens[:, 0])
             patch_tokens.append(fused)
@@ -364,16 +361,16 @@ class FECLIP(nn.Module):
 
         # Adapters get no gradient through the blocks up to the first tap.
         with torch.no_grad():
-            x = backbone.walk_vision(clip, backbone.vision_embed(clip, images), stop=first + 1)
-        x = fuse(first, x)
-        backbone.walk_vision(clip, x, fuse, start=first + 1, stop=self.tap_indices[-1] + 1)
+            x = backbone.walk_vision(clip, backbone.vision_embed(clip, images), stop=taps[0] + 1)
+        x = fuse(taps[0], x)
+        backbone.walk_vision(clip, x, fuse, start=taps[0] + 1, stop=taps[-1] + 1)
         return TapFeatures(cls_tokens, patch_tokens)
 
     def margin_logits(self, embeddings: torch.Tensor) -> torch.Tensor:
         """`[..., D]` -> `[...]`: `(cos(z, g_a) - cos(z, g_r)) / τ`, float32."""
-        with torch.autocast(embeddings.device.type, enabled=False):
+        with float32_island(embeddings.device):
             cosines = F.normalize(embeddings.float(), dim=-1) @ self.text_features.T  # [..., 2]
-            return (cosines[..., 1] - cosines[..., 0]) / self.temperature
+            return (cosines[..., 1] - cosines[..., 0]) / self.config.temperature
 
     def forward(self, images: torch.Tensor, token_mask: torch.Tensor | None = None) -> TapLogits:
         """Per-tap image and patch logits (spec §8). images `[B, 3, S, S]`."""
@@ -386,10 +383,24 @@ class FECLIP(nn.Module):
         ]  # each [B]
         patch_logits = []
         for tokens in features.patch_tokens:
-            normed = backbone.post_norm(clip, tokens) if self.patch_ln_post else tokens
+            normed = backbone.post_norm(clip, tokens) if self.config.patch_ln_post else tokens
             logits = self.margin_logits(self.fc_patch(normed))  # [B, g²]
             patch_logits.append(logits.reshape(-1, grid, grid))
         return TapLogits(torch.stack(image_logits), torch.stack(patch_logits))
+
+    # ---------------------------------------------------------------------------------------
+    # Inference
+
+    @property
+    def smoothing(self) -> str:
+        sigma = self.config.smoothing_sigma
+        if sigma > 0:
+            return f"gaussian sigma {sigma:g} px on the upsampled map (FE-CLIP)"
+        return "none (FE-CLIP: bilinear upsampling of the tap-mean map)"
+
+    def class_text(self, prompt_name: str) -> torch.Tensor:
+        """The object-agnostic prompt embeddings `[2, D]` (the same for every class)."""
+        return self.text_features
 
     @torch.no_grad()
     def predict(
@@ -397,6 +408,10 @@ class FECLIP(nn.Module):
         images: torch.Tensor,
         class_names: list[str],
         valid_mask: torch.Tensor | None = None,
+        *,
+        text: dict[str, Any] | None = None,
+        memory: Any = None,
+        domain: str = DEFAULT_DOMAIN,
     ) -> AnomalyOutput:
         """Anomaly map `[B, S, S]` and image score `[B]`, both means over taps of probabilities.
 
@@ -414,82 +429,80 @@ class FECLIP(nn.Module):
                 msg = f"valid_mask has shape {tuple(valid_mask.shape)}; expected {expected}"
                 raise DataError(msg)
             valid_mask = valid_mask.to(images.device).bool()
-            token_mask = self.token_valid_mask(valid_mask)
+            grid = backbone.grid_size(self.clipmodel)
+            token_mask = token_valid_mask(valid_mask, grid, self.config.token_valid_frac)
         logits = self(images, token_mask)
-        with torch.autocast(images.device.type, enabled=False):
+        with float32_island(images.device):
             score = torch.sigmoid(logits.image_logits).mean(dim=0)  # [B]
             grid_map = torch.sigmoid(logits.patch_logits).mean(dim=0)  # [B, g, g]
             anomaly_map = F.interpolate(
                 grid_map[:, None], size=(height, width), mode="bilinear", align_corners=False
             )  # [B, 1, S, S]
-            if self.smoothing_sigma > 0:
-                radius = int(4 * self.smoothing_sigma + 0.5)  # scipy's truncate=4
-                size = 2 * radius + 1
-                anomaly_map = gaussian_blur(
-                    anomaly_map, [size, size], [self.smoothing_sigma, self.smoothing_sigma]
-                )
+            if self.config.smoothing_sigma > 0:
+                anomaly_map = gaussian_smooth(anomaly_map, self.config.smoothing_sigma)
             anomaly_map = anomaly_map[:, 0]
             if valid_mask is not None:
                 anomaly_map = anomaly_map * valid_mask
         return AnomalyOutput(anomaly_map, score)
 
-    @staticmethod
-    def table_image_scores(maps: np.ndarray, scores: np.ndarray, domain: str) -> np.ndarray:
-        """Paper-table image scores of one class: FE-CLIP reports the tap-mean CLS probability
-        itself (spec §1.1, §12; no fusion with the maps). maps `[N, S, S]`, scores `[N]`."""
-        return np.asarray(scores, dtype=np.float64)
+    # The table's image score is the tap-mean CLS probability itself (spec §1.1, §12): the
+    # base class's `table_image_scores`.
 
+    # ---------------------------------------------------------------------------------------
+    # Training (single stage, spec §10)
 
-def feclip_settings(config: dict) -> dict:
-    """FECLIP's constructor arguments from a run config (CLI args or a checkpoint's config)."""
-    return {
-        "tap_indices": config["tap_indices"],
-        "lambda_fuse": config["lambda_fuse"],
-        "ffe_window": config["ffe_window"],
-        "lfs_window": config["lfs_window"],
-        "lfs_agg": config.get("lfs_agg", "mean"),
-        "lfs_pad": config.get("lfs_pad", "replicate"),
-        "ffe_pad": config.get("ffe_pad", "replicate"),
-        "temperature": config["temperature"],
-        "prompts": config.get("prompts", DEFAULT_PROMPTS),
-        "patch_ln_post": config.get("patch_ln_post", True),
-        "smoothing_sigma": config.get("smoothing_sigma", 0.0),
-        "token_valid_frac": config.get("token_valid_frac", 0.5),
-    }
+    def stages(self) -> list[Stage]:
+        return [Stage("train", "feclip", self.config.epochs, self.config.batch_size)]
 
+    def trainable_parameters(self, stage: Stage) -> list[dict[str, Any]]:
+        """FFE + LFS at `lr`, `fc_patch` at `lr x fc_patch_lr_ratio` (0: frozen)."""
+        config = self.config
+        self.requires_grad_(False)
+        adapters = [*self.ffe.parameters(), *self.lfs.parameters()]
+        for parameter in adapters:
+            parameter.requires_grad_(True)
+        groups = [{"params": adapters, "lr": config.lr}]
+        if config.fc_patch_lr_ratio > 0:
+            self.fc_patch.requires_grad_(True)
+            groups.append(
+                {
+                    "params": list(self.fc_patch.parameters()),
+                    "lr": config.lr * config.fc_patch_lr_ratio,
+                }
+            )
+        return groups
 
-def build_feclip(config: dict, device: torch.device | str = "cpu") -> FECLIP:
-    """FECLIP from a run config (`model_name`, `pretrained`, `img_size`, `quick_gelu`, taps...)."""
-    return FECLIP(clip_from_config(config, device), **feclip_settings(config)).to(device)
+    def configure_optimizer(
+        self, stage: Stage
+    ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler | None]:
+        """Adam, no scheduler."""
+        return torch.optim.Adam(self.trainable_parameters(stage)), None
 
+    def forward_train(self, batch: dict[str, Any], stage: Stage) -> TapLogits:
+        return self(batch["image"])
 
-def load_feclip_state(model: FECLIP, path: Path, payload: dict, config: dict) -> None:
-    """Check a checkpoint's config against `config` (naming the first differing setting), then
-    load its trainable weights into `model`."""
-    check_config(path, payload.get("config"), {"model": MODEL_NAME, **config}, CONFIG_KEYS)
-    if MODEL_NAME not in payload:
-        raise CheckpointError(f"{path} holds no FE-CLIP weights (keys: {sorted(payload)})")
-    try:
-        model.load_trainable_state_dict(payload[MODEL_NAME])
-    except RuntimeError as error:
-        msg = f"{path} has FE-CLIP weights of another shape; check --model_name and --tap_indices"
-        raise CheckpointError(msg) from error
-
-
-def from_checkpoint(
-    path: Path, device: torch.device | str = "cpu", overrides: dict | None = None
-) -> tuple[FECLIP, dict]:
-    """FE-CLIP rebuilt from `feclip*.pth` and its stored config. `overrides` may change
-    test-time settings (`smoothing_sigma`, `token_valid_frac`, `pretrained`); one that changes
-    the architecture fails with the setting named. Returns (model in eval mode, payload)."""
-    path = Path(path)
-    payload = load_checkpoint(path)
-    saved = payload.get("config")
-    check_config(path, saved, {"model": MODEL_NAME}, ("model",))
-    if not saved or "tap_indices" not in saved:
-        model = (saved or {}).get("model", "unknown")
-        raise CheckpointError(f"{path} is not an FE-CLIP checkpoint (model {model!r})")
-    config = {**saved, **(overrides or {})}
-    model = build_feclip(config, device)
-    load_feclip_state(model, path, payload, config)
-    return model.eval(), payload
+    def loss(self, output: TapLogits, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """`w_cls · L_cls + w_mask · L_mask`, each averaged over taps (the paper's Eq. 4/5): BCE
+        on each tap's image logit; focal + dice on each tap's anomaly probability map upsampled
+        bilinearly to the input. Float32; terms `loss`, `cls`, `mask`."""
+        config = self.config
+        mask, label = batch["mask"], batch["label"]
+        with float32_island(mask.device):
+            image_logits = output.image_logits.float()
+            taps = image_logits.shape[0]
+            targets = label.float().expand(taps, -1)  # [N, B]
+            cls_loss = F.binary_cross_entropy_with_logits(image_logits, targets)
+            ground_truth = (mask > 0.5).float()  # [B, 1, S, S]
+            probs = torch.sigmoid(output.patch_logits.float())  # [N, B, g, g]
+            mask_loss = mask.new_zeros(())
+            for tap_probs in probs:
+                upsampled = F.interpolate(
+                    tap_probs[:, None], size=mask.shape[-2:], mode="bilinear", align_corners=False
+                )  # [B, 1, S, S]
+                mask_loss = mask_loss + binary_focal_loss(
+                    upsampled, ground_truth, config.focal_gamma, config.focal_alpha
+                )
+                mask_loss = mask_loss + dice_loss(upsampled, ground_truth, config.dice_smooth)
+            mask_loss = mask_loss / taps
+            total = config.w_cls * cls_loss + config.w_mask * mask_loss
+            return {"loss": total, "cls": cls_loss, "mask": mask_loss}

@@ -1,35 +1,47 @@
-"""Find and rebuild any trained model from its checkpoint (test.py and predict.py).
+"""The models by name (segment-anything's `sam_model_registry`), and finding a trained one.
 
-Every model module offers `from_checkpoint(path, device, overrides) -> (model, payload)`; the
-model answers `predict(images, class_names) -> (anomaly_map [B, S, S], image_score [B])` with
-prompt names such as "metal nut", and `table_image_scores(maps, scores, domain)` for the paper
-protocol. Checkpoints say which model they hold in `config["model"]`.
+Checkpoints say which model they hold in `config["model"]`; each model class rebuilds itself
+from a checkpoint file alone (`FrozenCLIPModel.from_checkpoint`).
 """
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
+from typing import Any
 
 import torch
-from torch import nn
 
+from models.aaclip import AdaptedCLIP
+from models.base import ClipConfig, FrozenCLIPModel
+from models.cross_attention import AdaptedCLIPWithCrossAttention
+from models.feclip import FECLIP
+from models.sowa import SOWA
 from utils.checkpoint import load_checkpoint
-from utils.errors import CheckpointError
+from utils.errors import CheckpointError, ConfigError
 
-# Model name -> (module, main checkpoint file in a save path). The order decides which model a
-# folder holds when several files are present (a cross-attention run also keeps AA-CLIP names).
-MODELS: dict[str, tuple[str, str]] = {
-    "aaclip_cross_attn": ("models.cross_attention", "image_adapter_cross_attn.pth"),
-    "aaclip": ("models.aaclip", "image_adapter.pth"),
-    "feclip": ("models.feclip", "feclip.pth"),
-    "sowa": ("models.sowa", "sowa.pth"),
+# The order decides which model a folder holds when several files are present (a
+# cross-attention run also keeps AA-CLIP names).
+MODELS: dict[str, type[FrozenCLIPModel]] = {
+    model.config_class.name: model
+    for model in (AdaptedCLIPWithCrossAttention, AdaptedCLIP, FECLIP, SOWA)
 }
+
+
+def model_class(name: str) -> type[FrozenCLIPModel]:
+    """The model class registered as `name`."""
+    if name not in MODELS:
+        raise ConfigError(f"unknown --model {name!r}; choose one of {', '.join(MODELS)}")
+    return MODELS[name]
+
+
+def config_classes() -> list[type[ClipConfig]]:
+    """Every model's config class, registry order."""
+    return [model.config_class for model in MODELS.values()]
 
 
 def checkpoint_stem(model: str) -> str:
     """The file stem of a model's checkpoints: `image_adapter` -> `image_adapter_<epoch>.pth`."""
-    return Path(MODELS[model][1]).stem
+    return Path(MODELS[model].checkpoint_file).stem
 
 
 def find_checkpoint(path: Path, model: str | None = None) -> tuple[str, Path]:
@@ -41,10 +53,10 @@ def find_checkpoint(path: Path, model: str | None = None) -> tuple[str, Path]:
         raise CheckpointError(f"{path} is neither a checkpoint file nor a folder; train first")
     names = [model] if model is not None else list(MODELS)
     for name in names:
-        candidate = path / MODELS[name][1]
+        candidate = path / MODELS[name].checkpoint_file
         if candidate.is_file():
             return name, candidate
-    expected = ", ".join(MODELS[name][1] for name in names)
+    expected = ", ".join(MODELS[name].checkpoint_file for name in names)
     raise CheckpointError(f"{path} holds no {expected}; train first or pass the file")
 
 
@@ -63,10 +75,15 @@ def load_trained_model(
     path: Path,
     device: torch.device | str = "cpu",
     model: str | None = None,
-    overrides: dict | None = None,
-) -> tuple[str, nn.Module, dict]:
-    """(model name, model in eval mode, checkpoint payload) from a checkpoint file or save path."""
+    overrides: dict[str, Any] | None = None,
+    dataset: str = "Synthetic",
+) -> tuple[str, FrozenCLIPModel, dict]:
+    """(model name, model in eval mode, checkpoint payload) from a checkpoint file or save path.
+
+    `overrides` change test-time settings (an architectural one must equal the checkpoint's);
+    for a file of the original code, which stores no config, they describe its architecture and
+    `dataset` picks the default backbone.
+    """
     name, file = find_checkpoint(path, model)
-    module = importlib.import_module(MODELS[name][0])
-    trained, payload = module.from_checkpoint(file, device, overrides)
+    trained, payload = MODELS[name].from_checkpoint(file, device, overrides, dataset)
     return name, trained, payload

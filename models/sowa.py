@@ -2,7 +2,8 @@
 Anomaly Detection (Hu & Zhang, arXiv 2407.03634). Spec: specs/sowa.md (the HFWA configuration).
 
 Original code: github.com/huzongxiang/sowa @ d1898ab (`AnomalyCLIP`, config `sowa_hfwa.yaml`). The
-raw residual stream after the hooked vision blocks (0-based 5, 11, 17, 23) goes, in parallel and
+raw residual stream after the hooked vision blocks (`block_indices`, 0-based 5, 11, 17, 23; the
+original's name `feature_map_idx` is an alias) goes, in parallel and
 without feeding back into CLIP, through one window-attention adapter per stage (HFWA) built on that
 block's own frozen attention weights; the adapted tokens are projected into the joint space and
 compared with learnable-context prompts ("X X ... object." / "X X ... damaged object."). Stage maps
@@ -16,7 +17,7 @@ Quirks of the original reproduced by default (spec §12), each with the setting 
 * 8 heads of width/8 channels, not CLIP's own heads (§12.4); `num_heads` sets them.
 * Patch tokens skip `ln_post` before the projection (§12.5); `patch_ln_post=True` applies it.
 * The image CE loss runs on softmax probabilities, a double softmax (§12.6);
-  `ce_on_probabilities=False` (train_sowa `--no-ce_on_probabilities`) runs it on the logits.
+  `ce_on_probabilities=False` (`--no-ce_on_probabilities`) runs it on the logits.
 * Stage maps are summed, not averaged (§12.9); `stage_reduce="mean"` averages them.
 * The k-shot memory holds raw, un-adapted tokens (§12.10); `memory_features="adapted"` uses the
   adapted stage features. The k-shot map is added unsmoothed (§12.10); `smooth_memory_map=True`
@@ -27,13 +28,21 @@ Deliberate departures: the support images are drawn with a seed (§12.11, datase
 the fusion text Linear is shared and randomly initialised as the original (§12.8, not a flag);
 a window that does not divide the grid pads it (the original requires divisibility), and a
 window at least as large as the grid becomes one global window, as the original's Swin rule.
+
+Training is one stage (spec §5): `CE(text_probs, y) + Σ_stages [focal(P_s, m) + dice(P_s[1], m) +
+dice(P_s[0], 1 - m)]`, all weights 1; AdamW over every trainable parameter in one group (weight
+decay reaches LayerNorms, logit scales and contexts, as the original), with ReduceLROnPlateau
+(factor 0.1, patience 5) on the epoch loss, which cannot act within the default single epoch.
+The original's MVTec mosaic augmentation is not reproduced (`--augment` selects the project's
+geometric augmentation; off by default, as the original for VisA).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
 import torch
@@ -42,13 +51,14 @@ from open_clip.model import CLIP
 from torch import nn
 
 from models import backbone
-from models.aaclip import AnomalyOutput, clip_from_config
-from utils.checkpoint import check_config, load_checkpoint
-from utils.errors import CheckpointError, ConfigError, DataError
-from utils.forward_utils import calculate_similarity_map
+from models.aaclip import check_block_indices
+from models.base import DEFAULT_DOMAIN, AnomalyOutput, ClipConfig, FrozenCLIPModel, Stage
+from utils.config import ARCH, TEST, redefault, setting
+from utils.errors import ConfigError, DataError
+from utils.forward_utils import calculate_seg_loss, calculate_similarity_map, gaussian_smooth
 from utils.metrics import minmax_normalize
+from utils.runtime import float32_island
 
-MODEL_NAME = "sowa"
 CLASS_NAMES = ("object",)  # one object-agnostic prompt pair (spec §3)
 NORMAL_TEMPLATES = ("{}",)
 ANOMALY_TEMPLATES = ("damaged {}",)
@@ -56,23 +66,6 @@ LOGIT_SCALE_MAX = math.log(100.0)
 SHIFT_MASK_VALUE = -100.0  # Swin's value for pairs from different shifted regions
 STAGE_REDUCTIONS = ("sum", "mean")
 MEMORY_FEATURES = ("raw", "adapted")
-# Settings a checkpoint must share with the model it is loaded into.
-CONFIG_KEYS = (
-    "model",
-    "model_name",
-    "quick_gelu",
-    "img_size",
-    "feature_map_idx",
-    "window_size",
-    "num_heads",
-    "depth",
-    "cpb_dim",
-    "prompt_length",
-    "value_only",
-    "in_proj_bias",
-    "patch_ln_post",
-    "temperature",
-)
 
 
 # --------------------------------------------------------------------------------------------
@@ -126,24 +119,6 @@ def relative_position_index(window: int) -> torch.Tensor:
     ).flatten(1)  # [2, w²]
     relative = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + window - 1  # [w²,w²,2]
     return relative[..., 0] * (2 * window - 1) + relative[..., 1]
-
-
-def gaussian_filter(maps: torch.Tensor, sigma: float, truncate: float = 4.0) -> torch.Tensor:
-    """scipy.ndimage.gaussian_filter on each map (mode 'reflect', i.e. edge-repeating, radius
-    `int(truncate·σ + 0.5)`), as the original smooths its maps. `[B, H, W]` -> `[B, H, W]`."""
-    radius = int(truncate * sigma + 0.5)
-    offsets = torch.arange(-radius, radius + 1, device=maps.device, dtype=torch.float64)
-    kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
-    kernel = (kernel / kernel.sum()).to(maps.dtype)
-    for dim in (1, 2):
-        size = maps.shape[dim]
-        index = torch.arange(-radius, size + radius, device=maps.device) % (2 * size)
-        index = torch.where(index >= size, 2 * size - 1 - index, index)  # d c b a | a b c d
-        padded = maps.index_select(dim, index).movedim(dim, -1)  # [B, other, size + 2r]
-        shape = padded.shape
-        smoothed = F.conv1d(padded.reshape(-1, 1, shape[-1]), kernel.view(1, 1, -1))
-        maps = smoothed.view(*shape[:-1], size).movedim(-1, dim)
-    return maps
 
 
 # --------------------------------------------------------------------------------------------
@@ -389,122 +364,117 @@ class SOWAOutput(NamedTuple):
     stage_features: list[torch.Tensor]  # per stage [B, g², D] adapted tokens @ proj
 
 
-class SOWA(nn.Module):
-    """Frozen CLIP with one HFWA adapter per hooked block, learnable prompts and a text Linear.
+@dataclasses.dataclass
+class SOWAConfig(ClipConfig):
+    """SOWA's settings: the original's HFWA configuration (spec sowa.md §2, §5;
+    configs/model/sowa_hfwa.yaml)."""
 
-    Args:
-        clip_model: a plain open_clip CLIP (frozen here).
-        feature_map_idx: 0-based vision blocks whose outputs are adapted (increasing).
-        window_size: adapter window side in tokens.
-        num_heads: adapter heads (must divide the vision width).
-        depth: HFWA blocks per stage.
-        cpb_dim: hidden width of the position-bias MLP.
-        prompt_length: learnable context tokens per prompt.
-        temperature: T of the image softmax.
-        attn_drop: adapter attention dropout (training only).
-        smoothing_sigma: test-time Gaussian σ in pixels on the stage-map sum (0: none).
-    """
+    name: ClassVar[str] = "sowa"
+    paper_img_size: ClassVar[int] = 336
+    run_defaults: ClassVar[dict[str, Any]] = {
+        "save_path": Path("ckpt/sowa"),
+        "seed": 2025,  # the original's train.py seed
+        "augment": False,  # the original: no augmentation for VisA (MVTec mosaic not reproduced)
+    }
 
-    def __init__(
-        self,
-        clip_model: CLIP,
-        feature_map_idx: list[int] | tuple[int, ...] = (5, 11, 17, 23),
-        window_size: int = 12,
-        num_heads: int = 8,
-        depth: int = 1,
-        cpb_dim: int = 64,
-        prompt_length: int = 12,
-        value_only: bool = True,
-        in_proj_bias: bool = False,
-        patch_ln_post: bool = False,
-        temperature: float = 0.07,
-        attn_drop: float = 0.1,
-        stage_reduce: str = "sum",
-        memory_features: str = "raw",
-        smooth_memory_map: bool = False,
-        smoothing_sigma: float = 4.0,
-    ) -> None:
-        super().__init__()
-        blocks = backbone.num_vision_blocks(clip_model)
-        hooks = list(feature_map_idx)
-        if not hooks or sorted(set(hooks)) != hooks or hooks[0] < 0 or hooks[-1] >= blocks:
-            msg = f"--feature_map_idx {hooks} must be increasing 0-based indices < {blocks}"
-            raise ConfigError(msg)
-        if window_size < 1 or depth < 1 or prompt_length < 1 or temperature <= 0:
-            msg = "--window_size, --depth and --prompt_length must be >= 1 and --temperature > 0"
-            raise ConfigError(msg)
-        if stage_reduce not in STAGE_REDUCTIONS or memory_features not in MEMORY_FEATURES:
-            msg = f"stage_reduce in {STAGE_REDUCTIONS}, memory_features in {MEMORY_FEATURES}"
-            raise ConfigError(msg)
-        self.clipmodel = backbone.freeze(clip_model)
-        self.feature_map_idx = hooks
-        self.patch_ln_post = patch_ln_post
-        self.temperature = temperature
-        self.stage_reduce = stage_reduce
-        self.memory_features = memory_features
-        self.smooth_memory_map = smooth_memory_map
-        self.smoothing_sigma = smoothing_sigma
-        width = backbone.vision_width(clip_model)
-        grid = backbone.grid_size(clip_model)
+    quick_gelu: bool = redefault(ClipConfig, "quick_gelu", True)  # the original's OpenAI CLIP
+    block_indices: list[int] = setting(
+        [5, 11, 17, 23],
+        "0-based vision blocks whose outputs are adapted (H1..H4: the outputs of blocks 6, 12, 18, "
+        "24)",
+        kind=ARCH,
+        aliases={"feature_map_idx": 0},
+        original="feature_map_idx",
+        minimum=0,
+    )
+    window_size: int = setting(
+        12, "adapter window in tokens (>= the grid: one global window)", kind=ARCH, minimum=1
+    )
+    num_heads: int = setting(8, "adapter heads; must divide the vision width", kind=ARCH, minimum=1)
+    depth: int = setting(1, "HFWA blocks per stage", kind=ARCH, minimum=1)
+    cpb_dim: int = setting(64, "width of the position-bias MLP", kind=ARCH, minimum=1)
+    prompt_length: int = setting(12, "learnable context tokens per prompt", kind=ARCH, minimum=1)
+    value_only: bool = setting(
+        True, "value-value cosine attention (the original); no: query-key", kind=ARCH
+    )
+    in_proj_bias: bool = setting(
+        False, "use the block's in_proj_bias in the adapter (the original does not)", kind=ARCH
+    )
+    patch_ln_post: bool = setting(
+        False, "ln_post on patch tokens before the projection (the original skips it)", kind=ARCH
+    )
+    temperature: float = setting(0.07, "T of the image softmax", kind=ARCH, above=0)
+    stage_reduce: str = setting(
+        "sum",
+        "reduction of the stage maps (the original sums)",
+        kind=TEST,
+        choices=STAGE_REDUCTIONS,
+    )
+    memory_features: str = setting(
+        "raw",
+        "k-shot memory on raw hooked tokens (the original) or adapted features",
+        kind=TEST,
+        choices=MEMORY_FEATURES,
+    )
+    smooth_memory_map: bool = setting(
+        False,
+        "smooth the k-shot map with the stage maps (the original adds it unsmoothed)",
+        kind=TEST,
+    )
+    smoothing_sigma: float = setting(
+        4.0,
+        "test-time Gaussian sigma in pixels on the stage-map sum (0: none)",
+        kind=TEST,
+        minimum=0,
+    )
+    attn_drop: float = setting(0.1, "adapter attention dropout (training only)", minimum=0)
+    epochs: int = setting(1, "epochs", minimum=0)
+    batch_size: int = setting(8, "global batch size (split over torchrun ranks)", minimum=1)
+    lr: float = setting(1e-3, "AdamW learning rate", above=0)
+    weight_decay: float = setting(0.2, "AdamW weight decay", minimum=0)
+    ce_on_probabilities: bool = setting(
+        True, "image CE on softmaxed probabilities (the original); no: on the logits"
+    )
+
+    def check(self) -> None:
+        if self.attn_drop >= 1:
+            raise ConfigError(f"--attn_drop {self.attn_drop} must be below 1")
+
+
+class SOWA(FrozenCLIPModel):
+    """Frozen CLIP with one HFWA adapter per hooked block, learnable prompts and a text Linear
+    (settings: `SOWAConfig`)."""
+
+    config_class = SOWAConfig
+    checkpoint_file = "sowa.pth"
+    log_file = "train_sowa.log"
+    supports_memory = True
+
+    def __init__(self, config: SOWAConfig | None = None, clip: CLIP | None = None) -> None:
+        config = config if config is not None else SOWAConfig()
+        super().__init__(config, clip)
+        clip = self.clipmodel
+        hooks = config.block_indices
+        check_block_indices(hooks, backbone.num_vision_blocks(clip), "feature_map_idx", 0)
+        width = backbone.vision_width(clip)
+        grid = backbone.grid_size(clip)
         self.adapters = nn.ModuleList(
             HFWAAdapter(
                 width,
                 grid,
-                window_size,
-                num_heads,
-                depth,
-                cpb_dim,
-                value_only,
-                in_proj_bias,
-                attn_drop,
+                config.window_size,
+                config.num_heads,
+                config.depth,
+                config.cpb_dim,
+                config.value_only,
+                config.in_proj_bias,
+                config.attn_drop,
             )
             for _ in hooks
         )
-        self.prompt_learner = PromptLearner(clip_model, prompt_length)
-        dim = backbone.embed_dim(clip_model)
+        self.prompt_learner = PromptLearner(clip, config.prompt_length)
+        dim = backbone.embed_dim(clip)
         self.text_linear = nn.Linear(dim, dim)  # FusionModule's, default init (§12.8)
-        self.memory: list[torch.Tensor] | None = None
-
-    def train(self, mode: bool = True) -> SOWA:
-        super().train(mode)
-        self.clipmodel.eval()
-        return self
-
-    @property
-    def img_size(self) -> int:
-        return backbone.image_size(self.clipmodel)
-
-    @property
-    def device(self) -> torch.device:
-        return self.clipmodel.visual.proj.device
-
-    @property
-    def smoothing(self) -> str:
-        """How test-time maps are smoothed (recorded with the results)."""
-        stages = f"{self.stage_reduce} of stage maps"
-        if self.smoothing_sigma <= 0:
-            return f"none on the {stages} (SOWA)"
-        memory = "smoothed with it" if self.smooth_memory_map else "added unsmoothed"
-        return (
-            f"gaussian sigma {self.smoothing_sigma:g} px (scipy reflect) on the {stages}; "
-            f"k-shot map {memory} (SOWA)"
-        )
-
-    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """Adapters, prompt contexts and the text Linear (no CLIP)."""
-        return {
-            key: value
-            for key, value in self.state_dict().items()
-            if not key.startswith("clipmodel.")
-        }
-
-    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Load `trainable_state_dict` output; missing, unexpected or mis-shaped keys raise
-        RuntimeError."""
-        result = self.load_state_dict(state, strict=False)
-        missing = [key for key in result.missing_keys if not key.startswith("clipmodel.")]
-        if missing or result.unexpected_keys:
-            raise RuntimeError(f"missing keys {missing}, unexpected keys {result.unexpected_keys}")
 
     # ---------------------------------------------------------------------------------------
 
@@ -526,10 +496,11 @@ class SOWA(nn.Module):
         """One frozen pass: raw patch tokens after each hooked block (no CLS, no `ln_post`), one
         `[B, g², D_v]` per stage, and the global embedding `[B, D]` (`encode_image`)."""
         clip = self.clipmodel
+        hooks = self.config.block_indices
         hooked: list[torch.Tensor] = []
 
         def record(index: int, x: torch.Tensor) -> torch.Tensor:
-            if index in self.feature_map_idx:
+            if index in hooks:
                 hooked.append(x[:, 1:])
             return x
 
@@ -539,7 +510,7 @@ class SOWA(nn.Module):
     def project_patches(self, tokens: torch.Tensor) -> torch.Tensor:
         """Patch tokens into the joint space, without `ln_post` (quirk) unless `patch_ln_post`.
         `[B, L, D_v]` -> `[B, L, D]`."""
-        if self.patch_ln_post:
+        if self.config.patch_ln_post:
             return backbone.project_image_tokens(self.clipmodel, tokens)
         return backbone.project_tokens(self.clipmodel, tokens)
 
@@ -549,20 +520,23 @@ class SOWA(nn.Module):
         """(global embedding `[B, D]`, raw patches, adapted stage features: `[B, g², D]` each)."""
         hooked, global_embedding = self.hooked_tokens(images)
         raw_patches, stage_features = [], []
-        for adapter, index, tokens in zip(self.adapters, self.feature_map_idx, hooked, strict=True):
+        hooks = self.config.block_indices
+        for adapter, index, tokens in zip(self.adapters, hooks, hooked, strict=True):
             weights = backbone.vision_attention_weights(self.clipmodel, index)
             raw_patches.append(self.project_patches(tokens))
             stage_features.append(self.project_patches(adapter(tokens, weights)))
         return global_embedding, raw_patches, stage_features
 
-    def forward(self, images: torch.Tensor) -> SOWAOutput:
-        """images `[B, 3, S, S]` -> text probabilities and per-stage pixel probabilities."""
+    def forward(self, images: torch.Tensor, text: torch.Tensor | None = None) -> SOWAOutput:
+        """images `[B, 3, S, S]` -> text probabilities and per-stage pixel probabilities;
+        `text` `[2, D]`: the prompt features (`encode_text()[0]`, computed when None)."""
         global_embedding, raw_patches, stage_features = self.encode_image(images)
-        text = self.encode_text()[0]  # [2, D]: every class uses the "object" row (§3)
-        with torch.autocast(images.device.type, enabled=False):
+        if text is None:
+            text = self.encode_text()[0]  # [2, D]: every class uses the "object" row (§3)
+        with float32_island(images.device):
             text = F.normalize(text.float(), dim=-1)
             image = F.normalize(global_embedding.float(), dim=-1)
-            text_logits = image @ text.T / self.temperature  # [B, 2]
+            text_logits = image @ text.T / self.config.temperature  # [B, 2]
             anchors = text.T.expand(len(images), -1, -1)  # [B, D, 2]
             stage_probs = [
                 calculate_similarity_map(
@@ -582,29 +556,24 @@ class SOWA(nn.Module):
     # Few-shot memory (spec §6)
 
     @torch.no_grad()
-    def set_memory(self, support_images: torch.Tensor | None) -> None:
-        """Store the support images' per-stage patch features (raw tokens @ proj by default) for
-        the class being evaluated; None clears it. support_images: `[k, 3, S, S]`."""
-        if support_images is None:
-            self.memory = None
-            return
+    def encode_memory(self, support_images: torch.Tensor) -> list[torch.Tensor]:
+        """The support images' per-stage patch features (raw tokens @ proj by default), unit
+        norm: support_images `[k, 3, S, S]` -> per stage `[k g², D]`."""
         if support_images.ndim != 4 or support_images.shape[0] < 1:
             shape = tuple(support_images.shape)
             raise DataError(f"support images have shape {shape}; expected [k, 3, S, S], k >= 1")
         _, raw_patches, stage_features = self.encode_image(support_images.to(self.device))
-        features = raw_patches if self.memory_features == "raw" else stage_features
-        self.memory = [F.normalize(f.float().flatten(0, 1), dim=-1) for f in features]  # [kL, D]
+        features = raw_patches if self.config.memory_features == "raw" else stage_features
+        return [F.normalize(f.float().flatten(0, 1), dim=-1) for f in features]
 
-    def memory_map(self, features: list[torch.Tensor]) -> torch.Tensor:
+    def memory_map(self, features: list[torch.Tensor], memory: list[torch.Tensor]) -> torch.Tensor:
         """Sum over stages of each patch's cosine distance to its nearest memory patch,
         upsampled bilinearly (align_corners) to the input: `[B, S, S]`, each stage in [0, 2].
         features: per stage `[B, g², D]` (same kind as the memory)."""
-        if self.memory is None:
-            raise DataError("no support memory is set; call set_memory(support_images) first")
         total = 0.0
-        for queries, memory in zip(features, self.memory, strict=True):
+        for queries, bank in zip(features, memory, strict=True):
             queries = F.normalize(queries.float(), dim=-1)  # [B, L, D]
-            distance = (1 - queries @ memory.T).min(dim=-1).values  # [B, L]
+            distance = (1 - queries @ bank.T).min(dim=-1).values  # [B, L]
             side = math.isqrt(distance.shape[1])
             grid = distance.view(-1, 1, side, side)
             total = (
@@ -616,102 +585,127 @@ class SOWA(nn.Module):
     # ---------------------------------------------------------------------------------------
     # Inference
 
+    @property
+    def smoothing(self) -> str:
+        config = self.config
+        stages = f"{config.stage_reduce} of stage maps"
+        if config.smoothing_sigma <= 0:
+            return f"none on the {stages} (SOWA)"
+        memory = "smoothed with it" if config.smooth_memory_map else "added unsmoothed"
+        return (
+            f"gaussian sigma {config.smoothing_sigma:g} px (scipy reflect) on the {stages}; "
+            f"k-shot map {memory} (SOWA)"
+        )
+
+    def class_text(self, prompt_name: str) -> torch.Tensor:
+        """The learned prompts' features `[2, D]` (the same for every class, spec §3)."""
+        with torch.no_grad():
+            return self.encode_text()[0]
+
     @torch.no_grad()
-    def predict(self, images: torch.Tensor, class_names: list[str]) -> AnomalyOutput:
+    def predict(
+        self,
+        images: torch.Tensor,
+        class_names: list[str],
+        valid_mask: torch.Tensor | None = None,
+        *,
+        text: dict[str, Any] | None = None,
+        memory: list[torch.Tensor] | None = None,
+        domain: str = DEFAULT_DOMAIN,
+    ) -> AnomalyOutput:
         """Anomaly map `[B, S, S]` and image score `[B]` (spec §4, §6).
 
         Map: Σ over stages of the anomaly probability (`stage_reduce`), Gaussian-smoothed, plus
-        the unsmoothed k-shot map when a memory is set. Score: the image softmax's anomaly
-        probability. `class_names` must match the batch; SOWA's prompts ignore them (§3).
+        the unsmoothed k-shot map when a `memory` (`encode_memory`) is given. Score: the image
+        softmax's anomaly probability. `class_names` must match the batch; SOWA's prompts ignore
+        them (§3). `valid_mask` is not used.
         """
         if len(class_names) != len(images):
             raise DataError(
                 f"{len(class_names)} class names for {len(images)} images; pass one each"
             )
-        output = self(images)
-        with torch.autocast(images.device.type, enabled=False):
+        config = self.config
+        output = self(images, self.class_texts(class_names, text)[0])
+        with float32_island(images.device):
             anomaly = torch.stack([probs[:, 1] for probs in output.stage_probs])  # [N, B, S, S]
-            anomaly_map = anomaly.sum(0) if self.stage_reduce == "sum" else anomaly.mean(0)
-            if self.memory is not None:
+            anomaly_map = anomaly.sum(0) if config.stage_reduce == "sum" else anomaly.mean(0)
+            if memory is not None:
                 features = (
-                    output.raw_patches if self.memory_features == "raw" else output.stage_features
+                    output.raw_patches if config.memory_features == "raw" else output.stage_features
                 )
-                memory_map = self.memory_map(features)
-                if self.smooth_memory_map:
+                memory_map = self.memory_map(features, memory)
+                if config.smooth_memory_map:
                     anomaly_map = anomaly_map + memory_map
-            if self.smoothing_sigma > 0:
-                anomaly_map = gaussian_filter(anomaly_map, self.smoothing_sigma)
-            if self.memory is not None and not self.smooth_memory_map:
+            if config.smoothing_sigma > 0:
+                anomaly_map = gaussian_smooth(anomaly_map, config.smoothing_sigma, border="scipy")
+            if memory is not None and not config.smooth_memory_map:
                 anomaly_map = anomaly_map + memory_map  # unsmoothed, unweighted (§12.10)
         return AnomalyOutput(anomaly_map, output.text_probs[:, 1])
 
-    def table_image_scores(self, maps: np.ndarray, scores: np.ndarray, domain: str) -> np.ndarray:
-        """Paper-table image scores of one class from `predict`'s maps `[N, S, S]` and scores `[N]`.
-
-        Zero-shot: the image softmax's anomaly probability. With a memory set (k-shot):
-        `0.5 (score + minmax(map max))`, min-max over the class's test images (transductive).
-        """
+    def table_image_scores(
+        self, maps: np.ndarray, scores: np.ndarray, domain: str, few_shot: bool
+    ) -> np.ndarray:
+        """Zero-shot: the image softmax's anomaly probability. k-shot: `0.5 (score + minmax(map
+        max))`, min-max over the class's test images (transductive)."""
         scores = np.asarray(scores, dtype=np.float64)
-        if self.memory is None:
+        if not few_shot:
             return scores
         maxima = np.asarray(maps, dtype=np.float64).reshape(len(scores), -1).max(axis=1)
         return 0.5 * (scores + minmax_normalize(maxima))
 
+    # ---------------------------------------------------------------------------------------
+    # Training (single stage, spec §5)
 
-def sowa_settings(config: dict) -> dict:
-    """SOWA's constructor arguments from a run config (CLI args or a checkpoint's config)."""
-    return {
-        "feature_map_idx": config["feature_map_idx"],
-        "window_size": config["window_size"],
-        "num_heads": config["num_heads"],
-        "depth": config.get("depth", 1),
-        "cpb_dim": config.get("cpb_dim", 64),
-        "prompt_length": config["prompt_length"],
-        "value_only": config.get("value_only", True),
-        "in_proj_bias": config.get("in_proj_bias", False),
-        "patch_ln_post": config.get("patch_ln_post", False),
-        "temperature": config.get("temperature", 0.07),
-        "attn_drop": config.get("attn_drop", 0.1),
-        "stage_reduce": config.get("stage_reduce", "sum"),
-        "memory_features": config.get("memory_features", "raw"),
-        "smooth_memory_map": config.get("smooth_memory_map", False),
-        "smoothing_sigma": config.get("smoothing_sigma", 4.0),
-    }
+    def stages(self) -> list[Stage]:
+        return [
+            Stage(
+                "train",
+                "sowa",
+                self.config.epochs,
+                self.config.batch_size,
+                scheduler_interval="epoch",
+            )
+        ]
 
+    def trainable_parameters(self, stage: Stage) -> list[dict[str, Any]]:
+        """Adapters, prompt contexts and the text Linear, one group (no exemptions)."""
+        self.requires_grad_(True)
+        self.clipmodel.requires_grad_(False)
+        return [
+            {"params": [parameter for parameter in self.parameters() if parameter.requires_grad]}
+        ]
 
-def build_sowa(config: dict, device: torch.device | str = "cpu") -> SOWA:
-    """SOWA from a run config (`model_name`, `pretrained`, `img_size`, `quick_gelu`, ...)."""
-    return SOWA(clip_from_config(config, device), **sowa_settings(config)).to(device)
+    def configure_optimizer(
+        self, stage: Stage
+    ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler | None]:
+        """AdamW (betas 0.9/0.999, eps 1e-8) and ReduceLROnPlateau on the epoch loss."""
+        config = self.config
+        optimizer = torch.optim.AdamW(
+            self.trainable_parameters(stage),
+            lr=config.lr,
+            weight_decay=config.weight_decay,
+            betas=(0.9, 0.999),
+            eps=1e-8,
+        )
+        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode="min", factor=0.1, patience=5
+        )
+        return optimizer, scheduler
 
+    def forward_train(self, batch: dict[str, Any], stage: Stage) -> SOWAOutput:
+        return self(batch["image"])
 
-def load_sowa_state(model: SOWA, path: Path, payload: dict, config: dict) -> None:
-    """Check a checkpoint's config against `config` (naming the first differing setting), then
-    load its trainable weights into `model`."""
-    check_config(path, payload.get("config"), {"model": MODEL_NAME, **config}, CONFIG_KEYS)
-    if MODEL_NAME not in payload:
-        raise CheckpointError(f"{path} holds no SOWA weights (keys: {sorted(payload)})")
-    try:
-        model.load_trainable_state_dict(payload[MODEL_NAME])
-    except RuntimeError as error:
-        msg = f"{path} has SOWA weights of another shape; check --model_name and --feature_map_idx"
-        raise CheckpointError(msg) from error
-
-
-def from_checkpoint(
-    path: Path, device: torch.device | str = "cpu", overrides: dict | None = None
-) -> tuple[SOWA, dict]:
-    """SOWA rebuilt from `sowa*.pth` and its stored config. `overrides` may change test-time
-    settings (`smoothing_sigma`, `stage_reduce`, `memory_features`, `smooth_memory_map`,
-    `pretrained`); one that changes the architecture fails with the setting named.
-    Returns (model in eval mode, payload)."""
-    path = Path(path)
-    payload = load_checkpoint(path)
-    saved = payload.get("config")
-    check_config(path, saved, {"model": MODEL_NAME}, ("model",))
-    if not saved or "feature_map_idx" not in saved:
-        model = (saved or {}).get("model", "unknown")
-        raise CheckpointError(f"{path} is not a SOWA checkpoint (model {model!r})")
-    config = {**saved, **(overrides or {})}
-    model = build_sowa(config, device)
-    load_sowa_state(model, path, payload, config)
-    return model.eval(), payload
+    def loss(self, output: SOWAOutput, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Image CE (on probabilities by default: the original's double softmax) + the summed
+        stages' focal + dice. Float32; terms `loss`, `ce`, `seg`."""
+        mask, label = batch["mask"], batch["label"]
+        with float32_island(mask.device):
+            image_input = (
+                output.text_probs if self.config.ce_on_probabilities else output.text_logits
+            )
+            ce_loss = F.cross_entropy(image_input.float(), label.long())
+            target = (mask > 0).float()
+            seg_loss = sum(
+                calculate_seg_loss(probs.float(), target) for probs in output.stage_probs
+            )
+            return {"loss": ce_loss + seg_loss, "ce": ce_loss, "seg": seg_loss}

@@ -21,16 +21,16 @@ from utils.runtime import autocast
 
 
 def test_bf16_predictions_stay_close_to_fp32(tiny_clip, synthetic_root):
-    model = AdaptedCLIP(tiny_clip).eval()
-    model.set_class_text_features(get_adapted_text_embedding(model, "Synthetic", "cpu"))
+    model = AdaptedCLIP(None, tiny_clip).eval()
+    anchors = get_adapted_text_embedding(model, "Synthetic", "cpu")
     datasets = build_test_datasets(
         load_test_records("Synthetic", synthetic_root), synthetic_root, 64
     )
     for dataset in datasets.values():
         batch = default_collate([dataset[index] for index in range(len(dataset))])
-        reference = model.predict(batch["image"], batch["class_name"])
+        reference = model.predict(batch["image"], batch["class_name"], text=anchors)
         with autocast(torch.device("cpu"), "bf16"):
-            reduced = model.predict(batch["image"], batch["class_name"])
+            reduced = model.predict(batch["image"], batch["class_name"], text=anchors)
         assert reduced.anomaly_map.dtype == torch.float32
         span = reference.anomaly_map.max() - reference.anomaly_map.min()
         assert (reduced.anomaly_map - reference.anomaly_map).abs().max() <= 0.05 * span

@@ -15,6 +15,7 @@ from PIL import Image
 import predict
 import train
 from datasets.folder import ImageFolder
+from models.predictor import AnomalyPredictor
 from models.registry import load_trained_model
 from utils import calibration as calib
 from utils.metrics import auroc
@@ -53,9 +54,8 @@ def test_calibration_thresholds_are_numpy_percentiles_of_the_normal_scores(calib
     calibration = calib.load_calibration(save_path / "calibration.json")
     _, model, _ = load_trained_model(save_path)
     dataset = ImageFolder(normal_dir, model.img_size)
-    results = [
-        result for _, result in predict.score_images(model, dataset, "object", torch.device("cpu"))
-    ]
+    predictor = AnomalyPredictor(model)
+    results = [result for _, result in predict.score_images(predictor, dataset, "object")]
     p = calibration["percentile"]
     assert p == 99.5
     image_scores = np.array([result["image_score"] for result in results])
@@ -183,9 +183,9 @@ def test_letterbox_padding_never_raises_a_score(calibrated, tmp_path):
     torch.testing.assert_close(letterboxed[0].image, plain[0].image, rtol=0, atol=0)
     assert int(letterboxed[0].valid_mask.sum()) == 64 * 32 and plain[0].valid_mask.all()
 
-    device = torch.device("cpu")
-    ((_, masked),) = predict.score_images(model, letterboxed, "object", device, top_fraction=0.01)
-    ((_, unmasked),) = predict.score_images(model, plain, "object", device, top_fraction=0.01)
+    predictor = AnomalyPredictor(model)
+    ((_, masked),) = predict.score_images(predictor, letterboxed, "object", top_fraction=0.01)
+    ((_, unmasked),) = predict.score_images(predictor, plain, "object", top_fraction=0.01)
     assert masked["image_score"] == unmasked["image_score"]
     for name in calib.REDUCTIONS:
         assert masked[name] <= unmasked[name]
@@ -200,41 +200,36 @@ def test_letterbox_padding_never_raises_a_score(calibrated, tmp_path):
     assert decisions["masked", "pixel"] <= decisions["unmasked", "pixel"]
 
 
-class _MaskAwareStub(torch.nn.Module):
-    """predict with FE-CLIP's `valid_mask` keyword; records what it was given."""
+class _RecordingModel(torch.nn.Module):
+    """Answers the models' `predict` and records the valid mask it was given."""
 
     img_size = 16
+    name = "stub"
+    supports_memory = False
+    device = torch.device("cpu")
 
     def __init__(self) -> None:
         super().__init__()
         self.masks: list[torch.Tensor | None] = []
 
-    def predict(self, images, class_names, valid_mask=None):
+    def class_text(self, prompt_name):
+        return None
+
+    def predict(self, images, class_names, valid_mask=None, *, text=None, memory=None, domain=""):
         self.masks.append(valid_mask)
         batch = images.shape[0]
         return torch.rand(batch, 16, 16), torch.rand(batch)
 
 
-class _PlainStub(_MaskAwareStub):
-    def predict(self, images, class_names):
-        return super().predict(images, class_names)
-
-
-def test_valid_mask_goes_only_to_models_that_take_it(tmp_path):
+def test_valid_mask_goes_to_the_model_for_letterboxed_images_only(tmp_path):
     Image.new("RGB", (32, 8), (10, 20, 30)).save(tmp_path / "wide.png")
-    assert predict.accepts_valid_mask(_MaskAwareStub()) and not predict.accepts_valid_mask(
-        _PlainStub()
-    )
     for use_letterbox in (True, False):
-        model = _MaskAwareStub()
+        model = _RecordingModel()
         dataset = ImageFolder(tmp_path, 16, use_letterbox=use_letterbox)
-        list(predict.score_images(model, dataset, "object", torch.device("cpu")))
+        ((_, result),) = predict.score_images(AnomalyPredictor(model), dataset, "object")
         if use_letterbox:
             torch.testing.assert_close(model.masks[0], dataset[0].valid_mask[None])
             assert int(model.masks[0].sum()) == 16 * 4
         else:
             assert model.masks == [None]
-    plain = _PlainStub()
-    dataset = ImageFolder(tmp_path, 16, use_letterbox=True)
-    ((_, result),) = predict.score_images(plain, dataset, "object", torch.device("cpu"))
-    assert plain.masks == [None] and np.isfinite(result["max"])
+        assert np.isfinite(result["max"])

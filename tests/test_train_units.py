@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from train import stage1_loss
+from models.aaclip import stage1_loss
 
 
 def level_maps():

@@ -1,8 +1,8 @@
 """Checkpoints: nanoGPT's dict (weights, optimizer, step, config), written atomically.
 
 A save goes to a temporary file beside the target and is moved over it with `os.replace`, so
-an interrupted save leaves the previous checkpoint intact. Loading compares the stored config
-with the current one and names the flag that differs.
+an interrupted save leaves the previous checkpoint intact. A model's stored config is compared
+with the current one by `utils.config.check_architecture`, which names the flag that differs.
 """
 
 from __future__ import annotations
@@ -54,29 +54,3 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     if not isinstance(payload, dict):
         raise CheckpointError(f"checkpoint {path} is not a dict of tensors; was it written here?")
     return payload
-
-
-def flag_hint(key: str, value: Any) -> str:
-    """The command-line flag that reproduces `key=value`."""
-    if isinstance(value, bool):
-        return f"--{key}" if value else f"no --{key}"
-    if isinstance(value, list | tuple):
-        return f"--{key} {' '.join(str(item) for item in value)}"
-    return f"--{key} {value}"
-
-
-def check_config(path: Path, saved: dict[str, Any] | None, current: dict[str, Any], keys) -> None:
-    """Raise CheckpointError naming the first setting in `keys` where saved and current differ."""
-    if saved is None:
-        return
-    for key in keys:
-        if key in saved and key in current and _normalise(saved[key]) != _normalise(current[key]):
-            msg = (
-                f"{path} was trained with {key}={saved[key]!r} but this run has "
-                f"{key}={current[key]!r}; pass {flag_hint(key, saved[key])}"
-            )
-            raise CheckpointError(msg)
-
-
-def _normalise(value: Any) -> Any:
-    return list(value) if isinstance(value, tuple) else value

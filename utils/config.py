@@ -1,56 +1,347 @@
-"""YAML defaults + command-line overrides (timm's `_parse_args` shape, unknown keys refused).
+"""Settings: each one a dataclass field, declared once (default, help, kind), from which the
+command-line flags, the YAML validation and the checkpoint's stored config are generated.
 
-`--config FILE` loads a YAML of defaults into the parser; flags given on the command line win.
-The merged settings are saved next to the outputs so a run can be reproduced.
+The shape of nanoGPT's `GPTConfig` and open_clip's `CLIPVisionCfg`, with timm's YAML-then-CLI
+order: `--config FILE` sets defaults, flags win, unknown keys are refused. A field's kind says
+what it governs:
+
+* `ARCH`: what the trained weights mean (backbone, adapter shapes, blend weights). A checkpoint
+  is loaded only into a model with the same values; test time never changes them.
+* `TEST`: how a trained model predicts (smoothing, which modules run at test); a test run may
+  override them.
+* `TRAIN`: the training recipe (epochs, learning rates, loss constants); read only when training.
+* `RUN`: where and how a script runs (data set, device, outputs, seed).
+
+Aliases keep the originals' names as flags and YAML/checkpoint keys: `--tap_indices` is FE-CLIP's
+name of `block_indices`; an alias with an offset counts from it (AA-CLIP's 1-based `--levels`).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import types
+import typing
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from utils.checkpoint import atomic_write
-from utils.errors import ConfigError
+from utils.errors import CheckpointError, ConfigError
 
+ARCH, TEST, TRAIN, RUN = "arch", "test", "train", "run"
+KINDS = (ARCH, TEST, TRAIN, RUN)
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-TINY_IMG_SIZE = 64
-PAPER_MODEL = "ViT-L-14-336"
-PAPER_IMG_SIZE = 518
+
+
+def setting(
+    default: Any,
+    help: str,
+    *,
+    kind: str = TRAIN,
+    choices: Iterable[Any] | None = None,
+    nargs: str | int | None = None,
+    aliases: dict[str, int] | None = None,
+    original: str | None = None,
+    minimum: float | None = None,
+    above: float | None = None,
+    metavar: str | tuple[str, ...] | None = None,
+) -> Any:
+    """A dataclass field that is a setting.
+
+    Args:
+        help: one sentence for `--help` (the default is appended there).
+        choices: the allowed values.
+        nargs: for list settings (default `+`).
+        aliases: other names of the setting -> offset of their counting base (0: same values).
+        original: the alias that is the original code's name, used in hints (`tap_indices`).
+        minimum / above: the value must be >= `minimum` / > `above` (checked by `validate`).
+    """
+    assert kind in KINDS, kind
+    metadata = {
+        "help": help,
+        "kind": kind,
+        "choices": tuple(choices) if choices is not None else None,
+        "nargs": nargs,
+        "aliases": dict(aliases or {}),
+        "original": original,
+        "minimum": minimum,
+        "above": above,
+        "metavar": metavar,
+    }
+    if isinstance(default, list):
+        return dataclasses.field(default_factory=lambda: list(default), metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def redefault(config_class: type, name: str, default: Any) -> Any:
+    """The field `name` of `config_class` with another default (a subclass's own value)."""
+    base = next(field for field in dataclasses.fields(config_class) if field.name == name)
+    if isinstance(default, list):
+        return dataclasses.field(default_factory=lambda: list(default), metadata=base.metadata)
+    return dataclasses.field(default=default, metadata=base.metadata)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fields
+
+
+def settings_of(config_class: type, kinds: Iterable[str] = KINDS) -> list[dataclasses.Field]:
+    """The setting fields of a config class whose kind is in `kinds`, declaration order."""
+    kinds = set(kinds)
+    return [field for field in dataclasses.fields(config_class) if field.metadata["kind"] in kinds]
+
+
+def field_type(config_class: type, field: dataclasses.Field) -> tuple[type, bool]:
+    """(scalar type, is a list) of a field: `list[int] | None` -> (int, True)."""
+    annotation = typing.get_type_hints(config_class)[field.name]
+    if typing.get_origin(annotation) in (types.UnionType, typing.Union):
+        annotation = next(arg for arg in typing.get_args(annotation) if arg is not type(None))
+    if typing.get_origin(annotation) is list:
+        return typing.get_args(annotation)[0], True
+    return annotation, False
+
+
+def _shift(value: Any, offset: int) -> Any:
+    if offset == 0 or value is None:
+        return value
+    if isinstance(value, list | tuple):
+        return [item + offset for item in value]
+    return value + offset
+
+
+def keys_of(*config_classes: type) -> set[str]:
+    """Every key (field names and aliases) the classes accept in YAML and stored configs."""
+    keys: set[str] = set()
+    for config_class in config_classes:
+        for field in dataclasses.fields(config_class):
+            keys.add(field.name)
+            keys.update(field.metadata["aliases"])
+    return keys
+
+
+def from_mapping(config_class: type, mapping: dict[str, Any]) -> Any:
+    """An instance from a mapping of field names or aliases (other keys are ignored, missing
+    fields take their defaults): how a checkpoint's stored config is read back."""
+    values = {}
+    for field in dataclasses.fields(config_class):
+        if field.name in mapping:
+            values[field.name] = mapping[field.name]
+            continue
+        for alias, offset in field.metadata["aliases"].items():
+            if alias in mapping:
+                values[field.name] = _shift(mapping[alias], -offset)
+                break
+    for name, value in values.items():
+        field = next(field for field in dataclasses.fields(config_class) if field.name == name)
+        scalar, is_list = field_type(config_class, field)
+        if is_list and isinstance(value, tuple):
+            values[name] = list(value)
+        elif scalar is Path and value is not None:
+            values[name] = Path(value)
+    return config_class(**values)
+
+
+def to_mapping(config: Any) -> dict[str, Any]:
+    """A config's fields as plain YAML-ready values (paths as strings), plus each setting's value
+    under the original code's name where it has one (`tap_indices`, 1-based `levels`), so a
+    stored config reads in either vocabulary."""
+    mapping = {
+        key: str(value) if isinstance(value, Path) else value
+        for key, value in dataclasses.asdict(config).items()
+    }
+    for field in dataclasses.fields(config):
+        original = field.metadata["original"]
+        if original:
+            mapping[original] = _shift(mapping[field.name], field.metadata["aliases"][original])
+    return mapping
+
+
+def validate(config: Any) -> None:
+    """Check every field's `choices`, `minimum` and `above`; one line naming the flag."""
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        meta = field.metadata
+        if value is None:
+            continue
+        values = value if isinstance(value, list) else [value]
+        if meta["choices"] is not None and any(item not in meta["choices"] for item in values):
+            choices = ", ".join(str(choice) for choice in meta["choices"])
+            raise ConfigError(f"--{field.name} {value} is not one of {choices}")
+        if meta["minimum"] is not None and any(item < meta["minimum"] for item in values):
+            raise ConfigError(f"--{field.name} {value} must be >= {meta['minimum']:g}")
+        if meta["above"] is not None and any(item <= meta["above"] for item in values):
+            raise ConfigError(f"--{field.name} {value} must be > {meta['above']:g}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+
+def add_settings(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup,
+    config_class: type,
+    kinds: Iterable[str] = KINDS,
+    defaults: dict[str, Any] | None = None,
+    suppress: bool = False,
+    exclude: Iterable[str] = (),
+    seen: set[str] | None = None,
+) -> None:
+    """Add a flag per setting of `config_class` (kinds in `kinds`, not in `exclude`).
+
+    `defaults` replaces field defaults (a model's own run defaults); `suppress` leaves a flag
+    that is not given out of the namespace (test time: "the checkpoint's value"). `seen` collects
+    the flags already added, so several classes can share one parser.
+    """
+    defaults = defaults or {}
+    seen = set() if seen is None else seen
+    excluded = set(exclude)
+    for field in settings_of(config_class, kinds):
+        if field.name in excluded or field.name in seen:
+            continue
+        seen.add(field.name)
+        meta = field.metadata
+        scalar, is_list = field_type(config_class, field)
+        if suppress:
+            default = argparse.SUPPRESS
+        elif field.name in defaults:
+            default = defaults[field.name]
+        elif field.default_factory is not dataclasses.MISSING:
+            default = field.default_factory()
+        else:
+            default = field.default
+        kwargs: dict[str, Any] = {"default": default, "help": meta["help"], "dest": field.name}
+        if meta["metavar"] is not None:
+            kwargs["metavar"] = meta["metavar"]
+        if scalar is bool and not is_list:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["type"] = scalar
+            if is_list:
+                kwargs["nargs"] = meta["nargs"] or "+"
+            if meta["choices"] is not None:
+                kwargs["choices"] = meta["choices"]
+        same = [f"--{alias}" for alias, offset in meta["aliases"].items() if offset == 0]
+        parser.add_argument(f"--{field.name}", *same, **kwargs)
+        for alias, offset in meta["aliases"].items():
+            if offset:
+                parser.add_argument(
+                    f"--{alias}",
+                    dest=field.name,
+                    nargs=kwargs.get("nargs"),
+                    type=lambda text, offset=offset: int(text) - offset,
+                    default=argparse.SUPPRESS,
+                    help=f"--{field.name} counted from {offset}",
+                )
+
+
+def from_namespace(config_class: type, namespace: argparse.Namespace) -> Any:
+    """An instance from the parsed flags of `config_class` (absent ones take their defaults)."""
+    given = vars(namespace)
+    return config_class(
+        **{f.name: given[f.name] for f in dataclasses.fields(config_class) if f.name in given}
+    )
+
+
+def flag_hint(field: dataclasses.Field | None, key: str, value: Any) -> str:
+    """The command-line flag that sets `key` to `value` (under the original's name, in its own
+    counting, where the setting has one): `--no-relu`, `--tap_indices 15 18 21 23`."""
+    if field is not None and field.metadata["original"]:
+        key = field.metadata["original"]
+        value = _shift(value, field.metadata["aliases"][key])
+    if isinstance(value, bool):
+        return f"--{key}" if value else f"--no-{key}"
+    if value is None:
+        return f"no --{key}"
+    if isinstance(value, list | tuple):
+        return f"--{key} {' '.join(str(item) for item in value)}"
+    return f"--{key} {value}"
+
+
+def check_architecture(path: Path, saved: Any, current: Any) -> None:
+    """Raise CheckpointError naming the first `ARCH` setting where the config a checkpoint was
+    trained with (`saved`, an instance of `current`'s class or a base class) differs."""
+    for field in settings_of(type(saved), (ARCH,)):
+        old, new = getattr(saved, field.name), getattr(current, field.name)
+        if old != new:
+            msg = (
+                f"{path} was trained with {field.name}={old!r} but this run has "
+                f"{field.name}={new!r}; pass {flag_hint(field, field.name, old)}"
+            )
+            raise CheckpointError(msg)
+
+
+def override(config: Any, overrides: dict[str, Any], path: Path) -> Any:
+    """`config` with the `TEST` settings in `overrides` replaced; an `ARCH` one that differs
+    is refused (the checkpoint defines it), `TRAIN`/`RUN` ones and other models' keys ignored."""
+    by_name = {field.name: field for field in dataclasses.fields(config)}
+    changes = {}
+    for key, value in overrides.items():
+        field = by_name.get(key)
+        if field is None or field.metadata["kind"] in (TRAIN, RUN):
+            continue
+        if field.metadata["kind"] == ARCH:
+            if value != getattr(config, key):
+                msg = (
+                    f"{path} was trained with {key}={getattr(config, key)!r} but this run has "
+                    f"{key}={value!r}; pass {flag_hint(field, key, getattr(config, key))} or "
+                    "leave the flag out (the checkpoint defines the architecture)"
+                )
+                raise CheckpointError(msg)
+            continue
+        changes[key] = value
+    return dataclasses.replace(config, **changes) if changes else config
+
+
+# ---------------------------------------------------------------------------------------------
+# YAML
 
 
 def parse_with_config(
     parser: argparse.ArgumentParser,
     argv: list[str] | None,
-    default_config: Path | None,
-    tolerated: set[str] | frozenset[str] = frozenset(),
+    known: set[str],
+    ignore: set[str] | frozenset[str] = frozenset(),
 ) -> argparse.Namespace:
-    """Parse `argv` over the defaults of `--config` (or `default_config`).
+    """Parse `argv` over the defaults of `--config FILE` (if given).
 
-    A YAML key the parser does not know is an error (a typo would otherwise be silently
-    ignored), except keys in `tolerated`: settings of a sibling script sharing the YAML.
+    A YAML key outside `known` (the settings of the script's config classes and their aliases)
+    is an error, since a typo would otherwise be ignored; keys the parser has no flag for, and
+    keys in `ignore` (test.py: a training run's architecture and recipe, which the checkpoint
+    holds), are accepted and left out.
     """
     pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--config", type=Path, default=default_config)
-    known, _ = pre.parse_known_args(argv)
-    if known.config is not None:
-        defaults = load_yaml(known.config)
-        valid = parser_keys(parser)
-        unknown = sorted(set(defaults) - valid - set(tolerated))
+    pre.add_argument("--config", type=Path, default=None)
+    config_file = pre.parse_known_args(argv)[0].config
+    if config_file is not None:
+        defaults = load_yaml(config_file)
+        unknown = sorted(set(defaults) - known - {"model"})
         if unknown:
-            msg = f"{known.config} has unknown keys {unknown}; valid keys: {sorted(valid)}"
-            raise ConfigError(msg)
-        parser.set_defaults(**{key: value for key, value in defaults.items() if key in valid})
+            raise ConfigError(f"{config_file} has unknown keys {unknown}; valid: {sorted(known)}")
+        applied = {key: value for key, value in defaults.items() if key not in ignore}
+        parser.set_defaults(**parser_defaults(parser, applied))
     args = parser.parse_args(argv)
-    args.config = known.config
+    args.config = config_file
     return args
 
 
-def parser_keys(parser: argparse.ArgumentParser) -> set[str]:
-    """Every setting name a parser accepts."""
-    return {action.dest for action in parser._actions} - {"help"}
+def parser_defaults(parser: argparse.ArgumentParser, values: dict[str, Any]) -> dict[str, Any]:
+    """YAML values keyed by the parser's destinations (aliases translated, offsets applied)."""
+    by_option = {}
+    for action in parser._actions:
+        for option in action.option_strings:
+            by_option[option.lstrip("-")] = action
+    out = {}
+    for key, value in values.items():
+        action = by_option.get(key)
+        if action is None:
+            continue
+        if action.dest != key and action.type is not None and isinstance(value, list):
+            value = [action.type(str(item)) for item in value]
+        out[action.dest] = value
+    return out
 
 
 def load_yaml(path: Path) -> dict[str, Any]:
@@ -74,102 +365,3 @@ def save_yaml(path: Path, settings: dict[str, Any]) -> None:
     }
     text = yaml.safe_dump(plain, sort_keys=True)
     atomic_write(Path(path), lambda file: file.write(text), mode="w")
-
-
-def resolve_backbone_defaults(
-    args: argparse.Namespace, paper_img_size: int = PAPER_IMG_SIZE
-) -> None:
-    """Fill `model_name`/`img_size` left unset: tiny at 64 px for Synthetic, the paper's
-    ViT-L-14-336 at `paper_img_size` (AA-CLIP 518, FE-CLIP and SOWA 336) for real data sets."""
-    if args.model_name is None:
-        args.model_name = "tiny" if args.dataset == "Synthetic" else PAPER_MODEL
-    if args.img_size is None:
-        args.img_size = TINY_IMG_SIZE if args.model_name == "tiny" else paper_img_size
-
-
-def add_clip_args(
-    parser: argparse.ArgumentParser, quick_gelu: bool = False
-) -> argparse._ArgumentGroup:
-    """Flags that define the frozen CLIP: `--model_name`, `--pretrained`, `--quick_gelu`,
-    `--img_size`. Returns the group so a model can add its own flags to it."""
-    group = parser.add_argument_group("backbone and adapters")
-    group.add_argument(
-        "--model_name",
-        default=None,
-        help="'tiny' (random test backbone) or an open_clip model; default: tiny "
-        "for --dataset Synthetic, else ViT-L-14-336",
-    )
-    group.add_argument(
-        "--pretrained",
-        default="openai",
-        help="open_clip weight tag or a local weights file (ignored for tiny)",
-    )
-    group.add_argument(
-        "--quick_gelu",
-        action=argparse.BooleanOptionalAction,
-        default=quick_gelu,
-        help="QuickGELU as OpenAI trained (the released AA-CLIP runs exact GELU)",
-    )
-    group.add_argument(
-        "--img_size",
-        type=int,
-        default=None,
-        help="input side; default 64 for tiny, else the paper's",
-    )
-    return group
-
-
-def add_backbone_args(parser: argparse.ArgumentParser) -> None:
-    """The frozen CLIP's flags and AA-CLIP's adapter flags (must match at test)."""
-    group = add_clip_args(parser)
-    group.add_argument(
-        "--levels",
-        type=int,
-        nargs="+",
-        default=[6, 12, 18, 24],
-        help="1-based vision block outputs used for maps",
-    )
-    group.add_argument("--text_adapt_until", type=int, default=3)
-    group.add_argument("--image_adapt_until", type=int, default=6)
-    group.add_argument("--text_adapt_weight", type=float, default=0.1)
-    group.add_argument("--image_adapt_weight", type=float, default=0.1)
-    group.add_argument(
-        "--relu",
-        action=argparse.BooleanOptionalAction,
-        default=False,
-        help="LeakyReLU after seg/det projections (published runs: off)",
-    )
-
-
-def add_data_args(parser: argparse.ArgumentParser, dataset_help: str) -> None:
-    """Data set selection and loading flags."""
-    group = parser.add_argument_group("data")
-    group.add_argument("--dataset", default="Synthetic", help=dataset_help)
-    group.add_argument(
-        "--data_root",
-        type=Path,
-        default=None,
-        help="data set folder; default data/<dataset> (Synthetic is generated there)",
-    )
-    group.add_argument(
-        "--metadata_dir",
-        type=Path,
-        default=None,
-        help="where the *.jsonl record files live; default: the data root",
-    )
-    group.add_argument(
-        "--num_workers",
-        type=int,
-        default=None,
-        help="DataLoader workers; default 4 on CUDA, 0 on CPU",
-    )
-
-
-def add_run_args(parser: argparse.ArgumentParser, save_path_help: str) -> None:
-    """Where outputs go, device, seed, logging."""
-    group = parser.add_argument_group("run")
-    group.add_argument("--config", type=Path, default=None, help="YAML of defaults")
-    group.add_argument("--save_path", type=Path, default=Path("ckpt/aaclip"), help=save_path_help)
-    group.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    group.add_argument("--seed", type=int, default=111)
-    group.add_argument("--log_level", default="INFO")

@@ -1,4 +1,5 @@
-"""Shared AA-CLIP maths: class text anchors, similarity maps, losses (spec aaclip.md §6, §9, §10).
+"""Shared maths: class text anchors, similarity maps, smoothing, token masks and losses (spec
+aaclip.md §6, §9, §10; feclip.md §10, §14.1; sowa.md §4-5).
 
 Every model imports these; none copies them. Names and argument order are the original's.
 """
@@ -13,6 +14,8 @@ from torchvision.transforms.functional import gaussian_blur
 
 from datasets.catalog import get_dataset_info, real_name
 from models.prompts import build_prompts
+from utils.errors import DataError
+from utils.runtime import float32_island
 
 # Test-time blur on the patch grid, by domain (spec aaclip.md §9): kernel size, sigma.
 BLUR = {"Industrial": (7, 1.0), "Medical": (9, 1.5)}
@@ -70,7 +73,7 @@ def calculate_similarity_map(
     then upsampled -> `[B, 1, S, S]`. Computed in float32 whatever the autocast dtype.
     `scale` multiplies the similarities (AA-CLIP 100; SOWA 1: softmax of raw cosines).
     """
-    with torch.autocast(patch_features.device.type, enabled=False):
+    with float32_island(patch_features.device):
         return _similarity_map(patch_features, epoch_text_feature, img_size, test, domain, scale)
 
 
@@ -93,8 +96,56 @@ def _similarity_map(
         return torch.softmax(upsampled, dim=1)  # [B, 2, S, S]
     anomaly = (grid[:, 1:2] + 1 - grid[:, 0:1]) / 2  # [B, 1, g, g]
     kernel, sigma = BLUR[domain]
-    anomaly = gaussian_blur(anomaly, [kernel, kernel], [sigma, sigma])
+    anomaly = gaussian_smooth(anomaly, sigma, size=kernel)
     return F.interpolate(anomaly, size=img_size, mode="bilinear", align_corners=True)
+
+
+def gaussian_smooth(
+    maps: torch.Tensor, sigma: float, size: int | None = None, border: str = "reflect"
+) -> torch.Tensor:
+    """Gaussian smoothing of maps `[..., H, W]` over the last two axes, every model's.
+
+    `size` is the kernel side (default `2 * int(4 * sigma + 0.5) + 1`, scipy's `truncate=4`).
+    `border="reflect"` is torchvision's `gaussian_blur` (mirror without the edge pixel: AA-CLIP on
+    the patch grid with its domain kernel, FE-CLIP on the upsampled map); `"scipy"` is
+    `scipy.ndimage.gaussian_filter`'s default mode (mirror with the edge: d c b a | a b c d) with
+    the kernel computed in float64, as SOWA smooths its maps.
+    """
+    radius = int(4 * sigma + 0.5) if size is None else size // 2
+    if border == "reflect":
+        side = 2 * radius + 1 if size is None else size
+        return gaussian_blur(maps, [side, side], [sigma, sigma])
+    if border != "scipy":
+        raise ValueError(f"unknown border {border!r}; use reflect or scipy")
+    offsets = torch.arange(-radius, radius + 1, device=maps.device, dtype=torch.float64)
+    kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
+    kernel = (kernel / kernel.sum()).to(maps.dtype)
+    for dim in (maps.ndim - 2, maps.ndim - 1):
+        length = maps.shape[dim]
+        index = torch.arange(-radius, length + radius, device=maps.device) % (2 * length)
+        index = torch.where(index >= length, 2 * length - 1 - index, index)  # d c b a | a b c d
+        padded = maps.index_select(dim, index).movedim(dim, -1)  # [..., length + 2r]
+        shape = padded.shape
+        smoothed = F.conv1d(padded.reshape(-1, 1, shape[-1]), kernel.view(1, 1, -1))
+        maps = smoothed.view(*shape[:-1], length).movedim(-1, dim)
+    return maps
+
+
+def token_valid_mask(
+    valid_mask: torch.Tensor, grid: int, min_fraction: float = 0.5
+) -> torch.Tensor:
+    """Pixel validity `[..., S, S]` bool -> token validity `[..., g, g]` bool: a token is valid
+    when the valid fraction of its pixels is >= `min_fraction` (FE-CLIP's `token_valid_frac`,
+    spec feclip.md §14.1; 1.0 = all of its pixels valid). Exact when g divides S (one token = one
+    patch, as for ViT-L-14-336 and the tiny backbone); otherwise adaptive average-pool cells.
+    """
+    if not 0.0 < min_fraction <= 1.0:
+        raise DataError(f"min_fraction {min_fraction} is outside (0, 1]; use e.g. 0.5")
+    shape = valid_mask.shape
+    flat = valid_mask.reshape(-1, 1, *shape[-2:]).float()
+    fraction = F.adaptive_avg_pool2d(flat, grid)  # [N, 1, g, g]
+    # Fractions are k / patch²; a tolerance keeps k / patch² == min_fraction on the valid side.
+    return (fraction >= min_fraction - 1e-6).reshape(*shape[:-2], grid, grid)
 
 
 def focal_loss(probs: torch.Tensor, target: torch.Tensor, gamma: float = 2.0) -> torch.Tensor:

@@ -109,6 +109,12 @@ def autocast(device: torch.device, amp: str):
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
+def float32_island(device: torch.device | str):
+    """Autocast off, whatever the caller entered: the one way maps, losses, scores and metrics
+    stay float32 under `--amp` (the code inside casts its inputs with `.float()`)."""
+    return torch.autocast(torch.device(device).type, enabled=False)
+
+
 def grad_scaler(device: torch.device, amp: str) -> torch.amp.GradScaler:
     """Loss scaling, needed only for fp16 (bf16 has fp32's exponent range)."""
     return torch.amp.GradScaler(device.type, enabled=amp == "fp16")

@@ -1,82 +1,141 @@
-"""Training plumbing every training script shares: flags, records, loaders, DDP, resume.
+"""The one training loop every model runs, and the plumbing around it: run settings, records,
+loaders, DDP, checkpoints and resume.
 
-`train.py` (AA-CLIP), `train_cross_attention.py`, `train_feclip.py` and `train_sowa.py` build
-their loops from these pieces, so data selection (`--training_mode`, `--shot`), batching under
-torchrun (global batch sizes), epoch seeding and rank-0-only outputs behave the same for every
-model.
+A model (`models.base.FrozenCLIPModel`) says what its stages are and how each one trains;
+`train_stages` runs them in order and `fit` is the loop of one stage, in the shape of
+open_clip's `train_one_epoch` and nanoGPT's: one autocast context around the forward, the
+model's float32 loss, the scaler, the optimizer step, the scheduler, the log line, and an atomic
+checkpoint after every epoch. Data selection (`--training_mode`, `--shot`), batching under
+torchrun (global batch sizes), epoch seeding and rank-0-only outputs are the same for every model.
 """
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import logging
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
 
-from datasets.catalog import default_data_root, get_dataset_info
+from datasets.anomaly import TrainDataset
+from datasets.catalog import CATALOG, default_data_root, get_dataset_info
 from datasets.metadata import ensure_training_records
 from datasets.synthetic import ensure_synthetic
 from utils.checkpoint import load_checkpoint, save_checkpoint
+from utils.config import RUN, save_yaml, setting, to_mapping, validate
 from utils.errors import ConfigError, UserError
 from utils.runtime import (
+    AMP_DTYPES,
     Distributed,
     GlobalBatchSampler,
+    autocast,
     barrier,
+    grad_scaler,
     init_distributed,
+    rng_state,
     set_rng_state,
     setup_logging,
     shutdown_distributed,
 )
 
+if TYPE_CHECKING:
+    from models.base import FrozenCLIPModel, Stage
+
 logger = logging.getLogger(__name__)
 
 
-def add_training_data_args(parser: argparse.ArgumentParser) -> None:
-    """`--training_mode`, `--shot`, `--augment`, `--amp`: the same meaning for every model."""
-    parser.add_argument("--training_mode", default="few_shot", choices=("few_shot", "full_shot"))
-    parser.add_argument(
-        "--shot",
-        type=int,
-        default=32,
-        help="k images per class (k/2 normal, k/2 anomalous); 0 means full shot",
+@dataclasses.dataclass
+class RunConfig:
+    """Where and how a run goes: data, outputs, device, seed (a model's `run_defaults` set its
+    own defaults for some)."""
+
+    config: Path | None = setting(
+        None, "YAML of defaults, e.g. configs/<model>.yaml; flags given here win", kind=RUN
     )
-    parser.add_argument(
-        "--augment",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="random geometric (and colour) augmentation",
+    save_path: Path = setting(
+        Path("ckpt/aaclip"), "run folder: checkpoints, logs and config.yaml", kind=RUN
     )
-    parser.add_argument(
-        "--amp",
-        default="none",
-        choices=("none", "bf16", "fp16"),
-        help="autocast for the backbone (fp32 by default, as the originals); maps and losses "
-        "stay float32",
+    device: str = setting("auto", "auto, cpu, cuda, cuda:1, ...", kind=RUN)
+    seed: int = setting(111, "seed of initialisation, sampling and augmentation", kind=RUN)
+    log_level: str = setting("INFO", "logging level (DEBUG, INFO, WARNING)", kind=RUN)
+    dataset: str = setting("Synthetic", f"data set, one of {', '.join(CATALOG)}", kind=RUN)
+    data_root: Path | None = setting(
+        None, "data set folder in its standard layout; unset: data/<dataset>", kind=RUN
+    )
+    metadata_dir: Path | None = setting(
+        None, "where the *.jsonl record files live; unset: the data root", kind=RUN
+    )
+    num_workers: int | None = setting(
+        None, "DataLoader workers; unset: 4 on CUDA, 0 on CPU", kind=RUN, minimum=0
+    )
+    training_mode: str = setting(
+        "few_shot",
+        "few_shot (--shot images per class) or full_shot (the whole test split)",
+        kind=RUN,
+        choices=("few_shot", "full_shot"),
+    )
+    shot: int = setting(
+        32, "k images per class (k/2 normal, k/2 anomalous); 0 means full shot", kind=RUN
+    )
+    augment: bool = setting(True, "random geometric (and colour) augmentation", kind=RUN)
+    amp: str = setting(
+        "none",
+        "autocast for the backbone and adapters (fp32 by default, as the originals); maps and "
+        "losses stay float32",
+        kind=RUN,
+        choices=tuple(AMP_DTYPES),
     )
 
+    def resolve(self) -> RunConfig:
+        """Checked settings with the data root filled in (`--shot 0` means full shot)."""
+        validate(self)
+        if self.shot < 0:
+            raise ConfigError(f"--shot {self.shot} must be >= 0 (0 means full shot)")
+        get_dataset_info(self.dataset)
+        changes: dict[str, Any] = {}
+        if self.shot == 0:
+            changes["training_mode"] = "full_shot"
+        if self.data_root is None:
+            changes["data_root"] = default_data_root(self.dataset)
+        return dataclasses.replace(self, **changes)
 
-def check_shot(args: argparse.Namespace) -> None:
-    """`--shot 0` means full shot; a negative shot is an error."""
-    if args.shot < 0:
-        raise ConfigError(f"--shot {args.shot} must be >= 0 (0 means full shot)")
-    if args.shot == 0:
-        args.training_mode = "full_shot"
+
+def checkpoint_config(model: FrozenCLIPModel, run: RunConfig) -> dict[str, Any]:
+    """The settings stored in every checkpoint and in config.yaml: model name, model settings,
+    run settings (paths as strings). A checkpoint alone rebuilds its model from them."""
+    return {"model": model.name, **to_mapping(model.config), **to_mapping(run)}
 
 
-def run_config(args: argparse.Namespace) -> dict:
-    """The settings stored in every checkpoint and in config.yaml (paths as strings)."""
-    return {
-        key: (str(value) if isinstance(value, Path) else value) for key, value in vars(args).items()
-    }
+# ---------------------------------------------------------------------------------------------
+# Data
+
+
+def training_records(run: RunConfig, dist: Distributed) -> list[dict]:
+    """Rank 0 prepares the data root and metadata files first; the other ranks then read them."""
+
+    def load() -> list[dict]:
+        if run.dataset == "Synthetic":
+            ensure_synthetic(run.data_root)
+        return ensure_training_records(
+            run.dataset, run.data_root, run.training_mode, run.shot, run.seed, run.metadata_dir
+        )
+
+    if dist.is_main:
+        records = load()
+    barrier(dist)
+    if not dist.is_main:
+        records = load()
+    return records
 
 
 def build_train_loader(
-    dataset: Dataset, global_batch: int, args: argparse.Namespace, dist: Distributed
+    dataset: Dataset, global_batch: int, run: RunConfig, dist: Distributed
 ) -> DataLoader:
     """Shuffled loader of this rank's share of each global batch of `dataset`.
 
@@ -85,15 +144,15 @@ def build_train_loader(
     resumed run draws the same batches as an uninterrupted one.
     """
     cuda = dist.device.type == "cuda"
-    workers = args.num_workers if args.num_workers is not None else (4 if cuda else 0)
-    sampler = GlobalBatchSampler(len(dataset), global_batch, dist, args.seed)
+    workers = run.num_workers if run.num_workers is not None else (4 if cuda else 0)
+    sampler = GlobalBatchSampler(len(dataset), global_batch, dist, run.seed)
     return DataLoader(
         dataset,
         batch_size=sampler.local_batch_size,
         sampler=sampler,
         num_workers=workers,
         pin_memory=cuda,
-        generator=torch.Generator().manual_seed(args.seed),
+        generator=torch.Generator().manual_seed(run.seed),
     )
 
 
@@ -101,6 +160,22 @@ def start_epoch(loader: DataLoader, epoch: int, seed: int) -> None:
     """Seed the epoch's shuffle and worker seeds from `seed + epoch` alone."""
     loader.sampler.set_epoch(epoch)
     loader.generator.manual_seed(seed + epoch)
+
+
+# ---------------------------------------------------------------------------------------------
+# Distributed
+
+
+class StageForward(nn.Module):
+    """A stage's forward as a module of its own, so DistributedDataParallel can wrap it."""
+
+    def __init__(self, model: FrozenCLIPModel, stage: Stage) -> None:
+        super().__init__()
+        self.model = model
+        self.stage = stage
+
+    def forward(self, batch: dict[str, Any]) -> Any:
+        return self.model.forward_train(batch, self.stage)
 
 
 def wrap_ddp(module: nn.Module, dist: Distributed) -> nn.Module:
@@ -125,42 +200,206 @@ def mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
-def prepare_data_root(args: argparse.Namespace) -> None:
-    """Default the data root to data/<dataset>; generate the synthetic set on first use."""
-    get_dataset_info(args.dataset)
-    if args.data_root is None:
-        args.data_root = default_data_root(args.dataset)
-    if args.dataset == "Synthetic":
-        ensure_synthetic(args.data_root)
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
 
 
-def training_records(args: argparse.Namespace, dist: Distributed) -> list[dict]:
-    """Rank 0 prepares the data root and metadata files first; the other ranks then read them."""
+def save_stage(
+    model: FrozenCLIPModel,
+    stage: Stage,
+    epoch: int,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None,
+    run: RunConfig,
+) -> None:
+    """`<stem>.pth` (the resume point) and, per stage, `<stem>_<epoch>.pth`, atomically: the
+    stage's weights under the original keys, optimizer, scheduler, config, RNG states."""
+    payload = {
+        "epoch": epoch,
+        **model.stage_state(stage),
+        stage.optimizer_key: optimizer.state_dict(),
+        "config": checkpoint_config(model, run),
+        "rng": rng_state(),
+    }
+    if scheduler is not None:
+        payload[stage.scheduler_key] = scheduler.state_dict()
+    if stage.per_epoch_files:
+        save_checkpoint(run.save_path / f"{stage.stem}_{epoch}.pth", payload)
+    save_checkpoint(run.save_path / f"{stage.stem}.pth", payload)
 
-    def load() -> list[dict]:
-        prepare_data_root(args)
-        return ensure_training_records(
-            args.dataset,
-            args.data_root,
-            args.training_mode,
-            args.shot,
-            args.seed,
-            args.metadata_dir,
-        )
 
+def resume(
+    model: FrozenCLIPModel,
+    stage: Stage,
+    path: Path,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None,
+    dist: Distributed,
+) -> int:
+    """Load a stage checkpoint (weights, optimizer, scheduler, RNG); the epoch to start at."""
+    payload = load_checkpoint(path, map_location=dist.device)
+    model.load_stage_state(stage, payload, path)
+    if stage.optimizer_key in payload:
+        optimizer.load_state_dict(payload[stage.optimizer_key])
+    else:
+        logger.warning("%s has no optimizer state: the optimizer starts fresh", path)
+    if scheduler is not None:
+        if stage.scheduler_key in payload:
+            scheduler.load_state_dict(payload[stage.scheduler_key])
+        else:
+            logger.warning("%s has no scheduler state (original format): the LR restarts", path)
+    if "rng" in payload and not dist.enabled:
+        # Rank 0's saved stream would make every rank's augmentation identical; under torchrun
+        # the ranks keep their own seeds and a resumed run is close to, not equal to, a fresh one.
+        set_rng_state(payload["rng"])
+    logger.warning(
+        "resuming %s stage (%s) from %s after epoch %d",
+        stage.name,
+        stage.stem,
+        path,
+        payload["epoch"],
+    )
+    return int(payload["epoch"])
+
+
+def write_run_config(model: FrozenCLIPModel, run: RunConfig, dist: Distributed) -> None:
+    """config.yaml in the save path (rank 0), once training is about to change it."""
     if dist.is_main:
-        records = load()
-    barrier(dist)
-    if not dist.is_main:
-        records = load()
-    return records
+        run.save_path.mkdir(parents=True, exist_ok=True)
+        save_yaml(run.save_path / "config.yaml", checkpoint_config(model, run))
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+
+
+def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {
+        key: value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
+        for key, value in batch.items()
+    }
+
+
+def training_step(
+    forward: nn.Module,
+    model: FrozenCLIPModel,
+    batch: dict[str, Any],
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    amp: str,
+) -> dict[str, torch.Tensor]:
+    """One optimizer step: the stage's forward under the one autocast context, the model's
+    float32 loss, the scaled backward, the step. Returns the loss terms."""
+    with autocast(model.device, amp):
+        output = forward(batch)
+    losses = model.loss(output, batch)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(losses["loss"]).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return losses
+
+
+def fit(
+    model: FrozenCLIPModel,
+    stage: Stage,
+    loader: DataLoader,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None,
+    run: RunConfig,
+    dist: Distributed,
+    first_epoch: int = 0,
+) -> None:
+    """Train one stage for epochs `first_epoch..stage.epochs - 1`; rank 0 logs and saves after
+    every epoch (`save_stage`)."""
+    device = dist.device
+    forward = wrap_ddp(StageForward(model, stage), dist)
+    scaler = grad_scaler(device, run.amp)
+    model.train()
+    quiet = not dist.is_main
+    for epoch in tqdm(range(first_epoch, stage.epochs), desc=f"{stage.name} epochs", disable=quiet):
+        start_epoch(loader, epoch, run.seed)
+        terms: dict[str, list[float]] = {}
+        batches = tqdm(
+            loader, desc=f"{stage.log_prefix}epoch {epoch + 1}", leave=False, disable=quiet
+        )
+        for batch in batches:
+            losses = training_step(
+                forward, model, _to_device(batch, device), optimizer, scaler, run.amp
+            )
+            if scheduler is not None and stage.scheduler_interval == "step":
+                scheduler.step()
+            for name, value in losses.items():
+                terms.setdefault(name, []).append(global_mean(value, dist))
+        epoch_loss = mean(terms.get("loss", []))
+        if scheduler is not None and stage.scheduler_interval == "epoch":
+            scheduler.step(epoch_loss)  # the original monitors the epoch's mean loss
+        extras = ", ".join(
+            f"{name} {mean(values):.4f}" for name, values in terms.items() if name != "loss"
+        )
+        logger.info(
+            "%sepoch %d/%d: loss %.4f%s",
+            stage.log_prefix,
+            epoch + 1,
+            stage.epochs,
+            epoch_loss,
+            f" ({extras})" if extras else "",
+        )
+        if dist.is_main:
+            save_stage(model, stage, epoch + 1, optimizer, scheduler, run)
+
+
+def train_stages(
+    model: FrozenCLIPModel,
+    records: list[dict],
+    run: RunConfig,
+    dist: Distributed,
+    before_resume: Callable[[Stage, torch.optim.Optimizer], None] | None = None,
+) -> None:
+    """Every stage of `model` in order: prepare, optimizer, resume from the save path's
+    `<stem>.pth` (train while epoch < total), `fit`. `before_resume(stage, optimizer)` may seed
+    the optimizer (the cross-attention variant's base moments). config.yaml is written just
+    before the first epoch trains, so a refused run leaves the folder as it was."""
+    config_written = False
+    for stage in model.stages():
+        model.prepare_stage(stage, run.dataset)
+        optimizer, scheduler = model.configure_optimizer(stage)
+        if before_resume is not None:
+            before_resume(stage, optimizer)
+        path = run.save_path / f"{stage.stem}.pth"
+        start = resume(model, stage, path, optimizer, scheduler, dist) if path.is_file() else 0
+        if start < stage.epochs:
+            if not config_written:
+                write_run_config(model, run, dist)
+                config_written = True
+            dataset = TrainDataset(
+                records,
+                run.data_root,
+                model.img_size,
+                color_jitter=stage.color_jitter,
+                augment=run.augment,
+            )
+            loader = build_train_loader(dataset, stage.batch_size, run, dist)
+            fit(model, stage, loader, optimizer, scheduler, run, dist, start)
+        elif not path.is_file() and model.skip_stage(stage) and dist.is_main:
+            save_stage(model, stage, 0, optimizer, scheduler, run)
+
+
+# ---------------------------------------------------------------------------------------------
+# Script entry
+
+
+class Job(Protocol):
+    """A parsed training command: its run settings and log file name."""
+
+    run: RunConfig
+    log_file: str
 
 
 def run_main(
-    parse: Callable[[list[str] | None], argparse.Namespace],
-    run: Callable[[argparse.Namespace, Distributed], None],
+    parse: Callable[[list[str] | None], Job],
+    execute: Callable[[Job, Distributed], None],
     argv: list[str] | None,
-    log_name: str = "train.log",
 ) -> int:
     """A training script's `main`: parse, join torchrun, log (rank 0 only), run.
 
@@ -169,13 +408,13 @@ def run_main(
     setup_logging()
     dist = None
     try:
-        args = parse(argv)
-        dist = init_distributed(args.device)
+        job = parse(argv)
+        dist = init_distributed(job.run.device)
         if dist.is_main:
-            setup_logging(args.save_path / log_name, args.log_level)
+            setup_logging(job.run.save_path / job.log_file, job.run.log_level)
         else:
             setup_logging(None, "WARNING")
-        run(args, dist)
+        execute(job, dist)
     except UserError as error:
         # Errors raised in DataLoader workers arrive wrapped; the last line is the message.
         logging.getLogger("train").error("%s", str(error).strip().splitlines()[-1])
@@ -184,36 +423,3 @@ def run_main(
         if dist is not None:
             shutdown_distributed(dist)
     return 0
-
-
-def save_epoch_checkpoints(save_path: Path, stem: str, payload: dict) -> None:
-    """`<stem>_<epoch>.pth` and `<stem>.pth` (the resume point), both written atomically."""
-    save_checkpoint(save_path / f"{stem}_{payload['epoch']}.pth", payload)
-    save_checkpoint(save_path / f"{stem}.pth", payload)
-
-
-def resume_single_stage(
-    stem: str,
-    load_state: Callable[[Path, dict], None],
-    optimizer: torch.optim.Optimizer,
-    args: argparse.Namespace,
-    dist: Distributed,
-    scheduler: object | None = None,
-) -> int:
-    """Resume a single-stage run from `<save_path>/<stem>.pth` if present; the epoch to start at.
-
-    `load_state(path, payload)` checks the config and loads the model's trainable weights.
-    """
-    path = args.save_path / f"{stem}.pth"
-    if not path.is_file():
-        return 0
-    payload = load_checkpoint(path, map_location=dist.device)
-    load_state(path, payload)
-    optimizer.load_state_dict(payload["optimizer"])
-    if scheduler is not None and "scheduler" in payload:
-        scheduler.load_state_dict(payload["scheduler"])
-    if "rng" in payload and not dist.enabled:
-        # As train.py: under torchrun the ranks keep their own seeds.
-        set_rng_state(payload["rng"])
-    logger.warning("resuming %s from %s after epoch %d", stem, path, payload["epoch"])
-    return int(payload["epoch"])

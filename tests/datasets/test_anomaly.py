@@ -28,7 +28,7 @@ def records(synthetic_root):
 
 
 def test_train_item_shapes_and_dtypes(records, synthetic_root):
-    dataset = TrainDataset(records, synthetic_root, SIZE, text=False)
+    dataset = TrainDataset(records, synthetic_root, SIZE)
     assert len(dataset) == 8
     for item in dataset:
         assert item["image"].shape == (3, SIZE, SIZE) and item["image"].dtype == torch.float32
@@ -40,7 +40,7 @@ def test_train_item_shapes_and_dtypes(records, synthetic_root):
 
 
 def test_no_augment_equals_test_dataset(records, synthetic_root):
-    train = TrainDataset(records, synthetic_root, SIZE, text=False, augment=False)
+    train = TrainDataset(records, synthetic_root, SIZE, augment=False)
     test = TestDataset(records, synthetic_root, SIZE)
     for index in range(len(records)):
         train_item, test_item = train[index], test[index]

@@ -14,9 +14,9 @@ from datasets.folder import (
     list_images,
     read_image,
     resize,
-    token_valid_mask,
 )
 from utils.errors import DataError
+from utils.forward_utils import token_valid_mask
 
 
 def _noise(width: int, height: int, seed: int = 0) -> Image.Image:

@@ -3,6 +3,8 @@ contexts follow the fork's batch rules, gradients reach only the trained modules
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from torch.testing import assert_close
@@ -11,10 +13,11 @@ from models.aaclip import AdaptedCLIP
 from models.cross_attention import (
     AdaptedCLIPWithCrossAttention,
     CrossAttention,
+    CrossAttentionConfig,
+    carry_optimizer_state,
     image_batch_context,
     text_batch_context,
 )
-from train_cross_attention import carry_optimizer_state, set_trainable, stage_optimizer
 from utils.forward_utils import get_adapted_single_class_text_embedding
 
 SENTENCES = ["a photo of a tile.", "a damaged tile."]
@@ -24,8 +27,10 @@ SENTENCES = ["a photo of a tile.", "a damaged tile."]
 def pair(tiny_clip):
     """A base AA-CLIP and a gated cross-attention model sharing its CLIP and adapters."""
     torch.manual_seed(0)
-    base = AdaptedCLIP(tiny_clip).eval()
-    model = AdaptedCLIPWithCrossAttention(tiny_clip, cross_attn_heads=4).eval()
+    base = AdaptedCLIP(None, tiny_clip).eval()
+    model = AdaptedCLIPWithCrossAttention(
+        CrossAttentionConfig(cross_attn_heads=4), tiny_clip
+    ).eval()
     model.text_adapter.load_state_dict(base.text_adapter.state_dict())
     model.image_adapter.load_state_dict(base.image_adapter.state_dict())
     return base, model
@@ -62,8 +67,10 @@ def test_closed_gates_reproduce_the_base_model_exactly(pair):
 
 
 def test_xavier_init_perturbs_the_base_at_step_zero_as_the_fork(tiny_clip):
-    base = AdaptedCLIP(tiny_clip).eval()
-    model = AdaptedCLIPWithCrossAttention(tiny_clip, cross_attn_heads=4, cross_attn_init="xavier")
+    base = AdaptedCLIP(None, tiny_clip).eval()
+    model = AdaptedCLIPWithCrossAttention(
+        CrossAttentionConfig(cross_attn_heads=4, cross_attn_init="xavier"), tiny_clip
+    )
     model.text_adapter.load_state_dict(base.text_adapter.state_dict())
     model.image_adapter.load_state_dict(base.image_adapter.state_dict())
     images = torch.randn(2, 3, 64, 64)
@@ -79,9 +86,9 @@ def test_test_mode_none_is_the_base_and_image_uses_the_module(pair):
     open_gates(model)
     images = torch.randn(2, 3, 64, 64)
     names = ["tile", "dots"]
-    model.cross_attn_at_test = "none"
+    model.config = dataclasses.replace(model.config, cross_attn_at_test="none")
     assert torch.equal(model.predict(images, names).anomaly_map, base.predict(images, names)[0])
-    model.cross_attn_at_test = "image"
+    model.config = dataclasses.replace(model.config, cross_attn_at_test="image")
     first = model.predict(images, names).anomaly_map
     assert not torch.allclose(first, base.predict(images, names)[0], atol=1e-4)
     with torch.no_grad():  # norm matching cancels a uniform scale, so perturb the weights
@@ -94,13 +101,15 @@ def test_test_mode_none_is_the_base_and_image_uses_the_module(pair):
 def test_both_mode_conditions_each_images_anchors_on_that_image(pair):
     _, model = pair
     open_gates(model)
-    model.surgery_attention = "per_image"  # batch_mix would mix the two images' contexts
+    model.config = dataclasses.replace(
+        model.config, surgery_attention="per_image"
+    )  # batch_mix would mix the two images' contexts
     images = torch.randn(2, 3, 64, 64)
-    model.cross_attn_at_test = "both"
+    model.config = dataclasses.replace(model.config, cross_attn_at_test="both")
     both = model.predict(images, ["tile", "tile"])
     single = model.predict(images[1:], ["tile"])
     assert_close(both.anomaly_map[1:], single.anomaly_map, atol=1e-5, rtol=1e-5)
-    model.cross_attn_at_test = "image"
+    model.config = dataclasses.replace(model.config, cross_attn_at_test="image")
     assert not torch.allclose(model.predict(images, ["tile"] * 2)[0], both[0], atol=1e-5)
 
 
@@ -156,12 +165,13 @@ def test_gradients_reach_only_the_stage_modules(pair):
     _, model = pair
     open_gates(model)
     images = torch.randn(2, 3, 64, 64)
-    set_trainable(model, "text")
+    text_stage, image_stage = model.stages()
+    model.trainable_parameters(text_stage)
     anchors = get_adapted_single_class_text_embedding(
         model, None, "tile", "cpu", image_context=image_context(model, images)
     )
     anchors.sum().backward()
-    set_trainable(model, "image")
+    model.trainable_parameters(image_stage)
     context, _ = model.text_contexts(["tile", "tile"])
     seg, det = model(images, context)
     (sum(tokens.sum() for tokens in seg) + det.sum()).backward()
@@ -179,7 +189,7 @@ def test_base_adam_moments_carry_over_to_the_adapters_only(pair):
     seg, det = base(torch.randn(2, 3, 64, 64))
     (sum(tokens.sum() for tokens in seg) + det.sum()).backward()
     base_optimizer.step()
-    optimizer = stage_optimizer(model, "image", 1e-3, [0.5, 0.999])
+    optimizer, _ = model.configure_optimizer(model.stages()[1])
     count = len(list(model.image_adapter.parameters()))
     carry_optimizer_state(optimizer, base_optimizer.state_dict(), count, "base.pth")
     adapters = list(model.image_adapter.parameters())

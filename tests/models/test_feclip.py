@@ -2,29 +2,28 @@
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
 
-import train_feclip
 from datasets.anomaly import TrainDataset
 from datasets.metadata import ensure_training_records
 from models import backbone
 from models.feclip import (
     FECLIP,
+    FEClipConfig,
     FFEAdapter,
     LFSAdapter,
     dct2,
     dct_basis,
-    from_checkpoint,
     idct2,
 )
 from utils.checkpoint import save_checkpoint
 from utils.errors import CheckpointError, DataError
-from utils.forward_utils import binary_focal_loss
+from utils.forward_utils import binary_focal_loss, token_valid_mask
 
 TAPS = [5, 11, 17, 23]
 
@@ -62,15 +61,41 @@ def test_ffe_pads_and_crops_a_grid_the_window_does_not_divide():
     assert difference.max() == 0
 
 
+def explicit_window_mean(lfs: LFSAdapter, grid: torch.Tensor, mask=None) -> torch.Tensor:
+    """Spec §5 by its definition, one token at a time: the token's Q x Q window (border padded
+    as the adapter pads it), letterbox tokens zeroed and the window rescaled by Q² / its valid
+    neighbours, through an explicit 2-D DCT, coefficients averaged. -> `[B, D, H, W]`."""
+    q, r = lfs.window, lfs.window // 2
+    x = grid.permute(0, 3, 1, 2)  # [B, D, H, W]
+    valid = torch.ones_like(x[:, :1]) if mask is None else mask[:, None].float()
+
+    def pad(t, value):
+        if lfs.pad == "replicate":
+            return F.pad(t, (r, r, r, r), mode="replicate")
+        return F.pad(t, (r, r, r, r), value=value)
+
+    values, validity = pad(x * valid, 0.0), pad(valid, 1.0)
+    out = torch.zeros_like(x)
+    for i in range(x.shape[2]):
+        for j in range(x.shape[3]):
+            window = values[:, :, i : i + q, j : j + q].permute(0, 2, 3, 1)  # [B, Q, Q, D]
+            statistic = dct2(window, lfs.basis).mean(dim=(1, 2))  # [B, D]
+            if mask is not None:
+                count = validity[:, 0, i : i + q, j : j + q].sum(dim=(1, 2)).clamp(min=1)
+                statistic = statistic * (q * q / count)[:, None]
+            out[:, :, i, j] = statistic
+    return out
+
+
 @pytest.mark.parametrize("pad", ["replicate", "zero"])
 def test_lfs_mean_as_a_kernel_equals_the_explicit_window_dct(pad):
     torch.manual_seed(0)
     lfs = LFSAdapter(width=8, window=3, pad=pad)
     grid = torch.randn(2, 6, 7, 8)
     mask = torch.rand(2, 6, 7) > 0.3
-    assert_close(lfs.statistic(grid), lfs.statistic(grid, unfold=True), atol=1e-5, rtol=0)
+    assert_close(lfs.statistic(grid), explicit_window_mean(lfs, grid), atol=1e-5, rtol=0)
     assert_close(
-        lfs.statistic(grid, mask), lfs.statistic(grid, mask, unfold=True), atol=1e-5, rtol=0
+        lfs.statistic(grid, mask), explicit_window_mean(lfs, grid, mask), atol=1e-5, rtol=0
     )
 
 
@@ -112,7 +137,7 @@ def test_masked_mean_at_the_letterbox_edge_by_hand():
 def test_lambda_zero_reproduces_encode_image_and_intermediates(tiny_clip):
     torch.manual_seed(0)
     images = torch.randn(2, 3, 64, 64)
-    model = FECLIP(tiny_clip, tap_indices=TAPS, lambda_fuse=0.0)
+    model = FECLIP(FEClipConfig(block_indices=TAPS, lambda_fuse=0.0), tiny_clip)
     features = model.encode_image(images)
     reference = tiny_clip.visual.forward_intermediates(
         images, indices=TAPS, output_fmt="NLC", output_extra_tokens=True
@@ -128,7 +153,7 @@ def test_lambda_zero_reproduces_encode_image_and_intermediates(tiny_clip):
 def test_fusion_changes_the_stream_after_the_first_tap(tiny_clip):
     torch.manual_seed(0)
     images = torch.randn(2, 3, 64, 64)
-    model = FECLIP(tiny_clip, tap_indices=[15, 18, 21, 23])
+    model = FECLIP(FEClipConfig(block_indices=[15, 18, 21, 23]), tiny_clip)
     features = model.encode_image(images)
     reference = tiny_clip.visual.forward_intermediates(
         images, indices=[15, 18], output_fmt="NLC", output_extra_tokens=True
@@ -139,7 +164,7 @@ def test_fusion_changes_the_stream_after_the_first_tap(tiny_clip):
 
 
 def test_only_adapters_get_gradients_and_clip_stays_in_eval(tiny_clip):
-    model = FECLIP(tiny_clip)
+    model = FECLIP(None, tiny_clip)
     width, dim = backbone.vision_width(tiny_clip), backbone.embed_dim(tiny_clip)
     per_tap = (width * width + width) + (9 * width * width + width)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -159,10 +184,10 @@ def test_only_adapters_get_gradients_and_clip_stays_in_eval(tiny_clip):
 
 
 def test_margin_logit_is_the_two_prompt_softmax(tiny_clip):
-    model = FECLIP(tiny_clip)
+    model = FECLIP(None, tiny_clip)
     embeddings = torch.randn(5, backbone.embed_dim(tiny_clip))
     cosines = F.normalize(embeddings, dim=-1) @ model.text_features.T
-    softmax = torch.softmax(cosines / model.temperature, dim=-1)[:, 1]
+    softmax = torch.softmax(cosines / model.config.temperature, dim=-1)[:, 1]
     assert_close(torch.sigmoid(model.margin_logits(embeddings)), softmax)
 
 
@@ -180,7 +205,7 @@ def test_binary_focal_loss_against_hand_values():
 
 def test_predict_maps_scores_and_letterbox_mask(tiny_clip):
     torch.manual_seed(0)
-    model = FECLIP(tiny_clip).eval()
+    model = FECLIP(None, tiny_clip).eval()
     images = torch.randn(2, 3, 64, 64)
     output = model.predict(images, ["object", "object"])
     assert output.anomaly_map.shape == (2, 64, 64) and output.image_score.shape == (2,)
@@ -188,45 +213,29 @@ def test_predict_maps_scores_and_letterbox_mask(tiny_clip):
     valid = torch.ones(2, 64, 64, dtype=torch.bool)
     assert_close(model.predict(images, ["a", "b"], valid), output)
     valid[:, :, 44:] = False  # letterbox: 2.5 of 8 token columns are padding
-    assert model.token_valid_mask(valid)[0].sum(0).tolist() == [8] * 6 + [0] * 2
+    assert token_valid_mask(valid, 8, 0.5)[0].sum(0).tolist() == [8] * 6 + [0] * 2
     masked = model.predict(images, ["a", "b"], valid)
     assert masked.anomaly_map[:, :, 44:].abs().max() == 0
     with pytest.raises(DataError, match="valid_mask has shape"):
         model.predict(images, ["a", "b"], valid[:, :32])
-    model.smoothing_sigma = 2.0
+    model.config = dataclasses.replace(model.config, smoothing_sigma=2.0)
     assert "sigma 2" in model.smoothing
     assert model.predict(images, ["a", "b"]).anomaly_map.shape == (2, 64, 64)
-
-
-def loss_args(**overrides) -> argparse.Namespace:
-    settings = {
-        "w_cls": 1.0,
-        "w_mask": 1.0,
-        "focal_gamma": 2.0,
-        "focal_alpha": None,
-        "dice_smooth": 1.0,
-        "lr": 1e-3,
-        "fc_patch_lr_ratio": 1.0,
-    }
-    return argparse.Namespace(**{**settings, **overrides})
 
 
 def test_loss_falls_on_a_synthetic_batch(tiny_clip, synthetic_root, tmp_path):
     torch.manual_seed(0)
     records = ensure_training_records("Synthetic", synthetic_root, "few_shot", 8, 0, tmp_path)
-    dataset = TrainDataset(records, synthetic_root, 64, text=False, augment=False)
+    dataset = TrainDataset(records, synthetic_root, 64, augment=False)
     batch = torch.utils.data.default_collate([dataset[i] for i in range(len(dataset))])
     assert batch["label"].min() == 0 and batch["label"].max() == 1
-    model = FECLIP(tiny_clip)
-    args = loss_args(lr=3e-3)
-    optimizer = train_feclip.build_optimizer(model, args)
+    model = FECLIP(FEClipConfig(lr=3e-3, fc_patch_lr_ratio=1.0), tiny_clip)
+    stage = model.stages()[0]
+    optimizer, _ = model.configure_optimizer(stage)
     model.train()
     losses = []
     for _ in range(20):
-        output = model(batch["image"])
-        loss, cls_loss, mask_loss = train_feclip.feclip_loss(
-            output, batch["mask"], batch["label"], args
-        )
+        loss = model.loss(model.forward_train(batch, stage), batch)["loss"]
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -236,10 +245,11 @@ def test_loss_falls_on_a_synthetic_batch(tiny_clip, synthetic_root, tmp_path):
 
 
 def test_fc_patch_learning_rate_ratio_and_frozen_option(tiny_clip):
-    model = FECLIP(tiny_clip)
-    optimizer = train_feclip.build_optimizer(model, loss_args(lr=5e-4, fc_patch_lr_ratio=0.01))
+    model = FECLIP(FEClipConfig(lr=5e-4, fc_patch_lr_ratio=0.01), tiny_clip)
+    optimizer, _ = model.configure_optimizer(model.stages()[0])
     assert [group["lr"] for group in optimizer.param_groups] == [5e-4, 5e-6]
-    train_feclip.build_optimizer(model, loss_args(fc_patch_lr_ratio=0.0))
+    model.config = dataclasses.replace(model.config, fc_patch_lr_ratio=0.0)
+    model.configure_optimizer(model.stages()[0])
     assert not any(p.requires_grad for p in model.fc_patch.parameters())
 
 
@@ -257,19 +267,20 @@ def test_checkpoint_round_trip_and_mismatches(tiny_clip, tmp_path):
         "lfs_window": 3,
         "temperature": 0.07,
     }
-    model = FECLIP(backbone.tiny_clip(64))
+    model = FECLIP(None, backbone.tiny_clip(64))
     for parameter in model.fc_patch.parameters():
         parameter.data.normal_()
     path = tmp_path / "feclip.pth"
     save_checkpoint(path, {"epoch": 3, "feclip": model.trainable_state_dict(), "config": config})
-    loaded, payload = from_checkpoint(path)
+    loaded, payload = FECLIP.from_checkpoint(path)
     assert payload["epoch"] == 3 and not loaded.training
     images = torch.randn(2, 3, 64, 64)
     assert_close(loaded.predict(images, ["a", "b"]), model.eval().predict(images, ["a", "b"]))
     with pytest.raises(CheckpointError, match="lambda_fuse=0.1.*pass --lambda_fuse 0.1"):
-        from_checkpoint(path, overrides={"lambda_fuse": 0.5})
-    assert from_checkpoint(path, overrides={"smoothing_sigma": 2.0})[0].smoothing_sigma == 2.0
+        FECLIP.from_checkpoint(path, overrides={"lambda_fuse": 0.5})
+    rebuilt = FECLIP.from_checkpoint(path, overrides={"smoothing_sigma": 2.0})[0]
+    assert rebuilt.config.smoothing_sigma == 2.0
     other = tmp_path / "other.pth"
     save_checkpoint(other, {"epoch": 1, "image_adapter": {}, "config": {"model": "aaclip"}})
     with pytest.raises(CheckpointError, match="model='aaclip'"):
-        from_checkpoint(other)
+        FECLIP.from_checkpoint(other)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -13,22 +14,29 @@ from scipy import ndimage
 from datasets.anomaly import TrainDataset
 from datasets.metadata import build_records
 from models import backbone
+from models.predictor import AnomalyPredictor
 from models.sowa import (
     SOWA,
     HFWAAdapter,
+    SOWAConfig,
     WindowAttention,
-    gaussian_filter,
     window_partition,
     window_reverse,
 )
-from train_sowa import sowa_loss
 from utils.errors import ConfigError
+from utils.forward_utils import gaussian_smooth
+
+
+def sowa_loss(model, output, mask, label):
+    """The model's loss as (total, image CE, pixel loss)."""
+    losses = model.loss(output, {"mask": mask, "label": label})
+    return losses["loss"], losses["ce"], losses["seg"]
 
 
 @pytest.fixture
 def sowa(tiny_clip):
     torch.manual_seed(0)
-    return SOWA(tiny_clip).eval()
+    return SOWA(None, tiny_clip).eval()
 
 
 def images(n: int = 2, seed: int = 0) -> torch.Tensor:
@@ -116,7 +124,7 @@ def test_window_larger_than_the_grid_is_one_global_window():
 
 
 def test_padded_and_shifted_windows_give_finite_maps(tiny_clip):
-    model = SOWA(tiny_clip, window_size=3, depth=2).eval()
+    model = SOWA(SOWAConfig(window_size=3, depth=2), tiny_clip).eval()
     output = model.predict(images(), ["tile", "tile"])
     assert torch.isfinite(output.anomaly_map).all() and output.anomaly_map.shape == (2, 64, 64)
 
@@ -126,7 +134,7 @@ def test_gradients_reach_only_adapters_prompts_and_text_linear(sowa):
     output = sowa(images())
     mask = torch.zeros(2, 1, 64, 64)
     mask[0, :, 10:30, 10:30] = 1
-    loss, _, _ = sowa_loss(output, mask, torch.tensor([1, 0]))
+    loss, _, _ = sowa_loss(sowa, output, mask, torch.tensor([1, 0]))
     loss.backward()
     for name, parameter in sowa.named_parameters():
         if name.startswith("clipmodel."):
@@ -151,25 +159,32 @@ def test_pixel_maps_are_softmaxes_of_raw_cosines(sowa):
 
 def test_memory_map_is_zero_for_a_support_image(sowa):
     support = images(3, seed=1)
-    sowa.set_memory(support)
+    memory = sowa.encode_memory(support)
     with torch.no_grad():
         _, raw_support, _ = sowa.encode_image(support[1:2])
         _, raw_other, _ = sowa.encode_image(images(1, seed=2))
     torch.testing.assert_close(
-        sowa.memory_map(raw_support), torch.zeros(1, 64, 64), atol=1e-5, rtol=0
+        sowa.memory_map(raw_support, memory), torch.zeros(1, 64, 64), atol=1e-5, rtol=0
     )
-    assert sowa.memory_map(raw_other).min() > 1e-3
-    sowa.set_memory(None)
-    assert sowa.memory is None
+    assert sowa.memory_map(raw_other, memory).min() > 1e-3
+
+
+def test_k_shot_predictor_refuses_to_predict_before_its_support_is_set(sowa):
+    predictor = AnomalyPredictor(sowa, k_shot=2)
+    with pytest.raises(RuntimeError, match=r"must be set with \.set_support\(images\)"):
+        predictor.predict(images(), ["tile"] * 2)
+    predictor.set_support(images(2, seed=4))
+    assert predictor.predict(images(), ["tile"] * 2).anomaly_map.shape == (2, 64, 64)
 
 
 def test_predict_adds_the_unsmoothed_memory_map(sowa):
     x = images(2, seed=3)
-    zero_shot = sowa.predict(x, ["tile"] * 2)
-    sowa.set_memory(images(2, seed=4))
-    k_shot = sowa.predict(x, ["tile"] * 2)
+    predictor = AnomalyPredictor(sowa)
+    zero_shot = predictor.predict(x, ["tile"] * 2)
+    predictor.set_support(images(2, seed=4))
+    k_shot = predictor.predict(x, ["tile"] * 2)
     with torch.no_grad():
-        memory = sowa.memory_map(sowa.encode_image(x)[1])
+        memory = sowa.memory_map(sowa.encode_image(x)[1], sowa.encode_memory(images(2, seed=4)))
     torch.testing.assert_close(
         k_shot.anomaly_map - zero_shot.anomaly_map, memory, atol=1e-5, rtol=0
     )
@@ -177,31 +192,32 @@ def test_predict_adds_the_unsmoothed_memory_map(sowa):
     maps, scores = k_shot.anomaly_map.numpy(), k_shot.image_score.numpy()
     maxima = maps.reshape(2, -1).max(1)
     expected = 0.5 * (scores + (maxima - maxima.min()) / (maxima.max() - maxima.min()))
-    np.testing.assert_allclose(sowa.table_image_scores(maps, scores, "Industrial"), expected)
-    sowa.set_memory(None)
-    np.testing.assert_allclose(sowa.table_image_scores(maps, scores, "Industrial"), scores)
+    np.testing.assert_allclose(predictor.table_image_scores(maps, scores), expected)
+    predictor.set_support(None)
+    np.testing.assert_allclose(predictor.table_image_scores(maps, scores), scores)
 
 
 def test_gaussian_filter_matches_scipy():
     maps = torch.rand(2, 20, 13, dtype=torch.float64)
     expected = np.stack([ndimage.gaussian_filter(m, sigma=4) for m in maps.numpy()])
-    np.testing.assert_allclose(gaussian_filter(maps, 4.0).numpy(), expected, atol=1e-12)
+    smoothed = gaussian_smooth(maps, 4.0, border="scipy").numpy()
+    np.testing.assert_allclose(smoothed, expected, atol=1e-12)
 
 
 def test_loss_falls_on_the_synthetic_set(tiny_clip, synthetic_root):
     records = [r for r in build_records("Synthetic", synthetic_root) if r["class_name"] == "dots"]
     normal = [r for r in records if r["label"] == 0][:4]
     anomalous = [r for r in records if r["label"] == 1][:4]
-    dataset = TrainDataset(normal + anomalous, synthetic_root, 64, text=False, augment=False)
+    dataset = TrainDataset(normal + anomalous, synthetic_root, 64, augment=False)
     batch = torch.utils.data.default_collate([dataset[i] for i in range(len(dataset))])
     torch.manual_seed(0)
-    model = SOWA(tiny_clip, attn_drop=0.0).train()
+    model = SOWA(SOWAConfig(attn_drop=0.0), tiny_clip).train()
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.2
     )
     losses = []
     for _ in range(8):
-        loss, _, _ = sowa_loss(model(batch["image"]), batch["mask"], batch["label"])
+        loss, _, _ = sowa_loss(model, model(batch["image"]), batch["mask"], batch["label"])
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -214,7 +230,8 @@ def test_ce_on_probabilities_is_a_double_softmax(sowa):
         output = sowa(images())
     label = torch.tensor([1, 0])
     mask = torch.zeros(2, 1, 64, 64)
-    _, quirk, _ = sowa_loss(output, mask, label, ce_on_probabilities=True)
-    _, corrected, _ = sowa_loss(output, mask, label, ce_on_probabilities=False)
+    _, quirk, _ = sowa_loss(sowa, output, mask, label)
+    sowa.config = dataclasses.replace(sowa.config, ce_on_probabilities=False)
+    _, corrected, _ = sowa_loss(sowa, output, mask, label)
     torch.testing.assert_close(quirk, F.cross_entropy(output.text_probs, label))
     torch.testing.assert_close(corrected, F.cross_entropy(output.text_logits, label))

@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from models.aaclip import AAClipConfig
 from utils import checkpoint
+from utils.config import check_architecture, from_mapping
 from utils.errors import CheckpointError
 
 
@@ -36,8 +38,8 @@ def test_corrupt_and_missing_checkpoints_raise_one_line(tmp_path):
         checkpoint.load_checkpoint(bad)
 
 
-def test_check_config_names_the_flag():
-    saved = {"levels": [6, 12, 18, 24], "image_adapt_until": 6}
-    checkpoint.check_config("x.pth", saved, {"levels": (6, 12, 18, 24)}, ["levels"])
+def test_check_architecture_names_the_flag():
+    saved = from_mapping(AAClipConfig, {"levels": [6, 12, 18, 24], "image_adapt_until": 6})
+    check_architecture("x.pth", saved, AAClipConfig(block_indices=[5, 11, 17, 23]))
     with pytest.raises(CheckpointError, match="pass --image_adapt_until 6"):
-        checkpoint.check_config("x.pth", saved, {"image_adapt_until": 4}, ["image_adapt_until"])
+        check_architecture("x.pth", saved, AAClipConfig(image_adapt_until=4))

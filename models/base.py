@@ -1,0 +1,333 @@
+"""What every model shares: the backbone settings, the output type, training stages and the
+frozen-CLIP base class with one inference verb and one training interface.
+
+A model answers `predict(images, class_names, valid_mask=None) -> AnomalyOutput`. The keyword
+arguments after it (`text`, `memory`, `domain`) are the state a `models.predictor.AnomalyPredictor`
+owns and hands in: cached class texts, a k-shot memory, the test domain. Training goes through
+`utils.training.fit`, which asks the model for its `stages()`, each stage's optimizer
+(`configure_optimizer`), forward (`forward_train`), `loss(output, batch)` and checkpoint entries.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any, ClassVar, NamedTuple
+
+import numpy as np
+import torch
+from open_clip.model import CLIP
+from torch import nn
+
+from models import backbone
+from utils.checkpoint import load_checkpoint
+from utils.config import ARCH, TEST, check_architecture, from_mapping, override, setting
+from utils.errors import CheckpointError
+
+logger = logging.getLogger(__name__)
+
+PAPER_MODEL = "ViT-L-14-336"
+TINY_IMG_SIZE = 64
+DEFAULT_DOMAIN = "Industrial"
+
+
+@dataclasses.dataclass
+class ClipConfig:
+    """The frozen CLIP every model adapts."""
+
+    name: ClassVar[str] = ""
+    paper_img_size: ClassVar[int] = 518
+    # Defaults of the run settings (utils.training.RunConfig) that differ for this model.
+    run_defaults: ClassVar[dict[str, Any]] = {}
+
+    model_name: str | None = setting(
+        None,
+        "'tiny' (random test backbone) or an open_clip model; unset: tiny for --dataset "
+        "Synthetic, else ViT-L-14-336",
+        kind=ARCH,
+    )
+    pretrained: str = setting(
+        "openai",
+        "open_clip weight tag or a local weights file such as ViT-L-14-336px.pt (unused for tiny)",
+        kind=TEST,
+    )
+    quick_gelu: bool = setting(
+        False, "QuickGELU, as OpenAI trained CLIP (the released AA-CLIP runs exact GELU)", kind=ARCH
+    )
+    img_size: int | None = setting(
+        None, "input side in pixels; unset: 64 for tiny, else the paper's", kind=ARCH, minimum=1
+    )
+
+    def resolve(self, dataset: str) -> ClipConfig:
+        """Fill `model_name`/`img_size` left unset: tiny at 64 px for Synthetic, the paper's
+        ViT-L-14-336 at `paper_img_size` (AA-CLIP 518, FE-CLIP and SOWA 336) otherwise."""
+        model_name = self.model_name or ("tiny" if dataset == "Synthetic" else PAPER_MODEL)
+        paper = TINY_IMG_SIZE if model_name == backbone.TINY else self.paper_img_size
+        return dataclasses.replace(self, model_name=model_name, img_size=self.img_size or paper)
+
+    def check(self) -> None:
+        """Settings that depend on each other, beyond each field's own range (a one-line
+        ConfigError naming the flag)."""
+
+    def load_clip(self, device: torch.device | str = "cpu") -> CLIP:
+        """The frozen CLIP these settings name."""
+        return backbone.load_clip(
+            self.model_name,
+            pretrained=self.pretrained,
+            img_size=self.img_size,
+            quick_gelu=self.quick_gelu,
+            device=device,
+        )
+
+
+class AnomalyOutput(NamedTuple):
+    """What every model's `predict` returns; unpacks as a pair."""
+
+    anomaly_map: torch.Tensor  # [B, S, S] float32
+    image_score: torch.Tensor  # [B] float32
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """One training stage: what trains, how long, in which batches, saved under which keys."""
+
+    name: str  # "text", "image" (AA-CLIP's two stages), "train" (single-stage models)
+    stem: str  # checkpoint stem: <stem>.pth is the resume point
+    epochs: int
+    batch_size: int
+    color_jitter: bool = True  # the training set's colour jitter (AA-CLIP stage 1: off)
+    per_epoch_files: bool = True  # also <stem>_<epoch>.pth
+    optimizer_key: str = "optimizer"
+    scheduler_key: str = "scheduler"
+    scheduler_interval: str = "step"  # "step", or "epoch" (stepped with the epoch's mean loss)
+    log_prefix: str = ""  # "text " logs "text epoch 1/5: loss ..."
+
+
+class FrozenCLIPModel(nn.Module):
+    """A frozen, eval-mode open_clip CLIP plus trainable modules (subclasses add them).
+
+    Subclasses set `config_class` and `checkpoint_file` and implement the inference verbs
+    (`class_text`, `predict`) and the training interface (`stages`, `trainable_parameters`,
+    `configure_optimizer`, `forward_train`, `loss`, `stage_state`, `load_stage_state`).
+    """
+
+    config_class: ClassVar[type[ClipConfig]] = ClipConfig
+    checkpoint_file: ClassVar[str] = ""  # the main file in a save path, e.g. image_adapter.pth
+    log_file: ClassVar[str] = "train.log"
+    supports_memory: ClassVar[bool] = False  # k-shot support memory at test (SOWA)
+
+    def __init__(self, config: ClipConfig, clip: CLIP | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.clipmodel = backbone.freeze(clip if clip is not None else config.load_clip())
+
+    @classmethod
+    def from_config(cls, config: ClipConfig, device: torch.device | str = "cpu") -> FrozenCLIPModel:
+        """The model with its CLIP loaded straight onto `device`, trainable modules moved there."""
+        return cls(config, config.load_clip(device)).to(device)
+
+    @property
+    def name(self) -> str:
+        return self.config_class.name
+
+    # ---------------------------------------------------------------------------------------
+    # Modes: CLIP is frozen and stays in eval mode; only the trainable modules follow train().
+
+    def train(self, mode: bool = True) -> FrozenCLIPModel:
+        super().train(mode)
+        self.clipmodel.eval()
+        return self
+
+    @property
+    def img_size(self) -> int:
+        return backbone.image_size(self.clipmodel)
+
+    @property
+    def device(self) -> torch.device:
+        return self.clipmodel.visual.proj.device
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """Every weight that is not CLIP's."""
+        return {
+            key: value
+            for key, value in self.state_dict().items()
+            if not key.startswith("clipmodel.")
+        }
+
+    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Load `trainable_state_dict` output; missing, unexpected or mis-shaped keys raise
+        RuntimeError."""
+        result = self.load_state_dict(state, strict=False)
+        missing = [key for key in result.missing_keys if not key.startswith("clipmodel.")]
+        if missing or result.unexpected_keys:
+            raise RuntimeError(f"missing keys {missing}, unexpected keys {result.unexpected_keys}")
+
+    # ---------------------------------------------------------------------------------------
+    # Inference
+
+    @property
+    def smoothing(self) -> str:
+        """How test-time maps are smoothed (recorded with the results)."""
+        raise NotImplementedError
+
+    def class_text(self, prompt_name: str) -> Any:
+        """What `predict` needs of one class's text, computed once per class by a predictor."""
+        raise NotImplementedError
+
+    def class_texts(self, class_names: list[str], text: dict[str, Any] | None) -> list[Any]:
+        """Per image, its class's text: from `text` (a predictor's cache) or computed now."""
+        text = dict(text or {})
+        for name in dict.fromkeys(class_names):
+            if name not in text:
+                text[name] = self.class_text(name)
+        return [text[name] for name in class_names]
+
+    def encode_memory(self, support_images: torch.Tensor) -> Any:
+        """A k-shot memory from `[k, 3, S, S]` normal images (models with `supports_memory`)."""
+        raise NotImplementedError(f"{self.name} has no k-shot memory")
+
+    def predict(
+        self,
+        images: torch.Tensor,
+        class_names: list[str],
+        valid_mask: torch.Tensor | None = None,
+        *,
+        text: dict[str, Any] | None = None,
+        memory: Any = None,
+        domain: str = DEFAULT_DOMAIN,
+    ) -> AnomalyOutput:
+        """Raw test-time outputs (no test-set normalisation).
+
+        images `[B, 3, S, S]`, one prompt name per image; valid_mask `[B, S, S]` bool (False on
+        letterbox padding) or None; `text` cached `class_text` results by prompt name; `memory`
+        an `encode_memory` result; `domain` the test data's ("Industrial" | "Medical").
+        -> anomaly map `[B, S, S]`, image score `[B]`, float32.
+        """
+        raise NotImplementedError
+
+    def table_image_scores(
+        self, maps: np.ndarray, scores: np.ndarray, domain: str, few_shot: bool
+    ) -> np.ndarray:
+        """Paper-table image scores of one class from `predict`'s maps `[N, S, S]` and scores
+        `[N]` (each model's paper protocol; may be transductive, so test.py only)."""
+        return np.asarray(scores, dtype=np.float64)
+
+    # ---------------------------------------------------------------------------------------
+    # Training
+
+    def stages(self) -> list[Stage]:
+        """The training stages, in order."""
+        raise NotImplementedError
+
+    def trainable_parameters(self, stage: Stage) -> list[dict[str, Any]]:
+        """Optimizer parameter groups of a stage; sets `requires_grad` on exactly them."""
+        raise NotImplementedError
+
+    def configure_optimizer(
+        self, stage: Stage
+    ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler | None]:
+        """The stage's optimizer and LR scheduler (None: constant)."""
+        raise NotImplementedError
+
+    def prepare_stage(self, stage: Stage, dataset: str) -> None:
+        """Work before a stage starts (e.g. anchors frozen for stage 2); the training data set's
+        catalog name gives the classes' prompt names."""
+
+    def skip_stage(self, stage: Stage) -> bool:
+        """A stage with no epochs and no checkpoint: adjust the model; True writes the stage's
+        current weights as epoch 0 (they came from elsewhere and test time needs them)."""
+        return False
+
+    def forward_train(self, batch: dict[str, Any], stage: Stage) -> Any:
+        """The stage's forward on a batch (`image`, `mask`, `label`, `class_name`), autocast."""
+        raise NotImplementedError
+
+    def loss(self, output: Any, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Float32 loss terms of a `forward_train` output: `loss` (the total) first, then the
+        terms worth logging."""
+        raise NotImplementedError
+
+    def stage_state(self, stage: Stage) -> dict[str, Any]:
+        """The stage's weights as checkpoint entries (the originals' keys)."""
+        return {self.name: self.trainable_state_dict()}
+
+    def load_stage_state(self, stage: Stage, payload: dict[str, Any], path: Path) -> None:
+        """Load a stage checkpoint's weights, strictly, after checking its architecture."""
+        self.check_checkpoint(path, payload)
+        if self.name not in payload:
+            raise CheckpointError(f"{path} holds no {self.name} weights (keys: {sorted(payload)})")
+        try:
+            self.load_trainable_state_dict(payload[self.name])
+        except RuntimeError as error:
+            msg = f"{path} has {self.name} weights of another shape; check --model_name"
+            raise CheckpointError(msg) from error
+
+    def check_checkpoint(
+        self, path: Path, payload: dict[str, Any], config_class: type | None = None
+    ) -> None:
+        """Refuse a checkpoint of another model or architecture (its stored config against
+        this model's, as `config_class`, default this model's own); files without a config
+        (the original code's) pass and are checked by their weights."""
+        config_class = config_class or self.config_class
+        saved = payload.get("config")
+        if not saved:
+            return
+        model = saved.get("model", "aaclip")
+        if model != config_class.name:
+            raise CheckpointError(
+                f"{path} was trained with model={model!r} but this run has "
+                f"model={config_class.name!r}; pass its own save path or --model {model}"
+            )
+        check_architecture(path, from_mapping(config_class, saved), self.config)
+
+    # ---------------------------------------------------------------------------------------
+    # Checkpoints for inference
+
+    @classmethod
+    def config_from_checkpoint(
+        cls, path: Path, payload: dict[str, Any], overrides: dict[str, Any], dataset: str
+    ) -> ClipConfig:
+        """The config that rebuilds a checkpoint's model: its stored config with the test-time
+        `overrides`; a file of the original code (no config) takes the overrides as given, then
+        the defaults."""
+        saved = payload.get("config")
+        if not saved:
+            config = from_mapping(cls.config_class, overrides).resolve(dataset)
+            logger.warning("%s has no stored config (original format): built as %s", path, config)
+            return config
+        model = saved.get("model", "aaclip")
+        if model != cls.config_class.name:
+            raise CheckpointError(
+                f"{path} is not a {cls.config_class.name} checkpoint (model={model!r})"
+            )
+        return override(from_mapping(cls.config_class, saved), overrides, path)
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        path: Path,
+        device: torch.device | str = "cpu",
+        overrides: dict[str, Any] | None = None,
+        dataset: str = "Synthetic",
+    ) -> tuple[FrozenCLIPModel, dict[str, Any]]:
+        """The trained model, rebuilt from a checkpoint file alone (`overrides`: test-time
+        settings, or for an original file its architecture). Returns (model in eval, payload)."""
+        path = Path(path)
+        payload = load_checkpoint(path)
+        config = cls.config_from_checkpoint(path, payload, overrides or {}, dataset)
+        model = cls.from_config(config, device)
+        return model, model.load_trained(path, payload)
+
+    def load_trained(self, path: Path, payload: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Load what `predict` needs from a trained checkpoint file (and its companions beside
+        it) into this model; returns the file's payload. Leaves the model in eval mode."""
+        payload = load_checkpoint(path) if payload is None else payload
+        self.load_stage_state(self.stages()[-1], payload, Path(path))
+        self.eval()
+        return payload
+
+    @property
+    def weight_sources(self) -> dict[str, str]:
+        """Which files the loaded weights came from (recorded with the results)."""
+        return {}
