@@ -39,8 +39,8 @@ from models.predictor import DOMAINS, AnomalyPredictor
 from models.registry import MODELS, find_checkpoint, load_trained_model
 from utils import calibration as calib
 from utils.checkpoint import atomic_write
-from utils.errors import ConfigError, DataError, UserError
-from utils.runtime import resolve_device, setup_logging
+from utils.errors import ConfigError, DataError
+from utils.runtime import resolve_device, run_script, setup_logging
 from utils.visualize import overlay
 
 logger = logging.getLogger("predict")
@@ -466,17 +466,16 @@ def _report(
 
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
-    try:
+
+    def body() -> None:
         args = parse_args(argv)
         setup_logging(args.out / "predict.log" if args.command == "score" else None, args.log_level)
         if args.command == "calibrate":
             run_calibrate(args)
         else:
             run_score(args)
-    except UserError as error:
-        logger.error("%s", str(error).strip().splitlines()[-1])
-        return 2
-    return 0
+
+    return run_script(body, logger)
 
 
 if __name__ == "__main__":

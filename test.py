@@ -44,15 +44,14 @@ from utils.config import (
     TRAIN,
     add_settings,
     keys_of,
-    load_yaml,
     parse_with_config,
     settings_of,
     to_mapping,
 )
-from utils.errors import CheckpointError, ConfigError, UserError
+from utils.errors import CheckpointError, ConfigError
 from utils.metrics import COLUMNS_FULL, COLUMNS_OFFICIAL, PRO_VARIANTS, evaluate_class
 from utils.report import format_table, write_results
-from utils.runtime import resolve_device, seed_everything, setup_logging
+from utils.runtime import resolve_device, run_script, seed_everything, setup_logging
 from utils.training import RunConfig
 from utils.visualize import save_panels
 
@@ -314,8 +313,6 @@ def run(args: argparse.Namespace) -> None:
     if args.dataset == "Synthetic":
         ensure_synthetic(args.data_root)
     model_name, files = checkpoint_files(args)
-    if args.config is not None and load_yaml(args.config).get("model", model_name) != model_name:
-        raise ConfigError(f"{args.config} configures another model than this {model_name} run")
     records = load_test_records(args.dataset, args.data_root, args.metadata_dir)
     columns = COLUMNS_OFFICIAL if args.metrics == "official" else COLUMNS_FULL
     out_dir = args.checkpoint.parent if args.checkpoint is not None else args.save_path
@@ -390,15 +387,14 @@ def run(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
-    try:
+
+    def body() -> None:
         args = parse_args(argv)
         log_dir = args.checkpoint.parent if args.checkpoint is not None else args.save_path
         setup_logging(log_dir / "test.log", args.log_level)
         run(args)
-    except UserError as error:
-        logger.error("%s", str(error).strip().splitlines()[-1])
-        return 2
-    return 0
+
+    return run_script(body, logger)
 
 
 if __name__ == "__main__":

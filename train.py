@@ -36,8 +36,8 @@ from utils.config import (
     parse_with_config,
     validate,
 )
-from utils.errors import ConfigError, UserError
-from utils.runtime import Distributed, seed_everything, setup_logging
+from utils.errors import ConfigError
+from utils.runtime import Distributed, run_script, seed_everything, setup_logging
 from utils.training import RunConfig, run_main, train_stages, training_records
 
 logger = logging.getLogger("train")
@@ -86,8 +86,6 @@ def job_from_args(
     name = model.config_class.name
     if args.model != name:
         raise ConfigError(f"this script trains {name}; use train.py --model {args.model}")
-    if args.config is not None and load_yaml(args.config).get("model", name) != name:
-        raise ConfigError(f"{args.config} configures another model than {name}")
     run = from_namespace(RunConfig, args).resolve()
     config = from_namespace(model.config_class, args).resolve(run.dataset)
     validate(config)
@@ -98,7 +96,8 @@ def job_from_args(
 def parse_args(argv: list[str] | None = None, model: str = "aaclip") -> TrainingJob:
     model_type = model_class(model)
     parser = build_parser(model_type)
-    args = parse_with_config(parser, argv, keys_of(RunConfig, model_type.config_class))
+    known = keys_of(RunConfig, model_type.config_class)
+    args = parse_with_config(parser, argv, known, model=model)
     return job_from_args(model_type, args)
 
 
@@ -153,12 +152,11 @@ def model_choice(argv: list[str] | None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        model = model_choice(argv)
-    except UserError as error:
-        setup_logging()
-        logger.error("%s", error)
+    choice: list[str] = []
+    setup_logging()
+    if run_script(lambda: choice.append(model_choice(argv)), logger):
         return 2
+    model = choice[0]
     if model == "aaclip_cross_attn":
         return importlib.import_module("train_cross_attention").main(argv)
     return train_model(model, argv)

@@ -76,7 +76,8 @@ def base_config(args: argparse.Namespace) -> tuple[dict, Path | None]:
 def parse_args(argv: list[str] | None = None) -> train.TrainingJob:
     model = AdaptedCLIPWithCrossAttention
     parser = train.build_parser(model)
-    args = parse_with_config(parser, argv, keys_of(RunConfig, CrossAttentionConfig))
+    known = keys_of(RunConfig, CrossAttentionConfig)
+    args = parse_with_config(parser, argv, known, model=CrossAttentionConfig.name)
     explicit = explicit_settings(train.build_parser(model), argv)
     inherited, source = base_config(args)
     skip = NOT_INHERITED | explicit

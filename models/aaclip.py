@@ -377,21 +377,19 @@ class AdaptedCLIP(FrozenCLIPModel):
         with torch.no_grad(), float32_island(self.device):
             return get_adapted_single_class_text_embedding(self, None, prompt_name, self.device)
 
-    @torch.no_grad()
-    def predict(
+    def _predict(
         self,
         images: torch.Tensor,
         class_names: list[str],
-        valid_mask: torch.Tensor | None = None,
-        *,
-        text: dict[str, Any] | None = None,
-        memory: Any = None,
-        domain: str = DEFAULT_DOMAIN,
+        texts: list[Any],
+        valid_mask: torch.Tensor | None,
+        memory: Any,
+        domain: str,
     ) -> AnomalyOutput:
         """Anomaly map `[B, S, S]` (sum over levels of the blurred abnormal-minus-normal maps,
         spec §9, the blur by `domain`) and image score `[B]` = `(det · t_abnormal + 1) / 2`.
         `valid_mask` is not used (the predictor keeps padding out of its reductions)."""
-        anchors = torch.stack(self.class_texts(class_names, text)).to(images.device)  # [B, D, 2]
+        anchors = torch.stack(texts).to(images.device)  # [B, D, 2]
         return self.maps_and_scores(*self.encode_image(images), anchors, domain)
 
     def maps_and_scores(

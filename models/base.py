@@ -23,7 +23,7 @@ from torch import nn
 from models import backbone
 from utils.checkpoint import load_checkpoint
 from utils.config import ARCH, TEST, check_architecture, from_mapping, override, setting
-from utils.errors import CheckpointError
+from utils.errors import CheckpointError, DataError
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +79,14 @@ class ClipConfig:
             quick_gelu=self.quick_gelu,
             device=device,
         )
+
+
+@dataclasses.dataclass
+class SingleStageConfig(ClipConfig):
+    """A model trained in one stage (FE-CLIP, SOWA): its length and batch."""
+
+    epochs: int = setting(1, "epochs", minimum=0)
+    batch_size: int = setting(8, "global batch size (split over torchrun ranks)", minimum=1)
 
 
 class AnomalyOutput(NamedTuple):
@@ -187,6 +195,7 @@ class FrozenCLIPModel(nn.Module):
         """A k-shot memory from `[k, 3, S, S]` normal images (models with `supports_memory`)."""
         raise NotImplementedError(f"{self.name} has no k-shot memory")
 
+    @torch.no_grad()
     def predict(
         self,
         images: torch.Tensor,
@@ -204,6 +213,28 @@ class FrozenCLIPModel(nn.Module):
         an `encode_memory` result; `domain` the test data's ("Industrial" | "Medical").
         -> anomaly map `[B, S, S]`, image score `[B]`, float32.
         """
+        batch, _, height, width = images.shape
+        if len(class_names) != batch:
+            raise DataError(f"{len(class_names)} class names for {batch} images; pass one each")
+        if valid_mask is not None:
+            if tuple(valid_mask.shape) != (batch, height, width):
+                expected = (batch, height, width)
+                msg = f"valid_mask has shape {tuple(valid_mask.shape)}; expected {expected}"
+                raise DataError(msg)
+            valid_mask = valid_mask.to(images.device).bool()
+        texts = self.class_texts(class_names, text)
+        return self._predict(images, class_names, texts, valid_mask, memory, domain)
+
+    def _predict(
+        self,
+        images: torch.Tensor,
+        class_names: list[str],
+        texts: list[Any],
+        valid_mask: torch.Tensor | None,
+        memory: Any,
+        domain: str,
+    ) -> AnomalyOutput:
+        """`predict` on checked inputs: `texts` holds each image's class text."""
         raise NotImplementedError
 
     def table_image_scores(

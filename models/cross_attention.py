@@ -40,7 +40,7 @@ from datasets.catalog import get_dataset_info, real_name
 from models import backbone
 from models.aaclip import AAClipConfig, AdaptedCLIP
 from models.adapters import residual_blend
-from models.base import DEFAULT_DOMAIN, AnomalyOutput, Stage
+from models.base import AnomalyOutput, Stage
 from models.prompts import build_prompts
 from utils.config import ARCH, TEST, setting
 from utils.errors import CheckpointError
@@ -319,16 +319,14 @@ class AdaptedCLIPWithCrossAttention(AdaptedCLIP):
         """A class's anchors (without image context) and text context."""
         return ClassText(super().class_text(prompt_name), *self.class_text_context(prompt_name))
 
-    @torch.no_grad()
-    def predict(
+    def _predict(
         self,
         images: torch.Tensor,
         class_names: list[str],
-        valid_mask: torch.Tensor | None = None,
-        *,
-        text: dict[str, Any] | None = None,
-        memory: Any = None,
-        domain: str = DEFAULT_DOMAIN,
+        texts: list[Any],
+        valid_mask: torch.Tensor | None,
+        memory: Any,
+        domain: str,
     ) -> AnomalyOutput:
         """AA-CLIP's maps and scores with the cross-attention used as `cross_attn_at_test` says.
 
@@ -337,7 +335,6 @@ class AdaptedCLIPWithCrossAttention(AdaptedCLIP):
         stage-1 context (first-level surgery features; 16 text forwards per image).
         images: `[B, 3, S, S]` -> (`[B, S, S]`, `[B]`).
         """
-        texts = self.class_texts(class_names, text)
         mode = self.config.cross_attn_at_test
         if mode == "none":
             seg_tokens, det_token = self.encode_image(images)

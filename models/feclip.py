@@ -42,9 +42,9 @@ from torch import nn
 
 from models import backbone
 from models.aaclip import check_block_indices
-from models.base import DEFAULT_DOMAIN, AnomalyOutput, ClipConfig, FrozenCLIPModel, Stage
+from models.base import AnomalyOutput, ClipConfig, FrozenCLIPModel, SingleStageConfig, Stage
 from utils.config import ARCH, TEST, redefault, setting
-from utils.errors import ConfigError, DataError
+from utils.errors import ConfigError
 from utils.forward_utils import binary_focal_loss, dice_loss, gaussian_smooth, token_valid_mask
 from utils.runtime import float32_island
 
@@ -204,7 +204,7 @@ class LFSAdapter(nn.Module):
 
 
 @dataclasses.dataclass
-class FEClipConfig(ClipConfig):
+class FEClipConfig(SingleStageConfig):
     """FE-CLIP's settings (spec feclip.md §17; the user's fork where the paper is silent)."""
 
     name: ClassVar[str] = "feclip"
@@ -265,8 +265,8 @@ class FEClipConfig(ClipConfig):
         kind=TEST,
         above=0,
     )
-    epochs: int = setting(9, "epochs", minimum=0)
-    batch_size: int = setting(16, "global batch size (split over torchrun ranks)", minimum=1)
+    epochs: int = redefault(SingleStageConfig, "epochs", 9)
+    batch_size: int = redefault(SingleStageConfig, "batch_size", 16)
     lr: float = setting(5e-4, "Adam learning rate of FFE and LFS", above=0)
     fc_patch_lr_ratio: float = setting(
         0.01, "fc_patch lr = lr x this (the fork: 1/100; 1: the same lr; 0: frozen)", minimum=0
@@ -402,33 +402,24 @@ class FECLIP(FrozenCLIPModel):
         """The object-agnostic prompt embeddings `[2, D]` (the same for every class)."""
         return self.text_features
 
-    @torch.no_grad()
-    def predict(
+    def _predict(
         self,
         images: torch.Tensor,
         class_names: list[str],
-        valid_mask: torch.Tensor | None = None,
-        *,
-        text: dict[str, Any] | None = None,
-        memory: Any = None,
-        domain: str = DEFAULT_DOMAIN,
+        texts: list[Any],
+        valid_mask: torch.Tensor | None,
+        memory: Any,
+        domain: str,
     ) -> AnomalyOutput:
         """Anomaly map `[B, S, S]` and image score `[B]`, both means over taps of probabilities.
 
-        images `[B, 3, S, S]`; `class_names` are unused (object-agnostic prompts) but must match
-        the batch; valid_mask `[B, S, S]` bool (False on letterbox padding) or None (all valid):
-        LFS averages over valid neighbours only and the map is 0 outside the image.
+        The prompts are object-agnostic (the class names only count the images); with a
+        valid_mask `[B, S, S]` (False on letterbox padding) LFS averages over valid neighbours
+        only and the map is 0 outside the image.
         """
-        batch, _, height, width = images.shape
-        if len(class_names) != batch:
-            raise DataError(f"{len(class_names)} class names for {batch} images; pass one each")
+        height, width = images.shape[-2:]
         token_mask = None
         if valid_mask is not None:
-            if valid_mask.shape != (batch, height, width):
-                expected = (batch, height, width)
-                msg = f"valid_mask has shape {tuple(valid_mask.shape)}; expected {expected}"
-                raise DataError(msg)
-            valid_mask = valid_mask.to(images.device).bool()
             grid = backbone.grid_size(self.clipmodel)
             token_mask = token_valid_mask(valid_mask, grid, self.config.token_valid_frac)
         logits = self(images, token_mask)

@@ -52,7 +52,7 @@ from torch import nn
 
 from models import backbone
 from models.aaclip import check_block_indices
-from models.base import DEFAULT_DOMAIN, AnomalyOutput, ClipConfig, FrozenCLIPModel, Stage
+from models.base import AnomalyOutput, ClipConfig, FrozenCLIPModel, SingleStageConfig, Stage
 from utils.config import ARCH, TEST, redefault, setting
 from utils.errors import ConfigError, DataError
 from utils.forward_utils import calculate_seg_loss, calculate_similarity_map, gaussian_smooth
@@ -365,7 +365,7 @@ class SOWAOutput(NamedTuple):
 
 
 @dataclasses.dataclass
-class SOWAConfig(ClipConfig):
+class SOWAConfig(SingleStageConfig):
     """SOWA's settings: the original's HFWA configuration (spec sowa.md §2, §5;
     configs/model/sowa_hfwa.yaml)."""
 
@@ -428,8 +428,6 @@ class SOWAConfig(ClipConfig):
         minimum=0,
     )
     attn_drop: float = setting(0.1, "adapter attention dropout (training only)", minimum=0)
-    epochs: int = setting(1, "epochs", minimum=0)
-    batch_size: int = setting(8, "global batch size (split over torchrun ranks)", minimum=1)
     lr: float = setting(1e-3, "AdamW learning rate", above=0)
     weight_decay: float = setting(0.2, "AdamW weight decay", minimum=0)
     ce_on_probabilities: bool = setting(
@@ -602,30 +600,24 @@ class SOWA(FrozenCLIPModel):
         with torch.no_grad():
             return self.encode_text()[0]
 
-    @torch.no_grad()
-    def predict(
+    def _predict(
         self,
         images: torch.Tensor,
         class_names: list[str],
-        valid_mask: torch.Tensor | None = None,
-        *,
-        text: dict[str, Any] | None = None,
-        memory: list[torch.Tensor] | None = None,
-        domain: str = DEFAULT_DOMAIN,
+        texts: list[Any],
+        valid_mask: torch.Tensor | None,
+        memory: list[torch.Tensor] | None,
+        domain: str,
     ) -> AnomalyOutput:
         """Anomaly map `[B, S, S]` and image score `[B]` (spec §4, §6).
 
         Map: Σ over stages of the anomaly probability (`stage_reduce`), Gaussian-smoothed, plus
         the unsmoothed k-shot map when a `memory` (`encode_memory`) is given. Score: the image
-        softmax's anomaly probability. `class_names` must match the batch; SOWA's prompts ignore
-        them (§3). `valid_mask` is not used.
+        softmax's anomaly probability. SOWA's prompts ignore the class names (§3); `valid_mask`
+        is not used.
         """
-        if len(class_names) != len(images):
-            raise DataError(
-                f"{len(class_names)} class names for {len(images)} images; pass one each"
-            )
         config = self.config
-        output = self(images, self.class_texts(class_names, text)[0])
+        output = self(images, texts[0])
         with float32_island(images.device):
             anomaly = torch.stack([probs[:, 1] for probs in output.stage_probs])  # [N, B, S, S]
             anomaly_map = anomaly.sum(0) if config.stage_reduce == "sum" else anomaly.mean(0)

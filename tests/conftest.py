@@ -27,3 +27,17 @@ def tiny_clip():
 def synthetic_root(tmp_path_factory):
     """The synthetic MVTec-layout data set (3 classes, real masks), written once per run."""
     return generate_synthetic(tmp_path_factory.mktemp("data") / "Synthetic")
+
+
+@pytest.fixture
+def one_line_error(caplog):
+    """The single ERROR record a failed run logged: one line, no traceback anywhere."""
+
+    def read() -> str:
+        errors = [record for record in caplog.records if record.levelname == "ERROR"]
+        assert len(errors) == 1
+        message = errors[0].getMessage()
+        assert "\n" not in message and "Traceback" not in caplog.text
+        return message
+
+    return read

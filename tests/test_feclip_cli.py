@@ -32,14 +32,6 @@ def trained(tmp_path_factory, synthetic_root):
     return data_root, save_path
 
 
-def one_line_error(caplog) -> str:
-    errors = [record for record in caplog.records if record.levelname == "ERROR"]
-    assert len(errors) == 1
-    message = errors[0].getMessage()
-    assert "\n" not in message and "Traceback" not in caplog.text
-    return message
-
-
 def test_training_writes_checkpoints_and_config(trained):
     _, save_path = trained
     names = {path.name for path in save_path.iterdir()}
@@ -80,7 +72,7 @@ def test_resume_matches_an_uninterrupted_run(trained, tmp_path):
         assert torch.equal(got["feclip"][key], value), key
 
 
-def test_resume_with_other_flags_names_the_setting(trained, tmp_path, caplog):
+def test_resume_with_other_flags_names_the_setting(trained, tmp_path, caplog, one_line_error):
     data_root, save_path = trained
     run = tmp_path / "run"
     run.mkdir()
@@ -89,19 +81,19 @@ def test_resume_with_other_flags_names_the_setting(trained, tmp_path, caplog):
     before = (run / "config.yaml").read_text()
     argv = train_args(data_root, run, "--epochs", "3", "--tap_indices", "5", "11", "17", "23")
     assert train_feclip.main(argv) == 2
-    assert "tap_indices" in one_line_error(caplog) and "pass --tap_indices 15 18 21 23" in (
-        one_line_error(caplog)
+    assert "tap_indices" in one_line_error() and "pass --tap_indices 15 18 21 23" in (
+        one_line_error()
     )
     assert (run / "config.yaml").read_text() == before
     assert load_checkpoint(run / "feclip.pth")["epoch"] == 2
 
 
-def test_bad_flag_and_missing_checkpoint_are_one_line(trained, tmp_path, caplog):
+def test_bad_flag_and_missing_checkpoint_are_one_line(trained, tmp_path, caplog, one_line_error):
     data_root, _ = trained
     assert train_feclip.main(train_args(data_root, tmp_path / "a", "--lfs_window", "2")) == 2
-    assert "--lfs_window 2" in one_line_error(caplog)
+    assert "--lfs_window 2" in one_line_error()
     caplog.clear()
     argv = ["--model", "feclip", "--save_path", str(tmp_path / "empty"), "--device", "cpu"]
     (tmp_path / "empty").mkdir()
     assert test_script.main([*argv, "--data_root", str(data_root)]) == 2
-    assert "feclip.pth" in one_line_error(caplog)
+    assert "feclip.pth" in one_line_error()

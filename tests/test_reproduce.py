@@ -61,7 +61,7 @@ def test_aaclip_script_end_to_end(synthetic_root, tmp_path, paper_table, capsys)
         "aaclip_zero_shot.sh",
         synthetic_root,
         tmp_path,
-        TRAIN_ARGS="--text_epoch 1 --image_epoch 1",
+        TRAIN_ARGS="--text_epoch 1 --image_epoch 1 --image_batch_size 8",
         EPOCH="1",
         VISA_TESTS="MVTec",
     )

@@ -177,14 +177,6 @@ def test_resume_matches_an_uninterrupted_run(synthetic_root, tmp_path):
         assert torch.equal(got["image_adapter"][key], value), key
 
 
-def one_line_error(caplog) -> str:
-    errors = [record for record in caplog.records if record.levelname == "ERROR"]
-    assert len(errors) == 1
-    message = errors[0].getMessage()
-    assert "\n" not in message and "Traceback" not in caplog.text
-    return message
-
-
 @pytest.mark.parametrize(
     ("extra", "expected"),
     [
@@ -192,9 +184,13 @@ def one_line_error(caplog) -> str:
         (["--dataset", "KolektorSDD"], "KolektorSDD"),
         (["--shot", "64"], "--shot 64"),
         (["--shot", "-1"], "--shot -1"),
+        (["--levels", "6", "12", "18", "30"], "--levels 6 12 18 30"),
+        (["--image_batch_size", "0"], "--image_batch_size 0 must be >= 1"),
     ],
 )
-def test_bad_training_input_is_one_line(synthetic_root, tmp_path, caplog, extra, expected):
+def test_bad_training_input_is_one_line(
+    synthetic_root, tmp_path, caplog, extra, expected, one_line_error
+):
     argv = [
         "--data_root",
         str(synthetic_root),
@@ -205,10 +201,10 @@ def test_bad_training_input_is_one_line(synthetic_root, tmp_path, caplog, extra,
         *extra,
     ]
     assert train.main(argv) == 2
-    assert expected in one_line_error(caplog)
+    assert expected in one_line_error()
 
 
-def test_unrecognised_layout_is_one_line(tmp_path, caplog):
+def test_unrecognised_layout_is_one_line(tmp_path, caplog, one_line_error):
     (tmp_path / "mvtec" / "junk").mkdir(parents=True)
     argv = [
         "--dataset",
@@ -221,10 +217,10 @@ def test_unrecognised_layout_is_one_line(tmp_path, caplog):
         str(tmp_path / "run"),
     ]
     assert train.main(argv) == 2
-    assert "layout" in one_line_error(caplog)
+    assert "layout" in one_line_error()
 
 
-def test_corrupt_image_and_mask_size_are_one_line(synthetic_root, tmp_path, caplog):
+def test_corrupt_image_and_mask_size_are_one_line(synthetic_root, tmp_path, caplog, one_line_error):
     data_root = tmp_path / "Synthetic"
     shutil.copytree(synthetic_root, data_root)
     image = next((data_root / "tile" / "test" / "good").glob("*.png"))
@@ -244,7 +240,7 @@ def test_corrupt_image_and_mask_size_are_one_line(synthetic_root, tmp_path, capl
         "0",
     ]
     assert train.main(argv) == 2
-    assert image.name in one_line_error(caplog)
+    assert image.name in one_line_error()
 
     caplog.clear()
     shutil.rmtree(data_root)
@@ -254,17 +250,17 @@ def test_corrupt_image_and_mask_size_are_one_line(synthetic_root, tmp_path, capl
 
     Image.new("L", (10, 10)).save(mask)
     assert train.main(argv) == 2
-    assert mask.name in one_line_error(caplog)
+    assert mask.name in one_line_error()
 
 
-def test_checkpoint_from_another_configuration_names_the_flag(trained, caplog):
+def test_checkpoint_from_another_configuration_names_the_flag(trained, caplog, one_line_error):
     data_root, save_path = trained
     argv = ["--data_root", str(data_root), "--save_path", str(save_path), "--relu"]
     assert test_script.main(argv) == 2
-    assert "pass no --relu" in one_line_error(caplog) or "--no-relu" in one_line_error(caplog)
+    assert "pass no --relu" in one_line_error() or "--no-relu" in one_line_error()
 
 
-def test_unknown_class_in_the_records_is_one_line(synthetic_root, tmp_path, caplog):
+def test_unknown_class_in_the_records_is_one_line(synthetic_root, tmp_path, caplog, one_line_error):
     data_root = tmp_path / "Synthetic"
     shutil.copytree(synthetic_root, data_root)
     record = {
@@ -283,4 +279,4 @@ def test_unknown_class_in_the_records_is_one_line(synthetic_root, tmp_path, capl
         "full_shot",
     ]
     assert train.main(argv) == 2
-    assert "widget" in one_line_error(caplog)
+    assert "widget" in one_line_error()

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import shlex
 import types
 import typing
 from collections.abc import Iterable
@@ -199,42 +200,43 @@ def add_settings(
     seen = set() if seen is None else seen
     excluded = set(exclude)
     for field in settings_of(config_class, kinds):
-        if field.name in excluded or field.name in seen:
+        if field.name in excluded:
             continue
-        seen.add(field.name)
         meta = field.metadata
         scalar, is_list = field_type(config_class, field)
-        if suppress:
-            default = argparse.SUPPRESS
-        elif field.name in defaults:
-            default = defaults[field.name]
-        elif field.default_factory is not dataclasses.MISSING:
-            default = field.default_factory()
-        else:
-            default = field.default
-        kwargs: dict[str, Any] = {"default": default, "help": meta["help"], "dest": field.name}
-        if meta["metavar"] is not None:
-            kwargs["metavar"] = meta["metavar"]
-        if scalar is bool and not is_list:
-            kwargs["action"] = argparse.BooleanOptionalAction
-        else:
-            kwargs["type"] = scalar
-            if is_list:
-                kwargs["nargs"] = meta["nargs"] or "+"
-            if meta["choices"] is not None:
-                kwargs["choices"] = meta["choices"]
-        same = [f"--{alias}" for alias, offset in meta["aliases"].items() if offset == 0]
-        parser.add_argument(f"--{field.name}", *same, **kwargs)
+        nargs = (meta["nargs"] or "+") if is_list else None
+        if field.name not in seen:
+            seen.add(field.name)
+            if suppress:
+                default = argparse.SUPPRESS
+            elif field.name in defaults:
+                default = defaults[field.name]
+            elif field.default_factory is not dataclasses.MISSING:
+                default = field.default_factory()
+            else:
+                default = field.default
+            kwargs: dict[str, Any] = {"default": default, "help": meta["help"], "dest": field.name}
+            if meta["metavar"] is not None:
+                kwargs["metavar"] = meta["metavar"]
+            if scalar is bool and not is_list:
+                kwargs["action"] = argparse.BooleanOptionalAction
+            else:
+                kwargs.update(type=scalar, nargs=nargs)
+                if meta["choices"] is not None:
+                    kwargs["choices"] = meta["choices"]
+            parser.add_argument(f"--{field.name}", **kwargs)
         for alias, offset in meta["aliases"].items():
-            if offset:
-                parser.add_argument(
-                    f"--{alias}",
-                    dest=field.name,
-                    nargs=kwargs.get("nargs"),
-                    type=lambda text, offset=offset: int(text) - offset,
-                    default=argparse.SUPPRESS,
-                    help=f"--{field.name} counted from {offset}",
-                )
+            if alias in seen:
+                continue
+            seen.add(alias)
+            parser.add_argument(
+                f"--{alias}",
+                dest=field.name,
+                nargs=nargs,
+                type=(lambda text, offset=offset: int(text) - offset) if offset else scalar,
+                default=argparse.SUPPRESS,
+                help=f"alias of --{field.name}" + (f", counted from {offset}" if offset else ""),
+            )
 
 
 def from_namespace(config_class: type, namespace: argparse.Namespace) -> Any:
@@ -247,7 +249,8 @@ def from_namespace(config_class: type, namespace: argparse.Namespace) -> Any:
 
 def flag_hint(field: dataclasses.Field | None, key: str, value: Any) -> str:
     """The command-line flag that sets `key` to `value` (under the original's name, in its own
-    counting, where the setting has one): `--no-relu`, `--tap_indices 15 18 21 23`."""
+    counting, where the setting has one), quoted for a shell: `--no-relu`,
+    `--tap_indices 15 18 21 23`."""
     if field is not None and field.metadata["original"]:
         key = field.metadata["original"]
         value = _shift(value, field.metadata["aliases"][key])
@@ -255,9 +258,8 @@ def flag_hint(field: dataclasses.Field | None, key: str, value: Any) -> str:
         return f"--{key}" if value else f"--no-{key}"
     if value is None:
         return f"no --{key}"
-    if isinstance(value, list | tuple):
-        return f"--{key} {' '.join(str(item) for item in value)}"
-    return f"--{key} {value}"
+    values = value if isinstance(value, list | tuple) else [value]
+    return f"--{key} " + " ".join(shlex.quote(str(item)) for item in values)
 
 
 def check_architecture(path: Path, saved: Any, current: Any) -> None:
@@ -304,19 +306,23 @@ def parse_with_config(
     argv: list[str] | None,
     known: set[str],
     ignore: set[str] | frozenset[str] = frozenset(),
+    model: str | None = None,
 ) -> argparse.Namespace:
     """Parse `argv` over the defaults of `--config FILE` (if given).
 
     A YAML key outside `known` (the settings of the script's config classes and their aliases)
     is an error, since a typo would otherwise be ignored; keys the parser has no flag for, and
     keys in `ignore` (test.py: a training run's architecture and recipe, which the checkpoint
-    holds), are accepted and left out.
+    holds), are accepted and left out. A file whose `model` is not `model` is refused.
     """
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config", type=Path, default=None)
     config_file = pre.parse_known_args(argv)[0].config
     if config_file is not None:
         defaults = load_yaml(config_file)
+        if model is not None and defaults.get("model", model) != model:
+            msg = f"{config_file} configures {defaults['model']}; pass --model {defaults['model']}"
+            raise ConfigError(f"{msg} or a {model} file")
         unknown = sorted(set(defaults) - known - {"model"})
         if unknown:
             raise ConfigError(f"{config_file} has unknown keys {unknown}; valid: {sorted(known)}")

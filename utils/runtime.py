@@ -6,6 +6,7 @@ import logging
 import os
 import random
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler
 
-from utils.errors import ConfigError
+from utils.errors import ConfigError, UserError
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +42,18 @@ def setup_logging(log_file: Path | None = None, level: str = "INFO") -> None:
         handler.setFormatter(logging.Formatter(LOG_FORMAT))
         root.addHandler(handler)
     root.setLevel(level.upper())
+
+
+def run_script(body: Callable[[], None], log: logging.Logger) -> int:
+    """Run a script's body with the project's exit codes: 0, or for a `UserError` its message
+    as one logged line and 2 (no traceback for a user mistake)."""
+    try:
+        body()
+    except UserError as error:
+        # Errors raised in DataLoader workers arrive wrapped; the last line is the message.
+        log.error("%s", str(error).strip().splitlines()[-1])
+        return 2
+    return 0
 
 
 def seed_everything(seed: int, deterministic: bool = True) -> None:

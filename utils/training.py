@@ -29,7 +29,7 @@ from datasets.metadata import ensure_training_records
 from datasets.synthetic import ensure_synthetic
 from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.config import RUN, save_yaml, setting, to_mapping, validate
-from utils.errors import ConfigError, UserError
+from utils.errors import ConfigError
 from utils.runtime import (
     AMP_DTYPES,
     Distributed,
@@ -39,6 +39,7 @@ from utils.runtime import (
     grad_scaler,
     init_distributed,
     rng_state,
+    run_script,
     set_rng_state,
     setup_logging,
     shutdown_distributed,
@@ -406,20 +407,20 @@ def run_main(
     A `UserError` becomes one logged line and exit status 2.
     """
     setup_logging()
-    dist = None
-    try:
+    joined: list[Distributed] = []
+
+    def body() -> None:
         job = parse(argv)
         dist = init_distributed(job.run.device)
+        joined.append(dist)
         if dist.is_main:
             setup_logging(job.run.save_path / job.log_file, job.run.log_level)
         else:
             setup_logging(None, "WARNING")
         execute(job, dist)
-    except UserError as error:
-        # Errors raised in DataLoader workers arrive wrapped; the last line is the message.
-        logging.getLogger("train").error("%s", str(error).strip().splitlines()[-1])
-        return 2
+
+    try:
+        return run_script(body, logging.getLogger("train"))
     finally:
-        if dist is not None:
+        for dist in joined:
             shutdown_distributed(dist)
-    return 0

@@ -25,6 +25,8 @@ PYTHON="${PYTHON:-python}"
 read -ra TRAIN_EXTRA <<< "${TRAIN_ARGS:-}"
 read -ra TEST_EXTRA <<< "${TEST_ARGS:-}"
 BACKBONE=(--model_name "$MODEL_NAME" --pretrained "$PRETRAINED" --device "$DEVICE")
+# test.py rebuilds the model from its checkpoint; only where the weights are read from may change.
+TEST_BACKBONE=(--pretrained "$PRETRAINED" --device "$DEVICE")
 
 # data_flags NAME: sets DATA to the flags of the paper's data set NAME (or of SUBSTITUTE).
 data_flags() {
@@ -56,6 +58,6 @@ evaluate() {
     local run="$1" checkpoint="$2" test="$3"
     shift 3
     data_flags "$test"
-    "$PYTHON" test.py "${DATA[@]}" "${BACKBONE[@]}" --checkpoint "$checkpoint" \
+    "$PYTHON" test.py "${DATA[@]}" "${TEST_BACKBONE[@]}" --checkpoint "$checkpoint" \
         --results_dir "$run/eval/$test" "$@" "${TEST_EXTRA[@]}"
 }
