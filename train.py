@@ -8,8 +8,9 @@ train_cross_attention.py).
 
 Every setting is a field of the model's config dataclass (models/<model>.py) or of
 `utils.training.RunConfig`; `--config configs/<model>.yaml` sets defaults, flags win. The model
-defines its stages, optimizers and losses; `utils.training.train_stages` runs them, resuming from
-the save path while epoch < total (optimizer, scheduler and RNG states restored).
+defines its stages, optimizers and losses; AA-CLIP runs two (`train_text_adapter`, then
+`train_image_adapter`), FE-CLIP and SOWA one, each through `utils.training.train_stage`,
+resuming from the save path while epoch < total (optimizer, scheduler and RNG states restored).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from models.aaclip import AdaptedCLIP
 from models.base import ClipConfig, FrozenCLIPModel
 from models.registry import MODELS, model_class
 from utils.config import (
@@ -38,7 +40,7 @@ from utils.config import (
 )
 from utils.errors import ConfigError
 from utils.runtime import Distributed, run_script, seed_everything, setup_logging
-from utils.training import RunConfig, run_main, train_stages, training_records
+from utils.training import RunConfig, run_main, train_stage, training_records
 
 logger = logging.getLogger("train")
 
@@ -107,7 +109,7 @@ def run(
     setup: Callable[[FrozenCLIPModel], Callable | None] | None = None,
 ) -> None:
     """Seed, read the records, build the model, train its stages. `setup(model)` runs after
-    the model is built and may return `train_stages`' `before_resume` hook."""
+    the model is built and may return `train_stage`'s `before_resume` hook."""
     settings = job.run
     seed_everything(settings.seed)
     if job.inherited_from:
@@ -128,8 +130,37 @@ def run(
     # Same initialisation on every rank (seed above); augmentation streams differ per rank.
     torch.manual_seed(settings.seed + dist.rank)
     before_resume = setup(model) if setup is not None else None
-    train_stages(model, records, settings, dist, before_resume)
+    if isinstance(model, AdaptedCLIP):  # and its cross-attention variant: two stages
+        train_text_adapter(model, records, settings, dist, before_resume)
+        train_image_adapter(model, records, settings, dist, before_resume)
+    else:
+        (stage,) = model.stages()
+        train_stage(model, stage, records, settings, dist, before_resume)
     logger.info("checkpoints in %s", settings.save_path)
+
+
+def train_text_adapter(
+    model: AdaptedCLIP,
+    records: list[dict],
+    settings: RunConfig,
+    dist: Distributed,
+    before_resume: Callable | None = None,
+) -> None:
+    """AA-CLIP stage 1 (spec aaclip.md §11.1): the text adapters (and the variant's text
+    cross-attention) against frozen surgery patch features; `text_adapter.pth`."""
+    train_stage(model, model.stages()[0], records, settings, dist, before_resume)
+
+
+def train_image_adapter(
+    model: AdaptedCLIP,
+    records: list[dict],
+    settings: RunConfig,
+    dist: Distributed,
+    before_resume: Callable | None = None,
+) -> None:
+    """AA-CLIP stage 2 (spec §11.3): the image adapters and projections (and the variant's image
+    cross-attention) against the stage-1 anchors, frozen; `image_adapter[_<epoch>].pth`."""
+    train_stage(model, model.stages()[1], records, settings, dist, before_resume)
 
 
 def train_model(model: str, argv: list[str] | None) -> int:

@@ -258,15 +258,11 @@ class AdaptedCLIPWithCrossAttention(AdaptedCLIP):
         keep = positions[None, :] <= token_ids.argmax(dim=-1, keepdim=True)  # [16, 77]
         return x.flatten(0, 1), keep.flatten()
 
-    def text_contexts(self, prompt_names: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Per-image text contexts `[B, 16 * 77, D_t]` and key masks `[B, 16 * 77]` (None
-        unless `text_context_key_mask`)."""
-        pairs = {name: self.class_text_context(name) for name in dict.fromkeys(prompt_names)}
-        return self._stack_contexts([pairs[name] for name in prompt_names])
-
-    def _stack_contexts(
+    def stack_contexts(
         self, pairs: list[tuple[torch.Tensor, torch.Tensor]]
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Per-image (context, key mask) pairs of `class_text_context` -> contexts
+        `[B, 16 * 77, D_t]` and key masks `[B, 16 * 77]` (None unless `text_context_key_mask`)."""
         context = torch.stack([pair[0] for pair in pairs])
         mask = (
             torch.stack([pair[1] for pair in pairs]) if self.config.text_context_key_mask else None
@@ -339,7 +335,7 @@ class AdaptedCLIPWithCrossAttention(AdaptedCLIP):
         if mode == "none":
             seg_tokens, det_token = self.encode_image(images)
         else:
-            context, mask = self._stack_contexts([(t.context, t.key_mask) for t in texts])
+            context, mask = self.stack_contexts([(t.context, t.key_mask) for t in texts])
             seg_tokens, det_token = self.encode_image(images, context, mask)
         if mode != "both":
             anchors = torch.stack([t.anchors for t in texts]).to(images.device)
@@ -394,7 +390,7 @@ class AdaptedCLIPWithCrossAttention(AdaptedCLIP):
         ]
 
     def stage2_inputs(self, class_names: list[str]) -> dict[str, Any]:
-        context, mask = self._stack_contexts([self.stage_contexts[name] for name in class_names])
+        context, mask = self.stack_contexts([self.stage_contexts[name] for name in class_names])
         return {"text_context": context, "text_key_mask": mask}
 
     def stage_state(self, stage: Stage) -> dict[str, Any]:

@@ -2,7 +2,7 @@
 loaders, DDP, checkpoints and resume.
 
 A model (`models.base.FrozenCLIPModel`) says what its stages are and how each one trains;
-`train_stages` runs them in order and `fit` is the loop of one stage, in the shape of
+`train_stage` runs one (prepare, optimizer, resume) and `fit` is its loop, in the shape of
 open_clip's `train_one_epoch` and nanoGPT's: one autocast context around the forward, the
 model's float32 loss, the scaler, the optimizer step, the scheduler, the log line, and an atomic
 checkpoint after every epoch. Data selection (`--training_mode`, `--shot`), batching under
@@ -350,40 +350,37 @@ def fit(
             save_stage(model, stage, epoch + 1, optimizer, scheduler, run)
 
 
-def train_stages(
+def train_stage(
     model: FrozenCLIPModel,
+    stage: Stage,
     records: list[dict],
     run: RunConfig,
     dist: Distributed,
     before_resume: Callable[[Stage, torch.optim.Optimizer], None] | None = None,
 ) -> None:
-    """Every stage of `model` in order: prepare, optimizer, resume from the save path's
+    """One stage of `model`: prepare it, build its optimizer, resume from the save path's
     `<stem>.pth` (train while epoch < total), `fit`. `before_resume(stage, optimizer)` may seed
     the optimizer (the cross-attention variant's base moments). config.yaml is written just
-    before the first epoch trains, so a refused run leaves the folder as it was."""
-    config_written = False
-    for stage in model.stages():
-        model.prepare_stage(stage, run.dataset)
-        optimizer, scheduler = model.configure_optimizer(stage)
-        if before_resume is not None:
-            before_resume(stage, optimizer)
-        path = run.save_path / f"{stage.stem}.pth"
-        start = resume(model, stage, path, optimizer, scheduler, dist) if path.is_file() else 0
-        if start < stage.epochs:
-            if not config_written:
-                write_run_config(model, run, dist)
-                config_written = True
-            dataset = TrainDataset(
-                records,
-                run.data_root,
-                model.img_size,
-                color_jitter=stage.color_jitter,
-                augment=run.augment,
-            )
-            loader = build_train_loader(dataset, stage.batch_size, run, dist)
-            fit(model, stage, loader, optimizer, scheduler, run, dist, start)
-        elif not path.is_file() and model.skip_stage(stage) and dist.is_main:
-            save_stage(model, stage, 0, optimizer, scheduler, run)
+    before epochs train, so a refused run leaves the folder as it was."""
+    model.prepare_stage(stage, run.dataset)
+    optimizer, scheduler = model.configure_optimizer(stage)
+    if before_resume is not None:
+        before_resume(stage, optimizer)
+    path = run.save_path / f"{stage.stem}.pth"
+    start = resume(model, stage, path, optimizer, scheduler, dist) if path.is_file() else 0
+    if start < stage.epochs:
+        write_run_config(model, run, dist)
+        dataset = TrainDataset(
+            records,
+            run.data_root,
+            model.img_size,
+            color_jitter=stage.color_jitter,
+            augment=run.augment,
+        )
+        loader = build_train_loader(dataset, stage.batch_size, run, dist)
+        fit(model, stage, loader, optimizer, scheduler, run, dist, start)
+    elif not path.is_file() and model.skip_stage(stage) and dist.is_main:
+        save_stage(model, stage, 0, optimizer, scheduler, run)
 
 
 # ---------------------------------------------------------------------------------------------

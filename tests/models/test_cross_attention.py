@@ -55,7 +55,9 @@ def test_closed_gates_reproduce_the_base_model_exactly(pair):
         assert torch.equal(
             model.encode_text(token_ids, image_context=context), base.encode_text(token_ids)
         )
-        text_context, _ = model.text_contexts(["tile", "dots"])
+        text_context, _ = model.stack_contexts(
+            [model.class_text_context(name) for name in ["tile", "dots"]]
+        )
         seg, det = model(images, text_context)
         seg_base, det_base = base(images)
     for tokens, expected in zip(seg, seg_base, strict=True):
@@ -75,7 +77,7 @@ def test_xavier_init_perturbs_the_base_at_step_zero_as_the_fork(tiny_clip):
     model.image_adapter.load_state_dict(base.image_adapter.state_dict())
     images = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
-        context, _ = model.eval().text_contexts(["tile"])
+        context, _ = model.eval().stack_contexts([model.class_text_context("tile")])
         seg, _ = model(images, context)
         seg_base, _ = base(images)
     assert not torch.allclose(seg[0], seg_base[0], atol=1e-4)
@@ -172,7 +174,7 @@ def test_gradients_reach_only_the_stage_modules(pair):
     )
     anchors.sum().backward()
     model.trainable_parameters(image_stage)
-    context, _ = model.text_contexts(["tile", "tile"])
+    context, _ = model.stack_contexts([model.class_text_context(name) for name in ["tile", "tile"]])
     seg, det = model(images, context)
     (sum(tokens.sum() for tokens in seg) + det.sum()).backward()
     trained = ("text_adapter", "text_cross_attn", "image_adapter", "image_cross_attn")
