@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import hashlib
 import io
 import json
@@ -30,7 +31,6 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from datasets.catalog import CATALOG
 from datasets.folder import DEFAULT_PAD_COLOR, FieldImage, ImageFolder, collate, list_images
@@ -38,9 +38,11 @@ from models.base import DEFAULT_DOMAIN, FrozenCLIPModel
 from models.predictor import DOMAINS, AnomalyPredictor
 from models.registry import MODELS, find_checkpoint, load_trained_model
 from utils import calibration as calib
-from utils.checkpoint import atomic_write
+from utils.checkpoint import atomic_write, check_writable
+from utils.config import HelpFormatter, add_settings
 from utils.errors import ConfigError, DataError
-from utils.runtime import resolve_device, run_script, setup_logging
+from utils.runtime import loader_workers, progress, resolve_device, run_script, setup_logging
+from utils.training import RunConfig, set_switches
 from utils.visualize import overlay
 
 logger = logging.getLogger("predict")
@@ -57,17 +59,22 @@ SCORE_COLUMNS = (
 )
 
 
+RUN_FLAGS = ("device", "num_workers", "log_level", "trust_checkpoint", "progress")
+
+
 def _add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--checkpoint", type=Path, required=True, help="checkpoint file or training save path"
     )
     parser.add_argument(
-        "--model", default=None, choices=tuple(MODELS), help="which model a save path holds"
+        "--model",
+        default=None,
+        choices=tuple(MODELS),
+        help="which model a save path holds (default: the one found there)",
     )
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    parser.add_argument("--batch_size", type=int, default=8)
-    parser.add_argument("--num_workers", type=int, default=0, help="DataLoader workers")
-    parser.add_argument("--log_level", default="INFO")
+    parser.add_argument("--batch_size", type=int, default=8, help="images per forward")
+    others = [field.name for field in dataclasses.fields(RunConfig) if field.name not in RUN_FLAGS]
+    add_settings(parser, RunConfig, exclude=others)
 
 
 def _add_preprocessing_args(parser: argparse.ArgumentParser, defaults_from: str) -> None:
@@ -96,11 +103,14 @@ def _add_preprocessing_args(parser: argparse.ArgumentParser, defaults_from: str)
     )
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """predict.py's two commands and their flags."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
-    cal = commands.add_parser("calibrate", help="thresholds from a folder of normal images")
+    cal = commands.add_parser(
+        "calibrate", help="thresholds from a folder of normal images", formatter_class=HelpFormatter
+    )
     _add_common_args(cal)
     _add_preprocessing_args(cal, "off, 255 255 255, 'object', the training data set's domain")
     cal.add_argument("--normal_dir", type=Path, required=True, help="folder of normal images")
@@ -116,7 +126,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--output", type=Path, default=None, help="calibration file (default: beside checkpoint)"
     )
 
-    score = commands.add_parser("score", help="score a folder of images with a calibration")
+    score = commands.add_parser(
+        "score", help="score a folder of images with a calibration", formatter_class=HelpFormatter
+    )
     _add_common_args(score)
     _add_preprocessing_args(score, "the calibration's")
     score.add_argument("--input", type=Path, required=True, help="folder of images to score")
@@ -128,10 +140,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--reduction", default=None, choices=calib.REDUCTIONS, help="override the reduction"
     )
     score.add_argument(
-        "--fpr_targets", type=float, nargs="+", default=list(calib.DEFAULT_FPR_TARGETS)
+        "--fpr_targets",
+        type=float,
+        nargs="+",
+        default=list(calib.DEFAULT_FPR_TARGETS),
+        help="with --labels: the report's TPR at these FPRs",
     )
     score.add_argument("--no_overlays", action="store_true", help="skip the heat-map overlays")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    args = build_parser().parse_args(argv)
+    set_switches(args)
     if args.pad_color is not None and not all(0 <= value <= 255 for value in args.pad_color):
         raise ConfigError(f"--pad_color {args.pad_color} must be three values in 0-255")
     if args.batch_size < 1:
@@ -144,14 +165,15 @@ def score_images(
     dataset: ImageFolder,
     class_name: str,
     batch_size: int = 8,
-    num_workers: int = 0,
+    num_workers: int | None = None,
     top_fraction: float = 0.01,
 ) -> Iterator[tuple[FieldImage, dict[str, Any] | None]]:
     """Yield (item, result) per file in order; result is None for an unreadable file, else
     {"image_score", "max", "topk_mean", "mean", "anomaly_map" [S, S]} (reductions over valid
     pixels only). Letterboxed images hand their valid mask to the model (FE-CLIP's masked LFS)."""
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate)
-    for batch in tqdm(loader, desc="scoring", unit="batch", leave=False):
+    workers = loader_workers(num_workers, predictor.device)
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate)
+    for batch in progress(loader, desc="scoring", unit="batch", leave=False):
         good = [item for item in batch if not item.error]
         results: dict[int, dict[str, Any]] = {}
         if good:
@@ -204,6 +226,8 @@ def run_calibrate(args: argparse.Namespace) -> Path:
     pad_color = tuple(args.pad_color or DEFAULT_PAD_COLOR)
     class_name = args.class_name or "object"
     dataset_files = list_images(args.normal_dir)  # an empty folder fails before model loading
+    path = args.output or calib.calibration_path(args.checkpoint)
+    check_writable(Path(path).parent, "--output")
     name, file, model, payload = _load(args, device)
     domain = args.domain or training_domain(payload)
     predictor = AnomalyPredictor(model, domain)
@@ -227,6 +251,16 @@ def run_calibrate(args: argparse.Namespace) -> Path:
             reductions[key].append(result[key])
     if not used:
         raise DataError(f"no image under {args.normal_dir} could be read; see the log")
+    broken = sum(
+        1
+        for index in range(len(used))
+        if not all(np.isfinite(values[index]) for values in (image_scores, *reductions.values()))
+    )
+    if broken:
+        raise DataError(
+            f"the model gives non-finite scores for {broken} of {len(used)} normal images: its "
+            "checkpoint is broken (a diverged training?); retrain it before calibrating"
+        )
     calibration = calib.calibrate(
         np.asarray(image_scores),
         {key: np.asarray(values) for key, values in reductions.items()},
@@ -261,7 +295,6 @@ def run_calibrate(args: argparse.Namespace) -> Path:
             },
         }
     )
-    path = args.output or calib.calibration_path(args.checkpoint)
     calib.save_calibration(path, calibration)
     thresholds = calibration["thresholds"]
     print(
@@ -469,6 +502,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> None:
         args = parse_args(argv)
+        if args.command == "score":
+            check_writable(args.out, "--out")  # before any work
         setup_logging(args.out / "predict.log" if args.command == "score" else None, args.log_level)
         if args.command == "calibrate":
             run_calibrate(args)

@@ -23,7 +23,6 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from datasets.anomaly import TestDataset, build_test_datasets
 from datasets.catalog import default_data_root, get_dataset_info, real_name
@@ -38,10 +37,12 @@ from models.registry import (
     find_checkpoint,
     load_trained_model,
 )
+from utils.checkpoint import check_writable
 from utils.config import (
     ARCH,
     TEST,
     TRAIN,
+    HelpFormatter,
     add_settings,
     keys_of,
     parse_with_config,
@@ -51,8 +52,15 @@ from utils.config import (
 from utils.errors import CheckpointError, ConfigError
 from utils.metrics import COLUMNS_FULL, COLUMNS_OFFICIAL, PRO_VARIANTS, evaluate_class
 from utils.report import format_table, write_results
-from utils.runtime import resolve_device, run_script, seed_everything, setup_logging
-from utils.training import RunConfig
+from utils.runtime import (
+    loader_workers,
+    progress,
+    resolve_device,
+    run_script,
+    seed_everything,
+    setup_logging,
+)
+from utils.training import RunConfig, set_switches
 from utils.visualize import save_panels
 
 logger = logging.getLogger("test")
@@ -69,10 +77,12 @@ def model_setting_names(kinds: tuple[str, ...]) -> set[str]:
     return names
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """test.py's flags: run and data, every model's test-time and architectural settings, and
+    the evaluation's own."""
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument(
         "--model",
@@ -107,7 +117,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="where results_<dataset>.{json,csv,md} go (default: the checkpoint's folder)",
     )
-    group.add_argument("--test_batch_size", type=int, default=32)
+    group.add_argument("--test_batch_size", type=int, default=32, help="images per forward")
     group.add_argument(
         "--metrics",
         default="full",
@@ -122,7 +132,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="AUPRO as MVTec defines it, AnomalyCLIP's 200-step approximation, or SOWA's "
         "(the same with the mean of per-image FPRs)",
     )
-    group.add_argument("--fpr_limit", type=float, default=0.3)
+    group.add_argument(
+        "--fpr_limit", type=float, default=0.3, help="AUPRO integrates the PRO curve up to this FPR"
+    )
     group.add_argument(
         "--k_shot",
         type=int,
@@ -156,9 +168,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=("model", "original"),
         help="panel resolution: the model input or the image's own size",
     )
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
     # A YAML's architecture and training keys describe a training run: the checkpoint holds them.
     known = keys_of(RunConfig, *config_classes()) | {action.dest for action in parser._actions}
     args = parse_with_config(parser, argv, known, ignore=model_setting_names((ARCH, TRAIN)))
+    set_switches(args)
     official = args.metrics == "official"
     if args.undefined_metric is None:
         args.undefined_metric = "zero" if official else "nan"
@@ -208,7 +226,7 @@ def predict_class(
     """Raw maps `[n, S, S]`, image scores `[n]`, masks `[n, S, S]`, labels `[n]` of a class."""
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     maps, scores, masks, labels, paths, file_names = [], [], [], [], [], []
-    for batch in tqdm(loader, desc="batches", leave=False):
+    for batch in progress(loader, desc="batches", leave=False):
         output = predictor.predict(batch["image"], [prompt_name] * len(batch["image"]))
         maps.append(output.anomaly_map.cpu().numpy())
         scores.append(output.image_score.cpu().numpy())
@@ -239,9 +257,9 @@ def evaluate(
     class while the class is predicted and scored; their paths go into `support`.
     """
     columns = COLUMNS_OFFICIAL if args.metrics == "official" else COLUMNS_FULL
-    workers = args.num_workers if args.num_workers is not None else 0
+    workers = loader_workers(args.num_workers, predictor.device)
     per_class = {}
-    for class_name, dataset in tqdm(datasets.items(), desc="classes"):
+    for class_name, dataset in progress(datasets.items(), desc="classes"):
         prompt_name = real_name(args.dataset, class_name)
         if args.k_shot > 0:
             set_support(predictor, class_name, args, support)
@@ -283,7 +301,7 @@ def write_panels(outputs: dict, class_name: str, args: argparse.Namespace, img_s
     maps = outputs["maps"]
     low, high = float(maps.min()), float(maps.max())
     heat = (maps - low) / (high - low) if high > low else np.zeros_like(maps)
-    folder = args.save_path / "visualization" / args.dataset / class_name
+    folder = output_folder(args) / "visualization" / args.dataset / class_name
     for index, (path, file_name) in enumerate(
         zip(outputs["paths"], outputs["file_names"], strict=True)
     ):
@@ -295,6 +313,13 @@ def write_panels(outputs: dict, class_name: str, args: argparse.Namespace, img_s
             mask = np.asarray(Image.fromarray(mask).resize(image.size, Image.NEAREST))
         name = Path(file_name).with_suffix("").as_posix().replace("/", "_") + ".png"
         save_panels(folder / name, np.asarray(image), heat[index], mask=mask)
+
+
+def output_folder(args: argparse.Namespace) -> Path:
+    """Where results, panels and test.log go: --results_dir, else the checkpoint's folder."""
+    if args.results_dir is not None:
+        return args.results_dir
+    return args.checkpoint.parent if args.checkpoint is not None else args.save_path
 
 
 def results_stem(dataset: str, checkpoint: Path, model: str) -> str:
@@ -315,9 +340,7 @@ def run(args: argparse.Namespace) -> None:
     model_name, files = checkpoint_files(args)
     records = load_test_records(args.dataset, args.data_root, args.metadata_dir)
     columns = COLUMNS_OFFICIAL if args.metrics == "official" else COLUMNS_FULL
-    out_dir = args.checkpoint.parent if args.checkpoint is not None else args.save_path
-    if args.results_dir is not None:
-        out_dir = args.results_dir
+    out_dir = output_folder(args)
     overrides = model_overrides(args)
     model = None
     for path in files:
@@ -390,8 +413,9 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> None:
         args = parse_args(argv)
-        log_dir = args.checkpoint.parent if args.checkpoint is not None else args.save_path
-        setup_logging(log_dir / "test.log", args.log_level)
+        out_dir = output_folder(args)
+        check_writable(out_dir, "--results_dir")  # before any work, not after an hour
+        setup_logging(out_dir / "test.log", args.log_level)
         run(args)
 
     return run_script(body, logger)

@@ -31,6 +31,7 @@ from utils.config import (
     ARCH,
     TEST,
     TRAIN,
+    HelpFormatter,
     add_settings,
     from_namespace,
     keys_of,
@@ -40,7 +41,7 @@ from utils.config import (
 )
 from utils.errors import ConfigError
 from utils.runtime import Distributed, run_script, seed_everything, setup_logging
-from utils.training import RunConfig, run_main, train_stage, training_records
+from utils.training import RunConfig, run_main, set_switches, train_stage, training_records
 
 logger = logging.getLogger("train")
 
@@ -70,7 +71,7 @@ def build_parser(model: type[FrozenCLIPModel]) -> argparse.ArgumentParser:
     config_class = model.config_class
     parser = argparse.ArgumentParser(
         description=f"Train {config_class.name} (settings: {config_class.__name__}).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument(
         "--model", default=config_class.name, choices=tuple(MODELS), help="the model to train"
@@ -100,6 +101,7 @@ def parse_args(argv: list[str] | None = None, model: str = "aaclip") -> Training
     parser = build_parser(model_type)
     known = keys_of(RunConfig, model_type.config_class)
     args = parse_with_config(parser, argv, known, model=model)
+    set_switches(args)
     return job_from_args(model_type, args)
 
 

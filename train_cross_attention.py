@@ -42,7 +42,7 @@ from models.cross_attention import (
 )
 from utils.checkpoint import load_checkpoint
 from utils.config import from_mapping, keys_of, load_yaml, parse_with_config, parser_defaults
-from utils.training import RunConfig, run_main
+from utils.training import RunConfig, run_main, set_switches
 
 logger = logging.getLogger("train")
 
@@ -78,6 +78,7 @@ def parse_args(argv: list[str] | None = None) -> train.TrainingJob:
     parser = train.build_parser(model)
     known = keys_of(RunConfig, CrossAttentionConfig)
     args = parse_with_config(parser, argv, known, model=CrossAttentionConfig.name)
+    set_switches(args)
     explicit = explicit_settings(train.build_parser(model), argv)
     inherited, source = base_config(args)
     skip = NOT_INHERITED | explicit

@@ -11,12 +11,12 @@ import csv
 import hashlib
 import json
 import logging
-import os
 import random
 from collections.abc import Callable
 from pathlib import Path
 
 from datasets.catalog import DatasetInfo, get_dataset_info
+from utils.checkpoint import atomic_write
 from utils.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
@@ -52,12 +52,9 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def write_jsonl(path: Path, records: list[dict]) -> None:
-    """Write records atomically: a temporary file beside `path`, then `os.replace`."""
-    tmp_path = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp_path, "w", encoding="utf-8") as file:
-        for record in records:
-            file.write(json.dumps(record) + "\n")
-    os.replace(tmp_path, path)
+    """Write records atomically (`utils.checkpoint.atomic_write`)."""
+    text = "".join(json.dumps(record) + "\n" for record in records)
+    atomic_write(Path(path), lambda file: file.write(text), mode="w")
 
 
 def _images(folder: Path) -> list[Path]:

@@ -433,6 +433,7 @@ class AdaptedCLIP(FrozenCLIPModel):
                 optimizer_key="text_optimizer",
                 scheduler_key="text_scheduler",
                 log_prefix="text ",
+                lr_flag="--text_lr",
             ),
             Stage(
                 "image",
@@ -442,6 +443,7 @@ class AdaptedCLIP(FrozenCLIPModel):
                 optimizer_key="image_optimizer",
                 scheduler_key="image_scheduler",
                 log_prefix="image ",
+                lr_flag="--image_lr",
             ),
         ]
 

@@ -83,14 +83,38 @@ def load_clip(
         if pretrained and Path(pretrained).suffix and not Path(pretrained).is_file():
             raise ConfigError(f"--pretrained file {pretrained} does not exist")
         logger.info("loading %s (%s) at %s px", model_name, pretrained or "random", img_size)
-        model = open_clip.create_model(
-            model_name,
-            pretrained=pretrained or None,
-            force_image_size=img_size,
-            force_quick_gelu=quick_gelu,
-        )
+
+        # open_clip logs its own error on the root logger before raising; ours is the one line.
+        def quiet(record: logging.LogRecord) -> bool:
+            return "open_clip" not in record.pathname
+
+        logging.getLogger().addFilter(quiet)
+        try:
+            model = open_clip.create_model(
+                model_name,
+                pretrained=pretrained or None,
+                force_image_size=img_size,
+                force_quick_gelu=quick_gelu,
+            )
+        except Exception as error:  # no network, an empty hub cache, a foreign weights file
+            raise ConfigError(_weights_hint(model_name, pretrained, error)) from error
+        finally:
+            logging.getLogger().removeFilter(quiet)
     freeze(model)
     return model.to(device)
+
+
+def _weights_hint(model_name: str, pretrained: str | None, error: Exception) -> str:
+    """One sentence on a failed weight load that says how to place the weights."""
+    kind = type(error).__name__
+    if pretrained and Path(pretrained).is_file():
+        return f"--pretrained {pretrained} is not a {model_name} file open_clip reads ({kind})"
+    return (
+        f"cannot get the {pretrained!r} weights of {model_name} ({kind}: no network or no cached "
+        "copy); open_clip downloads them once into ~/.cache/huggingface (copy that folder to this "
+        "machine and set HF_HUB_OFFLINE=1), or pass --pretrained /path/to/ViT-L-14-336px.pt "
+        "(OpenAI's file)"
+    )
 
 
 def freeze(model: nn.Module) -> nn.Module:

@@ -110,6 +110,7 @@ class Stage:
     scheduler_key: str = "scheduler"
     scheduler_interval: str = "step"  # "step", or "epoch" (stepped with the epoch's mean loss)
     log_prefix: str = ""  # "text " logs "text epoch 1/5: loss ..."
+    lr_flag: str = "--lr"  # the flag of this stage's learning rate (named in divergence errors)
 
 
 class FrozenCLIPModel(nn.Module):

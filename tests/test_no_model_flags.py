@@ -5,14 +5,19 @@ travels from the training data set into the calibration file."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
 
+import numpy as np
 import pytest
+import torch
 
 import predict
 import test as test_script
 import train
+from datasets.catalog import CATALOG
+from models.registry import MODELS
 from utils import calibration as calib
 from utils.config import CONFIG_DIR
 
@@ -130,3 +135,58 @@ def test_the_domain_is_the_training_sets_and_travels_in_the_calibration(runs, tm
     assert thresholds[None] != thresholds["Medical"]  # the medical blur reached the maps
     assert predict.training_domain({"config": {"dataset": "Liver"}}) == "Medical"
     assert predict.training_domain({"config": {"dataset": "MVTec"}}) == "Industrial"
+
+
+def test_every_checkpoint_kind_loads_without_pickle(runs):
+    _, folders = runs
+    files = [path for folder in folders.values() for path in folder.glob("*.pth")]
+    stems = {path.stem.rstrip("_0123456789") for path in files}
+    assert stems == {
+        "text_adapter",
+        "image_adapter",
+        "text_adapter_cross_attn",
+        "image_adapter_cross_attn",
+        "feclip",
+        "sowa",
+    }
+    for path in files:
+        torch.load(path, weights_only=True)
+
+
+def test_a_checkpoint_that_needs_pickle_is_refused_unless_trusted(runs, tmp_path, one_line_error):
+    data_root, folders = runs
+    run = tmp_path / "run"
+    shutil.copytree(folders["feclip"], run)
+    payload = torch.load(run / "feclip.pth", weights_only=True)
+    payload["calibration_curve"] = np.arange(3)  # a numpy array: only pickle loads it
+    torch.save(payload, run / "feclip.pth")
+    argv = ["--save_path", str(run), "--data_root", str(data_root), "--device", "cpu"]
+    assert test_script.main(argv) == 2
+    assert "pass --trust_checkpoint if you trust its source" in one_line_error()
+    assert test_script.main([*argv, "--trust_checkpoint"]) == 0
+
+
+@pytest.mark.parametrize("script", ["train", "train_cross_attention", "test", "calibrate", "score"])
+def test_every_scripts_help_names_every_model_data_set_and_default(script):
+    if script in ("calibrate", "score"):
+        parser = predict.build_parser()._subparsers._group_actions[0].choices[script]
+    elif script == "test":
+        parser = test_script.build_parser()
+    else:
+        model = "aaclip_cross_attn" if script == "train_cross_attention" else "aaclip"
+        parser = train.build_parser(MODELS[model])
+    text = " ".join(parser.format_help().split())
+    for model in MODELS:
+        assert model in text
+    if script not in ("calibrate", "score"):
+        for dataset in CATALOG:
+            assert dataset in text, dataset
+    for action in parser._actions:
+        if action.dest == "help":
+            continue
+        assert action.help, f"--{action.dest} has no help"
+        assert (
+            "default" in action.help
+            or action.default is argparse.SUPPRESS
+            or (f"(default: {action.default}" in text)
+        ), action.dest

@@ -186,6 +186,7 @@ def test_resume_matches_an_uninterrupted_run(synthetic_root, tmp_path):
         (["--shot", "-1"], "--shot -1"),
         (["--levels", "6", "12", "18", "30"], "--levels 6 12 18 30"),
         (["--image_batch_size", "0"], "--image_batch_size 0 must be >= 1"),
+        (["--text_lr", "-1"], "--text_lr -1.0 must be > 0"),
     ],
 )
 def test_bad_training_input_is_one_line(

@@ -1,39 +1,118 @@
-"""Checkpoints: nanoGPT's dict (weights, optimizer, step, config), written atomically.
+"""Checkpoints: nanoGPT's dict (weights, optimizer, step, config), written atomically and read
+without pickle.
 
 A save goes to a temporary file beside the target and is moved over it with `os.replace`, so
-an interrupted save leaves the previous checkpoint intact. A model's stored config is compared
-with the current one by `utils.config.check_architecture`, which names the flag that differs.
+an interrupted or failed save (Ctrl-C, a full disk) leaves the previous file intact and removes
+its temporary file. Every file the project writes holds only tensors and plain Python values, so
+it loads with `torch.load(weights_only=True)`; a file that needs pickle (a foreign checkpoint can
+run code when unpickled) is refused unless `allow_pickle(True)` (the scripts' `--trust_checkpoint`).
+A model's stored config is compared with the current one by `utils.config.check_architecture`,
+which names the flag that differs.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import pickle
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from utils.errors import CheckpointError
+from utils.errors import CheckpointError, StorageError
 
 logger = logging.getLogger(__name__)
 
+TEMPORARY_GLOB = ".*.tmp"  # atomic_write's temporary files: .<name>.<random>.tmp
+_PICKLE = {"allowed": False}
+
+
+def allow_pickle(enabled: bool) -> None:
+    """Let `load_checkpoint` unpickle files that need it (only for files you trust)."""
+    _PICKLE["allowed"] = enabled
+
+
+def _storage_error(path: Path, error: BaseException) -> StorageError:
+    if isinstance(error, OSError):
+        reason = os.strerror(error.errno) if error.errno else str(error)
+    else:  # torch's C++ writer reports only positions: say what makes a write stop short
+        reason = "the write stopped short: a full disk or a file-size limit"
+    hint = "free space on the disk or choose another folder"
+    if getattr(error, "errno", None) in (errno.EACCES, errno.EROFS, errno.EPERM):
+        hint = "the folder is not writable: choose another one"
+    return StorageError(f"cannot write {path} ({reason}); {hint} (the previous file is intact)")
+
+
+def _is_write_failure(error: BaseException) -> bool:
+    """An OSError, or torch.save's C++ writer failing on a full disk or a size limit."""
+    if isinstance(error, OSError):
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and (
+        "PytorchStreamWriter" in text or "file write failed" in text or "inline_container" in text
+    )
+
 
 def atomic_write(path: Path, write: Any, mode: str = "wb") -> None:
-    """Call `write(file)` on a temporary file beside `path`, then move it over `path`."""
+    """Call `write(file)` on a temporary file beside `path`, then move it over `path`. A write
+    that fails (disk full, read-only folder) raises StorageError; the temporary file is removed
+    and the previous `path` stays as it was."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp_name = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(handle, mode) as file:
             write(file)
             file.flush()
             os.fsync(file.fileno())
         os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
+    except BaseException as error:
+        if tmp_name is not None:
+            Path(tmp_name).unlink(missing_ok=True)
+        if _is_write_failure(error):
+            raise _storage_error(path, error) from error
         raise
+
+
+def _non_finite(value: Any, key: str = "") -> str:
+    """The first key whose floating tensor holds NaN or inf ('' when all are finite)."""
+    if isinstance(value, torch.Tensor):
+        finite = not value.is_floating_point() or bool(torch.isfinite(value).all())
+        return "" if finite else key
+    if isinstance(value, dict | list | tuple):
+        items = value.items() if isinstance(value, dict) else enumerate(value)
+        for name, item in items:
+            found = _non_finite(item, f"{key}.{name}" if key else str(name))
+            if found:
+                return found
+    return ""
+
+
+def check_writable(folder: Path, flag: str) -> None:
+    """Create `folder` if needed and write a probe file in it: a read-only or missing-parent
+    folder is one line before any work is done."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        reason = os.strerror(error.errno) if error.errno else str(error)
+        raise StorageError(f"cannot write to {folder} ({reason}); choose another {flag}") from error
+
+
+def remove_stale_temporaries(folder: Path) -> int:
+    """Delete the temporary files of saves that a killed process left in `folder`; the count."""
+    stale = [path for path in Path(folder).glob(TEMPORARY_GLOB) if path.is_file()]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    if stale:
+        logger.warning("removed %d temporary files of interrupted saves in %s", len(stale), folder)
+    return len(stale)
 
 
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
@@ -42,15 +121,35 @@ def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
 
 
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint dict; a missing or unreadable file raises CheckpointError."""
+    """Load a checkpoint dict with `weights_only=True`; a missing or unreadable file, or one
+    that needs pickle while `allow_pickle` is off, raises CheckpointError."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist; check --save_path/--checkpoint")
     try:
-        payload = torch.load(path, map_location=map_location, weights_only=False)
+        try:
+            payload = torch.load(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as error:
+            if "Unsupported global" not in str(error):  # garbage, not a pickle of objects
+                raise
+            if not _PICKLE["allowed"]:
+                msg = (
+                    f"checkpoint {path} holds Python objects that only pickle can load, and "
+                    "unpickling can run code; pass --trust_checkpoint if you trust its source"
+                )
+                raise CheckpointError(msg) from error
+            payload = torch.load(path, map_location=map_location, weights_only=False)
+    except CheckpointError:
+        raise
     except Exception as error:  # torch raises many types for a truncated or foreign file
         msg = f"checkpoint {path} cannot be read ({type(error).__name__}); delete it and retrain"
         raise CheckpointError(msg) from error
     if not isinstance(payload, dict):
         raise CheckpointError(f"checkpoint {path} is not a dict of tensors; was it written here?")
+    broken = _non_finite(payload)
+    if broken:
+        raise CheckpointError(
+            f"checkpoint {path} holds non-finite values ({broken}): the run that wrote it "
+            "diverged; retrain it with a lower learning rate or --amp none"
+        )
     return payload

@@ -56,7 +56,8 @@ def setting(
         help: one sentence for `--help` (the default is appended there).
         choices: the allowed values.
         nargs: for list settings (default `+`).
-        aliases: other names of the setting -> offset of their counting base (0: same values).
+        aliases: other names of the setting -> offset of their counting base (0: same values);
+            for a bool, a `no_` alias switches it off (`--no_progress`).
         original: the alias that is the original code's name, used in hints (`tap_indices`).
         minimum / above: the value must be >= `minimum` / > `above` (checked by `validate`).
     """
@@ -133,7 +134,10 @@ def from_mapping(config_class: type, mapping: dict[str, Any]) -> Any:
             continue
         for alias, offset in field.metadata["aliases"].items():
             if alias in mapping:
-                values[field.name] = _shift(mapping[alias], -offset)
+                value = mapping[alias]
+                if isinstance(value, bool) and alias.startswith("no_"):
+                    value = not value
+                values[field.name] = _shift(value, -offset)
                 break
     for name, value in values.items():
         field = next(field for field in dataclasses.fields(config_class) if field.name == name)
@@ -179,6 +183,14 @@ def validate(config: Any) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # Command line
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """`--help` shows every flag's default, unless its help text already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        return text if "default" in text else super()._get_help_string(action)
 
 
 def add_settings(
@@ -229,6 +241,16 @@ def add_settings(
             if alias in seen:
                 continue
             seen.add(alias)
+            if scalar is bool:  # `--no_progress`: an alias that switches the setting off
+                action = "store_false" if alias.startswith("no_") else "store_true"
+                parser.add_argument(
+                    f"--{alias}",
+                    dest=field.name,
+                    action=action,
+                    default=argparse.SUPPRESS,
+                    help=f"alias of --{'no-' if action == 'store_false' else ''}{field.name}",
+                )
+                continue
             parser.add_argument(
                 f"--{alias}",
                 dest=field.name,
@@ -346,6 +368,8 @@ def parser_defaults(parser: argparse.ArgumentParser, values: dict[str, Any]) -> 
             continue
         if action.dest != key and action.type is not None and isinstance(value, list):
             value = [action.type(str(item)) for item in value]
+        if isinstance(action, argparse._StoreFalseAction) and isinstance(value, bool):
+            value = not value  # `no_progress: true` means progress off
         out[action.dest] = value
     return out
 

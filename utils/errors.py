@@ -15,3 +15,16 @@ class DataError(UserError):
 
 class CheckpointError(UserError):
     """A checkpoint is missing, corrupt, or was written by another configuration."""
+
+
+class StorageError(UserError, OSError):
+    """A file could not be written (disk full, read-only folder, size limit); nothing that was
+    written before is lost."""
+
+
+class TrainingDiverged(UserError):
+    """The loss or the gradients stopped being finite; the last good checkpoint is kept."""
+
+
+class Interrupted(UserError):
+    """The run was stopped by a signal (Ctrl-C, SIGTERM); complete files stay intact."""

@@ -5,16 +5,20 @@ from __future__ import annotations
 import logging
 import os
 import random
+import signal
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import Sampler
+from tqdm import tqdm
 
-from utils.errors import ConfigError, UserError
+from utils.errors import ConfigError, StorageError, UserError
 
 logger = logging.getLogger(__name__)
 
@@ -36,24 +40,69 @@ def setup_logging(log_file: Path | None = None, level: str = "INFO") -> None:
     _own_handlers.clear()
     _own_handlers.append(logging.StreamHandler(sys.stderr))
     if log_file is not None:
-        Path(log_file).parent.mkdir(parents=True, exist_ok=True)
-        _own_handlers.append(logging.FileHandler(log_file))
+        try:
+            Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+            _own_handlers.append(logging.FileHandler(log_file))
+        except OSError as error:
+            reason = os.strerror(error.errno) if error.errno else str(error)
+            msg = f"cannot write the log {log_file} ({reason}); choose another folder"
+            raise StorageError(msg) from error
     for handler in _own_handlers:
         handler.setFormatter(logging.Formatter(LOG_FORMAT))
         root.addHandler(handler)
     root.setLevel(level.upper())
+    # A full disk must not print a logging traceback per line; the write that matters raises.
+    logging.raiseExceptions = False
+
+
+class _Terminated(BaseException):
+    """SIGTERM, raised where the main thread is, like KeyboardInterrupt for SIGINT."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise _Terminated
 
 
 def run_script(body: Callable[[], None], log: logging.Logger) -> int:
-    """Run a script's body with the project's exit codes: 0, or for a `UserError` its message
-    as one logged line and 2 (no traceback for a user mistake)."""
+    """Run a script's body with the project's exit codes: 0; for a `UserError` its message as
+    one logged line and 2 (no traceback for a user mistake); for Ctrl-C 130 and SIGTERM 143,
+    one line each (every file is written atomically, so what was complete stays complete)."""
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         body()
     except UserError as error:
         # Errors raised in DataLoader workers arrive wrapped; the last line is the message.
         log.error("%s", str(error).strip().splitlines()[-1])
         return 2
+    except (KeyboardInterrupt, _Terminated) as stop:
+        name, code = ("Ctrl-C", 130) if isinstance(stop, KeyboardInterrupt) else ("SIGTERM", 143)
+        log.error(
+            "stopped by %s: files already written are complete and intact; run the same "
+            "command again to resume (training) or redo the rest",
+            name,
+        )
+        return code
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+_PROGRESS = {"enabled": True}
+
+
+def set_progress(enabled: bool) -> None:
+    """Progress bars on (only when stderr is a terminal) or off (`--no-progress`)."""
+    _PROGRESS["enabled"] = enabled
+
+
+def progress(iterable: Iterable, quiet: bool = False, **kwargs: Any) -> tqdm:
+    """tqdm over `iterable`, shown only on a terminal, never when `quiet` (not rank 0) or after
+    `set_progress(False)`, so redirected output holds log lines, not bar escapes."""
+    disable = True if quiet or not _PROGRESS["enabled"] else None  # None: only on a tty
+    return tqdm(iterable, disable=disable, **kwargs)
 
 
 def seed_everything(seed: int, deterministic: bool = True) -> None:
@@ -84,11 +133,27 @@ def resolve_device(name: str | None) -> torch.device:
     return device
 
 
+def loader_workers(requested: int | None, device: torch.device) -> int:
+    """DataLoader worker processes: `--num_workers`, else 4 on CUDA (decoding must keep up with
+    the GPU) and 0 on CPU (the cores are busy with the model)."""
+    if requested is not None:
+        return requested
+    return 4 if device.type == "cuda" else 0
+
+
 def rng_state() -> dict:
-    """Python, numpy and torch RNG states, for exact resumes."""
+    """Python, numpy and torch RNG states, for exact resumes, as tensors and plain values (a
+    checkpoint holding them loads with `weights_only=True`)."""
+    name, keys, position, has_gauss, cached = np.random.get_state()
     state = {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": {
+            "bit_generator": name,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(position),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -97,9 +162,18 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
-    """Restore what `rng_state` returned."""
+    """Restore what `rng_state` returned (also the numpy tuple of older checkpoints)."""
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    numpy_state = state["numpy"]
+    if isinstance(numpy_state, dict):
+        numpy_state = (
+            numpy_state["bit_generator"],
+            numpy_state["keys"].numpy().astype(np.uint32),
+            numpy_state["pos"],
+            numpy_state["has_gauss"],
+            numpy_state["cached_gaussian"],
+        )
+    np.random.set_state(numpy_state)
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

@@ -11,9 +11,13 @@ torchrun (global batch sizes), epoch seeding and rank-0-only outputs are the sam
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
-from collections.abc import Callable
+import math
+import os
+import socket
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -21,15 +25,29 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
 from datasets.anomaly import TrainDataset
 from datasets.catalog import CATALOG, default_data_root, get_dataset_info
 from datasets.metadata import ensure_training_records
 from datasets.synthetic import ensure_synthetic
-from utils.checkpoint import load_checkpoint, save_checkpoint
-from utils.config import RUN, save_yaml, setting, to_mapping, validate
-from utils.errors import ConfigError
+from utils.checkpoint import (
+    allow_pickle,
+    check_writable,
+    load_checkpoint,
+    remove_stale_temporaries,
+    save_checkpoint,
+)
+from utils.config import (
+    RUN,
+    TRAIN,
+    flag_hint,
+    save_yaml,
+    setting,
+    settings_of,
+    to_mapping,
+    validate,
+)
+from utils.errors import ConfigError, TrainingDiverged
 from utils.runtime import (
     AMP_DTYPES,
     Distributed,
@@ -38,8 +56,11 @@ from utils.runtime import (
     barrier,
     grad_scaler,
     init_distributed,
+    loader_workers,
+    progress,
     rng_state,
     run_script,
+    set_progress,
     set_rng_state,
     setup_logging,
     shutdown_distributed,
@@ -85,6 +106,17 @@ class RunConfig:
         32, "k images per class (k/2 normal, k/2 anomalous); 0 means full shot", kind=RUN
     )
     augment: bool = setting(True, "random geometric (and colour) augmentation", kind=RUN)
+    trust_checkpoint: bool = setting(
+        False,
+        "allow loading checkpoints that need pickle (the original code's; pickle can run code)",
+        kind=RUN,
+    )
+    progress: bool = setting(
+        True,
+        "progress bars (shown only on a terminal)",
+        kind=RUN,
+        aliases={"no_progress": 0},
+    )
     amp: str = setting(
         "none",
         "autocast for the backbone and adapters (fp32 by default, as the originals); maps and "
@@ -105,6 +137,13 @@ class RunConfig:
         if self.data_root is None:
             changes["data_root"] = default_data_root(self.dataset)
         return dataclasses.replace(self, **changes)
+
+
+def set_switches(args: Any) -> None:
+    """Process-wide switches from a script's flags: whether checkpoints may need pickle
+    (`--trust_checkpoint`), whether progress bars show (`--no-progress`)."""
+    allow_pickle(args.trust_checkpoint)
+    set_progress(args.progress)
 
 
 def checkpoint_config(model: FrozenCLIPModel, run: RunConfig) -> dict[str, Any]:
@@ -145,7 +184,7 @@ def build_train_loader(
     resumed run draws the same batches as an uninterrupted one.
     """
     cuda = dist.device.type == "cuda"
-    workers = run.num_workers if run.num_workers is not None else (4 if cuda else 0)
+    workers = loader_workers(run.num_workers, dist.device)
     sampler = GlobalBatchSampler(len(dataset), global_batch, dist, run.seed)
     return DataLoader(
         dataset,
@@ -229,6 +268,29 @@ def save_stage(
     save_checkpoint(run.save_path / f"{stage.stem}.pth", payload)
 
 
+# Run settings that make a resumed run another run (its provenance: results record them).
+RESUME_FIXED = ("seed", "dataset", "training_mode", "shot", "augment")
+
+
+def check_same_run(path: Path, saved: dict | None, model: FrozenCLIPModel, run: RunConfig) -> None:
+    """Refuse to resume a checkpoint with settings that alter the run: its seed, data (data set,
+    mode, shot, augmentation) or training recipe; the epoch counts may grow (that is how a run
+    is extended). Files of the original code carry no config and pass."""
+    if not saved:
+        return
+    current = checkpoint_config(model, run)
+    recipe = [field.name for field in settings_of(type(model.config), (TRAIN,))]
+    for key in (*RESUME_FIXED, *recipe):
+        if key.endswith("epoch") or key == "epochs" or key not in saved:
+            continue
+        if saved[key] != current[key]:
+            raise ConfigError(
+                f"{path} belongs to a run with {key}={saved[key]!r}, not {current[key]!r}: "
+                f"resuming would mix two runs; pass {flag_hint(None, key, saved[key])} or a new "
+                "--save_path"
+            )
+
+
 def resume(
     model: FrozenCLIPModel,
     stage: Stage,
@@ -236,10 +298,12 @@ def resume(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler | None,
     dist: Distributed,
+    run: RunConfig,
 ) -> int:
     """Load a stage checkpoint (weights, optimizer, scheduler, RNG); the epoch to start at."""
     payload = load_checkpoint(path, map_location=dist.device)
     model.load_stage_state(stage, payload, path)
+    check_same_run(path, payload.get("config"), model, run)
     if stage.optimizer_key in payload:
         optimizer.load_state_dict(payload[stage.optimizer_key])
     else:
@@ -261,6 +325,49 @@ def resume(
         payload["epoch"],
     )
     return int(payload["epoch"])
+
+
+@contextlib.contextmanager
+def run_lock(folder: Path) -> Iterator[None]:
+    """Hold `<folder>/train.lock` (PID and host) while a training writes there: a second
+    training into the same folder is refused in one line; a lock whose process is gone (killed)
+    is taken over; the lock is released on exit, however the run ends."""
+    path = Path(folder) / "train.lock"
+    host = socket.gethostname()
+    for _ in range(2):
+        try:
+            handle = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            break
+        except FileExistsError:
+            owner = path.read_text().split() if path.is_file() else []
+            pid = int(owner[0]) if owner and owner[0].isdigit() else None
+            if pid is not None and owner[1:] == [host] and not _alive(pid):
+                logger.warning("removing the stale lock %s of PID %d (gone)", path, pid)
+                path.unlink(missing_ok=True)
+                continue
+            where = f"PID {pid} on {owner[1] if owner[1:] else '?'}" if pid else "another run"
+            raise ConfigError(
+                f"another training ({where}) is writing to {folder}; wait for it, choose "
+                f"another --save_path, or delete {path} if that run is gone"
+            ) from None
+    else:
+        raise ConfigError(f"cannot take the lock {path}; delete it if no training runs there")
+    with os.fdopen(handle, "w") as file:
+        file.write(f"{os.getpid()} {host}\n")
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def write_run_config(model: FrozenCLIPModel, run: RunConfig, dist: Distributed) -> None:
@@ -288,17 +395,37 @@ def training_step(
     optimizer: torch.optim.Optimizer,
     scaler: torch.amp.GradScaler,
     amp: str,
-) -> dict[str, torch.Tensor]:
+    dist: Distributed | None = None,
+) -> dict[str, float]:
     """One optimizer step: the stage's forward under the one autocast context, the model's
-    float32 loss, the scaled backward, the step. Returns the loss terms."""
+    float32 loss, the scaled backward, the step. Returns the loss terms averaged over ranks.
+
+    A non-finite loss stops before the backward (every rank sees the same averaged value, so
+    they stop together), and so does an fp16 loss scale driven below 1 (the gradients overflow
+    at every step, beyond what the scaler's own step skipping can absorb): TrainingDiverged.
+    """
+    dist = dist or Distributed(device=model.device)
     with autocast(model.device, amp):
         output = forward(batch)
     losses = model.loss(output, batch)
+    total = global_mean(losses["loss"], dist)
+    if not math.isfinite(total):
+        raise TrainingDiverged(f"the loss is {total}")
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(losses["loss"]).backward()
     scaler.step(optimizer)
     scaler.update()
-    return losses
+    if scaler.is_enabled() and scaler.get_scale() < 1.0:
+        raise TrainingDiverged("fp16 gradients overflow at every step (loss scale below 1)")
+    terms = {name: global_mean(value, dist) for name, value in losses.items() if name != "loss"}
+    return {"loss": total, **terms}
+
+
+def _check_finite_weights(model: FrozenCLIPModel, stage: Stage) -> None:
+    for key, state in model.stage_state(stage).items():
+        tensors = state.values() if isinstance(state, dict) else [state]
+        if any(t.is_floating_point() and not torch.isfinite(t).all() for t in tensors):
+            raise TrainingDiverged(f"the {key} weights are no longer finite")
 
 
 def fit(
@@ -312,26 +439,36 @@ def fit(
     first_epoch: int = 0,
 ) -> None:
     """Train one stage for epochs `first_epoch..stage.epochs - 1`; rank 0 logs and saves after
-    every epoch (`save_stage`)."""
+    every epoch (`save_stage`). A diverging run stops with one line naming the epoch and step;
+    the checkpoints already written (all finite) are kept."""
     device = dist.device
     forward = wrap_ddp(StageForward(model, stage), dist)
     scaler = grad_scaler(device, run.amp)
     model.train()
     quiet = not dist.is_main
-    for epoch in tqdm(range(first_epoch, stage.epochs), desc=f"{stage.name} epochs", disable=quiet):
+    epochs = progress(range(first_epoch, stage.epochs), quiet, desc=f"{stage.name} epochs")
+    for epoch in epochs:
         start_epoch(loader, epoch, run.seed)
         terms: dict[str, list[float]] = {}
-        batches = tqdm(
-            loader, desc=f"{stage.log_prefix}epoch {epoch + 1}", leave=False, disable=quiet
-        )
-        for batch in batches:
-            losses = training_step(
-                forward, model, _to_device(batch, device), optimizer, scaler, run.amp
-            )
+        batches = progress(loader, quiet, desc=f"{stage.log_prefix}epoch {epoch + 1}", leave=False)
+        for step, batch in enumerate(batches, start=1):
+            try:
+                losses = training_step(
+                    forward, model, _to_device(batch, device), optimizer, scaler, run.amp, dist
+                )
+                if step == len(loader):
+                    _check_finite_weights(model, stage)
+            except TrainingDiverged as error:
+                kept = run.save_path / f"{stage.stem}.pth"
+                last = f"{kept} (epoch {epoch}) is kept" if epoch else f"no {kept.name} was written"
+                raise TrainingDiverged(
+                    f"{error} at {stage.log_prefix}epoch {epoch + 1}/{stage.epochs}, step "
+                    f"{step}/{len(loader)}; {last}; try a lower {stage.lr_flag}, or --amp none"
+                ) from None
             if scheduler is not None and stage.scheduler_interval == "step":
                 scheduler.step()
             for name, value in losses.items():
-                terms.setdefault(name, []).append(global_mean(value, dist))
+                terms.setdefault(name, []).append(value)
         epoch_loss = mean(terms.get("loss", []))
         if scheduler is not None and stage.scheduler_interval == "epoch":
             scheduler.step(epoch_loss)  # the original monitors the epoch's mean loss
@@ -367,7 +504,7 @@ def train_stage(
     if before_resume is not None:
         before_resume(stage, optimizer)
     path = run.save_path / f"{stage.stem}.pth"
-    start = resume(model, stage, path, optimizer, scheduler, dist) if path.is_file() else 0
+    start = resume(model, stage, path, optimizer, scheduler, dist, run) if path.is_file() else 0
     if start < stage.epochs:
         write_run_config(model, run, dist)
         dataset = TrainDataset(
@@ -399,9 +536,10 @@ def run_main(
     execute: Callable[[Job, Distributed], None],
     argv: list[str] | None,
 ) -> int:
-    """A training script's `main`: parse, join torchrun, log (rank 0 only), run.
+    """A training script's `main`: parse, join torchrun, check the save path is writable, log
+    (rank 0 only), clean the temporaries of killed saves, hold the run lock, run.
 
-    A `UserError` becomes one logged line and exit status 2.
+    A `UserError` becomes one logged line and exit status 2; Ctrl-C 130, SIGTERM 143.
     """
     setup_logging()
     joined: list[Distributed] = []
@@ -410,11 +548,16 @@ def run_main(
         job = parse(argv)
         dist = init_distributed(job.run.device)
         joined.append(dist)
-        if dist.is_main:
-            setup_logging(job.run.save_path / job.log_file, job.run.log_level)
-        else:
+        if not dist.is_main:
             setup_logging(None, "WARNING")
-        execute(job, dist)
+            execute(job, dist)
+            return
+        save_path = job.run.save_path
+        check_writable(save_path, "--save_path")  # before any work, not after an hour
+        setup_logging(save_path / job.log_file, job.run.log_level)
+        remove_stale_temporaries(save_path)
+        with run_lock(save_path):
+            execute(job, dist)
 
     try:
         return run_script(body, logging.getLogger("train"))
