@@ -24,11 +24,12 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from datasets.anomaly import TestDataset, build_test_datasets
+from datasets.anomaly import TestDataset, build_test_datasets, resize_image, seen_region
 from datasets.catalog import default_data_root, get_dataset_info, real_name
 from datasets.metadata import load_test_records
 from datasets.support import draw_support, load_images
 from datasets.synthetic import ensure_synthetic
+from models.base import FrozenCLIPModel
 from models.predictor import AnomalyPredictor
 from models.registry import (
     MODELS,
@@ -103,8 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--checkpoint",
         type=Path,
         default=None,
-        help="evaluate this checkpoint file (default: the save path's image_adapter.pth, "
-        "feclip.pth, ...)",
+        help="evaluate this checkpoint file, or this run folder's evaluated file (default: the "
+        "save path's image_adapter.pth, feclip_best.pth, ...)",
     )
     group.add_argument(
         "--all_epochs",
@@ -201,9 +202,10 @@ def model_overrides(args: argparse.Namespace) -> dict[str, Any]:
 def checkpoint_files(args: argparse.Namespace) -> tuple[str, list[Path]]:
     """(model name, files to evaluate); every per-epoch file in numeric order for --all_epochs."""
     if args.checkpoint is not None:
-        if not args.checkpoint.is_file():
+        if not args.checkpoint.exists():
             raise CheckpointError(f"--checkpoint {args.checkpoint} does not exist")
-        return find_checkpoint(args.checkpoint, args.model)[0], [args.checkpoint]
+        model, file = find_checkpoint(args.checkpoint, args.model)
+        return model, [file]
     if not args.all_epochs:
         model, main_file = find_checkpoint(args.save_path, args.model)
         return model, [main_file]
@@ -279,7 +281,7 @@ def evaluate(
             pro_variant=args.pro_variant,
         )
         if visualize:
-            write_panels(outputs, class_name, args, predictor.model.img_size)
+            write_panels(outputs, class_name, args, predictor.model)
     return per_class
 
 
@@ -293,10 +295,13 @@ def set_support(
     paths = draw_support(args.dataset, args.data_root, class_name, args.k_shot, args.support_seed)
     if support is not None:
         support[class_name] = [Path(path).relative_to(args.data_root).as_posix() for path in paths]
-    predictor.set_support(load_images(paths, predictor.model.img_size))
+    model = predictor.model
+    predictor.set_support(load_images(paths, model.img_size, model.config.preprocess))
 
 
-def write_panels(outputs: dict, class_name: str, args: argparse.Namespace, img_size: int) -> None:
+def write_panels(
+    outputs: dict, class_name: str, args: argparse.Namespace, model: FrozenCLIPModel
+) -> None:
     """[image | ground truth | heat map] per image; the map min-max normalised over the class."""
     maps = outputs["maps"]
     low, high = float(maps.min()), float(maps.max())
@@ -307,7 +312,9 @@ def write_panels(outputs: dict, class_name: str, args: argparse.Namespace, img_s
     ):
         image = Image.open(path).convert("RGB")
         if args.vis_size == "model":
-            image = image.resize((img_size, img_size), Image.BICUBIC)
+            image = resize_image(image, model.img_size, model.config.preprocess)
+        else:
+            image = seen_region(image, model.config.preprocess)
         mask = outputs["masks"][index]
         if args.vis_size == "original":
             mask = np.asarray(Image.fromarray(mask).resize(image.size, Image.NEAREST))
@@ -319,12 +326,15 @@ def output_folder(args: argparse.Namespace) -> Path:
     """Where results, panels and test.log go: --results_dir, else the checkpoint's folder."""
     if args.results_dir is not None:
         return args.results_dir
-    return args.checkpoint.parent if args.checkpoint is not None else args.save_path
+    if args.checkpoint is not None:
+        return args.checkpoint if args.checkpoint.is_dir() else args.checkpoint.parent
+    return args.save_path
 
 
 def results_stem(dataset: str, checkpoint: Path, model: str) -> str:
-    """`results_<dataset>` for the main checkpoint, else with the file's stem appended."""
-    if checkpoint.stem == checkpoint_stem(model):
+    """`results_<dataset>` for the evaluated checkpoint of a run (`<stem>.pth`, or the kept
+    `<stem>_best.pth`), else with the file's stem appended."""
+    if checkpoint.stem in (checkpoint_stem(model), f"{checkpoint_stem(model)}_best"):
         return f"results_{dataset}"
     return f"results_{dataset}_{checkpoint.stem}"
 
@@ -351,7 +361,8 @@ def run(args: argparse.Namespace) -> None:
         else:  # the next epoch of the same run: same architecture, reload its weights
             payload = model.load_trained(path)
         predictor = AnomalyPredictor(model, info.domain, args.amp, args.k_shot)
-        datasets = build_test_datasets(records, args.data_root, model.img_size)
+        preprocessing = model.config.preprocessing(train=False)
+        datasets = build_test_datasets(records, args.data_root, model.img_size, preprocessing)
         logger.info(
             "evaluating %s %s (epoch %s) on %s",
             model_name,
@@ -378,7 +389,9 @@ def run(args: argparse.Namespace) -> None:
             "model_settings": settings,
             "domain": predictor.domain,
             "resolution": model.img_size,
-            "mask_resize": "nearest",
+            "mask_resize": preprocessing.mask_resize,
+            "mask_threshold": preprocessing.mask_threshold,
+            "preprocess": preprocessing.resize,
             "smoothing": model.smoothing,
             "pro_variant": args.pro_variant,
             "fpr_limit": args.fpr_limit,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -51,25 +52,79 @@ def _open_rgb(path: Path | str) -> Image.Image:
         raise DataError(f"cannot read image {path}: {error}; remove or replace the file") from error
 
 
-def _image_to_tensor(image: Image.Image, img_size: int) -> torch.Tensor:
-    """PIL RGB -> [3, S, S]: bicubic resize to S x S (aspect not kept), CLIP normalisation."""
-    resized = image.resize((img_size, img_size), Image.Resampling.BICUBIC)
+RESIZE_MODES = ("square", "short_side_crop")
+MASK_RESIZES = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR}
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How an image and its mask become model inputs (each model's original's recipe).
+
+    resize: `square` (bicubic to S x S, aspect not kept: AA-CLIP, SOWA) or `short_side_crop`
+        (bicubic short side to S, then the centre S x S: CLIP's own, the FE-CLIP fork's).
+    mask_resize: `nearest` (AA-CLIP) or `bilinear` (SOWA: grey values at the edges).
+    mask_threshold: a pixel is defect where the resized mask, in [0, 1], is above it (AA-CLIP 0,
+        i.e. any non-zero pixel; SOWA 0 for training and 0.5 for testing).
+    """
+
+    resize: str = "square"
+    mask_resize: str = "nearest"
+    mask_threshold: float = 0.0
+
+
+def resize_image(image: Image.Image, img_size: int, mode: str = "square") -> Image.Image:
+    """A PIL image at the model's input geometry (`Preprocessing.resize`), bicubic."""
+    return _resize(image, img_size, mode, Image.Resampling.BICUBIC)
+
+
+def seen_region(image: Image.Image, mode: str = "square") -> Image.Image:
+    """The part of an image the model sees, at the image's own resolution: all of it, or the
+    centred square of its short side for `short_side_crop`."""
+    if mode != "short_side_crop":
+        return image
+    side = min(image.size)
+    return transforms.functional.center_crop(image, [side, side])
+
+
+def _resize(image: Image.Image, size: int, mode: str, resample: Image.Resampling) -> Image.Image:
+    if mode == "square":
+        return image.resize((size, size), resample)
+    if mode != "short_side_crop":
+        raise ValueError(f"unknown resize mode {mode!r}; use one of {RESIZE_MODES}")
+    short = transforms.functional.resize(image, size, interpolation=_INTERPOLATION[resample])
+    return transforms.functional.center_crop(short, [size, size])
+
+
+_INTERPOLATION = {
+    Image.Resampling.BICUBIC: transforms.InterpolationMode.BICUBIC,
+    Image.Resampling.BILINEAR: transforms.InterpolationMode.BILINEAR,
+    Image.Resampling.NEAREST: transforms.InterpolationMode.NEAREST,
+}
+
+
+def _image_to_tensor(image: Image.Image, img_size: int, mode: str = "square") -> torch.Tensor:
+    """PIL RGB -> [3, S, S]: `resize_image`, then CLIP normalisation."""
     return transforms.functional.normalize(
-        transforms.functional.to_tensor(resized), CLIP_MEAN, CLIP_STD
+        transforms.functional.to_tensor(resize_image(image, img_size, mode)), CLIP_MEAN, CLIP_STD
     )
 
 
-def load_image(path: Path | str, img_size: int) -> torch.Tensor:
+def load_image(path: Path | str, img_size: int, mode: str = "square") -> torch.Tensor:
     """Read an image (grayscale becomes RGB) -> [3, S, S] normalised with CLIP's mean/std."""
-    return _image_to_tensor(_open_rgb(path), img_size)
+    return _image_to_tensor(_open_rgb(path), img_size, mode)
 
 
 def load_mask(
-    path: Path | str | None, img_size: int, image_size_wh: tuple[int, int]
+    path: Path | str | None,
+    img_size: int,
+    image_size_wh: tuple[int, int],
+    preprocessing: Preprocessing | None = None,
 ) -> torch.Tensor:
-    """Read a mask -> [1, S, S] float in {0, 1} (any non-zero pixel is defect); None -> zeros.
+    """Read a mask -> [1, S, S] float in {0, 1}; None -> zeros.
 
-    `image_size_wh` is the original (width, height) of the mask's image; they must agree.
+    The mask is made binary first (any non-zero pixel is defect, as every original does), then
+    resized as `preprocessing` says and thresholded. `image_size_wh` is the original (width,
+    height) of the mask's image; they must agree.
     """
     if not path:
         return torch.zeros(1, img_size, img_size)
@@ -83,8 +138,11 @@ def load_mask(
             f"mask {path} is {mask.size[0]}x{mask.size[1]} but its image is "
             f"{image_size_wh[0]}x{image_size_wh[1]}; masks must match their image"
         )
-    resized = mask.resize((img_size, img_size), Image.Resampling.NEAREST)
-    return (transforms.functional.to_tensor(resized) != 0).float()
+    preprocessing = preprocessing or Preprocessing()
+    binary = mask.point(lambda value: 255 if value else 0)
+    resample = MASK_RESIZES[preprocessing.mask_resize]
+    resized = _resize(binary, img_size, preprocessing.resize, resample)
+    return (transforms.functional.to_tensor(resized) > preprocessing.mask_threshold).float()
 
 
 def joint_augment(image: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,10 +157,17 @@ def joint_augment(image: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor
 class _RecordDataset(Dataset):
     """Shared loading of one record into the item dict."""
 
-    def __init__(self, records: list[dict], root: Path | str, img_size: int) -> None:
+    def __init__(
+        self,
+        records: list[dict],
+        root: Path | str,
+        img_size: int,
+        preprocessing: Preprocessing | None = None,
+    ) -> None:
         self.records = records
         self.root = Path(root)
         self.img_size = img_size
+        self.preprocessing = preprocessing or Preprocessing()
 
     def __len__(self) -> int:
         return len(self.records)
@@ -112,12 +177,15 @@ class _RecordDataset(Dataset):
         pil_image = _open_rgb(self.root / record["image_path"])
         mask_path = record.get("mask_path") or ""
         mask = load_mask(
-            self.root / mask_path if mask_path else None, self.img_size, pil_image.size
+            self.root / mask_path if mask_path else None,
+            self.img_size,
+            pil_image.size,
+            self.preprocessing,
         )
         if jitter:
             pil_image = _COLOR_JITTER(pil_image)
         return {
-            "image": _image_to_tensor(pil_image, self.img_size),
+            "image": _image_to_tensor(pil_image, self.img_size, self.preprocessing.resize),
             "mask": mask,
             "label": torch.tensor(int(record["label"]), dtype=torch.int64),
             "file_name": record["image_path"],
@@ -136,8 +204,9 @@ class TrainDataset(_RecordDataset):
         img_size: int,
         color_jitter: bool = True,
         augment: bool = True,
+        preprocessing: Preprocessing | None = None,
     ) -> None:
-        super().__init__(records, root, img_size)
+        super().__init__(records, root, img_size, preprocessing)
         self.color_jitter = color_jitter
         self.augment = augment
 
@@ -160,12 +229,16 @@ class TestDataset(_RecordDataset):
 
 
 def build_test_datasets(
-    records: list[dict], root: Path | str, img_size: int
+    records: list[dict],
+    root: Path | str,
+    img_size: int,
+    preprocessing: Preprocessing | None = None,
 ) -> dict[str, TestDataset]:
     """One `TestDataset` per class, in the records' first-appearance order."""
     by_class: dict[str, list[dict]] = {}
     for record in records:
         by_class.setdefault(record["class_name"], []).append(record)
     return {
-        name: TestDataset(class_records, root, img_size) for name, class_records in by_class.items()
+        name: TestDataset(class_records, root, img_size, preprocessing)
+        for name, class_records in by_class.items()
     }

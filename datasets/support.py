@@ -82,6 +82,7 @@ def draw_support(dataset: str, root: Path, class_name: str, k: int, seed: int) -
     return random.Random(seed).sample(candidates, k)
 
 
-def load_images(paths: list[Path], img_size: int) -> torch.Tensor:
-    """Images read and CLIP-normalised: `[len(paths), 3, S, S]`."""
-    return torch.stack([load_image(path, img_size) for path in paths])
+def load_images(paths: list[Path], img_size: int, mode: str = "square") -> torch.Tensor:
+    """Images read, resized (`mode`, see datasets.anomaly.Preprocessing) and CLIP-normalised:
+    `[len(paths), 3, S, S]`."""
+    return torch.stack([load_image(path, img_size, mode) for path in paths])

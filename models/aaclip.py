@@ -625,6 +625,23 @@ class AdaptedCLIP(FrozenCLIPModel):
                 return f"{path} has {adapters} text adapters; pass --text_adapt_until {adapters}"
         return f"{path} has weights of another size than this backbone; check --model_name"
 
+    @classmethod
+    def original_settings(cls, path: Path, payload: dict[str, Any]) -> dict[str, Any]:
+        """What the original's files imply: `relu` (its projections' keys), the adapter counts."""
+        settings: dict[str, Any] = {}
+        image = payload.get("image_adapter") or {}
+        if image:
+            settings["relu"] = any(".fc.0." in key for key in image if key.startswith("seg_proj."))
+            layers = {key.split(".")[1] for key in image if key.startswith("layer_adapters.")}
+            settings["image_adapt_until"] = len(layers)
+        text_file = Path(path).parent / f"{cls.stage_stems[0]}.pth"
+        text = payload.get("text_adapter")
+        if text is None and text_file.is_file():
+            text = load_checkpoint(text_file).get("text_adapter")
+        if text:
+            settings["text_adapt_until"] = len({key.split(".")[0] for key in text}) - 1
+        return settings
+
     def load_trained(self, path: Path, payload: dict[str, Any] | None = None) -> dict[str, Any]:
         """An image-adapter file, and the stage-1 file beside it (plain CLIP anchors, with a
         warning, when there is none: the original fell back silently)."""

@@ -20,6 +20,7 @@ import torch
 from open_clip.model import CLIP
 from torch import nn
 
+from datasets.anomaly import MASK_RESIZES, RESIZE_MODES, Preprocessing
 from models import backbone
 from utils.checkpoint import load_checkpoint
 from utils.config import ARCH, TEST, check_architecture, from_mapping, override, setting
@@ -34,7 +35,7 @@ DEFAULT_DOMAIN = "Industrial"
 
 @dataclasses.dataclass
 class ClipConfig:
-    """The frozen CLIP every model adapts."""
+    """The frozen CLIP every model adapts, and the input pipeline in front of it."""
 
     name: ClassVar[str] = ""
     paper_img_size: ClassVar[int] = 518
@@ -58,6 +59,28 @@ class ClipConfig:
     img_size: int | None = setting(
         None, "input side in pixels; unset: 64 for tiny, else the paper's", kind=ARCH, minimum=1
     )
+    preprocess: str = setting(
+        "square",
+        "image geometry: square (bicubic S x S, aspect not kept: AA-CLIP, SOWA) or "
+        "short_side_crop (short side to S, centre crop: the FE-CLIP fork's)",
+        kind=TEST,
+        choices=RESIZE_MODES,
+    )
+    mask_resize: str = setting(
+        "nearest",
+        "mask interpolation: nearest (AA-CLIP) or bilinear (SOWA, grey edges)",
+        kind=TEST,
+        choices=tuple(MASK_RESIZES),
+    )
+    train_mask_threshold: float = setting(
+        0.0, "training masks: defect where the resized mask (0-1) is above this", minimum=0
+    )
+    test_mask_threshold: float = setting(
+        0.0,
+        "test ground truth: defect where the resized mask (0-1) is above this (SOWA: 0.5)",
+        kind=TEST,
+        minimum=0,
+    )
 
     def resolve(self, dataset: str) -> ClipConfig:
         """Fill `model_name`/`img_size` left unset: tiny at 64 px for Synthetic, the paper's
@@ -69,6 +92,11 @@ class ClipConfig:
     def check(self) -> None:
         """Settings that depend on each other, beyond each field's own range (a one-line
         ConfigError naming the flag)."""
+
+    def preprocessing(self, train: bool) -> Preprocessing:
+        """How images and masks become this model's inputs, in training or at test."""
+        threshold = self.train_mask_threshold if train else self.test_mask_threshold
+        return Preprocessing(self.preprocess, self.mask_resize, threshold)
 
     def load_clip(self, device: torch.device | str = "cpu") -> CLIP:
         """The frozen CLIP these settings name."""
@@ -87,6 +115,12 @@ class SingleStageConfig(ClipConfig):
 
     epochs: int = setting(1, "epochs", minimum=0)
     batch_size: int = setting(8, "global batch size (split over torchrun ranks)", minimum=1)
+    keep_epoch: str = setting(
+        "last",
+        "the epoch test.py and predict.py read from a save path: last, or lowest_loss (the "
+        "lowest mean training loss, <stem>_best.pth)",
+        choices=("last", "lowest_loss"),
+    )
 
 
 class AnomalyOutput(NamedTuple):
@@ -111,6 +145,21 @@ class Stage:
     scheduler_interval: str = "step"  # "step", or "epoch" (stepped with the epoch's mean loss)
     log_prefix: str = ""  # "text " logs "text epoch 1/5: loss ..."
     lr_flag: str = "--lr"  # the flag of this stage's learning rate (named in divergence errors)
+    keep: str = "last"  # "lowest_loss" also keeps the lowest-training-loss epoch as <stem>_best
+
+
+def rename_original(state: dict[str, Any], rules: tuple, keep: set[str]) -> dict[str, Any]:
+    """An original state dict in our names: the first matching `(pattern, replacement)` rule,
+    keeping only keys in `keep` (the frozen CLIP and buffers we rebuild are left out)."""
+    renamed = {}
+    for key, value in state.items():
+        for pattern, replacement in rules:
+            if pattern.match(key):
+                new = pattern.sub(replacement, key, count=1)
+                if new in keep:
+                    renamed[new] = value
+                break
+    return renamed
 
 
 class FrozenCLIPModel(nn.Module):
@@ -123,6 +172,8 @@ class FrozenCLIPModel(nn.Module):
 
     config_class: ClassVar[type[ClipConfig]] = ClipConfig
     checkpoint_file: ClassVar[str] = ""  # the main file in a save path, e.g. image_adapter.pth
+    # The original code's choices where they differ from ours, for its files (which store none).
+    original_defaults: ClassVar[dict[str, Any]] = {}
     log_file: ClassVar[str] = "train.log"
     supports_memory: ClassVar[bool] = False  # k-shot support memory at test (SOWA)
 
@@ -321,12 +372,23 @@ class FrozenCLIPModel(nn.Module):
         cls, path: Path, payload: dict[str, Any], overrides: dict[str, Any], dataset: str
     ) -> ClipConfig:
         """The config that rebuilds a checkpoint's model: its stored config with the test-time
-        `overrides`; a file of the original code (no config) takes the overrides as given, then
-        the defaults."""
+        `overrides`. A file of the original code stores none: its settings come from the flags
+        given, else from the file itself (`original_settings`), else from the original's
+        documented defaults (`original_defaults`), all logged."""
         saved = payload.get("config")
         if not saved:
-            config = from_mapping(cls.config_class, overrides).resolve(dataset)
-            logger.warning("%s has no stored config (original format): built as %s", path, config)
+            inferred = cls.original_settings(path, payload)
+            settings = {**cls.original_defaults, **inferred, **overrides}
+            config = from_mapping(cls.config_class, settings).resolve(dataset)
+            logger.warning(
+                "%s is a file of the original %s code: settings from the file %s, from its "
+                "documented defaults %s, from the command line %s",
+                path,
+                cls.config_class.name,
+                inferred,
+                {key: value for key, value in cls.original_defaults.items() if key not in inferred},
+                overrides,
+            )
             return config
         model = saved.get("model", "aaclip")
         if model != cls.config_class.name:
@@ -351,10 +413,21 @@ class FrozenCLIPModel(nn.Module):
         model = cls.from_config(config, device)
         return model, model.load_trained(path, payload)
 
+    @classmethod
+    def original_settings(cls, path: Path, payload: dict[str, Any]) -> dict[str, Any]:
+        """Settings a file of the original code holds or its weights imply (none here)."""
+        return {}
+
+    def from_original(self, payload: dict[str, Any]) -> dict[str, Any]:
+        """A file of the original code in our payload layout (ours already: unchanged)."""
+        return payload
+
     def load_trained(self, path: Path, payload: dict[str, Any] | None = None) -> dict[str, Any]:
         """Load what `predict` needs from a trained checkpoint file (and its companions beside
         it) into this model; returns the file's payload. Leaves the model in eval mode."""
         payload = load_checkpoint(path) if payload is None else payload
+        if not payload.get("config"):
+            payload = self.from_original(payload)
         self.load_stage_state(self.stages()[-1], payload, Path(path))
         self.eval()
         return payload

@@ -185,6 +185,8 @@ class AdaptedCLIPWithCrossAttention(AdaptedCLIP):
 
     config_class = CrossAttentionConfig
     checkpoint_file = "image_adapter_cross_attn.pth"
+    # The fork's own files evaluate as the fork did: its modules unused at test (Q2).
+    original_defaults: ClassVar[dict[str, Any]] = {"cross_attn_at_test": "none"}
     log_file = "train_cross_attention.log"
     stage_stems: ClassVar[tuple[str, str]] = ("text_adapter_cross_attn", "image_adapter_cross_attn")
 
@@ -426,6 +428,13 @@ class AdaptedCLIPWithCrossAttention(AdaptedCLIP):
             )
         if gate is not None:
             gate.data.copy_(saved_gate)
+
+    @classmethod
+    def original_settings(cls, path: Path, payload: dict[str, Any]) -> dict[str, Any]:
+        """AA-CLIP's, and the fork's initialisation: no gate in the file means Xavier (Q1)."""
+        settings = super().original_settings(path, payload)
+        gated = "image_cross_attn_gate" in payload or "text_cross_attn_gate" in payload
+        return {**settings, "cross_attn_init": "gated" if gated else "xavier"}
 
     def load_base(self, key: str, path: Path) -> dict[str, Any]:
         """A base AA-CLIP adapter (`text_adapter` or `image_adapter`; ours or the original

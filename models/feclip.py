@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from pathlib import Path
 from typing import Any, ClassVar, NamedTuple
 
@@ -42,7 +43,14 @@ from torch import nn
 
 from models import backbone
 from models.aaclip import check_block_indices
-from models.base import AnomalyOutput, ClipConfig, FrozenCLIPModel, SingleStageConfig, Stage
+from models.base import (
+    AnomalyOutput,
+    ClipConfig,
+    FrozenCLIPModel,
+    SingleStageConfig,
+    Stage,
+    rename_original,
+)
 from utils.config import ARCH, TEST, redefault, setting
 from utils.errors import ConfigError
 from utils.forward_utils import binary_focal_loss, dice_loss, gaussian_smooth, token_valid_mask
@@ -213,9 +221,12 @@ class FEClipConfig(SingleStageConfig):
         "save_path": Path("ckpt/feclip"),
         "seed": 42,  # the fork's first of 5 seeds (42, 123, 456, 789, 1024)
         "augment": False,  # the paper states no augmentation
+        # The paper/original trains on the whole test split of the auxiliary data set.
+        "training_mode": "full_shot",
     }
 
     quick_gelu: bool = redefault(ClipConfig, "quick_gelu", True)  # OpenAI's training (spec §2)
+    preprocess: str = redefault(ClipConfig, "preprocess", "short_side_crop")  # the fork's
     block_indices: list[int] = setting(
         [15, 18, 21, 23],
         "0-based vision blocks followed by FFE + LFS (the fork's spread_3; the paper's likely "
@@ -267,6 +278,7 @@ class FEClipConfig(SingleStageConfig):
     )
     epochs: int = redefault(SingleStageConfig, "epochs", 9)
     batch_size: int = redefault(SingleStageConfig, "batch_size", 16)
+    keep_epoch: str = redefault(SingleStageConfig, "keep_epoch", "lowest_loss")  # the fork's
     lr: float = setting(5e-4, "Adam learning rate of FFE and LFS", above=0)
     fc_patch_lr_ratio: float = setting(
         0.01, "fc_patch lr = lr x this (the fork: 1/100; 1: the same lr; 0: frozen)", minimum=0
@@ -275,9 +287,9 @@ class FEClipConfig(SingleStageConfig):
     w_mask: float = setting(1.0, "weight of L_mask")
     focal_gamma: float = setting(2.0, "focal loss γ", minimum=0)
     focal_alpha: float | None = setting(
-        None, "positive-class focal weight (unset: none, AnomalyCLIP; the fork: 0.25)"
+        0.25, "positive-class focal weight (the fork's 0.25; unset: none, AnomalyCLIP's)"
     )
-    dice_smooth: float = setting(1.0, "dice smoothing (AnomalyCLIP 1; the fork: 1e-6)", minimum=0)
+    dice_smooth: float = setting(1e-6, "dice smoothing (the fork's 1e-6; AnomalyCLIP 1)", minimum=0)
 
     def check(self) -> None:
         if self.lfs_window % 2 == 0:
@@ -300,6 +312,16 @@ class TapLogits(NamedTuple):
     patch_logits: torch.Tensor  # [N, B, g, g] float32
 
 
+# The user's anomalib fork saves `best_model.pt` = {epoch, model_state_dict, tap_indices, loss},
+# keys under `model.`; its FFE Linear and LFS Conv sit in Sequentials with their GELU, and the
+# frozen CLIP (`model.clip.*`) is saved too (not read: ours is loaded from its weights).
+ORIGINAL_KEYS = (
+    (re.compile(r"^model\.ffe\.(\d+)\.mlp\.0\."), r"ffe.\1.fc."),
+    (re.compile(r"^model\.lfs\.(\d+)\.conv\.0\."), r"lfs.\1.conv."),
+    (re.compile(r"^model\.fc_patch\."), "fc_patch."),
+)
+
+
 class FECLIP(FrozenCLIPModel):
     """Frozen CLIP with FE-CLIP's FFE/LFS adapters at the tap blocks and a learnable `fc_patch`
     (settings: `FEClipConfig`)."""
@@ -307,6 +329,19 @@ class FECLIP(FrozenCLIPModel):
     config_class = FEClipConfig
     checkpoint_file = "feclip.pth"
     log_file = "train_feclip.log"
+
+    @classmethod
+    def original_settings(cls, path: Path, payload: dict[str, Any]) -> dict[str, Any]:
+        """The fork's file names its taps."""
+        return {"block_indices": list(payload["tap_indices"])} if "tap_indices" in payload else {}
+
+    def from_original(self, payload: dict[str, Any]) -> dict[str, Any]:
+        """The fork's `best_model.pt` in our layout."""
+        if "model_state_dict" not in payload:
+            return payload
+        keep = set(self.trainable_state_dict())
+        state = rename_original(payload["model_state_dict"], ORIGINAL_KEYS, keep)
+        return {"epoch": payload.get("epoch"), self.name: state}
 
     def __init__(self, config: FEClipConfig | None = None, clip: CLIP | None = None) -> None:
         config = config if config is not None else FEClipConfig()
@@ -443,7 +478,8 @@ class FECLIP(FrozenCLIPModel):
     # Training (single stage, spec §10)
 
     def stages(self) -> list[Stage]:
-        return [Stage("train", "feclip", self.config.epochs, self.config.batch_size)]
+        config = self.config
+        return [Stage("train", "feclip", config.epochs, config.batch_size, keep=config.keep_epoch)]
 
     def trainable_parameters(self, stage: Stage) -> list[dict[str, Any]]:
         """FFE + LFS at `lr`, `fc_patch` at `lr x fc_patch_lr_ratio` (0: frozen)."""

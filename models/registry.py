@@ -45,7 +45,8 @@ def checkpoint_stem(model: str) -> str:
 
 
 def find_checkpoint(path: Path, model: str | None = None) -> tuple[str, Path]:
-    """(model name, checkpoint file) for a file, or for a save path holding one model's files."""
+    """(model name, checkpoint file) for a file, or for a save path holding one model's files:
+    its kept epoch `<stem>_best.pth` when the run kept its lowest-loss epoch, else `<stem>.pth`."""
     path = Path(path)
     if path.is_file():
         return model or model_of(path), path
@@ -53,19 +54,30 @@ def find_checkpoint(path: Path, model: str | None = None) -> tuple[str, Path]:
         raise CheckpointError(f"{path} is neither a checkpoint file nor a folder; train first")
     names = [model] if model is not None else list(MODELS)
     for name in names:
-        candidate = path / MODELS[name].checkpoint_file
-        if candidate.is_file():
-            return name, candidate
+        main = path / MODELS[name].checkpoint_file
+        kept = main.with_name(f"{main.stem}_best{main.suffix}")
+        for candidate in (kept, main):
+            if candidate.is_file():
+                return name, candidate
     expected = ", ".join(MODELS[name].checkpoint_file for name in names)
     raise CheckpointError(f"{path} holds no {expected}; train first or pass the file")
 
 
 def model_of(path: Path, payload: dict | None = None) -> str:
-    """The model a checkpoint file holds: its config's `model`; for files without one, the
-    cross-attention fork's when it holds cross-attention weights, else the original AA-CLIP's."""
+    """The model a checkpoint file holds: its config's `model`; for a file of an original code,
+    which stores none, its layout: the FE-CLIP fork's `model_state_dict`, SOWA's Lightning
+    `state_dict` under `net.`, the cross-attention fork's modules, else the original AA-CLIP's."""
     payload = load_checkpoint(path) if payload is None else payload
-    fork = "image_cross_attn" in payload or "text_cross_attn" in payload
-    name = (payload.get("config") or {}).get("model", "aaclip_cross_attn" if fork else "aaclip")
+    state = payload.get("state_dict") or {}
+    if "model_state_dict" in payload:
+        original = "feclip"
+    elif any(str(key).startswith("net.visual_encoder.") for key in state):
+        original = "sowa"
+    elif "image_cross_attn" in payload or "text_cross_attn" in payload:
+        original = "aaclip_cross_attn"
+    else:
+        original = "aaclip"
+    name = (payload.get("config") or {}).get("model", original)
     if name not in MODELS:
         raise CheckpointError(f"{path} holds a {name!r} model; this version knows {list(MODELS)}")
     return name

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from pathlib import Path
 from typing import Any, ClassVar, NamedTuple
 
@@ -52,7 +53,14 @@ from torch import nn
 
 from models import backbone
 from models.aaclip import check_block_indices
-from models.base import AnomalyOutput, ClipConfig, FrozenCLIPModel, SingleStageConfig, Stage
+from models.base import (
+    AnomalyOutput,
+    ClipConfig,
+    FrozenCLIPModel,
+    SingleStageConfig,
+    Stage,
+    rename_original,
+)
 from utils.config import ARCH, TEST, redefault, setting
 from utils.errors import ConfigError, DataError
 from utils.forward_utils import calculate_seg_loss, calculate_similarity_map, gaussian_smooth
@@ -375,9 +383,14 @@ class SOWAConfig(SingleStageConfig):
         "save_path": Path("ckpt/sowa"),
         "seed": 2025,  # the original's train.py seed
         "augment": False,  # the original: no augmentation for VisA (MVTec mosaic not reproduced)
+        # The paper/original trains on the whole test split of the auxiliary data set.
+        "training_mode": "full_shot",
     }
 
     quick_gelu: bool = redefault(ClipConfig, "quick_gelu", True)  # the original's OpenAI CLIP
+    # The original's MaskTransform: bilinear (torchvision's default), training > 0, test > 0.5.
+    mask_resize: str = redefault(ClipConfig, "mask_resize", "bilinear")
+    test_mask_threshold: float = redefault(ClipConfig, "test_mask_threshold", 0.5)
     block_indices: list[int] = setting(
         [5, 11, 17, 23],
         "0-based vision blocks whose outputs are adapted (H1..H4: the outputs of blocks 6, 12, 18, "
@@ -439,6 +452,32 @@ class SOWAConfig(SingleStageConfig):
             raise ConfigError(f"--attn_drop {self.attn_drop} must be below 1")
 
 
+# The original's Lightning checkpoint (`epoch_000.ckpt`): `state_dict` under `net.`, the adapters in
+# the VisionMapEncoder, each Swin block's single Linear inside `mlp.layers`, the fusion's text
+# Linear under `cross_fusion.linear`; the frozen CLIP is saved several times over (not read).
+ORIGINAL_KEYS = (
+    (
+        re.compile(r"^net\.visual_encoder\.adapters\.(\d+)\.blocks\.(\d+)\.mlp\.layers\.0\."),
+        r"adapters.\1.blocks.\2.mlp.",
+    ),
+    (re.compile(r"^net\.visual_encoder\.adapters\."), "adapters."),
+    (re.compile(r"^net\.prompt_learner\."), "prompt_learner."),
+    (re.compile(r"^net\.cross_fusion\.linear\."), "text_linear."),
+)
+
+
+def _find(tree: Any, key: str) -> Any:
+    """The first value under `key` in nested dicts (a Lightning checkpoint's hyper-parameters)."""
+    if isinstance(tree, dict):
+        if key in tree:
+            return tree[key]
+        for value in tree.values():
+            found = _find(value, key)
+            if found is not None:
+                return found
+    return None
+
+
 class SOWA(FrozenCLIPModel):
     """Frozen CLIP with one HFWA adapter per hooked block, learnable prompts and a text Linear
     (settings: `SOWAConfig`)."""
@@ -447,6 +486,39 @@ class SOWA(FrozenCLIPModel):
     checkpoint_file = "sowa.pth"
     log_file = "train_sowa.log"
     supports_memory = True
+
+    @classmethod
+    def original_settings(cls, path: Path, payload: dict[str, Any]) -> dict[str, Any]:
+        """What a Lightning checkpoint's weights (and hyper-parameters, when plain) imply."""
+        state = payload.get("state_dict") or {}
+        prefix = "net.visual_encoder.adapters."
+        blocks = {
+            tuple(key[len(prefix) :].split(".")[:3:2]) for key in state if key.startswith(prefix)
+        }
+        settings: dict[str, Any] = {}
+        if blocks:
+            settings["depth"] = len({block for _, block in blocks})
+        for key, value in state.items():
+            if key.startswith(prefix) and key.endswith(".attn.logit_scale"):
+                settings["num_heads"] = int(value.shape[0])
+            elif key.startswith(prefix) and key.endswith(".attn.cpb_mlp.0.weight"):
+                settings["cpb_dim"] = int(value.shape[0])
+            elif key.startswith(prefix) and key.endswith(".attn.relative_coords_table"):
+                settings["window_size"] = (int(value.shape[1]) + 1) // 2
+            elif key == "net.prompt_learner.ctx_pos":
+                settings["prompt_length"] = int(value.shape[2])
+        hooks = _find(payload.get("hyper_parameters"), "feature_map_idx")
+        if hooks is not None:
+            settings["block_indices"] = list(hooks)
+        return settings
+
+    def from_original(self, payload: dict[str, Any]) -> dict[str, Any]:
+        """The original's Lightning checkpoint in our layout."""
+        if "state_dict" not in payload:
+            return payload
+        keep = set(self.trainable_state_dict())
+        state = rename_original(payload["state_dict"], ORIGINAL_KEYS, keep)
+        return {"epoch": payload.get("epoch"), self.name: state}
 
     def __init__(self, config: SOWAConfig | None = None, clip: CLIP | None = None) -> None:
         config = config if config is not None else SOWAConfig()

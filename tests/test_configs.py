@@ -116,3 +116,12 @@ def test_levels_alias_counts_from_one_and_the_stored_config_keeps_both_names():
     assert from_mapping(AAClipConfig, {"levels": [6, 12, 18, 24]}).block_indices == [5, 11, 17, 23]
     cross = from_mapping(CrossAttentionConfig, {"tap_indices": [1]})  # another model's alias
     assert cross.block_indices == [5, 11, 17, 23]
+
+
+@pytest.mark.parametrize("name", ["feclip", "sowa"])
+def test_the_single_stage_models_train_on_the_whole_test_split_as_their_originals(name):
+    job = train.parse_args([], name)
+    assert job.run.training_mode == "full_shot"
+    with pytest.raises(Exception, match="--shot 8 has no effect in full_shot mode"):
+        train.parse_args(["--shot", "8"], name)
+    assert train.parse_args(["--training_mode", "few_shot", "--shot", "8"], name).run.shot == 8

@@ -24,13 +24,17 @@ import test as test_script
 import train
 from models.feclip import FECLIP
 from models.predictor import AnomalyPredictor
+from models.registry import find_checkpoint
 from utils import checkpoint
 from utils.errors import TrainingDiverged
 from utils.runtime import Distributed, grad_scaler, progress, run_script, set_progress
 from utils.training import training_step
 
 ROOT = Path(__file__).resolve().parents[1]
-FECLIP_RUN = ["--model", "feclip", "--device", "cpu", "--shot", "4", "--batch_size", "4"]
+FECLIP_RUN = [
+    "--model", "feclip", "--device", "cpu", "--training_mode", "few_shot", "--shot", "4",
+    "--batch_size", "4",
+]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -121,9 +125,10 @@ def test_non_finite_checkpoints_are_refused_by_evaluation_and_calibration(
     good_run, data_root, one_line_error, caplog
 ):
     _, save_path = good_run
-    payload = checkpoint.load_checkpoint(save_path / "feclip.pth")
+    evaluated = find_checkpoint(save_path)[1]
+    payload = checkpoint.load_checkpoint(evaluated)
     payload["feclip"]["fc_patch.weight"][0, 0] = float("nan")
-    checkpoint.save_checkpoint(save_path / "feclip.pth", payload)
+    checkpoint.save_checkpoint(evaluated, payload)
     argv = ["--save_path", str(save_path), "--data_root", str(data_root), "--device", "cpu"]
     assert test_script.main(argv) == 2
     assert "non-finite values (feclip.fc_patch.weight)" in one_line_error()
@@ -281,7 +286,7 @@ def test_ctrl_c_during_training_is_one_line_and_resumable(data_root, tmp_path):
     wait_for(save_path / "train_feclip.log", "epoch 2/30", process)  # feclip.pth is complete
     process.send_signal(sent)
     _, stderr = process.communicate(timeout=60)
-    assert process.returncode == code
+    assert process.returncode == code, stderr[-1500:]
     (line,) = error_lines(stderr)
     assert f"stopped by {name}" in line and "run the same command again" in line
     epoch = checkpoint.load_checkpoint(save_path / "feclip.pth")["epoch"]

@@ -14,7 +14,7 @@ import train
 import train_feclip
 from utils.checkpoint import load_checkpoint
 
-FAST = ["--batch_size", "8", "--shot", "8", "--device", "cpu"]
+FAST = ["--batch_size", "8", "--training_mode", "few_shot", "--shot", "8", "--device", "cpu"]
 
 
 def train_args(data_root, save_path, *extra):

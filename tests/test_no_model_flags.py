@@ -17,11 +17,11 @@ import predict
 import test as test_script
 import train
 from datasets.catalog import CATALOG
-from models.registry import MODELS
+from models.registry import MODELS, find_checkpoint
 from utils import calibration as calib
 from utils.config import CONFIG_DIR
 
-FAST = ["--device", "cpu", "--shot", "4"]
+FAST = ["--device", "cpu", "--training_mode", "few_shot", "--shot", "4"]
 # Non-default architecture per model (the defect: AA-CLIP was rebuilt from test.py's flags).
 RUNS = {
     "aaclip": [
@@ -147,6 +147,7 @@ def test_every_checkpoint_kind_loads_without_pickle(runs):
         "text_adapter_cross_attn",
         "image_adapter_cross_attn",
         "feclip",
+        "feclip_best",  # its kept lowest-loss epoch
         "sowa",
     }
     for path in files:
@@ -157,9 +158,10 @@ def test_a_checkpoint_that_needs_pickle_is_refused_unless_trusted(runs, tmp_path
     data_root, folders = runs
     run = tmp_path / "run"
     shutil.copytree(folders["feclip"], run)
-    payload = torch.load(run / "feclip.pth", weights_only=True)
+    evaluated = find_checkpoint(run)[1]
+    payload = torch.load(evaluated, weights_only=True)
     payload["calibration_curve"] = np.arange(3)  # a numpy array: only pickle loads it
-    torch.save(payload, run / "feclip.pth")
+    torch.save(payload, evaluated)
     argv = ["--save_path", str(run), "--data_root", str(data_root), "--device", "cpu"]
     assert test_script.main(argv) == 2
     assert "pass --trust_checkpoint if you trust its source" in one_line_error()

@@ -12,11 +12,15 @@ which names the flag that differs.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
 import pickle
+import signal
 import tempfile
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -56,11 +60,40 @@ def _is_write_failure(error: BaseException) -> bool:
     )
 
 
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold Ctrl-C and SIGTERM while a file is written, then act on them: a signal inside
+    torch.save's C++ writer would otherwise surface as a failed write, and a save this short
+    is better finished than rolled back."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+    watched = (signal.SIGINT, signal.SIGTERM)
+    previous = {
+        sig: signal.signal(sig, lambda signum, frame: pending.append(signum)) for sig in watched
+    }
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for sig in dict.fromkeys(pending):
+            if callable(previous[sig]):
+                previous[sig](sig, None)  # raises KeyboardInterrupt, or the script's SIGTERM exit
+            elif previous[sig] == signal.SIG_DFL:
+                os.kill(os.getpid(), sig)
+
+
 def atomic_write(path: Path, write: Any, mode: str = "wb") -> None:
     """Call `write(file)` on a temporary file beside `path`, then move it over `path`. A write
     that fails (disk full, read-only folder) raises StorageError; the temporary file is removed
-    and the previous `path` stays as it was."""
-    path = Path(path)
+    and the previous `path` stays as it was. Ctrl-C and SIGTERM wait until the file is done."""
+    with _signals_deferred():
+        _atomic_write(Path(path), write, mode)
+
+
+def _atomic_write(path: Path, write: Any, mode: str) -> None:
     tmp_name = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

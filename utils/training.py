@@ -130,6 +130,12 @@ class RunConfig:
         validate(self)
         if self.shot < 0:
             raise ConfigError(f"--shot {self.shot} must be >= 0 (0 means full shot)")
+        default_shot = next(f.default for f in dataclasses.fields(self) if f.name == "shot")
+        if self.training_mode == "full_shot" and self.shot not in (0, default_shot):
+            raise ConfigError(
+                f"--shot {self.shot} has no effect in full_shot mode (the whole test split; this "
+                "model's default, as its original); pass --training_mode few_shot with it"
+            )
         get_dataset_info(self.dataset)
         changes: dict[str, Any] = {}
         if self.shot == 0:
@@ -251,21 +257,34 @@ def save_stage(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler | None,
     run: RunConfig,
-) -> None:
+    loss: float | None = None,
+    best_loss: float | None = None,
+) -> float | None:
     """`<stem>.pth` (the resume point) and, per stage, `<stem>_<epoch>.pth`, atomically: the
-    stage's weights under the original keys, optimizer, scheduler, config, RNG states."""
+    stage's weights under the original keys, optimizer, scheduler, config, RNG states and the
+    epoch's mean training loss. A stage that keeps its lowest-loss epoch (`Stage.keep`, the
+    FE-CLIP fork's choice) also writes `<stem>_best.pth` when `loss` beats `best_loss`, the file
+    test.py and predict.py then read. Returns the best loss so far."""
+    if stage.keep == "lowest_loss" and loss is not None:
+        improved = best_loss is None or loss < best_loss
+        best_loss = loss if improved else best_loss
     payload = {
         "epoch": epoch,
         **model.stage_state(stage),
         stage.optimizer_key: optimizer.state_dict(),
         "config": checkpoint_config(model, run),
         "rng": rng_state(),
+        "loss": loss,
+        "best_loss": best_loss,
     }
     if scheduler is not None:
         payload[stage.scheduler_key] = scheduler.state_dict()
     if stage.per_epoch_files:
         save_checkpoint(run.save_path / f"{stage.stem}_{epoch}.pth", payload)
+    if stage.keep == "lowest_loss" and loss is not None and best_loss == loss:
+        save_checkpoint(run.save_path / f"{stage.stem}_best.pth", payload)
     save_checkpoint(run.save_path / f"{stage.stem}.pth", payload)
+    return best_loss
 
 
 # Run settings that make a resumed run another run (its provenance: results record them).
@@ -299,8 +318,9 @@ def resume(
     scheduler: torch.optim.lr_scheduler.LRScheduler | None,
     dist: Distributed,
     run: RunConfig,
-) -> int:
-    """Load a stage checkpoint (weights, optimizer, scheduler, RNG); the epoch to start at."""
+) -> tuple[int, float | None]:
+    """Load a stage checkpoint (weights, optimizer, scheduler, RNG); the epoch to start at and
+    the best epoch loss so far (lowest-loss stages)."""
     payload = load_checkpoint(path, map_location=dist.device)
     model.load_stage_state(stage, payload, path)
     check_same_run(path, payload.get("config"), model, run)
@@ -324,7 +344,7 @@ def resume(
         path,
         payload["epoch"],
     )
-    return int(payload["epoch"])
+    return int(payload["epoch"]), payload.get("best_loss")
 
 
 @contextlib.contextmanager
@@ -437,6 +457,7 @@ def fit(
     run: RunConfig,
     dist: Distributed,
     first_epoch: int = 0,
+    best_loss: float | None = None,
 ) -> None:
     """Train one stage for epochs `first_epoch..stage.epochs - 1`; rank 0 logs and saves after
     every epoch (`save_stage`). A diverging run stops with one line naming the epoch and step;
@@ -484,7 +505,9 @@ def fit(
             f" ({extras})" if extras else "",
         )
         if dist.is_main:
-            save_stage(model, stage, epoch + 1, optimizer, scheduler, run)
+            best_loss = save_stage(
+                model, stage, epoch + 1, optimizer, scheduler, run, epoch_loss, best_loss
+            )
 
 
 def train_stage(
@@ -504,7 +527,9 @@ def train_stage(
     if before_resume is not None:
         before_resume(stage, optimizer)
     path = run.save_path / f"{stage.stem}.pth"
-    start = resume(model, stage, path, optimizer, scheduler, dist, run) if path.is_file() else 0
+    start, best_loss = 0, None
+    if path.is_file():
+        start, best_loss = resume(model, stage, path, optimizer, scheduler, dist, run)
     if start < stage.epochs:
         write_run_config(model, run, dist)
         dataset = TrainDataset(
@@ -513,9 +538,10 @@ def train_stage(
             model.img_size,
             color_jitter=stage.color_jitter,
             augment=run.augment,
+            preprocessing=model.config.preprocessing(train=True),
         )
         loader = build_train_loader(dataset, stage.batch_size, run, dist)
-        fit(model, stage, loader, optimizer, scheduler, run, dist, start)
+        fit(model, stage, loader, optimizer, scheduler, run, dist, start, best_loss)
     elif not path.is_file() and model.skip_stage(stage) and dist.is_main:
         save_stage(model, stage, 0, optimizer, scheduler, run)
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # FE-CLIP zero-shot tables (spec feclip.md §1.3-1.4, §12): fine-tune on MVTec AD's test split and
-# test on the other data sets; fine-tune on VisA's test split for the MVTec row. The final epoch
-# (9) is evaluated; PRO is AnomalyCLIP's 200-step variant, as the paper follows AnomalyCLIP.
+# test on the other data sets; fine-tune on VisA's test split for the MVTec row. The epoch with the
+# lowest training loss (feclip_best.pth, the fork's choice) is evaluated; PRO is AnomalyCLIP's
+# 200-step variant, as the paper follows AnomalyCLIP.
 # DAGM, DTD-Synthetic, BrainMRI and Br35H are in the paper but not loadable here yet.
 # Settings: common.sh, and
 #   MVTEC_TESTS  data sets the MVTec-trained model is tested on
@@ -19,10 +20,10 @@ feclip_direction() {
     data_flags "$train"
     "$PYTHON" train.py --model feclip "${DATA[@]}" "${BACKBONE[@]}" --training_mode full_shot \
         --seed "$SEED" --save_path "$run" "${TRAIN_EXTRA[@]}"
-    write_manifest "$run" feclip zero-shot "$train" "$SEED" feclip.pth anomalyclip
+    write_manifest "$run" feclip zero-shot "$train" "$SEED" feclip_best.pth anomalyclip
     local test
     for test in "$@"; do
-        evaluate "$run" "$run/feclip.pth" "$test" --pro_variant anomalyclip
+        evaluate "$run" "$run" "$test" --pro_variant anomalyclip   # the run's kept epoch
     done
 }
 

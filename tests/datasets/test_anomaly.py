@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision import transforms
 
 from datasets.anomaly import (
     CLIP_MEAN,
@@ -93,3 +94,59 @@ def test_mask_of_another_size_raises(tmp_path):
         load_mask(tmp_path / "m.png", SIZE, (96, 96))
     assert load_mask(tmp_path / "m.png", 8, (12, 10)).sum() == 64
     assert load_mask(None, 8, (12, 10)).sum() == 0
+
+
+def test_the_feclip_default_preprocessing_is_a_short_side_resize_and_centre_crop(tmp_path):
+    from models.feclip import FEClipConfig
+
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (60, 100, 3), dtype=np.uint8))  # 100 x 60
+    image.save(tmp_path / "wide.png")
+    mask = np.zeros((60, 100), dtype=np.uint8)
+    mask[10:50, 2:30] = 255  # mostly in the left third, which the crop drops
+    Image.fromarray(mask).save(tmp_path / "wide_mask.png")
+    records = [
+        {"image_path": "wide.png", "label": 1, "class_name": "x", "mask_path": "wide_mask.png"}
+    ]
+    preprocessing = FEClipConfig().preprocessing(train=False)
+    item = TestDataset(records, tmp_path, 32, preprocessing)[0]
+    crop = transforms.Compose(
+        [
+            transforms.Resize(32, interpolation=transforms.InterpolationMode.BICUBIC),
+            transforms.CenterCrop(32),
+        ]
+    )
+    expected = transforms.functional.normalize(
+        transforms.functional.to_tensor(crop(image)), CLIP_MEAN, CLIP_STD
+    )
+    torch.testing.assert_close(item["image"], expected, rtol=0, atol=0)
+    mask_crop = transforms.Compose(
+        [
+            transforms.Resize(32, interpolation=transforms.InterpolationMode.NEAREST),
+            transforms.CenterCrop(32),
+        ]
+    )
+    expected_mask = (transforms.functional.to_tensor(mask_crop(Image.fromarray(mask))) > 0).float()
+    torch.testing.assert_close(item["mask"], expected_mask, rtol=0, atol=0)
+
+
+def test_sowa_masks_are_bilinear_with_the_originals_train_and_test_thresholds(tmp_path):
+    from models.sowa import SOWAConfig
+
+    mask = np.zeros((60, 90), dtype=np.uint8)  # not square, soft edges
+    mask[20:40, 30:60] = 255
+    mask[18:20, 30:60] = 96
+    mask[40:43, 30:60] = 30
+    Image.fromarray(mask).save(tmp_path / "m.png")
+    binary = Image.fromarray(np.where(mask > 0, 255, 0).astype(np.uint8))  # the loader's > 0
+    resized = transforms.functional.to_tensor(
+        transforms.Resize((32, 32), interpolation=transforms.InterpolationMode.BILINEAR)(binary)
+    )
+    config = SOWAConfig()
+    train_mask = load_mask(tmp_path / "m.png", 32, (90, 60), config.preprocessing(train=True))
+    test_mask = load_mask(tmp_path / "m.png", 32, (90, 60), config.preprocessing(train=False))
+    torch.testing.assert_close(train_mask, (resized > 0).float(), rtol=0, atol=0)
+    torch.testing.assert_close(test_mask, (resized > 0.5).float(), rtol=0, atol=0)
+    assert train_mask.sum() > test_mask.sum()  # the bilinear edges count in training only
+    nearest = load_mask(tmp_path / "m.png", 32, (90, 60))  # AA-CLIP's: nearest, any non-zero
+    assert not torch.equal(nearest, train_mask)

@@ -17,6 +17,7 @@ from models.feclip import (
     FEClipConfig,
     FFEAdapter,
     LFSAdapter,
+    TapLogits,
     dct2,
     dct_basis,
     idct2,
@@ -284,3 +285,37 @@ def test_checkpoint_round_trip_and_mismatches(tiny_clip, tmp_path):
     save_checkpoint(other, {"epoch": 1, "image_adapter": {}, "config": {"model": "aaclip"}})
     with pytest.raises(CheckpointError, match="model='aaclip'"):
         FECLIP.from_checkpoint(other)
+
+
+def test_the_default_loss_is_the_forks_formula(tiny_clip):
+    """With no flags: focal with α 0.25 (positives; 0.75 negatives) and dice smoothing 1e-6, as
+    the fork's losses.py, restated here on a fixed batch."""
+    model = FECLIP(FEClipConfig(), tiny_clip)
+    generator = torch.Generator().manual_seed(0)
+    output = TapLogits(
+        torch.randn(4, 2, generator=generator), torch.randn(4, 2, 8, 8, generator=generator)
+    )
+    mask = (torch.rand(2, 1, 64, 64, generator=generator) > 0.7).float()
+    label = torch.tensor([1.0, 0.0])
+    got = model.loss(output, {"mask": mask, "label": label})
+    cls = F.binary_cross_entropy_with_logits(output.image_logits, label.expand(4, -1))
+    mask_losses = []
+    for logits in output.patch_logits:
+        p = F.interpolate(torch.sigmoid(logits)[:, None], size=64, mode="bilinear").clamp(
+            1e-6, 1 - 1e-6
+        )
+        pt = torch.where(mask > 0.5, p, 1 - p)
+        alpha = torch.where(mask > 0.5, 0.25, 0.75)
+        focal = (-alpha * (1 - pt) ** 2 * torch.log(pt)).mean()
+        dice = (
+            1
+            - (
+                (2 * (p * mask).flatten(1).sum(1) + 1e-6)
+                / (p.flatten(1).sum(1) + mask.flatten(1).sum(1) + 1e-6)
+            ).mean()
+        )
+        mask_losses.append(focal + dice)
+    expected_mask = sum(mask_losses) / 4
+    assert_close(got["cls"], cls)
+    assert_close(got["mask"], expected_mask)
+    assert_close(got["loss"], cls + expected_mask)

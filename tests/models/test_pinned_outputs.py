@@ -141,7 +141,8 @@ def cross_attention_outputs(out: dict, data: dict) -> None:
 
 def feclip_outputs(out: dict, data: dict) -> None:
     for variant, settings in {
-        "default": {},
+        # The loss settings of the time of the pin (since then the fork's are the defaults).
+        "default": {"focal_alpha": None, "dice_smooth": 1.0},
         "abs_zero_sigma": {
             "lfs_agg": "abs",
             "lfs_pad": "zero",
