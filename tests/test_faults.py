@@ -25,7 +25,7 @@ import train
 from models.feclip import FECLIP
 from models.predictor import AnomalyPredictor
 from models.registry import find_checkpoint
-from utils import checkpoint
+from utils import checkpoint, training
 from utils.errors import TrainingDiverged
 from utils.runtime import Distributed, grad_scaler, progress, run_script, set_progress
 from utils.training import training_step
@@ -278,21 +278,27 @@ def popen_train(argv: list[str]) -> subprocess.Popen:
     return subprocess.Popen(command, cwd=ROOT, env=environment(), stderr=subprocess.PIPE, text=True)
 
 
-def test_ctrl_c_during_training_is_one_line_and_resumable(data_root, tmp_path):
-    sent, code, name = signal.SIGINT, 130, "Ctrl-C"
-    save_path = tmp_path / "run"
-    argv = [*FECLIP_RUN, "--data_root", str(data_root), "--save_path", str(save_path)]
-    process = popen_train([*argv, "--epochs", "30"])
-    wait_for(save_path / "train_feclip.log", "epoch 2/30", process)  # feclip.pth is complete
-    process.send_signal(sent)
-    _, stderr = process.communicate(timeout=60)
-    assert process.returncode == code, stderr[-1500:]
-    (line,) = error_lines(stderr)
-    assert f"stopped by {name}" in line and "run the same command again" in line
-    epoch = checkpoint.load_checkpoint(save_path / "feclip.pth")["epoch"]
+def test_ctrl_c_during_training_is_one_line_and_resumable(good_run, monkeypatch, one_line_error):
+    """A real SIGINT to this process, right after epoch 2's checkpoint is written."""
+    argv, save_path = good_run
+    save_stage = training.save_stage
+
+    def save_then_interrupt(model, stage, epoch, *args):
+        best = save_stage(model, stage, epoch, *args)
+        if epoch == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)  # Python raises KeyboardInterrupt here
+        return best
+
+    monkeypatch.setattr(training, "save_stage", save_then_interrupt)
+    assert train.main([*argv, "--epochs", "30"]) == 130
+    message = one_line_error()
+    assert message.startswith("stopped by Ctrl-C") and "run the same command again" in message
+    assert checkpoint.load_checkpoint(save_path / "feclip.pth")["epoch"] == 2
     assert not (save_path / "train.lock").exists()  # released however the run ends
-    assert train.main([*argv, "--epochs", str(epoch + 1)]) == 0
-    assert checkpoint.load_checkpoint(save_path / "feclip.pth")["epoch"] == epoch + 1
+    monkeypatch.setattr(training, "save_stage", save_stage)
+    assert train.main([*argv, "--epochs", "3"]) == 0
+    assert checkpoint.load_checkpoint(save_path / "feclip.pth")["epoch"] == 3
 
 
 def test_a_second_training_into_the_same_folder_is_refused(good_run, one_line_error, caplog):

@@ -64,6 +64,7 @@ def test_aaclip_script_end_to_end(synthetic_root, tmp_path, paper_table, capsys)
         TRAIN_ARGS="--text_epoch 1 --image_epoch 1 --image_batch_size 8",
         EPOCH="1",
         VISA_TESTS="MVTec",
+        MVTEC_TESTS="",  # the other direction trains; its evaluation is the same code
     )
     runs = sorted(out.iterdir())
     assert [run.name for run in runs] == ["aaclip_full_from_MVTec", "aaclip_full_from_VisA"]
@@ -108,7 +109,7 @@ def test_feclip_script_end_to_end(synthetic_root, tmp_path, paper_table, capsys)
 
 
 def test_sowa_script_end_to_end(synthetic_root, tmp_path, paper_table, capsys):
-    out = run_script("sowa_4shot.sh", synthetic_root, tmp_path, MVTEC_TESTS="VisA")
+    out = run_script("sowa_4shot.sh", synthetic_root, tmp_path, MVTEC_TESTS="")
     runs = sorted(out.iterdir())
     assert [run.name for run in runs] == ["sowa_4-shot_from_MVTec", "sowa_4-shot_from_VisA"]
     results = json.loads((runs[1] / "eval" / "MVTec" / "results_Synthetic.json").read_text())
