@@ -14,6 +14,7 @@ for deployment (predict.py).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import re
 from pathlib import Path
@@ -26,7 +27,7 @@ from torch.utils.data import DataLoader
 
 from datasets.anomaly import TestDataset, build_test_datasets, resize_image, seen_region
 from datasets.catalog import default_data_root, get_dataset_info, real_name
-from datasets.metadata import load_test_records
+from datasets.metadata import load_test_records, log_resized_masks
 from datasets.support import draw_support, load_images
 from datasets.synthetic import ensure_synthetic
 from models.base import FrozenCLIPModel
@@ -61,7 +62,7 @@ from utils.runtime import (
     seed_everything,
     setup_logging,
 )
-from utils.training import RunConfig, set_switches
+from utils.training import RunConfig, configure_data_set, set_switches
 from utils.visualize import save_panels
 
 logger = logging.getLogger("test")
@@ -342,6 +343,7 @@ def results_stem(dataset: str, checkpoint: Path, model: str) -> str:
 def run(args: argparse.Namespace) -> None:
     device = resolve_device(args.device)
     seed_everything(args.seed)
+    configure_data_set(args)
     info = get_dataset_info(args.dataset)
     if args.data_root is None:
         args.data_root = default_data_root(args.dataset)
@@ -349,6 +351,8 @@ def run(args: argparse.Namespace) -> None:
         ensure_synthetic(args.data_root)
     model_name, files = checkpoint_files(args)
     records = load_test_records(args.dataset, args.data_root, args.metadata_dir)
+    if args.resize_masks:
+        log_resized_masks(records, args.data_root)
     columns = COLUMNS_OFFICIAL if args.metrics == "official" else COLUMNS_FULL
     out_dir = output_folder(args)
     overrides = model_overrides(args)
@@ -361,7 +365,9 @@ def run(args: argparse.Namespace) -> None:
         else:  # the next epoch of the same run: same architecture, reload its weights
             payload = model.load_trained(path)
         predictor = AnomalyPredictor(model, info.domain, args.amp, args.k_shot)
-        preprocessing = model.config.preprocessing(train=False)
+        preprocessing = dataclasses.replace(
+            model.config.preprocessing(train=False), resize_masks=args.resize_masks
+        )
         datasets = build_test_datasets(records, args.data_root, model.img_size, preprocessing)
         logger.info(
             "evaluating %s %s (epoch %s) on %s",

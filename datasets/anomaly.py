@@ -65,11 +65,14 @@ class Preprocessing:
     mask_resize: `nearest` (AA-CLIP) or `bilinear` (SOWA: grey values at the edges).
     mask_threshold: a pixel is defect where the resized mask, in [0, 1], is above it (AA-CLIP 0,
         i.e. any non-zero pixel; SOWA 0 for training and 0.5 for testing).
+    resize_masks: a mask whose size differs from its image is resized to the input like the
+        image, as the original code does without a check (`--resize_masks`); off, it is an error.
     """
 
     resize: str = "square"
     mask_resize: str = "nearest"
     mask_threshold: float = 0.0
+    resize_masks: bool = False  # a mask of another size than its image: resize, not refuse
 
 
 def resize_image(image: Image.Image, img_size: int, mode: str = "square") -> Image.Image:
@@ -133,12 +136,13 @@ def load_mask(
             mask = mask_file.convert("L")
     except (UnidentifiedImageError, OSError) as error:
         raise DataError(f"cannot read mask {path}: {error}; remove or replace the file") from error
-    if mask.size != tuple(image_size_wh):
+    preprocessing = preprocessing or Preprocessing()
+    if mask.size != tuple(image_size_wh) and not preprocessing.resize_masks:
         raise DataError(
             f"mask {path} is {mask.size[0]}x{mask.size[1]} but its image is "
-            f"{image_size_wh[0]}x{image_size_wh[1]}; masks must match their image"
+            f"{image_size_wh[0]}x{image_size_wh[1]}; masks must match their image: fix it, or "
+            "pass --resize_masks to resize it to the input as the original code does"
         )
-    preprocessing = preprocessing or Preprocessing()
     binary = mask.point(lambda value: 255 if value else 0)
     resample = MASK_RESIZES[preprocessing.mask_resize]
     resized = _resize(binary, img_size, preprocessing.resize, resample)

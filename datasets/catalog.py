@@ -23,7 +23,8 @@ class DatasetInfo:
     domain: str  # "Industrial" | "Medical": picks the test-time blur (spec §9)
     classes: tuple[str, ...]  # the original's class order, used for test loops and logs
     real_names: dict[str, str]
-    layout: str  # "mvtec" | "visa" | "btad" | "bmad" | "colon"
+    layout: str  # the builder in datasets.metadata: "mvtec", "visa", "btad", "dagm", ...
+    options: tuple[tuple[str, str], ...] = ()  # the Folder layout's folders (configure_folder)
 
 
 _MVTEC = {
@@ -85,6 +86,26 @@ _SYNTHETIC = {
     "dots": "dotted plate",
 }
 _COLON = "colon endoscopy image"
+# DTD-Synthetic (Aota et al., WACV 2023): 12 texture classes in the MVTec layout.
+_DTD = {
+    name: name.replace("_", " ")
+    for name in (
+        "Blotchy_099",
+        "Fibrous_183",
+        "Marbled_078",
+        "Matted_069",
+        "Mesh_114",
+        "Perforated_037",
+        "Stratified_154",
+        "Woven_001",
+        "Woven_068",
+        "Woven_104",
+        "Woven_125",
+        "Woven_127",
+    )
+}
+# DAGM 2007: ten synthetic texture classes; the papers prompt with the class name.
+_DAGM = {f"Class{index}": f"Class{index}" for index in range(1, 11)}
 
 
 def _info(name: str, domain: str, real_names: dict[str, str], layout: str) -> DatasetInfo:
@@ -105,9 +126,49 @@ CATALOG: dict[str, DatasetInfo] = {
         _info("Colon_colonDB", "Medical", {"Colon_colonDB": _COLON}, "colon"),
         _info("Colon_cvc300", "Medical", {"CVC-300": _COLON}, "colon"),
         _info("Colon_Kvasir", "Medical", {"Kvasir": _COLON}, "colon"),
+        _info("DTD-Synthetic", "Industrial", _DTD, "mvtec"),
+        _info("DAGM", "Industrial", _DAGM, "dagm"),
+        # Image-level medical sets (FE-CLIP, AnomalyCLIP): the class prompt is the organ.
+        _info("BrainMRI", "Medical", {"brain": "brain"}, "yes_no"),
+        _info("Br35H", "Medical", {"brain": "brain"}, "yes_no"),
+        _info("HeadCT", "Medical", {"head": "head"}, "headct"),
+        _info("ISIC", "Medical", {"skin": "skin"}, "isic"),
         _info("Synthetic", "Industrial", _SYNTHETIC, "mvtec"),
+        # Your own images (configure_folder sets the class and the folders).
+        _info("Folder", "Industrial", {"object": "object"}, "folder"),
     )
 }
+
+FOLDER_DEFAULTS = {"normal_dir": "normal", "abnormal_dir": "abnormal", "mask_dir": "masks"}
+
+
+def configure_folder(
+    class_name: str | None,
+    normal_dir: str | None = None,
+    abnormal_dir: str | None = None,
+    mask_dir: str | None = None,
+    records_csv: str | None = None,
+) -> DatasetInfo:
+    """The `Folder` data set of this process: one class (its prompt name is `class_name` with
+    spaces for `_`) read from `normal_dir` / `abnormal_dir` (masks from `mask_dir`, matched by
+    stem), or from a CSV `image,label,mask`; folders relative to the data root."""
+    name = class_name or "object"
+    options = {
+        "normal_dir": normal_dir or FOLDER_DEFAULTS["normal_dir"],
+        "abnormal_dir": abnormal_dir or FOLDER_DEFAULTS["abnormal_dir"],
+        "mask_dir": mask_dir or FOLDER_DEFAULTS["mask_dir"],
+        "records_csv": records_csv or "",
+    }
+    info = DatasetInfo(
+        "Folder",
+        "Industrial",
+        (name,),
+        {name: name.replace("_", " ")},
+        "folder",
+        tuple(options.items()),
+    )
+    CATALOG["Folder"] = info
+    return info
 
 
 def get_dataset_info(name: str) -> DatasetInfo:

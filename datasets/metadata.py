@@ -15,13 +15,15 @@ import random
 from collections.abc import Callable
 from pathlib import Path
 
+from PIL import Image
+
 from datasets.catalog import DatasetInfo, get_dataset_info
 from utils.checkpoint import atomic_write
 from utils.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif")  # matched case-insensitively
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")  # any case
 FULL_SHOT_FILE = "full-shot.jsonl"
 TRAINING_MODES = ("few_shot", "full_shot")
 
@@ -58,6 +60,7 @@ def write_jsonl(path: Path, records: list[dict]) -> None:
 
 
 def _images(folder: Path) -> list[Path]:
+    """Image files of a folder (any of IMAGE_EXTENSIONS, in any case), sorted."""
     if not folder.is_dir():
         return []
     return sorted(
@@ -76,15 +79,38 @@ def _record(root: Path, image: Path, label: int, class_name: str, mask: Path | N
     }
 
 
-def _existing_mask(mask: Path, image: Path) -> Path:
-    if not mask.is_file():
-        raise DataError(f"anomalous image {image} has no mask {mask}; add the mask or remove it")
-    return mask
+class _Masks:
+    """The masks of a folder found by their image's stem, whatever their extension and case
+    (BTAD's class 03 ships .bmp masks, classes 01 and 02 .png masks, some for .bmp images)."""
+
+    def __init__(self, folder: Path, suffix: str = "") -> None:
+        self.folder = folder
+        self.suffix = suffix
+        self.by_stem = {path.stem.lower(): path for path in _images(folder)}
+
+    def find(self, image: Path) -> Path | None:
+        return self.by_stem.get(f"{image.stem}{self.suffix}".lower())
+
+    def of(self, image: Path) -> Path:
+        """The mask of an anomalous image; a missing one is a one-line error."""
+        mask = self.find(image)
+        if mask is None:
+            expected = self.folder / f"{image.stem}{self.suffix}.png"
+            raise DataError(
+                f"anomalous image {image} has no mask {expected} (any image extension); "
+                "add the mask or remove the image"
+            )
+        return mask
 
 
-def _present_classes(info: DatasetInfo, root: Path, pattern: str) -> list[str]:
-    """Catalog classes with a `<class>/test` folder; warns about the others (partial downloads)."""
-    present = [name for name in info.classes if (root / name / "test").is_dir()]
+def _sorted(records: list[dict]) -> list[dict]:
+    return sorted(records, key=lambda record: record["image_path"])
+
+
+def _present_classes(info: DatasetInfo, root: Path, pattern: str, test: str = "test") -> list[str]:
+    """Catalog classes with a `<class>/<test>` folder; warns about the others (a partial
+    download)."""
+    present = [name for name in info.classes if (root / name / test).is_dir()]
     if not present:
         raise DataError(f"{root} has no {info.name} layout: expected {pattern}; pass --data_root")
     for name in info.classes:
@@ -94,33 +120,40 @@ def _present_classes(info: DatasetInfo, root: Path, pattern: str) -> list[str]:
 
 
 def _build_mvtec(info: DatasetInfo, root: Path) -> list[dict]:
+    """MVTec AD, MPDD, DTD-Synthetic: `<class>/test/<defect>/*`, masks
+    `<class>/ground_truth/<defect>/<stem>_mask.*`; `train/`, licences and readmes are not
+    records."""
     records = []
     for name in _present_classes(info, root, "<class>/test/good/*.png"):
         class_records = []
         for folder in sorted(path for path in (root / name / "test").iterdir() if path.is_dir()):
+            masks = _Masks(root / name / "ground_truth" / folder.name, "_mask")
             for image in _images(folder):
                 if folder.name == "good":
                     class_records.append(_record(root, image, 0, name, None))
-                    continue
-                mask = root / name / "ground_truth" / folder.name / f"{image.stem}_mask.png"
-                class_records.append(_record(root, image, 1, name, _existing_mask(mask, image)))
-        records += sorted(class_records, key=lambda record: record["image_path"])
+                else:
+                    class_records.append(_record(root, image, 1, name, masks.of(image)))
+        records += _sorted(class_records)
     return records
 
 
 def _build_btad(info: DatasetInfo, root: Path) -> list[dict]:
+    """BTAD (BTech_Dataset_transformed): `<class>/test/{ok,ko}/*`, masks
+    `<class>/ground_truth/ko/<stem>.*` (.png for 01/02, .bmp for 03)."""
     records = []
-    for name in _present_classes(info, root, "<class>/test/{ok,ko}/*.png"):
+    for name in _present_classes(info, root, "<class>/test/{ok,ko}/*.bmp"):
         test = root / name / "test"
+        masks = _Masks(root / name / "ground_truth" / "ko")
         class_records = [_record(root, image, 0, name, None) for image in _images(test / "ok")]
-        for image in _images(test / "ko"):
-            mask = _existing_mask(root / name / "ground_truth" / "ko" / f"{image.stem}.png", image)
-            class_records.append(_record(root, image, 1, name, mask))
-        records += sorted(class_records, key=lambda record: record["image_path"])
+        class_records += [
+            _record(root, image, 1, name, masks.of(image)) for image in _images(test / "ko")
+        ]
+        records += _sorted(class_records)
     return records
 
 
 def _build_visa(info: DatasetInfo, root: Path) -> list[dict]:
+    """VisA: the test rows of `split_csv/1cls.csv` (its train rows are not records)."""
     split_csv = root / "split_csv" / "1cls.csv"
     if not split_csv.is_file():
         raise DataError(f"{root} has no VisA layout: expected {split_csv}; pass --data_root")
@@ -144,27 +177,147 @@ def _build_visa(info: DatasetInfo, root: Path) -> list[dict]:
 
 
 def _build_bmad(info: DatasetInfo, root: Path) -> list[dict]:
+    """BMAD (Brain, Liver, Retina): `test/good/img/*`, `test/Ungood/img/*`, masks
+    `test/Ungood/label/<stem>.*`; `train/` and `valid/` are not records."""
     test = root / "test"
     if not (test / "good" / "img").is_dir():
         raise DataError(
             f"{root} has no BMAD layout: expected test/good/img/*.png; pass --data_root"
         )
     name = info.classes[0]
+    masks = _Masks(test / "Ungood" / "label")
     records = [_record(root, image, 0, name, None) for image in _images(test / "good" / "img")]
-    for image in _images(test / "Ungood" / "img"):
-        mask = _existing_mask(test / "Ungood" / "label" / image.name, image)
-        records.append(_record(root, image, 1, name, mask))
-    return sorted(records, key=lambda record: record["image_path"])
+    records += [
+        _record(root, image, 1, name, masks.of(image)) for image in _images(test / "Ungood" / "img")
+    ]
+    return _sorted(records)
 
 
 def _build_colon(info: DatasetInfo, root: Path) -> list[dict]:
+    """The colonoscopy sets (PraNet's TestDataset folders): `images/*`, `masks/<stem>.*`, all
+    anomalous."""
     if not (root / "images").is_dir():
         raise DataError(f"{root} has no colon layout: expected images/*.png; pass --data_root")
     name = info.classes[0]
-    return [
-        _record(root, image, 1, name, _existing_mask(root / "masks" / image.name, image))
-        for image in _images(root / "images")
-    ]
+    masks = _Masks(root / "masks")
+    return [_record(root, image, 1, name, masks.of(image)) for image in _images(root / "images")]
+
+
+def dagm_defective(labels: Path) -> dict[str, str]:
+    """DAGM 2007's `Label/Labels.txt`: a first line `1`, then one row per image
+    `<n> <defective 0/1> <image file> 0 <label file or 0>` -> {image file: label file} for the
+    defective rows (the others are defect-free images)."""
+    defective = {}
+    for line in labels.read_text().splitlines()[1:]:
+        fields = line.split()
+        if len(fields) >= 5 and fields[1] == "1":
+            defective[fields[2].lower()] = fields[4]
+    return defective
+
+
+def _build_dagm(info: DatasetInfo, root: Path) -> list[dict]:
+    """DAGM 2007: `Class<n>/Test/*.PNG`; `Test/Label/Labels.txt` says which are defective and
+    names their label image in `Test/Label/` (weak, elliptic labels). `Train/` is not records."""
+    records = []
+    for name in _present_classes(info, root, "Class<n>/Test/*.PNG", test="Test"):
+        test = root / name / "Test"
+        labels = test / "Label" / "Labels.txt"
+        if not labels.is_file():
+            raise DataError(f"{labels} is missing: DAGM lists its defective images there")
+        defective = dagm_defective(labels)
+        masks = {path.name.lower(): path for path in _images(test / "Label")}
+        class_records = []
+        for image in _images(test):
+            label_file = defective.get(image.name.lower())
+            if label_file is None:
+                class_records.append(_record(root, image, 0, name, None))
+                continue
+            mask = masks.get(label_file.lower())
+            if mask is None:
+                raise DataError(f"{labels} names {label_file} for {image.name}, which is missing")
+            class_records.append(_record(root, image, 1, name, mask))
+        records += _sorted(class_records)
+    return records
+
+
+def _build_yes_no(info: DatasetInfo, root: Path) -> list[dict]:
+    """BrainMRI and Br35H (Kaggle): `yes/*` tumour (anomalous), `no/*` normal, image labels only;
+    Br35H's unlabelled `pred/` and BrainMRI's duplicate `brain_tumor_dataset/` are not records."""
+    if not (root / "yes").is_dir() or not (root / "no").is_dir():
+        raise DataError(f"{root} has no {info.name} layout: expected yes/*.jpg and no/*.jpg")
+    name = info.classes[0]
+    records = [_record(root, image, 0, name, None) for image in _images(root / "no")]
+    records += [_record(root, image, 1, name, None) for image in _images(root / "yes")]
+    return _sorted(records)
+
+
+def _build_headct(info: DatasetInfo, root: Path) -> list[dict]:
+    """Head CT - hemorrhage (Kaggle): `head_ct/head_ct/<id>.png` and `labels.csv` (`id,
+    hemorrhage`), image labels only."""
+    table, folder = root / "labels.csv", root / "head_ct" / "head_ct"
+    if not table.is_file() or not folder.is_dir():
+        raise DataError(f"{root} has no HeadCT layout: expected labels.csv and head_ct/head_ct/")
+    with open(table, encoding="utf-8-sig", newline="") as file:
+        rows = list(csv.DictReader(file, skipinitialspace=True))
+    images = {path.stem: path for path in _images(folder)}
+    name = info.classes[0]
+    records = []
+    for row in rows:
+        image = images.get(f"{int(row['id']):03d}") or images.get(str(row["id"]))
+        if image is None:
+            raise DataError(f"{table} lists image {row['id']}, which is not in {folder}")
+        records.append(_record(root, image, int(row["hemorrhage"]), name, None))
+    return _sorted(records)
+
+
+def _build_isic(info: DatasetInfo, root: Path) -> list[dict]:
+    """ISIC 2016 (ISBI challenge, part 1 test): `ISBI2016_ISIC_Part1_Test_Data/*.jpg`, masks
+    `ISBI2016_ISIC_Part1_Test_GroundTruth/<stem>_Segmentation.png`, all anomalous."""
+    images = root / "ISBI2016_ISIC_Part1_Test_Data"
+    if not images.is_dir():
+        raise DataError(f"{root} has no ISIC layout: expected {images.name}/*.jpg")
+    masks = _Masks(root / "ISBI2016_ISIC_Part1_Test_GroundTruth", "_Segmentation")
+    name = info.classes[0]
+    return [_record(root, image, 1, name, masks.of(image)) for image in _images(images)]
+
+
+def _build_folder(info: DatasetInfo, root: Path) -> list[dict]:
+    """Your own images (anomalib's Folder convention): `<normal_dir>/*` normal, `<abnormal_dir>/*`
+    anomalous, masks in `<mask_dir>` by the image's stem (or `<stem>_mask`), optional; or a CSV
+    `image,label,mask` (paths relative to the data root, mask may be empty)."""
+    options = dict(info.options)
+    name = info.classes[0]
+    if options.get("records_csv"):
+        table = root / options["records_csv"]
+        if not table.is_file():
+            raise DataError(f"--records_csv {table} does not exist")
+        with open(table, encoding="utf-8-sig", newline="") as file:
+            reader = csv.DictReader(file)
+            if not {"image", "label"} <= set(reader.fieldnames or ()):
+                raise DataError(f"{table} needs a header with columns image,label[,mask]")
+            rows = list(reader)
+        return [
+            {
+                "image_path": Path(row["image"]).as_posix(),
+                "label": int(row["label"]),
+                "class_name": name,
+                "mask_path": Path(row["mask"]).as_posix() if row.get("mask") else "",
+            }
+            for row in rows
+        ]
+    normal, abnormal = root / options["normal_dir"], root / options["abnormal_dir"]
+    if not _images(normal) and not _images(abnormal):
+        raise DataError(
+            f"{root} has no images in {normal.name}/ or {abnormal.name}/; pass --normal_dir, "
+            "--abnormal_dir (folders under --data_root) or --records_csv"
+        )
+    by_stem = _Masks(root / options["mask_dir"])
+    suffixed = _Masks(root / options["mask_dir"], "_mask")
+    records = [_record(root, image, 0, name, None) for image in _images(normal)]
+    for image in _images(abnormal):
+        mask = by_stem.find(image) or suffixed.find(image)
+        records.append(_record(root, image, 1, name, mask))
+    return _sorted(records)
 
 
 _BUILDERS: dict[str, Callable[[DatasetInfo, Path], list[dict]]] = {
@@ -173,6 +326,11 @@ _BUILDERS: dict[str, Callable[[DatasetInfo, Path], list[dict]]] = {
     "btad": _build_btad,
     "bmad": _build_bmad,
     "colon": _build_colon,
+    "dagm": _build_dagm,
+    "yes_no": _build_yes_no,
+    "headct": _build_headct,
+    "isic": _build_isic,
+    "folder": _build_folder,
 }
 
 
@@ -206,6 +364,25 @@ def validate_records(dataset: str, root: Path, records: list[dict]) -> None:
                     f"{root / record[key]} is listed in the metadata but missing; "
                     "restore it or delete the jsonl file to rebuild it"
                 )
+
+
+def log_resized_masks(records: list[dict], root: Path) -> int:
+    """Count (and log) the masks whose size differs from their image's, which `--resize_masks`
+    resizes to the model input as the original code does; reads image headers only."""
+    root = Path(root)
+    resized = 0
+    for record in records:
+        if record["mask_path"]:
+            with Image.open(root / record["image_path"]) as image:
+                with Image.open(root / record["mask_path"]) as mask:
+                    resized += image.size != mask.size
+    if resized:
+        logger.warning(
+            "--resize_masks: %d of %d masks differ in size from their image and are resized",
+            resized,
+            sum(1 for record in records if record["mask_path"]),
+        )
+    return resized
 
 
 def sample_k_shot(records: list[dict], k: int, seed: int) -> list[dict]:

@@ -18,7 +18,7 @@ import torch
 
 from datasets.anomaly import load_image
 from datasets.catalog import get_dataset_info
-from datasets.metadata import IMAGE_EXTENSIONS
+from datasets.metadata import IMAGE_EXTENSIONS, dagm_defective
 from utils.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -58,6 +58,12 @@ def support_candidates(dataset: str, root: Path, class_name: str) -> list[Path]:
     if info.layout == "visa":
         candidates = _visa_train_normals(root, class_name)
         where = f"{root / 'split_csv' / '1cls.csv'} (split train, label normal, {class_name})"
+    elif info.layout == "dagm":
+        train = root / class_name / "Train"
+        labels = train / "Label" / "Labels.txt"
+        defective = dagm_defective(labels) if labels.is_file() else {}
+        candidates = [path for path in _folder_images(train) if path.name.lower() not in defective]
+        where = f"{train} (the rows of Label/Labels.txt without a defect)"
     elif info.layout in NORMAL_TRAIN_FOLDERS:
         folder = root / class_name / "train" / NORMAL_TRAIN_FOLDERS[info.layout]
         candidates = _folder_images(folder)

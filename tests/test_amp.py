@@ -54,15 +54,15 @@ def test_training_runs_under_bf16(synthetic_root, tmp_path):
         "--device",
         "cpu",
         "--shot",
-        "8",
+        "2",  # one normal and one anomalous image per class: one step per stage
         "--text_epoch",
         "1",
         "--image_epoch",
         "1",
         "--text_batch_size",
-        "8",
+        "6",
         "--image_batch_size",
-        "8",
+        "6",
     ]
     assert train.main(argv) == 0
     assert (tmp_path / "run" / "image_adapter.pth").is_file()

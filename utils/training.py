@@ -27,8 +27,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 
 from datasets.anomaly import TrainDataset
-from datasets.catalog import CATALOG, default_data_root, get_dataset_info
-from datasets.metadata import ensure_training_records
+from datasets.catalog import CATALOG, configure_folder, default_data_root, get_dataset_info
+from datasets.metadata import ensure_training_records, log_resized_masks
 from datasets.synthetic import ensure_synthetic
 from utils.checkpoint import (
     allow_pickle,
@@ -93,6 +93,31 @@ class RunConfig:
     metadata_dir: Path | None = setting(
         None, "where the *.jsonl record files live; unset: the data root", kind=RUN
     )
+    class_name: str | None = setting(
+        None,
+        "--dataset Folder: the class (and prompt) name of your images; unset: object",
+        kind=RUN,
+    )
+    normal_dir: str | None = setting(
+        None,
+        "--dataset Folder: folder of normal images under the data root; unset: normal",
+        kind=RUN,
+    )
+    abnormal_dir: str | None = setting(
+        None, "--dataset Folder: folder of anomalous images; unset: abnormal", kind=RUN
+    )
+    mask_dir: str | None = setting(
+        None, "--dataset Folder: masks by image stem (optional); unset: masks", kind=RUN
+    )
+    records_csv: str | None = setting(
+        None, "--dataset Folder: a CSV image,label,mask under the data root instead", kind=RUN
+    )
+    resize_masks: bool = setting(
+        False,
+        "resize a mask whose size differs from its image to the model input, as the original "
+        "code does silently (off: such a mask is an error)",
+        kind=RUN,
+    )
     num_workers: int | None = setting(
         None, "DataLoader workers; unset: 4 on CUDA, 0 on CPU", kind=RUN, minimum=0
     )
@@ -136,13 +161,26 @@ class RunConfig:
                 f"--shot {self.shot} has no effect in full_shot mode (the whole test split; this "
                 "model's default, as its original); pass --training_mode few_shot with it"
             )
-        get_dataset_info(self.dataset)
+        configure_data_set(self)
         changes: dict[str, Any] = {}
         if self.shot == 0:
             changes["training_mode"] = "full_shot"
         if self.data_root is None:
             changes["data_root"] = default_data_root(self.dataset)
         return dataclasses.replace(self, **changes)
+
+
+def configure_data_set(settings: Any) -> None:
+    """Check `--dataset`; the Folder data set takes its class and folders from the flags."""
+    get_dataset_info(settings.dataset)
+    if settings.dataset == "Folder":
+        configure_folder(
+            settings.class_name,
+            settings.normal_dir,
+            settings.abnormal_dir,
+            settings.mask_dir,
+            settings.records_csv,
+        )
 
 
 def set_switches(args: Any) -> None:
@@ -168,9 +206,12 @@ def training_records(run: RunConfig, dist: Distributed) -> list[dict]:
     def load() -> list[dict]:
         if run.dataset == "Synthetic":
             ensure_synthetic(run.data_root)
-        return ensure_training_records(
+        records = ensure_training_records(
             run.dataset, run.data_root, run.training_mode, run.shot, run.seed, run.metadata_dir
         )
+        if run.resize_masks:
+            log_resized_masks(records, run.data_root)
+        return records
 
     if dist.is_main:
         records = load()
@@ -538,7 +579,9 @@ def train_stage(
             model.img_size,
             color_jitter=stage.color_jitter,
             augment=run.augment,
-            preprocessing=model.config.preprocessing(train=True),
+            preprocessing=dataclasses.replace(
+                model.config.preprocessing(train=True), resize_masks=run.resize_masks
+            ),
         )
         loader = build_train_loader(dataset, stage.batch_size, run, dist)
         fit(model, stage, loader, optimizer, scheduler, run, dist, start, best_loss)

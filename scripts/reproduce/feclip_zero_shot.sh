@@ -3,14 +3,13 @@
 # test on the other data sets; fine-tune on VisA's test split for the MVTec row. The epoch with the
 # lowest training loss (feclip_best.pth, the fork's choice) is evaluated; PRO is AnomalyCLIP's
 # 200-step variant, as the paper follows AnomalyCLIP.
-# DAGM, DTD-Synthetic, BrainMRI and Br35H are in the paper but not loadable here yet.
 # Settings: common.sh, and
 #   MVTEC_TESTS  data sets the MVTec-trained model is tested on
 #   VISA_TESTS   data sets the VisA-trained model is tested on
 source "$(dirname "$0")/common.sh"
 
 SEED="${SEED:-42}"
-MVTEC_TESTS="${MVTEC_TESTS:-VisA MPDD BTAD Colon_clinicDB Colon_Kvasir}"
+MVTEC_TESTS="${MVTEC_TESTS:-VisA MPDD BTAD DAGM DTD-Synthetic Colon_clinicDB Colon_Kvasir BrainMRI Br35H}"
 VISA_TESTS="${VISA_TESTS:-MVTec}"
 
 feclip_direction() {

@@ -4,7 +4,6 @@
 # images per class from the test data set's train split (drawn with SUPPORT_SEED; the original
 # drew without a seed). AUPRO is SOWA's own variant. The README reports mean ± std over runs:
 # repeat with several SEED values and compare with scripts/compare_runs.py.
-# DAGM and DTD-Synthetic are in the README but not loadable here yet.
 # Settings: common.sh, and
 #   K_SHOT        support images per class (default 4)
 #   SUPPORT_SEED  seed of the support draw (default 42)
@@ -16,7 +15,7 @@ SEED="${SEED:-2025}"
 K_SHOT="${K_SHOT:-4}"
 SUPPORT_SEED="${SUPPORT_SEED:-42}"
 VISA_TESTS="${VISA_TESTS:-MVTec}"
-MVTEC_TESTS="${MVTEC_TESTS:-VisA BTAD}"
+MVTEC_TESTS="${MVTEC_TESTS:-VisA BTAD DAGM DTD-Synthetic}"
 
 sowa_direction() {
     local train="$1"

@@ -7,7 +7,8 @@ from utils.errors import ConfigError
 def test_catalog_keys():
     assert list(CATALOG) == [
         "MVTec", "VisA", "BTAD", "MPDD", "Brain", "Liver", "Retina",
-        "Colon_clinicDB", "Colon_colonDB", "Colon_cvc300", "Colon_Kvasir", "Synthetic",
+        "Colon_clinicDB", "Colon_colonDB", "Colon_cvc300", "Colon_Kvasir", "DTD-Synthetic",
+        "DAGM", "BrainMRI", "Br35H", "HeadCT", "ISIC", "Synthetic", "Folder",
     ]  # fmt: skip
 
 

@@ -68,3 +68,15 @@ def test_data_sets_without_a_normal_train_split_are_refused(tmp_path, synthetic_
         support_candidates("MVTec", tmp_path, "bottle")
     with pytest.raises(DataError, match="--k_shot 0 must be >= 1"):
         draw_support("Synthetic", synthetic_root, "tile", 0, seed=0)
+
+
+def test_dagm_support_is_the_defect_free_train_images(tmp_path):
+    train = tmp_path / "Class3" / "Train"
+    for name in ("0001.PNG", "0002.PNG", "0003.PNG"):
+        _write_image(train / name)
+    (train / "Label").mkdir()
+    (train / "Label" / "Labels.txt").write_text(
+        "1\n1\t0\t0001.PNG\t0\t0\n2\t1\t0002.PNG\t0\t0002_label.PNG\n3\t0\t0003.PNG\t0\t0\n"
+    )
+    candidates = support_candidates("DAGM", tmp_path, "Class3")
+    assert [path.name for path in candidates] == ["0001.PNG", "0003.PNG"]
