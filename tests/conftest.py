@@ -7,6 +7,7 @@ import torch
 
 from datasets.synthetic import generate as generate_synthetic
 from models.backbone import tiny_clip as build_tiny_clip
+from tests.forkserver import ForkServer
 
 
 @pytest.fixture(autouse=True)
@@ -27,6 +28,14 @@ def tiny_clip():
 def synthetic_root(tmp_path_factory):
     """The synthetic MVTec-layout data set (3 classes, real masks), written once per run."""
     return generate_synthetic(tmp_path_factory.mktemp("data") / "Synthetic")
+
+
+@pytest.fixture(scope="session")
+def python(tmp_path_factory):
+    """An executable to use in place of `sys.executable` for scripts run as separate processes:
+    each call a fresh process forked with torch already imported (see tests/forkserver.py)."""
+    with ForkServer(tmp_path_factory.mktemp("forkserver")) as executable:
+        yield executable
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ import re
 import shutil
 import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import torch
@@ -23,7 +22,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def run(command: list[str]) -> None:
+def run(command: list[str | Path]) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -34,7 +33,9 @@ def image_losses(save_path: Path) -> list[float]:
     return [float(loss) for loss in re.findall(r"image epoch \d+/\d+: loss ([\d.]+)", text)]
 
 
-def test_torchrun_matches_single_process_with_the_same_global_batch(synthetic_root, tmp_path):
+def test_torchrun_matches_single_process_with_the_same_global_batch(
+    python, synthetic_root, tmp_path
+):
     data_root = tmp_path / "Synthetic"
     shutil.copytree(synthetic_root, data_root)
     common = [
@@ -60,7 +61,7 @@ def test_torchrun_matches_single_process_with_the_same_global_batch(synthetic_ro
     distributed, single = tmp_path / "ddp", tmp_path / "single"
     run(
         [
-            sys.executable,
+            python,
             "-m",
             "torch.distributed.run",
             "--nproc_per_node",
@@ -92,7 +93,7 @@ def test_torchrun_matches_single_process_with_the_same_global_batch(synthetic_ro
     # same stage-1 checkpoint: the single run resumes after stage 1.
     single.mkdir()
     shutil.copy(distributed / "text_adapter.pth", single / "text_adapter.pth")
-    run([sys.executable, *common, "--save_path", str(single)])
+    run([python, *common, "--save_path", str(single)])
 
     expected, got = image_losses(single), image_losses(distributed)
     assert len(expected) == 2

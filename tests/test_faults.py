@@ -207,13 +207,15 @@ def environment() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
 
 
-def run_train(argv: list[str], limit: int | None = None, **kwargs) -> subprocess.CompletedProcess:
+def run_train(
+    python: Path, argv: list[str], limit: int | None = None, **kwargs
+) -> subprocess.CompletedProcess:
     def preexec():
         if limit is not None:
             signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
             resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
-    command = [sys.executable, str(ROOT / "train.py"), *argv]
+    command = [python, ROOT / "train.py", *argv]
     return subprocess.run(
         command,
         cwd=ROOT,
@@ -230,10 +232,10 @@ def error_lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if " ERROR " in line]
 
 
-def test_a_real_file_size_limit_during_a_checkpoint_save(good_run):
+def test_a_real_file_size_limit_during_a_checkpoint_save(python, good_run):
     argv, save_path = good_run
     before = (save_path / "feclip.pth").read_bytes()
-    completed = run_train([*argv, "--epochs", "2"], limit=len(before) // 2)
+    completed = run_train(python, [*argv, "--epochs", "2"], limit=len(before) // 2)
     assert completed.returncode == 2
     (line,) = error_lines(completed.stderr)
     assert (
@@ -273,8 +275,8 @@ def wait_for(path: Path, text: str, process: subprocess.Popen, timeout: float = 
         time.sleep(0.05)
 
 
-def popen_train(argv: list[str]) -> subprocess.Popen:
-    command = [sys.executable, str(ROOT / "train.py"), *argv]
+def popen_train(python: Path, argv: list[str]) -> subprocess.Popen:
+    command = [python, ROOT / "train.py", *argv]
     return subprocess.Popen(command, cwd=ROOT, env=environment(), stderr=subprocess.PIPE, text=True)
 
 
@@ -317,14 +319,14 @@ def test_a_second_training_into_the_same_folder_is_refused(good_run, one_line_er
 
 
 def test_kill_9_at_random_points_leaves_loadable_checkpoints_and_the_same_final_weights(
-    data_root, tmp_path
+    python, data_root, tmp_path
 ):
     reference, killed = tmp_path / "reference", tmp_path / "killed"
     argv = [*FECLIP_RUN, "--data_root", str(data_root), "--epochs", "6"]
     assert train.main([*argv, "--save_path", str(reference)]) == 0
     rng = random.Random(0)
     for _ in range(3):
-        process = popen_train([*argv, "--save_path", str(killed)])
+        process = popen_train(python, [*argv, "--save_path", str(killed)])
         wait_for(killed / "train_feclip.log", "training feclip", process)
         time.sleep(rng.uniform(0.0, 1.5))
         process.kill()

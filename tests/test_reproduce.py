@@ -7,7 +7,6 @@ import json
 import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -29,7 +28,7 @@ def paper_table():
     return load_script("paper_table")
 
 
-def run_script(script: str, synthetic_root: Path, tmp_path: Path, **env: str) -> Path:
+def run_script(script: str, python: Path, synthetic_root: Path, tmp_path: Path, **env: str) -> Path:
     """Run a reproduction script on the tiny backbone with Synthetic for every data set."""
     data_root = tmp_path / "data"
     data_root.mkdir()
@@ -37,7 +36,7 @@ def run_script(script: str, synthetic_root: Path, tmp_path: Path, **env: str) ->
     out = tmp_path / "runs"
     environment = {
         **os.environ,
-        "PYTHON": sys.executable,
+        "PYTHON": str(python),
         "MODEL_NAME": "tiny",
         "SUBSTITUTE": "Synthetic",
         "DATA_ROOT": str(data_root),
@@ -56,9 +55,10 @@ def run_script(script: str, synthetic_root: Path, tmp_path: Path, **env: str) ->
     return out
 
 
-def test_aaclip_script_end_to_end(synthetic_root, tmp_path, paper_table, capsys):
+def test_aaclip_script_end_to_end(python, synthetic_root, tmp_path, paper_table, capsys):
     out = run_script(
         "aaclip_zero_shot.sh",
+        python,
         synthetic_root,
         tmp_path,
         TRAIN_ARGS="--text_epoch 1 --image_epoch 1 --image_batch_size 8",
@@ -85,9 +85,10 @@ def test_aaclip_script_end_to_end(synthetic_root, tmp_path, paper_table, capsys)
     assert "substituted by Synthetic" in table
 
 
-def test_feclip_script_end_to_end(synthetic_root, tmp_path, paper_table, capsys):
+def test_feclip_script_end_to_end(python, synthetic_root, tmp_path, paper_table, capsys):
     out = run_script(
         "feclip_zero_shot.sh",
+        python,
         synthetic_root,
         tmp_path,
         TRAIN_ARGS="--epochs 1 --batch_size 8",
@@ -108,8 +109,8 @@ def test_feclip_script_end_to_end(synthetic_root, tmp_path, paper_table, capsys)
     assert "| BTAD | I-AUROC | 90.30 |" in table and "| VisA | I-AUROC | 84.60 | not run |" in table
 
 
-def test_sowa_script_end_to_end(synthetic_root, tmp_path, paper_table, capsys):
-    out = run_script("sowa_4shot.sh", synthetic_root, tmp_path, MVTEC_TESTS="")
+def test_sowa_script_end_to_end(python, synthetic_root, tmp_path, paper_table, capsys):
+    out = run_script("sowa_4shot.sh", python, synthetic_root, tmp_path, MVTEC_TESTS="")
     runs = sorted(out.iterdir())
     assert [run.name for run in runs] == ["sowa_4-shot_from_MVTec", "sowa_4-shot_from_VisA"]
     results = json.loads((runs[1] / "eval" / "MVTec" / "results_Synthetic.json").read_text())

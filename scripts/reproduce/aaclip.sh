@@ -6,13 +6,13 @@
 # the published runs used it: epoch 15 for full shot (the authors' released log), epoch 20 (the
 # last) for few shot. Seed 111, the original's default. Extra settings:
 #   EPOCH        evaluated epoch (default: 15 full shot, 20 few shot)
-#   VISA_TESTS   data sets the VisA-trained model is tested on
-#   MVTEC_TESTS  data sets the MVTec-trained model is tested on
+#   VISA_TESTS   data sets the VisA-trained model is tested on (empty: none)
+#   MVTEC_TESTS  data sets the MVTec-trained model is tested on (empty: none)
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 SEED="${SEED:-111}"
-VISA_TESTS="${VISA_TESTS:-MVTec BTAD MPDD Brain Liver Retina Colon_clinicDB Colon_colonDB Colon_cvc300 Colon_Kvasir}"
-MVTEC_TESTS="${MVTEC_TESTS:-VisA}"
+VISA_TESTS="${VISA_TESTS-MVTec BTAD MPDD Brain Liver Retina Colon_clinicDB Colon_colonDB Colon_cvc300 Colon_Kvasir}"
+MVTEC_TESTS="${MVTEC_TESTS-VisA}"
 
 # aaclip_direction SHOT TRAIN TESTS...: train on TRAIN, evaluate the pinned epoch on each test set.
 aaclip_direction() {

@@ -4,13 +4,13 @@
 # lowest training loss (feclip_best.pth, the fork's choice) is evaluated; PRO is AnomalyCLIP's
 # 200-step variant, as the paper follows AnomalyCLIP.
 # Settings: common.sh, and
-#   MVTEC_TESTS  data sets the MVTec-trained model is tested on
-#   VISA_TESTS   data sets the VisA-trained model is tested on
+#   MVTEC_TESTS  data sets the MVTec-trained model is tested on (empty: none)
+#   VISA_TESTS   data sets the VisA-trained model is tested on (empty: none)
 source "$(dirname "$0")/common.sh"
 
 SEED="${SEED:-42}"
-MVTEC_TESTS="${MVTEC_TESTS:-VisA MPDD BTAD DAGM DTD-Synthetic Colon_clinicDB Colon_Kvasir BrainMRI Br35H}"
-VISA_TESTS="${VISA_TESTS:-MVTec}"
+MVTEC_TESTS="${MVTEC_TESTS-VisA MPDD BTAD DAGM DTD-Synthetic Colon_clinicDB Colon_Kvasir BrainMRI Br35H}"
+VISA_TESTS="${VISA_TESTS-MVTec}"
 
 feclip_direction() {
     local train="$1"

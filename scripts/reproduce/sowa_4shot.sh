@@ -7,15 +7,15 @@
 # Settings: common.sh, and
 #   K_SHOT        support images per class (default 4)
 #   SUPPORT_SEED  seed of the support draw (default 42)
-#   VISA_TESTS    data sets the VisA-trained model is tested on
-#   MVTEC_TESTS   data sets the MVTec-trained model is tested on
+#   VISA_TESTS    data sets the VisA-trained model is tested on (empty: none)
+#   MVTEC_TESTS   data sets the MVTec-trained model is tested on (empty: none)
 source "$(dirname "$0")/common.sh"
 
 SEED="${SEED:-2025}"
 K_SHOT="${K_SHOT:-4}"
 SUPPORT_SEED="${SUPPORT_SEED:-42}"
-VISA_TESTS="${VISA_TESTS:-MVTec}"
-MVTEC_TESTS="${MVTEC_TESTS:-VisA BTAD DAGM DTD-Synthetic}"
+VISA_TESTS="${VISA_TESTS-MVTec}"
+MVTEC_TESTS="${MVTEC_TESTS-VisA BTAD DAGM DTD-Synthetic}"
 
 sowa_direction() {
     local train="$1"
