@@ -4,6 +4,9 @@
     python predict.py score --checkpoint ckpt/x --input field/incoming --out runs/incoming
     python predict.py score --checkpoint ckpt/x --input field/incoming --out runs/incoming \
         --labels labels.csv
+    python predict.py export --checkpoint ckpt/x --format onnx --out deploy/x
+    python predict.py score --backend onnxruntime --checkpoint deploy/x --input field/incoming \
+        --out runs/incoming
 
 Works for every model in models.registry through `predict` (raw outputs, no test-set
 normalisation). `calibrate` writes `<save path>/calibration.json` (or `<stem>.calibration.json`
@@ -11,7 +14,9 @@ beside a checkpoint file): thresholds, normal-score statistics, model config, pr
 the data it saw (utils/calibration.py). `score` reuses the calibration's letterbox, pad colour
 and class name unless flags override them, and writes `scores.csv`, one heat-map overlay per
 image at its original size (`overlays/<file>.png`, padding cropped away) and, with `--labels`,
-`report.json` / `report.md`. An unreadable file becomes a row with an error, not a stopped run.
+`report.json` / `report.md`, and the review page `index.html` (utils/review.py). An unreadable
+file becomes a row with an error, not a stopped run. `export` writes a graph that runs without
+this code (utils/export.py); `score --backend onnxruntime|openvino` scores with it, the same way.
 """
 
 from __future__ import annotations
@@ -19,7 +24,6 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
-import hashlib
 import io
 import json
 import logging
@@ -38,9 +42,12 @@ from models.base import DEFAULT_DOMAIN, FrozenCLIPModel
 from models.predictor import DOMAINS, AnomalyPredictor
 from models.registry import MODELS, find_checkpoint, load_trained_model
 from utils import calibration as calib
-from utils.checkpoint import atomic_write, check_writable
+from utils.checkpoint import atomic_write, check_writable, file_sha256
 from utils.config import HelpFormatter, add_settings
 from utils.errors import ConfigError, DataError
+from utils.export import BACKENDS, FORMATS, ExportedPredictor
+from utils.export import export as export_graph
+from utils.review import save_thumbnail, write_review
 from utils.runtime import loader_workers, progress, resolve_device, run_script, setup_logging
 from utils.training import RunConfig, set_switches
 from utils.visualize import overlay
@@ -62,9 +69,12 @@ SCORE_COLUMNS = (
 RUN_FLAGS = ("device", "num_workers", "log_level", "trust_checkpoint", "progress")
 
 
-def _add_common_args(parser: argparse.ArgumentParser) -> None:
+def _add_common_args(parser: argparse.ArgumentParser, batches: bool = True) -> None:
     parser.add_argument(
-        "--checkpoint", type=Path, required=True, help="checkpoint file or training save path"
+        "--checkpoint",
+        type=Path,
+        required=True,
+        help="checkpoint file or training save path (--backend onnxruntime/openvino: the export)",
     )
     parser.add_argument(
         "--model",
@@ -72,7 +82,8 @@ def _add_common_args(parser: argparse.ArgumentParser) -> None:
         choices=tuple(MODELS),
         help="which model a save path holds (default: the one found there)",
     )
-    parser.add_argument("--batch_size", type=int, default=8, help="images per forward")
+    if batches:
+        parser.add_argument("--batch_size", type=int, default=8, help="images per forward")
     others = [field.name for field in dataclasses.fields(RunConfig) if field.name not in RUN_FLAGS]
     add_settings(parser, RunConfig, exclude=others)
 
@@ -147,6 +158,37 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --labels: the report's TPR at these FPRs",
     )
     score.add_argument("--no_overlays", action="store_true", help="skip the heat-map overlays")
+    score.add_argument(
+        "--backend",
+        default="torch",
+        choices=BACKENDS,
+        help="torch: the checkpoint; onnxruntime, openvino: a `predict.py export` folder",
+    )
+
+    export = commands.add_parser(
+        "export",
+        help="a graph that runs without this code (ONNX or OpenVINO)",
+        formatter_class=HelpFormatter,
+    )
+    _add_common_args(export, batches=False)
+    _add_preprocessing_args(export, "the calibration's, else off, 255 255 255, 'object'")
+    export.add_argument(
+        "--format",
+        nargs="+",
+        default=["onnx"],
+        choices=FORMATS,
+        help="graph formats, written from one trace (openvino: model.xml + model.bin)",
+    )
+    export.add_argument("--out", type=Path, required=True, help="output folder")
+    export.add_argument(
+        "--img_size", type=int, default=None, help="input side (default and only: the model's)"
+    )
+    export.add_argument(
+        "--calibration",
+        type=Path,
+        default=None,
+        help="thresholds to ship beside the graph (default: the checkpoint's, when there is one)",
+    )
     return parser
 
 
@@ -155,7 +197,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     set_switches(args)
     if args.pad_color is not None and not all(0 <= value <= 255 for value in args.pad_color):
         raise ConfigError(f"--pad_color {args.pad_color} must be three values in 0-255")
-    if args.batch_size < 1:
+    if getattr(args, "batch_size", 1) < 1:
         raise ConfigError(f"--batch_size {args.batch_size} must be at least 1")
     return args
 
@@ -200,14 +242,6 @@ def training_domain(payload: dict[str, Any]) -> str:
     """The domain of the data set a checkpoint was trained on (Industrial when unknown)."""
     dataset = (payload.get("config") or {}).get("dataset")
     return CATALOG[dataset].domain if dataset in CATALOG else DEFAULT_DOMAIN
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _load(
@@ -275,7 +309,7 @@ def run_calibrate(args: argparse.Namespace) -> Path:
             "model": {
                 "name": name,
                 "checkpoint": str(file.resolve()),
-                "checkpoint_sha256": _file_sha256(file),
+                "checkpoint_sha256": file_sha256(file),
                 "epoch": payload.get("epoch"),
                 "config": payload.get("config"),
             },
@@ -354,6 +388,73 @@ def _save_overlay(path: Path, item: FieldImage, anomaly_map: np.ndarray, calibra
     atomic_write(path, lambda file: picture.save(file, format="PNG"))
 
 
+def _check_export(
+    exported: dict[str, Any],
+    class_name: str,
+    domain: str,
+    letterbox: bool,
+    pad_color: tuple[int, ...],
+) -> None:
+    """An export scores the class, domain and letterbox it was traced for: refuse others."""
+    baked = exported["preprocessing"]
+    asked = {"class_name": class_name, "domain": domain, "letterbox": letterbox}
+    for key, value in asked.items():
+        if baked[key] != value:
+            flag = f"--{key} {value}" if key != "letterbox" else ("--letterbox" if value else "")
+            raise ConfigError(
+                f"the export holds {key}={baked[key]!r}, not {value!r}; export again with "
+                f"{flag or '--no-letterbox'} or score with its own"
+            )
+    if list(pad_color) != baked["pad_color"]:
+        logger.warning(
+            "letterbox pad %s; the export was made for %s", list(pad_color), baked["pad_color"]
+        )
+
+
+def run_export(args: argparse.Namespace) -> dict[str, Path]:
+    """Write the export folder; returns {format: graph path}."""
+    check_writable(args.out, "--out")
+    calibration_file = args.calibration or calib.calibration_path(args.checkpoint)
+    calibration = None
+    if args.calibration is not None or Path(calibration_file).is_file():
+        calibration = calib.load_calibration(calibration_file)
+    settings = (calibration or {}).get("preprocessing", {})
+    name, file, model, payload = _load(args, torch.device("cpu"))
+    if args.img_size is not None and args.img_size != model.img_size:
+        raise ConfigError(
+            f"--img_size {args.img_size}: this {name} was trained at {model.img_size} px, an "
+            f"architectural setting; export at {model.img_size} (or train at {args.img_size})"
+        )
+    letterbox = settings.get("letterbox", False) if args.letterbox is None else args.letterbox
+    pad_color = tuple(args.pad_color or settings.get("pad_color", DEFAULT_PAD_COLOR))
+    class_name = args.class_name or settings.get("class_name", "object")
+    domain = args.domain or settings.get("domain") or training_domain(payload)
+    info = {
+        "model": {
+            "name": name,
+            "checkpoint": str(file.resolve()),
+            "checkpoint_sha256": file_sha256(file),
+            "epoch": payload.get("epoch"),
+            "config": payload.get("config"),
+        },
+        "created": calib.now(),
+        "calibration": None,
+    }
+    if calibration is not None:
+        info["calibration"] = {
+            key: calibration[key]
+            for key in ("thresholds", "percentile", "rule", "reduction", "top_fraction")
+        }
+    targets = export_graph(
+        model, args.out, args.format, class_name, domain, letterbox, pad_color, info
+    )
+    if calibration is not None:  # score --backend finds it where it looks for a save path's
+        calib.save_calibration(args.out / "calibration.json", calibration)
+    paths = ", ".join(str(path) for path in targets.values())
+    print(f"exported {name} for {class_name!r} ({domain}) -> {paths}")
+    return targets
+
+
 def run_score(args: argparse.Namespace) -> dict[str, Any]:
     """Score the input folder; write scores.csv, overlays and the optional report.
 
@@ -382,22 +483,30 @@ def run_score(args: argparse.Namespace) -> dict[str, Any]:
             settings["pad_color"],
         )
     files = list_images(args.input)  # an empty folder fails before model loading
-    device = resolve_device(args.device)
-    name, file, model, _ = _load(args, device)
-    predictor = AnomalyPredictor(model, domain)
-    if name != calibration["model"]["name"] or model.img_size != settings["img_size"]:
+    if args.backend == "torch":
+        name, file, model, _ = _load(args, resolve_device(args.device))
+        predictor: AnomalyPredictor | ExportedPredictor = AnomalyPredictor(model, domain)
+        img_size, checkpoint_sha256 = model.img_size, file_sha256(file)
+    else:
+        predictor = ExportedPredictor(args.checkpoint, args.backend)
+        file, exported = args.checkpoint, predictor.info
+        name, checkpoint_sha256 = exported["model"]["name"], exported["model"]["checkpoint_sha256"]
+        img_size = exported["preprocessing"]["img_size"]
+        _check_export(exported, class_name, domain, letterbox, pad_color)
+    if name != calibration["model"]["name"] or img_size != settings["img_size"]:
         raise ConfigError(
             f"{calibration_file} calibrates a {calibration['model']['name']} model at "
-            f"{settings['img_size']} px, not this {name} at {model.img_size} px; recalibrate"
+            f"{settings['img_size']} px, not this {name} at {img_size} px; recalibrate"
         )
-    if _file_sha256(file) != calibration["model"].get("checkpoint_sha256"):
+    if checkpoint_sha256 != calibration["model"].get("checkpoint_sha256"):
         logger.warning(
             "%s was calibrated with another checkpoint file; thresholds may not fit", file
         )
     logger.info(
-        "scoring %d files: %s, %s, letterbox=%s, rule=%s, reduction=%s, p%g",
+        "scoring %d files: %s (%s), %s, letterbox=%s, rule=%s, reduction=%s, p%g",
         len(files),
         name,
+        args.backend,
         domain,
         letterbox,
         rule,
@@ -406,14 +515,15 @@ def run_score(args: argparse.Namespace) -> dict[str, Any]:
     )
     dataset = ImageFolder(
         args.input,
-        model.img_size,
+        img_size,
         letterbox,
         pad_color,
-        keep_original=not args.no_overlays,
+        keep_original=True,  # thumbnails for the review page, overlays
         files=files,
     )
     stats = calibration["stats"]
     rows: list[dict[str, Any]] = []
+    thumbnails: dict[str, str] = {}
     scored: list[tuple[int, float, float]] = []  # (row index, image score, map score)
     for item, result in score_images(
         predictor,
@@ -446,6 +556,8 @@ def run_score(args: argparse.Namespace) -> dict[str, Any]:
             }
         )
         scored.append((len(rows) - 1, image_score, map_score))
+        thumbnails[item.file] = f"thumbnails/{item.file}.png"
+        save_thumbnail(args.out / thumbnails[item.file], item.original)
         if not args.no_overlays:
             _save_overlay(
                 args.out / "overlays" / f"{item.file}.png", item, result["anomaly_map"], calibration
@@ -457,9 +569,14 @@ def run_score(args: argparse.Namespace) -> dict[str, Any]:
         f"scored {len(scored)} of {len(rows)} files: {anomalous} anomalous "
         f"(rule {rule}, {reduction}), {errors} unreadable -> {args.out / 'scores.csv'}"
     )
-    report = None
+    report, labelled = None, None
     if args.labels is not None:
-        report = _report(args, calibration_file, rows, scored, rule, reduction, calibration)
+        report, curves = _report(args, calibration_file, rows, scored, rule, reduction, calibration)
+        labelled = {"report": report, "curves": curves}
+    review = {"backend": args.backend, "rule": rule, "reduction": reduction}
+    review |= {"class_name": class_name, "domain": domain, "letterbox": letterbox}
+    page = write_review(args.out, rows, calibration, review, thumbnails, labelled)
+    logger.info("review page: %s", page)
     return {"rows": rows, "report": report}
 
 
@@ -471,7 +588,8 @@ def _report(
     rule: str,
     reduction: str,
     calibration: dict,
-) -> dict[str, Any]:
+) -> tuple[dict[str, Any], dict[str, tuple[np.ndarray, np.ndarray, float]]]:
+    """report.json / report.md; returns the report and the review page's ROC curves."""
     labels = read_labels(args.labels, [rows[index]["file"] for index, _, _ in scored])
     labelled = [(index, s, m) for index, s, m in scored if rows[index]["file"] in labels]
     if not labelled:
@@ -494,7 +612,14 @@ def _report(
     atomic_write(args.out / "report.json", lambda file: file.write(body), mode="w")
     atomic_write(args.out / "report.md", lambda file: file.write(text + "\n"), mode="w")
     print(text)
-    return report
+    curves = {
+        name: (scores, truth, report["ranking"][key]["auroc"])
+        for name, key, scores in (
+            ("image score", "image_score", image_scores),
+            ("map score", "map_score", map_scores),
+        )
+    }
+    return report, curves
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -507,6 +632,8 @@ def main(argv: list[str] | None = None) -> int:
         setup_logging(args.out / "predict.log" if args.command == "score" else None, args.log_level)
         if args.command == "calibrate":
             run_calibrate(args)
+        elif args.command == "export":
+            run_export(args)
         else:
             run_score(args)
 

@@ -173,9 +173,10 @@ class LFSAdapter(nn.Module):
                 x = x * valid
                 # Outside-grid positions count as plain LFS counts them: replicated validity,
                 # or valid zeros under zero padding; so an all-valid mask changes nothing.
-                counts = F.avg_pool2d(
-                    self._pad(valid, zero_value=1.0), self.window, stride=1, divisor_override=1
-                )
+                # A sum of ones by a convolution: exact integers, as avg_pool2d's
+                # divisor_override=1, which the ONNX export would drop.
+                ones = valid.new_ones(1, 1, self.window, self.window)
+                counts = F.conv2d(self._pad(valid, zero_value=1.0), ones)
                 scale = self.window**2 / counts.clamp(min=1.0)  # [B, 1, H, W]
             padded = self._pad(x)
             if self.aggregation == "mean":

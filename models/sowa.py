@@ -607,7 +607,7 @@ class SOWA(FrozenCLIPModel):
             text = F.normalize(text.float(), dim=-1)
             image = F.normalize(global_embedding.float(), dim=-1)
             text_logits = image @ text.T / self.config.temperature  # [B, 2]
-            anchors = text.T.expand(len(images), -1, -1)  # [B, D, 2]
+            anchors = text.T.expand(images.shape[0], -1, -1)  # [B, D, 2]
             stage_probs = [
                 calculate_similarity_map(
                     F.normalize(features.float(), dim=-1), anchors, self.img_size, scale=1.0

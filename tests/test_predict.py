@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import csv
+import html
 import json
 import logging
+import re
 import shutil
+import subprocess
+from urllib.parse import unquote
 
 import numpy as np
 import pytest
@@ -233,3 +237,66 @@ def test_valid_mask_goes_to_the_model_for_letterboxed_images_only(tmp_path):
         else:
             assert model.masks == [None]
         assert np.isfinite(result["max"])
+
+
+@pytest.fixture(scope="module")
+def reviewed(calibrated, tmp_path_factory):
+    """A scored folder with labels and one unreadable file, and its review page."""
+    data_root, save_path, _ = calibrated
+    folder = tmp_path_factory.mktemp("review") / "incoming"
+    shutil.copytree(data_root / CLASS / "test", folder)
+    (folder / "good" / "zz & broken.png").write_bytes(b"not an image")
+    files = sorted(path.relative_to(folder).as_posix() for path in folder.rglob("*.png"))
+    labels = folder.parent / "labels.csv"
+    labels.write_text(
+        "file,label\n" + "".join(f"{name},{int(not name.startswith('good/'))}\n" for name in files)
+    )
+    out = folder.parent / "out"
+    argv = ["score", "--checkpoint", str(save_path), "--input", str(folder), "--out", str(out)]
+    assert predict.main([*argv, "--labels", str(labels), "--device", "cpu"]) == 0
+    return out, _read_scores(out / "scores.csv")
+
+
+def test_the_review_page_lists_every_scored_file_and_is_self_contained(calibrated, reviewed):
+    out, rows = reviewed
+    page = (out / "index.html").read_text()
+    body = page.split("<tbody>")[1].split("</tbody>")[0]
+    cells = re.findall(r'<tr class="(\w+)"><td>(.*?)</td><td>(.*?)</td>', body)
+    assert [html.unescape(file) for _, _, file in cells] == [row["file"] for row in rows]
+    kinds = {html.unescape(file): kind for kind, _, file in cells}
+    for row in rows:
+        assert kinds[row["file"]] == ("error" if row["error"] else row["decision"])
+    assert kinds["good/zz & broken.png"] == "error"
+    for source in re.findall(r'(?:src|href)="([^"]+)"', page):  # every picture is a file here
+        assert (out / unquote(source)).is_file(), source
+    assert "http://" not in page and "https://" not in page and "<link" not in page
+    calibration = calib.load_calibration(calibrated[1] / "calibration.json")
+    assert f"{calibration['thresholds']['image']:.6g}" in page
+    assert page.count("<svg") == 2 and "AUROC" in page and "TP " in page
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="needs chromium on PATH")
+def test_the_review_page_renders_in_chromium(reviewed, tmp_path):
+    out, rows = reviewed
+    url = (out / "index.html").as_uri()
+    browser = ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars"]
+    shot = tmp_path / "review.png"
+    subprocess.run(
+        [*browser, "--window-size=1280,1400", f"--screenshot={shot}", url],
+        capture_output=True,
+        timeout=120,
+        check=True,
+    )
+    picture = np.asarray(Image.open(shot).convert("L"), dtype=np.float32)
+    assert picture.shape == (1400, 1280) and picture.std() > 20  # drawn, not a blank page
+    dom = subprocess.run(
+        [*browser, "--dump-dom", f"{url}#filter=anomalous"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout
+    hidden = len(re.findall(r'<tr class="(?:normal|error)" hidden', dom))
+    shown = len(re.findall(r'<tr class="anomalous">', dom))
+    assert shown == sum(row["decision"] == "anomalous" for row in rows)
+    assert hidden == len(rows) - shown

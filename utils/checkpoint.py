@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import logging
 import os
 import pickle
@@ -186,3 +187,12 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
             "diverged; retrain it with a lower learning rate or --amp none"
         )
     return payload
+
+
+def file_sha256(path: Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -1,0 +1,217 @@
+"""Export to ONNX and OpenVINO (predict.py export) and scoring with them (score --backend): for
+each of the four models on the tiny backbone, the graph passes onnx.checker, runs in a fresh
+process that imports only onnxruntime and numpy, and scores like the torch backend (scores within
+1e-4, maps within 1e-3 of their range). Runs where the deployment extra is installed
+(requirements-deploy.txt); skipped otherwise, apart from the errors that need none of it."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import importlib
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import predict
+import train
+from datasets.folder import ImageFolder, collate
+from models.predictor import AnomalyPredictor
+from models.registry import load_trained_model
+from utils import export
+from utils.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+FAST = ["--device", "cpu", "--training_mode", "few_shot", "--shot", "4"]
+RUNS = {
+    "aaclip": ["--text_epoch", "1", "--image_epoch", "1", "--text_batch_size", "4"],
+    "feclip": ["--model", "feclip", "--epochs", "1", "--batch_size", "4"],
+    "sowa": ["--model", "sowa", "--epochs", "1", "--batch_size", "4"],
+}
+CLASS = "tile"
+LETTERBOX = {"feclip"}  # its graph takes the valid mask (masked LFS): the two-input export
+
+FRESH = """
+import sys
+import numpy as np
+import onnxruntime
+folder = sys.argv[1]
+session = onnxruntime.InferenceSession(folder + "/model.onnx", providers=["CPUExecutionProvider"])
+feed = {"image": np.load(sys.argv[2] + "/image.npy")}
+if len(session.get_inputs()) == 2:
+    feed["valid_mask"] = np.load(sys.argv[2] + "/valid_mask.npy")
+anomaly_map, score = session.run(["anomaly_map", "image_score"], feed)
+np.save(sys.argv[2] + "/map.npy", anomaly_map)
+np.save(sys.argv[2] + "/score.npy", score)
+ours = ("torch", "models", "utils", "datasets", "open_clip", "PIL")
+print(sorted(name for name in sys.modules if name.split(".")[0] in ours))
+"""
+
+
+def installed(module: str) -> bool:
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        return False
+    return True
+
+
+BACKENDS = [name for name in ("onnxruntime", "openvino") if installed(name)]
+
+
+@pytest.fixture(scope="module")
+def exports(python, tmp_path_factory, synthetic_root):
+    """Per model: a short run, its calibration and its export (ONNX and, when installed,
+    OpenVINO, from one trace). The four exports run as concurrent `predict.py export`
+    processes: tracing is single-threaded Python, and there are two cores."""
+    for module in ("onnx", "onnxscript", "onnxruntime"):
+        pytest.importorskip(module)
+    root = tmp_path_factory.mktemp("deploy")
+    data_root = root / "Synthetic"
+    shutil.copytree(synthetic_root, data_root)
+    runs = {}
+    for name, extra in RUNS.items():
+        runs[name] = root / name
+        argv = ["--data_root", str(data_root), "--save_path", str(runs[name]), *FAST, *extra]
+        assert train.main(argv) == 0
+    runs["aaclip_cross_attn"] = root / "cross"
+    argv = [
+        "--model", "aaclip_cross_attn", "--save_path", str(runs["aaclip_cross_attn"]),
+        "--load_base_text_adapter", str(runs["aaclip"] / "text_adapter.pth"),
+        "--load_base_image_adapter", str(runs["aaclip"] / "image_adapter.pth"), "--device", "cpu",
+    ]  # fmt: skip
+    assert train.main(argv) == 0
+    normal = data_root / CLASS / "train" / "good"
+    folders, processes = {}, {}
+    formats = ["onnx", *(["openvino"] if "openvino" in BACKENDS else [])]
+    for name, run in runs.items():
+        letterbox = ["--letterbox"] if name in LETTERBOX else []
+        argv = ["calibrate", "--checkpoint", str(run), "--normal_dir", str(normal), *letterbox]
+        assert predict.main([*argv, "--class_name", CLASS, "--device", "cpu"]) == 0
+        folders[name] = root / f"{name}_export"
+        argv = ["export", "--checkpoint", str(run), "--out", str(folders[name]), "--format"]
+        processes[name] = subprocess.Popen(
+            [python, REPO / "predict.py", *argv, *formats],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+    for name, process in processes.items():
+        output, _ = process.communicate(timeout=600)
+        assert process.returncode == 0, output[-3000:]
+        assert f"exported {name} for {CLASS!r}" in output
+    return data_root, runs, folders
+
+
+def read_scores(path):
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def a_batch(data_root, img_size, letterbox):
+    """Five test images as the scoring loads them: `[5, 3, S, S]` and valid masks `[5, S, S]`."""
+    folder = ImageFolder(data_root / CLASS / "test", img_size, letterbox)
+    items = collate([folder[index] for index in (0, 3, 9, 17, 30)])
+    return torch.stack([item.image for item in items]), torch.stack(
+        [item.valid_mask for item in items]
+    )
+
+
+@pytest.mark.parametrize("name", ["aaclip", "aaclip_cross_attn", "feclip", "sowa"])
+def test_export_matches_the_torch_backend(exports, name, tmp_path):
+    import onnx
+
+    data_root, runs, folders = exports
+    folder = folders[name]
+    onnx.checker.check_model(str(folder / "model.onnx"))
+    info = json.loads((folder / "model.json").read_text())
+    assert info["model"]["name"] == name and info["preprocessing"]["class_name"] == CLASS
+    assert info["calibration"]["thresholds"] and info["k_shot"] == 0
+    letterbox = name in LETTERBOX
+    assert info["preprocessing"]["letterbox"] is letterbox
+    assert info["inputs"] == (["image", "valid_mask"] if letterbox else ["image"])
+
+    _, model, _ = load_trained_model(runs[name])
+    images, valid = a_batch(data_root, model.img_size, letterbox)
+    mask = valid if letterbox else None
+    expected = AnomalyPredictor(model, info["preprocessing"]["domain"]).predict(
+        images, [CLASS] * len(images), mask
+    )
+    span = float(expected.anomaly_map.max() - expected.anomaly_map.min())
+    for backend in BACKENDS:
+        got = export.ExportedPredictor(folder, backend).predict(images, [CLASS] * 5, mask)
+        assert got.anomaly_map.shape == expected.anomaly_map.shape == (5, *images.shape[2:])
+        torch.testing.assert_close(got.image_score, expected.image_score, atol=1e-4, rtol=0)
+        torch.testing.assert_close(got.anomaly_map, expected.anomaly_map, atol=1e-3 * span, rtol=0)
+
+    # The same scoring, thresholds and outputs through predict.py with each backend.
+    test_dir = data_root / CLASS / "test"
+    reference = None
+    for backend in ("torch", *BACKENDS):
+        checkpoint = runs[name] if backend == "torch" else folder
+        out = tmp_path / backend
+        argv = ["score", "--checkpoint", str(checkpoint), "--input", str(test_dir)]
+        argv += ["--out", str(out), "--backend", backend, "--device", "cpu", "--no_overlays"]
+        assert predict.main(argv) == 0
+        rows = read_scores(out / "scores.csv")
+        if reference is None:
+            reference = rows
+            continue
+        assert [row["file"] for row in rows] == [row["file"] for row in reference]
+        for row, ref in zip(rows, reference, strict=True):
+            assert abs(float(row["image_score"]) - float(ref["image_score"])) <= 1e-4
+            assert abs(float(row["map_score"]) - float(ref["map_score"])) <= 1e-3 * span
+        assert (out / "index.html").is_file()
+
+    # A fresh interpreter with onnxruntime and numpy only: no torch, no code of this project.
+    np.save(tmp_path / "image.npy", images.numpy())
+    np.save(tmp_path / "valid_mask.npy", valid.numpy())
+    completed = subprocess.run(
+        [sys.executable, "-c", FRESH, str(folder), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    assert completed.stdout.strip() == "[]"  # nothing of torch, PIL or this repository
+    np.testing.assert_allclose(
+        np.load(tmp_path / "score.npy"), expected.image_score.numpy(), atol=1e-4, rtol=0
+    )
+    np.testing.assert_allclose(
+        np.load(tmp_path / "map.npy"), expected.anomaly_map.numpy(), atol=1e-3 * span, rtol=0
+    )
+
+
+def test_an_export_refuses_another_class_domain_or_letterbox(exports, tmp_path, one_line_error):
+    data_root, _, folders = exports
+    argv = ["score", "--checkpoint", str(folders["aaclip"]), "--backend", BACKENDS[0]]
+    argv += ["--input", str(data_root / CLASS / "test"), "--out", str(tmp_path / "out")]
+    assert predict.main([*argv, "--class_name", "wood"]) == 2
+    message = one_line_error()
+    assert "class_name='tile'" in message and "--class_name wood" in message
+
+
+def test_cross_attention_both_and_missing_packages_are_one_line(tiny_clip, monkeypatch):
+    from models.cross_attention import AdaptedCLIPWithCrossAttention as CrossAttentionModel
+
+    config = dataclasses.replace(CrossAttentionModel.config_class(), cross_attn_at_test="both")
+    with pytest.raises(ConfigError, match="runs the text tower per image"):
+        export.ExportGraph(CrossAttentionModel(config, tiny_clip), "object", "Industrial")
+
+    real = importlib.import_module
+
+    def without_onnxruntime(name, *args):
+        if name == "onnxruntime":
+            raise ImportError(name)
+        return real(name, *args)
+
+    monkeypatch.setattr(importlib, "import_module", without_onnxruntime)
+    with pytest.raises(ConfigError, match="pip install -r requirements-deploy.txt"):
+        export.require("onnxruntime", "--backend onnxruntime")
