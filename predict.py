@@ -66,7 +66,7 @@ SCORE_COLUMNS = (
 )
 
 
-RUN_FLAGS = ("device", "num_workers", "log_level", "trust_checkpoint", "progress")
+RUN_FLAGS = ("device", "num_workers", "amp", "log_level", "trust_checkpoint", "progress")
 
 
 def _add_common_args(parser: argparse.ArgumentParser, batches: bool = True) -> None:
@@ -82,9 +82,12 @@ def _add_common_args(parser: argparse.ArgumentParser, batches: bool = True) -> N
         choices=tuple(MODELS),
         help="which model a save path holds (default: the one found there)",
     )
+    flags = RUN_FLAGS
     if batches:
         parser.add_argument("--batch_size", type=int, default=8, help="images per forward")
-    others = [field.name for field in dataclasses.fields(RunConfig) if field.name not in RUN_FLAGS]
+    else:  # export: traced on the CPU in float32, no images loaded
+        flags = tuple(flag for flag in RUN_FLAGS if flag not in ("device", "num_workers", "amp"))
+    others = [field.name for field in dataclasses.fields(RunConfig) if field.name not in flags]
     add_settings(parser, RunConfig, exclude=others)
 
 
@@ -252,6 +255,17 @@ def _load(
     return name, file, model, payload
 
 
+def _provenance(name: str, file: Path, payload: dict[str, Any]) -> dict[str, Any]:
+    """What produced a calibration or an export: the model, its checkpoint file and hash."""
+    return {
+        "name": name,
+        "checkpoint": str(file.resolve()),
+        "checkpoint_sha256": file_sha256(file),
+        "epoch": payload.get("epoch"),
+        "config": payload.get("config"),
+    }
+
+
 def run_calibrate(args: argparse.Namespace) -> Path:
     """Score the normal folder, write the calibration JSON; returns its path."""
     calib.check_settings(args.percentile, args.reduction, args.rule)
@@ -264,7 +278,7 @@ def run_calibrate(args: argparse.Namespace) -> Path:
     check_writable(Path(path).parent, "--output")
     name, file, model, payload = _load(args, device)
     domain = args.domain or training_domain(payload)
-    predictor = AnomalyPredictor(model, domain)
+    predictor = AnomalyPredictor(model, domain, args.amp)
     dataset = ImageFolder(
         args.normal_dir, model.img_size, letterbox, pad_color, files=dataset_files
     )
@@ -306,19 +320,14 @@ def run_calibrate(args: argparse.Namespace) -> Path:
     calibration.update(
         {
             "created": calib.now(),
-            "model": {
-                "name": name,
-                "checkpoint": str(file.resolve()),
-                "checkpoint_sha256": file_sha256(file),
-                "epoch": payload.get("epoch"),
-                "config": payload.get("config"),
-            },
+            "model": _provenance(name, file, payload),
             "preprocessing": {
                 "img_size": model.img_size,
                 "letterbox": letterbox,
                 "pad_color": list(pad_color),
                 "class_name": class_name,
                 "domain": domain,
+                "amp": predictor.amp,
                 "valid_mask_to_model": letterbox,
             },
             "data": {
@@ -430,13 +439,7 @@ def run_export(args: argparse.Namespace) -> dict[str, Path]:
     class_name = args.class_name or settings.get("class_name", "object")
     domain = args.domain or settings.get("domain") or training_domain(payload)
     info = {
-        "model": {
-            "name": name,
-            "checkpoint": str(file.resolve()),
-            "checkpoint_sha256": file_sha256(file),
-            "epoch": payload.get("epoch"),
-            "config": payload.get("config"),
-        },
+        "model": _provenance(name, file, payload),
         "created": calib.now(),
         "calibration": None,
     }
@@ -485,7 +488,7 @@ def run_score(args: argparse.Namespace) -> dict[str, Any]:
     files = list_images(args.input)  # an empty folder fails before model loading
     if args.backend == "torch":
         name, file, model, _ = _load(args, resolve_device(args.device))
-        predictor: AnomalyPredictor | ExportedPredictor = AnomalyPredictor(model, domain)
+        predictor: AnomalyPredictor | ExportedPredictor = AnomalyPredictor(model, domain, args.amp)
         img_size, checkpoint_sha256 = model.img_size, file_sha256(file)
     else:
         predictor = ExportedPredictor(args.checkpoint, args.backend)
@@ -493,6 +496,13 @@ def run_score(args: argparse.Namespace) -> dict[str, Any]:
         name, checkpoint_sha256 = exported["model"]["name"], exported["model"]["checkpoint_sha256"]
         img_size = exported["preprocessing"]["img_size"]
         _check_export(exported, class_name, domain, letterbox, pad_color)
+    scoring_amp = predictor.amp if args.backend == "torch" else "none"  # exports are float32
+    if scoring_amp != settings.get("amp", "none"):
+        logger.warning(
+            "scoring with amp %s but the thresholds come from amp %s maps",
+            scoring_amp,
+            settings.get("amp", "none"),
+        )
     if name != calibration["model"]["name"] or img_size != settings["img_size"]:
         raise ConfigError(
             f"{calibration_file} calibrates a {calibration['model']['name']} model at "

@@ -394,6 +394,7 @@ def run(args: argparse.Namespace) -> None:
             },
             "model_settings": settings,
             "domain": predictor.domain,
+            "amp": predictor.amp,
             "resolution": model.img_size,
             "mask_resize": preprocessing.mask_resize,
             "mask_threshold": preprocessing.mask_threshold,

@@ -40,7 +40,7 @@ from utils.config import (
     validate,
 )
 from utils.errors import ConfigError
-from utils.runtime import Distributed, run_script, seed_everything, setup_logging
+from utils.runtime import Distributed, resolve_amp, run_script, seed_everything, setup_logging
 from utils.training import RunConfig, run_main, set_switches, train_stage, training_records
 
 logger = logging.getLogger("train")
@@ -112,7 +112,7 @@ def run(
 ) -> None:
     """Seed, read the records, build the model, train its stages. `setup(model)` runs after
     the model is built and may return `train_stage`'s `before_resume` hook."""
-    settings = job.run
+    settings = dataclasses.replace(job.run, amp=resolve_amp(job.run.amp, dist.device))
     seed_everything(settings.seed)
     if job.inherited_from:
         logger.info("settings not given on the command line come from %s", job.inherited_from)

@@ -12,7 +12,7 @@ import torch
 
 from models.base import DEFAULT_DOMAIN, AnomalyOutput, FrozenCLIPModel
 from utils.errors import ConfigError
-from utils.runtime import autocast
+from utils.runtime import autocast, resolve_amp
 
 DOMAINS = ("Industrial", "Medical")
 
@@ -23,7 +23,8 @@ class AnomalyPredictor:
     Args:
         model: any registered model; put in eval mode here.
         domain: the data's domain ("Industrial" | "Medical"), e.g. AA-CLIP's test-time blur.
-        amp: autocast for the model (`none`, `bf16`, `fp16`); maps and scores stay float32.
+        amp: autocast for the model (`none`, `bf16`, `fp16`, or `auto`: bf16 where the device
+            computes it natively); maps and scores stay float32.
         k_shot: support images per class; a k-shot predictor refuses to predict before
             `set_support`.
     """
@@ -44,7 +45,7 @@ class AnomalyPredictor:
             raise ConfigError(msg)
         self.model = model.eval()
         self.domain = domain
-        self.amp = amp
+        self.amp = resolve_amp(amp, model.device)
         self.k_shot = k_shot
         self._text: dict[str, Any] = {}
         self._memory: Any = None

@@ -6,18 +6,24 @@ within 0.01, pixel AUROC within 0.01 of fp32.
 
 from __future__ import annotations
 
+import json
 import shutil
 
+import pytest
 import torch
+import yaml
 from torch.utils.data import default_collate
 
+import predict
+import test as test_script
 import train
 from datasets.anomaly import build_test_datasets
 from datasets.metadata import load_test_records
 from models.aaclip import AdaptedCLIP
+from utils import calibration as calib
 from utils.forward_utils import get_adapted_text_embedding
 from utils.metrics import pixel_metrics
-from utils.runtime import autocast
+from utils.runtime import autocast, resolve_amp
 
 
 def test_bf16_predictions_stay_close_to_fp32(tiny_clip, synthetic_root):
@@ -66,3 +72,40 @@ def test_training_runs_under_bf16(synthetic_root, tmp_path):
     ]
     assert train.main(argv) == 0
     assert (tmp_path / "run" / "image_adapter.pth").is_file()
+
+
+@pytest.mark.parametrize(("bf16", "amx", "expected"), [(True, False, "bf16"), (False, True, "bf16"),
+                                                        (False, False, "none")])  # fmt: skip
+def test_amp_auto_is_bf16_only_where_the_cpu_computes_it(monkeypatch, caplog, bf16, amx, expected):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    assert resolve_amp("auto", torch.device("cpu")) == expected
+    assert resolve_amp("none", torch.device("cpu")) == "none"
+    assert resolve_amp("bf16", torch.device("cpu")) == "bf16"  # asked for: kept
+    warnings = [record for record in caplog.records if record.levelname == "WARNING"]
+    if expected == "none":  # an explicit bf16 on an emulating CPU warns, once
+        (warning,) = warnings
+        assert "slower than fp32" in warning.getMessage() and "--amp auto" in warning.getMessage()
+    else:
+        assert not warnings
+
+
+def test_amp_auto_reaches_training_evaluation_and_deployment(synthetic_root, tmp_path, monkeypatch):
+    """With no native bf16 (patched, whatever this CPU has), auto trains, evaluates and
+    calibrates in fp32, and the files say so."""
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    data_root = tmp_path / "Synthetic"
+    shutil.copytree(synthetic_root, data_root)
+    run = tmp_path / "run"
+    argv = ["--data_root", str(data_root), "--save_path", str(run), "--device", "cpu"]
+    fast = ["--shot", "2", "--text_epoch", "1", "--image_epoch", "1", "--amp", "auto"]
+    assert train.main([*argv, *fast]) == 0
+    assert yaml.safe_load((run / "config.yaml").read_text())["amp"] == "none"
+    assert test_script.main([*argv, "--amp", "auto"]) == 0
+    meta = json.loads((run / "results_Synthetic.json").read_text())["meta"]
+    assert meta["amp"] == "none"
+    normal = str(data_root / "tile" / "train" / "good")
+    calibrate = ["calibrate", "--checkpoint", str(run), "--normal_dir", normal, "--amp", "auto"]
+    assert predict.main([*calibrate, "--device", "cpu"]) == 0
+    assert calib.load_calibration(run / "calibration.json")["preprocessing"]["amp"] == "none"

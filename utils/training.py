@@ -49,7 +49,7 @@ from utils.config import (
 )
 from utils.errors import ConfigError, TrainingDiverged
 from utils.runtime import (
-    AMP_DTYPES,
+    AMP_CHOICES,
     Distributed,
     GlobalBatchSampler,
     autocast,
@@ -144,10 +144,10 @@ class RunConfig:
     )
     amp: str = setting(
         "none",
-        "autocast for the backbone and adapters (fp32 by default, as the originals); maps and "
-        "losses stay float32",
+        "autocast for the backbone and adapters (fp32 by default, as the originals; auto: bf16 "
+        "where the device computes it natively, else fp32); maps and losses stay float32",
         kind=RUN,
-        choices=tuple(AMP_DTYPES),
+        choices=AMP_CHOICES,
     )
 
     def resolve(self) -> RunConfig:
