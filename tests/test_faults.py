@@ -280,7 +280,18 @@ def popen_train(python: Path, argv: list[str]) -> subprocess.Popen:
     return subprocess.Popen(command, cwd=ROOT, env=environment(), stderr=subprocess.PIPE, text=True)
 
 
-def test_ctrl_c_during_training_is_one_line_and_resumable(good_run, monkeypatch, one_line_error):
+@pytest.fixture
+def terminal_sigint():
+    """SIGINT raising KeyboardInterrupt, as at a terminal, even when this test run was started
+    with SIGINT ignored (a shell ignores it for its background jobs, and Python keeps that)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_ctrl_c_during_training_is_one_line_and_resumable(
+    good_run, monkeypatch, one_line_error, terminal_sigint
+):
     """A real SIGINT to this process, right after epoch 2's checkpoint is written."""
     argv, save_path = good_run
     save_stage = training.save_stage
