@@ -216,7 +216,7 @@ def score_images(
     """Yield (item, result) per file in order; result is None for an unreadable file, else
     {"image_score", "max", "topk_mean", "mean", "anomaly_map" [S, S]} (reductions over valid
     pixels only). Letterboxed images hand their valid mask to the model (FE-CLIP's masked LFS)."""
-    workers = loader_workers(num_workers, predictor.device)
+    workers = loader_workers(num_workers, predictor.device, evaluation=True)
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate)
     for batch in progress(loader, desc="scoring", unit="batch", leave=False):
         good = [item for item in batch if not item.error]

@@ -227,7 +227,10 @@ def predict_class(
     num_workers: int,
 ) -> dict[str, np.ndarray | list]:
     """Raw maps `[n, S, S]`, image scores `[n]`, masks `[n, S, S]`, labels `[n]` of a class."""
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    cuda = predictor.device.type == "cuda"
+    loader = DataLoader(
+        dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, pin_memory=cuda
+    )
     maps, scores, masks, labels, paths, file_names = [], [], [], [], [], []
     for batch in progress(loader, desc="batches", leave=False):
         output = predictor.predict(batch["image"], [prompt_name] * len(batch["image"]))
@@ -260,7 +263,7 @@ def evaluate(
     class while the class is predicted and scored; their paths go into `support`.
     """
     columns = COLUMNS_OFFICIAL if args.metrics == "official" else COLUMNS_FULL
-    workers = loader_workers(args.num_workers, predictor.device)
+    workers = loader_workers(args.num_workers, predictor.device, evaluation=True)
     per_class = {}
     for class_name, dataset in progress(datasets.items(), desc="classes"):
         prompt_name = real_name(args.dataset, class_name)

@@ -77,7 +77,7 @@ class AnomalyPredictor:
             raise RuntimeError(
                 "A support set must be set with .set_support(images) before k-shot prediction."
             )
-        images = images.to(self.device)
+        images = images.to(self.device, non_blocking=True)  # pinned by the loaders on CUDA
         with autocast(self.device, self.amp):
             for name in dict.fromkeys(class_names):
                 if name not in self._text:

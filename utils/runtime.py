@@ -133,12 +133,21 @@ def resolve_device(name: str | None) -> torch.device:
     return device
 
 
-def loader_workers(requested: int | None, device: torch.device) -> int:
-    """DataLoader worker processes: `--num_workers`, else 4 on CUDA (decoding must keep up with
-    the GPU) and 0 on CPU (the cores are busy with the model)."""
+def loader_workers(requested: int | None, device: torch.device, evaluation: bool = False) -> int:
+    """DataLoader worker processes: `--num_workers`, else for training 4 on CUDA and 0 on CPU
+    (as before: a worker count changes which augmentation stream a sample meets), and for
+    evaluation from the device and this process's cores: on CUDA all but one, up to 8 (decoding
+    and resizing full-size images must keep up with the GPU); on a CPU, whose cores the model's
+    matrix products already use, one per 8 cores (none below 8)."""
     if requested is not None:
         return requested
-    return 4 if device.type == "cuda" else 0
+    if not evaluation:
+        return 4 if device.type == "cuda" else 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = cores or 1
+    if device.type == "cuda":
+        return max(1, min(8, cores - 1))
+    return cores // 8
 
 
 def rng_state() -> dict:

@@ -119,7 +119,11 @@ class RunConfig:
         kind=RUN,
     )
     num_workers: int | None = setting(
-        None, "DataLoader workers; unset: 4 on CUDA, 0 on CPU", kind=RUN, minimum=0
+        None,
+        "DataLoader workers; unset: training 4 on CUDA, 0 on CPU; evaluation on CUDA all cores "
+        "but one (up to 8), on CPU one per 8 cores",
+        kind=RUN,
+        minimum=0,
     )
     training_mode: str = setting(
         "few_shot",

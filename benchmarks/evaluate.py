@@ -1,0 +1,194 @@
+"""test.py's whole path in images/s and its share per stage (load, forward + maps, metrics,
+files), on a generated MVTec-sized set, with the loader's workers off and on in one run.
+
+    python benchmarks/evaluate.py                        # tiny backbone, CPU: the loading share
+    python benchmarks/evaluate.py --save_path ckpt/x --device cuda --num_workers 8
+
+The set is MVTec's shape: 15 classes with MVTec's names, 1,725 test images of 900 x 900 (1,258
+anomalous, with masks), in MVTec's layout under `--root` (generated once, about 1 GB: smooth
+textures with elliptical defects; PNG). Without `--save_path` a tiny AA-CLIP is trained for one
+epoch per stage on the synthetic set first (a random backbone: speed does not depend on it).
+Stages are timed by wrapping test.py's own calls: waiting for the DataLoader (decode, resize,
+masks), `AnomalyPredictor.predict` (forward and maps), `evaluate_class` and the paper image
+scores (metrics), `write_results` (files); the rest (metadata, model loading) is "other".
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import test as test_script  # noqa: E402
+import train  # noqa: E402
+from datasets.synthetic import ensure_synthetic  # noqa: E402
+from models.predictor import AnomalyPredictor  # noqa: E402
+
+# MVTec AD's classes and test-split sizes (good, anomalous): 467 good + 1,258 anomalous.
+MVTEC = {
+    "bottle": (20, 63), "cable": (58, 92), "capsule": (23, 109), "carpet": (28, 89),
+    "grid": (21, 57), "hazelnut": (40, 70), "leather": (32, 92), "metal_nut": (22, 93),
+    "pill": (26, 141), "screw": (41, 119), "tile": (33, 84), "toothbrush": (12, 30),
+    "transistor": (60, 40), "wood": (19, 60), "zipper": (32, 119),
+}  # fmt: skip
+TRAIN_GOOD = 4  # the layout has a train split; test.py does not read it
+
+
+def texture(rng: np.random.Generator, size: int) -> np.ndarray:
+    """A smooth RGB texture `[size, size, 3]` uint8 (compresses like a photo, not like noise)."""
+    y, x = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    fx, fy, phase = rng.uniform(2, 9), rng.uniform(2, 9), rng.uniform(0, 6.3)
+    base = 0.5 + 0.25 * np.sin(2 * np.pi * (fx * x + fy * y) + phase)
+    colour = rng.uniform(0.4, 1.0, size=3)
+    return (np.clip(base[..., None] * colour, 0, 1) * 255).astype(np.uint8)
+
+
+def generate(root: Path, size: int, seed: int = 0) -> Path:
+    """Write the MVTec-shaped set under `root` unless it is complete; returns root."""
+    done = root / ".complete"
+    if done.is_file():
+        return root
+    rng = np.random.default_rng(seed)
+    for name, (good, anomalous) in MVTEC.items():
+        for split, count in (("train/good", TRAIN_GOOD), ("test/good", good)):
+            folder = root / name / split
+            folder.mkdir(parents=True, exist_ok=True)
+            for index in range(count):
+                Image.fromarray(texture(rng, size)).save(
+                    folder / f"{index:03d}.png", compress_level=1
+                )
+        images, masks = root / name / "test" / "defect", root / name / "ground_truth" / "defect"
+        images.mkdir(parents=True, exist_ok=True)
+        masks.mkdir(parents=True, exist_ok=True)
+        y, x = np.mgrid[0:size, 0:size]
+        for index in range(anomalous):
+            picture = texture(rng, size)
+            cy, cx = rng.uniform(0.2, 0.8, size=2) * size
+            ry, rx = rng.uniform(0.03, 0.12, size=2) * size
+            region = ((y - cy) / ry) ** 2 + ((x - cx) / rx) ** 2 <= 1
+            picture[region] = 255 - picture[region]
+            Image.fromarray(picture).save(images / f"{index:03d}.png", compress_level=1)
+            Image.fromarray(region.astype(np.uint8) * 255).save(
+                masks / f"{index:03d}_mask.png", compress_level=1
+            )
+    done.write_text("ok\n")
+    return root
+
+
+class Stopwatch:
+    """Seconds per stage, accumulated by wrapping callables and loader iterators."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    def wrap(self, stage: str, function):
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                self.seconds[stage] += time.perf_counter() - start
+
+        return timed
+
+    def loader(self, base: type) -> type:
+        watch = self
+
+        class TimedLoader(base):
+            def __iter__(self):
+                iterator = super().__iter__()
+                while True:
+                    start = time.perf_counter()
+                    try:
+                        batch = next(iterator)
+                    except StopIteration:
+                        return
+                    finally:
+                        watch.seconds["load"] += time.perf_counter() - start
+                    yield batch
+
+        return TimedLoader
+
+
+def measure(argv: list[str], workers: int) -> tuple[float, dict[str, float]]:
+    """Wall seconds of test.py's `main(argv)` with `workers` loader workers, and per stage."""
+    watch = Stopwatch()
+    originals = {
+        "DataLoader": test_script.DataLoader,
+        "evaluate_class": test_script.evaluate_class,
+        "write_results": test_script.write_results,
+    }
+    predict, table = AnomalyPredictor.predict, AnomalyPredictor.table_image_scores
+    test_script.DataLoader = watch.loader(originals["DataLoader"])
+    test_script.evaluate_class = watch.wrap("metrics", originals["evaluate_class"])
+    test_script.write_results = watch.wrap("files", originals["write_results"])
+    AnomalyPredictor.predict = watch.wrap("forward + maps", predict)
+    AnomalyPredictor.table_image_scores = watch.wrap("metrics", table)
+    try:
+        start = time.perf_counter()
+        if test_script.main([*argv, "--num_workers", str(workers)]) != 0:
+            raise SystemExit("test.py failed; see its log above")
+        wall = time.perf_counter() - start
+    finally:
+        for name, value in originals.items():
+            setattr(test_script, name, value)
+        AnomalyPredictor.predict, AnomalyPredictor.table_image_scores = predict, table
+    watch.seconds["other"] = wall - sum(watch.seconds.values())
+    return wall, dict(watch.seconds)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--root", type=Path, default=Path("data/MVTecSized"))
+    parser.add_argument("--size", type=int, default=900, help="image side of the generated set")
+    parser.add_argument("--save_path", type=Path, default=None, help="a trained run to evaluate")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--num_workers", type=int, default=2, help="the second row's workers")
+    parser.add_argument("--batch_size", type=int, default=8)
+    args = parser.parse_args(argv)
+
+    started = time.perf_counter()
+    root = generate(args.root, args.size)
+    generated = time.perf_counter() - started
+    count = sum(good + anomalous for good, anomalous in MVTEC.values())
+    with tempfile.TemporaryDirectory() as scratch:
+        save_path = args.save_path
+        if save_path is None:
+            save_path = Path(scratch) / "run"
+            synthetic = ensure_synthetic(Path("data/Synthetic"))
+            quick = ["--data_root", str(synthetic), "--save_path", str(save_path), "--shot", "4"]
+            quick += ["--text_epoch", "1", "--image_epoch", "1", "--device", args.device]
+            if train.main(quick) != 0:
+                raise SystemExit("training the tiny model failed; see its log above")
+        common = ["--save_path", str(save_path), "--dataset", "MVTec", "--data_root", str(root)]
+        common += ["--device", args.device, "--test_batch_size", str(args.batch_size)]
+        common += ["--results_dir", str(Path(scratch) / "eval")]
+        rows = [(workers, *measure(common, workers)) for workers in (0, args.num_workers)]
+
+    print(
+        f"\nEvaluation path: test.py on {count} images of {args.size} px in 15 classes "
+        f"({root}, generated in {generated:.0f} s), {args.device}, batch {args.batch_size}; "
+        f"CPU capability {torch.backends.cpu.get_cpu_capability()}, "
+        f"{torch.get_num_threads()} threads\n"
+    )
+    stages = ("load", "forward + maps", "metrics", "files", "other")
+    print("| workers | images/s | speed-up | " + " | ".join(stages) + " |")
+    print("|---|---|---|" + "---|" * len(stages))
+    for workers, wall, seconds in rows:
+        shares = " | ".join(f"{seconds.get(s, 0.0):.1f} s ({seconds.get(s, 0.0) / wall:.0%})"
+                            for s in stages)  # fmt: skip
+        print(f"| {workers} | {count / wall:.1f} | {rows[0][1] / wall:.2f}x | {shares} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
