@@ -6,8 +6,9 @@ files), on a generated MVTec-sized set, with the loader's workers off and on in 
 
 The set is MVTec's shape: 15 classes with MVTec's names, 1,725 test images of 900 x 900 (1,258
 anomalous, with masks), in MVTec's layout under `--root` (generated once, about 1 GB: smooth
-textures with elliptical defects; PNG). Without `--save_path` a tiny AA-CLIP is trained for one
-epoch per stage on the synthetic set first (a random backbone: speed does not depend on it).
+textures with elliptical defects; PNG). Without `--save_path` an AA-CLIP on `--model_name`
+(tiny by default; random weights: speed does not depend on them) is trained for one epoch per
+stage on the synthetic set first.
 Stages are timed by wrapping test.py's own calls: waiting for the DataLoader (decode, resize,
 masks), `AnomalyPredictor.predict` (forward and maps), `evaluate_class` and the paper image
 scores (metrics), `write_results` (files); the rest (metadata, model loading) is "other".
@@ -16,6 +17,8 @@ scores (metrics), `write_results` (files); the rest (metadata, model loading) is
 from __future__ import annotations
 
 import argparse
+import multiprocessing
+import os
 import sys
 import tempfile
 import time
@@ -52,34 +55,40 @@ def texture(rng: np.random.Generator, size: int) -> np.ndarray:
     return (np.clip(base[..., None] * colour, 0, 1) * 255).astype(np.uint8)
 
 
+def write_class(root: Path, name: str, size: int, seed: int) -> None:
+    """One class of the set: train/good, test/good, test/defect and its masks."""
+    rng = np.random.default_rng(seed)
+    good, anomalous = MVTEC[name]
+    for split, count in (("train/good", TRAIN_GOOD), ("test/good", good)):
+        folder = root / name / split
+        folder.mkdir(parents=True, exist_ok=True)
+        for index in range(count):
+            Image.fromarray(texture(rng, size)).save(folder / f"{index:03d}.png", compress_level=1)
+    images, masks = root / name / "test" / "defect", root / name / "ground_truth" / "defect"
+    images.mkdir(parents=True, exist_ok=True)
+    masks.mkdir(parents=True, exist_ok=True)
+    y, x = np.mgrid[0:size, 0:size]
+    for index in range(anomalous):
+        picture = texture(rng, size)
+        cy, cx = rng.uniform(0.2, 0.8, size=2) * size
+        ry, rx = rng.uniform(0.03, 0.12, size=2) * size
+        region = ((y - cy) / ry) ** 2 + ((x - cx) / rx) ** 2 <= 1
+        picture[region] = 255 - picture[region]
+        Image.fromarray(picture).save(images / f"{index:03d}.png", compress_level=1)
+        Image.fromarray(region.astype(np.uint8) * 255).save(
+            masks / f"{index:03d}_mask.png", compress_level=1
+        )
+
+
 def generate(root: Path, size: int, seed: int = 0) -> Path:
-    """Write the MVTec-shaped set under `root` unless it is complete; returns root."""
+    """Write the MVTec-shaped set under `root` unless it is complete (a class per process);
+    returns root."""
     done = root / ".complete"
     if done.is_file():
         return root
-    rng = np.random.default_rng(seed)
-    for name, (good, anomalous) in MVTEC.items():
-        for split, count in (("train/good", TRAIN_GOOD), ("test/good", good)):
-            folder = root / name / split
-            folder.mkdir(parents=True, exist_ok=True)
-            for index in range(count):
-                Image.fromarray(texture(rng, size)).save(
-                    folder / f"{index:03d}.png", compress_level=1
-                )
-        images, masks = root / name / "test" / "defect", root / name / "ground_truth" / "defect"
-        images.mkdir(parents=True, exist_ok=True)
-        masks.mkdir(parents=True, exist_ok=True)
-        y, x = np.mgrid[0:size, 0:size]
-        for index in range(anomalous):
-            picture = texture(rng, size)
-            cy, cx = rng.uniform(0.2, 0.8, size=2) * size
-            ry, rx = rng.uniform(0.03, 0.12, size=2) * size
-            region = ((y - cy) / ry) ** 2 + ((x - cx) / rx) ** 2 <= 1
-            picture[region] = 255 - picture[region]
-            Image.fromarray(picture).save(images / f"{index:03d}.png", compress_level=1)
-            Image.fromarray(region.astype(np.uint8) * 255).save(
-                masks / f"{index:03d}_mask.png", compress_level=1
-            )
+    jobs = [(root, name, size, seed + index) for index, name in enumerate(MVTEC)]
+    with multiprocessing.Pool(min(len(jobs), os.cpu_count() or 1)) as pool:
+        pool.starmap(write_class, jobs)
     done.write_text("ok\n")
     return root
 
@@ -151,6 +160,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--root", type=Path, default=Path("data/MVTecSized"))
     parser.add_argument("--size", type=int, default=900, help="image side of the generated set")
     parser.add_argument("--save_path", type=Path, default=None, help="a trained run to evaluate")
+    parser.add_argument(
+        "--model_name", default="tiny", help="without --save_path: the backbone to train briefly"
+    )
+    parser.add_argument("--img_size", type=int, default=None, help="with --model_name")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--num_workers", type=int, default=2, help="the second row's workers")
     parser.add_argument("--batch_size", type=int, default=8)
@@ -167,6 +180,9 @@ def main(argv: list[str] | None = None) -> int:
             synthetic = ensure_synthetic(Path("data/Synthetic"))
             quick = ["--data_root", str(synthetic), "--save_path", str(save_path), "--shot", "4"]
             quick += ["--text_epoch", "1", "--image_epoch", "1", "--device", args.device]
+            quick += ["--model_name", args.model_name, "--pretrained", ""]  # random weights
+            if args.img_size is not None:
+                quick += ["--img_size", str(args.img_size)]
             if train.main(quick) != 0:
                 raise SystemExit("training the tiny model failed; see its log above")
         common = ["--save_path", str(save_path), "--dataset", "MVTec", "--data_root", str(root)]

@@ -21,6 +21,7 @@ from datasets.anomaly import build_test_datasets
 from datasets.metadata import load_test_records
 from models.aaclip import AdaptedCLIP
 from utils import calibration as calib
+from utils import runtime
 from utils.forward_utils import get_adapted_text_embedding
 from utils.metrics import pixel_metrics
 from utils.runtime import autocast, resolve_amp
@@ -79,11 +80,13 @@ def test_training_runs_under_bf16(synthetic_root, tmp_path):
 def test_amp_auto_is_bf16_only_where_the_cpu_computes_it(monkeypatch, caplog, bf16, amx, expected):
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: bf16)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(runtime, "_WARNED_AMP", set())  # as in a fresh process
     assert resolve_amp("auto", torch.device("cpu")) == expected
     assert resolve_amp("none", torch.device("cpu")) == "none"
     assert resolve_amp("bf16", torch.device("cpu")) == "bf16"  # asked for: kept
+    assert resolve_amp("bf16", torch.device("cpu")) == "bf16"
     warnings = [record for record in caplog.records if record.levelname == "WARNING"]
-    if expected == "none":  # an explicit bf16 on an emulating CPU warns, once
+    if expected == "none":  # an explicit bf16 on an emulating CPU warns, once per process
         (warning,) = warnings
         assert "slower than fp32" in warning.getMessage() and "--amp auto" in warning.getMessage()
     else:

@@ -193,6 +193,7 @@ def set_rng_state(state: dict) -> None:
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 AMP_CHOICES = ("none", "bf16", "fp16", "auto")
+_WARNED_AMP: set[str] = set()
 
 
 def native_bf16(device: torch.device) -> bool:
@@ -214,7 +215,8 @@ def resolve_amp(amp: str, device: torch.device) -> str:
     emulated = (amp == "bf16" and not native_bf16(device)) or (
         amp == "fp16" and not torch.cpu._is_amx_fp16_supported()
     )
-    if device.type == "cpu" and emulated:
+    if device.type == "cpu" and emulated and amp not in _WARNED_AMP:
+        _WARNED_AMP.add(amp)  # once per process
         logger.warning(
             "--amp %s on a CPU without native %s (capability %s): autocast emulates it, which "
             "made ViT-L inference 6.5x slower than fp32 on such a CPU (an AVX2-only EPYC, README "

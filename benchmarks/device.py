@@ -1,0 +1,162 @@
+"""One device's numbers in one Markdown table: test-time throughput of the four models at their
+paper resolution in fp32 and bf16 at batch 1, 8 and 32 with peak memory and MFU, and one
+training step per model. benchmarks/device.sh runs it with the CUDA tests and the evaluation path.
+
+    python benchmarks/device.py                                   # ViT-L-14-336, CUDA if any
+    python benchmarks/device.py --device cpu --model_name tiny    # the check on a CPU
+
+Random weights (speed does not depend on them). FLOPs are counted from the model
+(`torch.utils.flop_counter` over one fp32 `predict` of one image: matrix products and
+convolutions, the work MFU is about) and MFU is achieved FLOP/s over the device's peak for the
+row's precision: dense tensor-core peaks of known GPUs (fp32 rows: the non-tensor fp32 peak,
+since TF32 is off by default), or `--peak_tflops` for others; CPUs print n/a without it. Peak
+memory is CUDA's max allocated, or the process's RSS on a CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from throughput import build_model, fit_step, inference_step, peak_memory_gib  # noqa: E402
+
+from models.registry import MODELS, model_class  # noqa: E402
+from utils.runtime import resolve_device  # noqa: E402
+
+# Dense peak TFLOP/s (fp32 non-tensor, bf16 tensor) by a part of the device's name.
+PEAKS = {
+    "H200": (67.0, 989.0),
+    "H100": (67.0, 989.0),
+    "A100": (19.5, 312.0),
+    "L40S": (91.6, 362.0),
+    "RTX 4090": (82.6, 165.2),
+    "RTX 3090": (35.6, 71.0),
+}
+
+
+def device_peaks(device: torch.device, override: float | None) -> dict[str, float | None]:
+    """{amp: peak FLOP/s or None} for the rows' precisions."""
+    if override is not None:
+        return {"none": override * 1e12, "bf16": override * 1e12}
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, (fp32, bf16) in PEAKS.items():
+            if key in name:
+                return {"none": fp32 * 1e12, "bf16": bf16 * 1e12}
+    return {"none": None, "bf16": None}
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def seconds_per_call(call, device: torch.device, repeats: int) -> float:
+    """Median seconds of `repeats` calls after one warm-up."""
+    call()
+    synchronize(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def images(batch: int, size: int, device: torch.device) -> dict:
+    generator = torch.Generator().manual_seed(0)
+    return {
+        "image": torch.randn(batch, 3, size, size, generator=generator).to(device),
+        "mask": (torch.rand(batch, 1, size, size, generator=generator) > 0.9).float().to(device),
+        "label": torch.randint(0, 2, (batch,), generator=generator).to(device),
+        "class_name": ["tile"] * batch,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--model_name", default="ViT-L-14-336")
+    parser.add_argument("--img_size", type=int, default=None, help="default: each paper's")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--train_batch", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--peak_tflops", type=float, default=None, help="the device's peak")
+    parser.add_argument("--out", type=Path, default=None, help="also write the table here")
+    args = parser.parse_args(argv)
+
+    device = resolve_device(args.device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    peaks = device_peaks(device, args.peak_tflops)
+    shown = {amp: f"{peak / 1e12:g}" if peak else "n/a" for amp, peak in peaks.items()}
+    lines = [
+        f"Device: {name} ({device}); {args.model_name}, random weights; CPU capability "
+        f"{torch.backends.cpu.get_cpu_capability()}; peak TFLOP/s fp32 {shown['none']}, "
+        f"bf16 {shown['bf16']}",
+        "",
+        "| model | px | amp | batch | images/s | peak GiB | GFLOP/image | TFLOP/s | MFU |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    steps = []
+    for model_name in MODELS:
+        size = args.img_size or (
+            64 if args.model_name == "tiny" else model_class(model_name).config_class.paper_img_size
+        )
+        settings = argparse.Namespace(model_name=args.model_name, img_size=size)
+        model = build_model(model_name, settings, device)
+        count = inference_step(model, "none", images(1, size, device))
+        count()  # the class's text, cached by the predictor, is not the image's work
+        with FlopCounterMode(display=False) as counter:
+            count()
+        flops = counter.get_total_flops()
+        for amp in ("none", "bf16"):
+            for batch in args.batches:
+                data = images(batch, size, device)
+                step = inference_step(model, amp, data)
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
+                try:
+                    seconds = seconds_per_call(step, device, args.repeats)
+                except torch.OutOfMemoryError:
+                    lines.append(f"| {model_name} | {size} | {amp} | {batch} | out of memory |"
+                                 " | | | |")  # fmt: skip
+                    continue
+                rate = batch / seconds
+                achieved = flops * rate
+                peak = peaks[amp]
+                mfu = f"{achieved / peak:.1%}" if peak else "n/a"
+                lines.append(
+                    f"| {model_name} | {size} | {amp} | {batch} | {rate:.1f} | "
+                    f"{peak_memory_gib(device):.2f} | {flops / 1e9:.1f} | {achieved / 1e12:.2f} "
+                    f"| {mfu} |"
+                )
+        amp = "bf16" if device.type == "cuda" else "none"
+        stage_index = len(model.stages()) - 1
+        step = fit_step(model, stage_index, amp, images(args.train_batch, size, device))
+        steps.append((model_name, size, amp, seconds_per_call(step, device, args.repeats)))
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    lines += ["", f"| model | px | amp | training step s (batch {args.train_batch}) |"]
+    lines += ["|---|---|---|---|"]
+    lines += [f"| {m} | {s} | {a} | {seconds:.3f} |" for m, s, a, seconds in steps]
+    table = "\n".join(lines)
+    print(table)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(table + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
