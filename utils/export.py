@@ -145,6 +145,8 @@ def export(
             written = {xml: targets["openvino"], xml.with_suffix(".bin"): out_dir / "model.bin"}
         if "onnx" in targets:
             written[onnx_path] = targets["onnx"]
+            for weights in Path(scratch).glob("model.onnx.*"):  # external data, past 2 GB
+                written[weights] = out_dir / weights.name
         for source, destination in written.items():
             os.replace(source, destination)  # whole files only, as the checkpoints
     description = {
