@@ -422,6 +422,14 @@ class FrozenCLIPModel(nn.Module):
         """A file of the original code in our payload layout (ours already: unchanged)."""
         return payload
 
+    def nested_original(self, payload: dict[str, Any], wrapper: str, rules: tuple) -> dict:
+        """`from_original` for originals that nest their weights under `wrapper`, renamed by
+        `rules` (`rename_original`); a payload without it is ours, unchanged."""
+        if wrapper not in payload:
+            return payload
+        state = rename_original(payload[wrapper], rules, set(self.trainable_state_dict()))
+        return {"epoch": payload.get("epoch"), self.name: state}
+
     def load_trained(self, path: Path, payload: dict[str, Any] | None = None) -> dict[str, Any]:
         """Load what `predict` needs from a trained checkpoint file (and its companions beside
         it) into this model; returns the file's payload. Leaves the model in eval mode."""

@@ -49,7 +49,6 @@ from models.base import (
     FrozenCLIPModel,
     SingleStageConfig,
     Stage,
-    rename_original,
 )
 from utils.config import ARCH, TEST, redefault, setting
 from utils.errors import ConfigError
@@ -338,11 +337,7 @@ class FECLIP(FrozenCLIPModel):
 
     def from_original(self, payload: dict[str, Any]) -> dict[str, Any]:
         """The fork's `best_model.pt` in our layout."""
-        if "model_state_dict" not in payload:
-            return payload
-        keep = set(self.trainable_state_dict())
-        state = rename_original(payload["model_state_dict"], ORIGINAL_KEYS, keep)
-        return {"epoch": payload.get("epoch"), self.name: state}
+        return self.nested_original(payload, "model_state_dict", ORIGINAL_KEYS)
 
     def __init__(self, config: FEClipConfig | None = None, clip: CLIP | None = None) -> None:
         config = config if config is not None else FEClipConfig()

@@ -59,7 +59,6 @@ from models.base import (
     FrozenCLIPModel,
     SingleStageConfig,
     Stage,
-    rename_original,
 )
 from utils.config import ARCH, TEST, redefault, setting
 from utils.errors import ConfigError, DataError
@@ -514,11 +513,7 @@ class SOWA(FrozenCLIPModel):
 
     def from_original(self, payload: dict[str, Any]) -> dict[str, Any]:
         """The original's Lightning checkpoint in our layout."""
-        if "state_dict" not in payload:
-            return payload
-        keep = set(self.trainable_state_dict())
-        state = rename_original(payload["state_dict"], ORIGINAL_KEYS, keep)
-        return {"epoch": payload.get("epoch"), self.name: state}
+        return self.nested_original(payload, "state_dict", ORIGINAL_KEYS)
 
     def __init__(self, config: SOWAConfig | None = None, clip: CLIP | None = None) -> None:
         config = config if config is not None else SOWAConfig()
