@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import statistics
 import sys
 import tempfile
 import time
@@ -25,11 +24,16 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from device import seconds_per_call  # noqa: E402
 
 from models.predictor import AnomalyPredictor  # noqa: E402
 from models.registry import MODELS, model_class  # noqa: E402
 from utils.export import ExportedPredictor, export  # noqa: E402
+
+CPU = torch.device("cpu")
 
 
 def cpu_line() -> str:
@@ -40,17 +44,6 @@ def cpu_line() -> str:
         f"CPU capability {torch.backends.cpu.get_cpu_capability()}, native bf16 {bf16}, "
         f"AMX {amx}, {torch.get_num_threads()} threads"
     )
-
-
-def timed(call: Callable[[], object], repeats: int) -> float:
-    """Median seconds of `repeats` calls after one warm-up call."""
-    call()
-    seconds = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        call()
-        seconds.append(time.perf_counter() - start)
-    return statistics.median(seconds)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,8 +89,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"| {backend} | not installed | | | | |")
                 continue
             run = predictors[backend]
-            latency = timed(lambda run=run: run(one), args.repeats)
-            batch = timed(lambda run=run: run(eight), args.repeats)
+            latency = seconds_per_call(lambda run=run: run(one), CPU, args.repeats)
+            batch = seconds_per_call(lambda run=run: run(eight), CPU, args.repeats)
             base = base or (latency, batch)
             moved = float((run(eight).anomaly_map - reference).abs().max()) / max(span, 1e-12)
             print(

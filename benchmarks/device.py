@@ -27,7 +27,13 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from throughput import build_model, fit_step, inference_step, peak_memory_gib  # noqa: E402
+from throughput import (  # noqa: E402
+    build_model,
+    fit_step,
+    inference_step,
+    peak_memory_gib,
+    random_batch,
+)
 
 from models.registry import MODELS, model_class  # noqa: E402
 from utils.runtime import resolve_device  # noqa: E402
@@ -74,13 +80,8 @@ def seconds_per_call(call, device: torch.device, repeats: int) -> float:
 
 
 def images(batch: int, size: int, device: torch.device) -> dict:
-    generator = torch.Generator().manual_seed(0)
-    return {
-        "image": torch.randn(batch, 3, size, size, generator=generator).to(device),
-        "mask": (torch.rand(batch, 1, size, size, generator=generator) > 0.9).float().to(device),
-        "label": torch.randint(0, 2, (batch,), generator=generator).to(device),
-        "class_name": ["tile"] * batch,
-    }
+    """throughput.py's seeded training batch at `batch` images of `size` px."""
+    return random_batch(argparse.Namespace(batch_size=batch, img_size=size), device)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -29,20 +29,16 @@ import numpy as np
 import torch
 from PIL import Image
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from metrics import MVTEC_TEST  # noqa: E402  (MVTec AD's classes and test-split sizes)
 
 import test as test_script  # noqa: E402
 import train  # noqa: E402
 from datasets.synthetic import ensure_synthetic  # noqa: E402
 from models.predictor import AnomalyPredictor  # noqa: E402
 
-# MVTec AD's classes and test-split sizes (good, anomalous): 467 good + 1,258 anomalous.
-MVTEC = {
-    "bottle": (20, 63), "cable": (58, 92), "capsule": (23, 109), "carpet": (28, 89),
-    "grid": (21, 57), "hazelnut": (40, 70), "leather": (32, 92), "metal_nut": (22, 93),
-    "pill": (26, 141), "screw": (41, 119), "tile": (33, 84), "toothbrush": (12, 30),
-    "transistor": (60, 40), "wood": (19, 60), "zipper": (32, 119),
-}  # fmt: skip
 TRAIN_GOOD = 4  # the layout has a train split; test.py does not read it
 
 
@@ -58,7 +54,8 @@ def texture(rng: np.random.Generator, size: int) -> np.ndarray:
 def write_class(root: Path, name: str, size: int, seed: int) -> None:
     """One class of the set: train/good, test/good, test/defect and its masks."""
     rng = np.random.default_rng(seed)
-    good, anomalous = MVTEC[name]
+    total, good = MVTEC_TEST[name]
+    anomalous = total - good
     for split, count in (("train/good", TRAIN_GOOD), ("test/good", good)):
         folder = root / name / split
         folder.mkdir(parents=True, exist_ok=True)
@@ -86,7 +83,7 @@ def generate(root: Path, size: int, seed: int = 0) -> Path:
     done = root / ".complete"
     if done.is_file():
         return root
-    jobs = [(root, name, size, seed + index) for index, name in enumerate(MVTEC)]
+    jobs = [(root, name, size, seed + index) for index, name in enumerate(MVTEC_TEST)]
     with multiprocessing.Pool(min(len(jobs), os.cpu_count() or 1)) as pool:
         pool.starmap(write_class, jobs)
     done.write_text("ok\n")
@@ -172,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     root = generate(args.root, args.size)
     generated = time.perf_counter() - started
-    count = sum(good + anomalous for good, anomalous in MVTEC.values())
+    count = sum(total for total, _ in MVTEC_TEST.values())
     with tempfile.TemporaryDirectory() as scratch:
         save_path = args.save_path
         if save_path is None:
