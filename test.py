@@ -17,15 +17,16 @@ import argparse
 import dataclasses
 import logging
 import re
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, default_collate
 
-from datasets.anomaly import TestDataset, build_test_datasets, resize_image, seen_region
+from datasets.anomaly import TestDataset, build_test_datasets, seen_region, to_pixels
 from datasets.catalog import default_data_root, get_dataset_info, real_name
 from datasets.metadata import load_test_records, log_resized_masks
 from datasets.support import draw_support, load_images
@@ -52,7 +53,13 @@ from utils.config import (
     to_mapping,
 )
 from utils.errors import CheckpointError, ConfigError
-from utils.metrics import COLUMNS_FULL, COLUMNS_OFFICIAL, PRO_VARIANTS, evaluate_class
+from utils.metrics import (
+    COLUMNS_FULL,
+    COLUMNS_OFFICIAL,
+    PRO_VARIANTS,
+    ClassEvaluator,
+    MapExtrema,
+)
 from utils.report import format_table, write_results
 from utils.runtime import (
     loader_workers,
@@ -111,7 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument(
         "--all_epochs",
         action="store_true",
-        help="evaluate every per-epoch file (image_adapter_<e>.pth, ...) in numeric order",
+        help="evaluate every per-epoch file (image_adapter_<e>.pth, ...) in numeric order, class "
+        "by class: a class's images are decoded once and held (about 3 MB per image at 518 px) "
+        "while every file scores them",
     )
     group.add_argument(
         "--results_dir",
@@ -218,75 +227,113 @@ def checkpoint_files(args: argparse.Namespace) -> tuple[str, list[Path]]:
     raise CheckpointError(f"no per-epoch checkpoints in {args.save_path}; train first")
 
 
+@dataclasses.dataclass
+class ClassOutputs:
+    """What test.py keeps of a class's predictions: per image the detection score, label,
+    paths and map extrema; the full-size maps, masks and model-size pixels only for panels."""
+
+    det_scores: np.ndarray  # [n]
+    labels: np.ndarray  # [n] int64
+    extrema: MapExtrema  # each raw map's minimum and maximum, [n] each
+    paths: list[str]
+    file_names: list[str]
+    maps: np.ndarray | None = None  # [n, S, S] float32
+    masks: np.ndarray | None = None  # [n, S, S] bool
+    pixels: np.ndarray | None = None  # [n, S, S, 3] uint8: the model's input before normalising
+
+
+def collate_test(items: list[dict]) -> dict:
+    """`default_collate`, with masks as bool `[B, S, S]` (a quarter of the float masks)."""
+    batch = default_collate(items)
+    batch["mask"] = batch["mask"][:, 0].bool()
+    return batch
+
+
+def class_batches(
+    dataset: TestDataset, batch_size: int, num_workers: int, device: torch.device, cache: bool
+) -> Iterable[dict]:
+    """A class's batches: its loader, read once, or with `cache` (several checkpoints to
+    evaluate) the batches decoded and resized once and held, so that every checkpoint reuses
+    them."""
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+        collate_fn=collate_test,
+    )
+    return list(progress(loader, desc="loading", leave=False)) if cache else loader
+
+
 @torch.no_grad()
 def predict_class(
     predictor: AnomalyPredictor,
-    dataset: TestDataset,
+    batches: Iterable[dict],
     prompt_name: str,
-    batch_size: int,
-    num_workers: int,
-) -> dict[str, np.ndarray | list]:
-    """Raw maps `[n, S, S]`, image scores `[n]`, masks `[n, S, S]`, labels `[n]` of a class."""
-    cuda = predictor.device.type == "cuda"
-    loader = DataLoader(
-        dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, pin_memory=cuda
-    )
-    maps, scores, masks, labels, paths, file_names = [], [], [], [], [], []
-    for batch in progress(loader, desc="batches", leave=False):
+    evaluator: ClassEvaluator,
+    keep_maps: bool = False,
+) -> ClassOutputs:
+    """Predict a class batch by batch, streaming maps `[B, S, S]` and masks into `evaluator`;
+    with `keep_maps` the maps, masks and pixels are also kept (panels)."""
+    kept: dict[str, list[np.ndarray]] = {"maps": [], "masks": [], "pixels": []}
+    scores, labels, paths, file_names = [], [], [], []
+    for batch in progress(batches, desc="batches", leave=False):
         output = predictor.predict(batch["image"], [prompt_name] * len(batch["image"]))
-        maps.append(output.anomaly_map.cpu().numpy())
+        maps = output.anomaly_map.cpu().numpy().astype(np.float32, copy=False)
+        masks = batch["mask"].numpy()
+        evaluator.update(maps, masks)
+        if keep_maps:
+            kept["maps"].append(maps)
+            kept["masks"].append(masks)
+            kept["pixels"].append(to_pixels(batch["image"]))
         scores.append(output.image_score.cpu().numpy())
-        masks.append(batch["mask"][:, 0].numpy().astype(bool))
         labels.append(batch["label"].numpy())
         paths.extend(batch["image_path"])
         file_names.extend(batch["file_name"])
-    return {
-        "maps": np.concatenate(maps).astype(np.float32),
-        "det_scores": np.concatenate(scores),
-        "masks": np.concatenate(masks),
-        "labels": np.concatenate(labels).astype(np.int64),
-        "paths": paths,
-        "file_names": file_names,
-    }
+    return ClassOutputs(
+        det_scores=np.concatenate(scores),
+        labels=np.concatenate(labels).astype(np.int64),
+        extrema=evaluator.extrema,
+        paths=paths,
+        file_names=file_names,
+        **({name: np.concatenate(arrays) for name, arrays in kept.items()} if keep_maps else {}),
+    )
 
 
-def evaluate(
+def evaluate_class(
     predictor: AnomalyPredictor,
-    datasets: dict[str, TestDataset],
+    batches: Iterable[dict],
+    class_name: str,
+    size: int,
     args: argparse.Namespace,
-    visualize: bool,
+    panels: bool = False,
     support: dict[str, list[str]] | None = None,
-) -> dict[str, dict[str, float]]:
-    """Per-class metrics of one trained model.
+) -> dict[str, float]:
+    """One class's metrics under one trained model (`size` test images); with `panels`, its
+    panels are written.
 
-    With `--k_shot` > 0 the predictor's support set holds k normal train-split images of each
-    class while the class is predicted and scored; their paths go into `support`.
+    With `--k_shot` > 0 the predictor's support set holds k normal train-split images of the
+    class while it is predicted and scored; their paths go into `support`.
     """
     columns = COLUMNS_OFFICIAL if args.metrics == "official" else COLUMNS_FULL
-    workers = loader_workers(args.num_workers, predictor.device, evaluation=True)
-    per_class = {}
-    for class_name, dataset in progress(datasets.items(), desc="classes"):
+    pixels_per_map = predictor.model.img_size**2
+    evaluator = ClassEvaluator(
+        columns, args.fpr_limit, args.pro_variant, size * pixels_per_map, class_name
+    )
+    if args.k_shot > 0:
+        set_support(predictor, class_name, args, support)
+    try:
         prompt_name = real_name(args.dataset, class_name)
+        outputs = predict_class(predictor, batches, prompt_name, evaluator, keep_maps=panels)
+        image_scores = predictor.table_image_scores(outputs.extrema, outputs.det_scores)
+    finally:
         if args.k_shot > 0:
-            set_support(predictor, class_name, args, support)
-        try:
-            outputs = predict_class(predictor, dataset, prompt_name, args.test_batch_size, workers)
-            image_scores = predictor.table_image_scores(outputs["maps"], outputs["det_scores"])
-        finally:
-            if args.k_shot > 0:
-                predictor.set_support(None)
-        per_class[class_name] = evaluate_class(
-            outputs["maps"],
-            outputs["masks"],
-            image_scores,
-            outputs["labels"],
-            columns,
-            fpr_limit=args.fpr_limit,
-            pro_variant=args.pro_variant,
-        )
-        if visualize:
-            write_panels(outputs, class_name, args, predictor.model)
-    return per_class
+            predictor.set_support(None)
+    metrics = evaluator.compute(image_scores, outputs.labels)
+    if panels:
+        write_panels(outputs, class_name, args, predictor.model)
+    return metrics
 
 
 def set_support(
@@ -304,26 +351,25 @@ def set_support(
 
 
 def write_panels(
-    outputs: dict, class_name: str, args: argparse.Namespace, model: FrozenCLIPModel
+    outputs: ClassOutputs, class_name: str, args: argparse.Namespace, model: FrozenCLIPModel
 ) -> None:
-    """[image | ground truth | heat map] per image; the map min-max normalised over the class."""
-    maps = outputs["maps"]
-    low, high = float(maps.min()), float(maps.max())
+    """[image | ground truth | heat map] per image; the map min-max normalised over the class.
+    At the model's size the image is the loader's (not decoded again); at the original size
+    the file is read once more (the full resolution is not held)."""
+    maps = outputs.maps
+    low, high = float(outputs.extrema.minima.min()), float(outputs.extrema.maxima.max())
     heat = (maps - low) / (high - low) if high > low else np.zeros_like(maps)
     folder = output_folder(args) / "visualization" / args.dataset / class_name
-    for index, (path, file_name) in enumerate(
-        zip(outputs["paths"], outputs["file_names"], strict=True)
-    ):
-        image = Image.open(path).convert("RGB")
+    for index, (path, file_name) in enumerate(zip(outputs.paths, outputs.file_names, strict=True)):
+        mask = outputs.masks[index]
         if args.vis_size == "model":
-            image = resize_image(image, model.img_size, model.config.preprocess)
+            picture = outputs.pixels[index]
         else:
-            image = seen_region(image, model.config.preprocess)
-        mask = outputs["masks"][index]
-        if args.vis_size == "original":
+            image = seen_region(Image.open(path).convert("RGB"), model.config.preprocess)
             mask = np.asarray(Image.fromarray(mask).resize(image.size, Image.NEAREST))
+            picture = np.asarray(image)
         name = Path(file_name).with_suffix("").as_posix().replace("/", "_") + ".png"
-        save_panels(folder / name, np.asarray(image), heat[index], mask=mask)
+        save_panels(folder / name, picture, heat[index], mask=mask)
 
 
 def output_folder(args: argparse.Namespace) -> Path:
@@ -359,38 +405,52 @@ def run(args: argparse.Namespace) -> None:
     columns = COLUMNS_OFFICIAL if args.metrics == "official" else COLUMNS_FULL
     out_dir = output_folder(args)
     overrides = model_overrides(args)
-    model = None
-    for path in files:
-        if model is None:
-            _, model, payload = load_trained_model(
-                path, device, model_name, overrides, args.dataset
+    _, model, payload = load_trained_model(files[0], device, model_name, overrides, args.dataset)
+    payloads = {files[0]: payload}
+    sources = {files[0]: model.weight_sources}
+    preprocessing = dataclasses.replace(
+        model.config.preprocessing(train=False), resize_masks=args.resize_masks
+    )
+    datasets = build_test_datasets(records, args.data_root, model.img_size, preprocessing)
+    workers = loader_workers(args.num_workers, device, evaluation=True)
+    # Several checkpoints: class by class, each class decoded once and scored by every one.
+    cache = len(files) > 1
+    logger.info(
+        "evaluating %s on %s: %s%s",
+        model_name,
+        args.dataset,
+        ", ".join(path.name for path in files),
+        " (each class decoded once and held for every checkpoint)" if cache else "",
+    )
+    per_file: dict[Path, dict[str, dict[str, float]]] = {path: {} for path in files}
+    supports: dict[Path, dict[str, list[str]]] = {path: {} for path in files}
+    for class_name, dataset in progress(datasets.items(), desc="classes"):
+        batches = class_batches(dataset, args.test_batch_size, workers, device, cache)
+        for path in files:
+            if cache:  # the same run's next file: same architecture, its weights
+                payloads[path] = model.load_trained(path)
+                sources[path] = model.weight_sources
+            predictor = AnomalyPredictor(model, info.domain, args.amp, args.k_shot)
+            per_file[path][class_name] = evaluate_class(
+                predictor,
+                batches,
+                class_name,
+                len(dataset),
+                args,
+                panels=args.visualize and path == files[-1],
+                support=supports[path],
             )
-        else:  # the next epoch of the same run: same architecture, reload its weights
-            payload = model.load_trained(path)
-        predictor = AnomalyPredictor(model, info.domain, args.amp, args.k_shot)
-        preprocessing = dataclasses.replace(
-            model.config.preprocessing(train=False), resize_masks=args.resize_masks
-        )
-        datasets = build_test_datasets(records, args.data_root, model.img_size, preprocessing)
-        logger.info(
-            "evaluating %s %s (epoch %s) on %s",
-            model_name,
-            path,
-            payload.get("epoch"),
-            args.dataset,
-        )
-        support: dict[str, list[str]] = {}
-        per_class = evaluate(
-            predictor, datasets, args, args.visualize and path == files[-1], support
-        )
-        settings = to_mapping(model.config)
+        del batches
+    settings = to_mapping(model.config)
+    for path in files:
+        payload, per_class, support = payloads[path], per_file[path], supports[path]
         meta = {
             "dataset": args.dataset,
             "model": model_name,
             "checkpoint": str(path),
             "epoch": payload.get("epoch"),
             "train_seed": (payload.get("config") or {}).get("seed"),
-            **model.weight_sources,
+            **sources[path],
             **{
                 field.name: settings[field.name]
                 for field in settings_of(type(model.config), (TEST,))

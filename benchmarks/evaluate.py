@@ -10,8 +10,9 @@ textures with elliptical defects; PNG). Without `--save_path` an AA-CLIP on `--m
 (tiny by default; random weights: speed does not depend on them) is trained for one epoch per
 stage on the synthetic set first.
 Stages are timed by wrapping test.py's own calls: waiting for the DataLoader (decode, resize,
-masks), `AnomalyPredictor.predict` (forward and maps), `evaluate_class` and the paper image
-scores (metrics), `write_results` (files); the rest (metadata, model loading) is "other".
+masks), `AnomalyPredictor.predict` (forward and maps), the streaming `ClassEvaluator` and the
+paper image scores (metrics), `write_results` (files); the rest (metadata, model loading) is
+"other".
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ import test as test_script  # noqa: E402
 import train  # noqa: E402
 from datasets.synthetic import ensure_synthetic  # noqa: E402
 from models.predictor import AnomalyPredictor  # noqa: E402
+from utils.metrics import ClassEvaluator  # noqa: E402
 
 TRAIN_GOOD = 4  # the layout has a train split; test.py does not read it
 
@@ -130,15 +132,19 @@ def measure(argv: list[str], workers: int) -> tuple[float, dict[str, float]]:
     watch = Stopwatch()
     originals = {
         "DataLoader": test_script.DataLoader,
-        "evaluate_class": test_script.evaluate_class,
         "write_results": test_script.write_results,
     }
-    predict, table = AnomalyPredictor.predict, AnomalyPredictor.table_image_scores
+    methods = [
+        (AnomalyPredictor, "predict", "forward + maps"),
+        (AnomalyPredictor, "table_image_scores", "metrics"),
+        (ClassEvaluator, "update", "metrics"),
+        (ClassEvaluator, "compute", "metrics"),
+    ]
+    unwrapped = [getattr(owner, name) for owner, name, _ in methods]
     test_script.DataLoader = watch.loader(originals["DataLoader"])
-    test_script.evaluate_class = watch.wrap("metrics", originals["evaluate_class"])
     test_script.write_results = watch.wrap("files", originals["write_results"])
-    AnomalyPredictor.predict = watch.wrap("forward + maps", predict)
-    AnomalyPredictor.table_image_scores = watch.wrap("metrics", table)
+    for (owner, name, stage), method in zip(methods, unwrapped, strict=True):
+        setattr(owner, name, watch.wrap(stage, method))
     try:
         start = time.perf_counter()
         if test_script.main([*argv, "--num_workers", str(workers)]) != 0:
@@ -147,7 +153,8 @@ def measure(argv: list[str], workers: int) -> tuple[float, dict[str, float]]:
     finally:
         for name, value in originals.items():
             setattr(test_script, name, value)
-        AnomalyPredictor.predict, AnomalyPredictor.table_image_scores = predict, table
+        for (owner, name, _), method in zip(methods, unwrapped, strict=True):
+            setattr(owner, name, method)
     watch.seconds["other"] = wall - sum(watch.seconds.values())
     return wall, dict(watch.seconds)
 

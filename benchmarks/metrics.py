@@ -25,8 +25,15 @@ at 518 px, generated and evaluated one class at a time as test.py does (pixel_me
 P-AUROC, P-AP, P-F1max and exact AUPRO, plus the 200-step AUPRO), then the peak RSS of the
 process checked against 8 GiB.
 
+`--stream`: test.py's per-class path on one class (default 200 maps of 518 px arriving in
+batches of 32): the class held whole (every batch's maps and masks kept, concatenated, then
+evaluated, as test.py did) against the streaming `ClassEvaluator` (each batch folded in as it
+arrives, only each map's extrema kept), the same seven columns and image scores, seconds and
+peak extra numpy memory of each.
+
     python benchmarks/metrics.py [--images 200] [--size 500] [--seed 0]
     python benchmarks/metrics.py --mvtec [--size 518] [--seed 0]
+    python benchmarks/metrics.py --stream [--images 200] [--size 518]
 """
 
 from __future__ import annotations
@@ -45,7 +52,15 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from utils.metrics import aupro, pixel_metrics  # noqa: E402
+from utils.metrics import (  # noqa: E402
+    COLUMNS_FULL,
+    ClassEvaluator,
+    aaclip_image_scores,
+    aupro,
+    evaluate_class,
+    map_extrema,
+    pixel_metrics,
+)
 
 EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
 MIB = 2**20
@@ -243,6 +258,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=200, help="per-threshold loop thresholds")
     parser.add_argument("--mvtec", action="store_true", help="MVTec-AD-sized run, 15 classes")
+    parser.add_argument("--stream", action="store_true", help="held vs streamed class")
+    parser.add_argument("--batch_size", type=int, default=32, help="--stream: maps per batch")
     return parser.parse_args(argv)
 
 
@@ -365,8 +382,57 @@ def run_mvtec(args: argparse.Namespace) -> int:
     return 0 if verdict == "PASS" else 1
 
 
+def run_stream(args: argparse.Namespace) -> int:
+    size = args.size or 518
+    maps, masks = synthetic_class(args.images, size, args.seed)
+    det = np.random.default_rng(args.seed).random(args.images)
+    labels = masks.reshape(args.images, -1).any(axis=1)
+    starts = range(0, args.images, args.batch_size)
+
+    def batches():  # fresh arrays per batch, as the model's outputs are
+        for start in starts:
+            stop = start + args.batch_size
+            yield maps[start:stop].copy(), masks[start:stop].copy()
+
+    def held() -> dict:
+        kept_maps, kept_masks = [], []
+        for batch_maps, batch_masks in batches():
+            kept_maps.append(batch_maps)
+            kept_masks.append(batch_masks)
+        whole_maps, whole_masks = np.concatenate(kept_maps), np.concatenate(kept_masks)
+        scores = aaclip_image_scores(map_extrema(whole_maps), det, "Industrial")
+        return evaluate_class(whole_maps, whole_masks, scores, labels, COLUMNS_FULL)
+
+    def streamed() -> dict:
+        evaluator = ClassEvaluator(COLUMNS_FULL, capacity=maps.size)
+        for batch_maps, batch_masks in batches():
+            evaluator.update(batch_maps, batch_masks)
+        scores = aaclip_image_scores(evaluator.extrema, det, "Industrial")
+        return evaluator.compute(scores, labels)
+
+    streamed()  # untimed warm-up
+    tracemalloc.start()
+    rows = [("held whole (test.py before)", Row(held))]
+    rows.append(("streamed (ClassEvaluator)", Row(streamed)))
+    tracemalloc.stop()
+    print(
+        f"One class: {args.images} maps of {size}x{size} in batches of {args.batch_size} "
+        f"({maps.size / 1e6:.1f} M pixels; its float32 maps alone hold {maps.nbytes / MIB:.0f} "
+        f"MiB), seed {args.seed}\n"
+    )
+    print("| path | seconds | peak extra numpy MiB | peak RSS MiB | same columns |")
+    print("| --- | ---: | ---: | ---: | --- |")
+    for name, row in rows:
+        rss = "n/a" if row.rss_peak is None else f"{row.rss_peak / MIB:.0f}"
+        same = "yes" if row.value == rows[0][1].value else "NO"
+        print(f"| {name} | {row.seconds:.2f} | {row.traced_peak / MIB:.0f} | {rss} | {same} |")
+    return 0 if rows[1][1].value == rows[0][1].value else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.stream:
+        return run_stream(args)
     return run_mvtec(args) if args.mvtec else run_single_class(args)
 
 

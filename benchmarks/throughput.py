@@ -249,7 +249,7 @@ def synthetic_metric_shift(args: argparse.Namespace) -> dict:
     from datasets.anomaly import build_test_datasets
     from datasets.metadata import load_test_records
     from datasets.synthetic import ensure_synthetic
-    from utils.metrics import aaclip_image_scores, evaluate_class
+    from utils.metrics import aaclip_image_scores, evaluate_class, map_extrema
 
     device = resolve_device(args.device)
     root = ensure_synthetic(Path(args.synthetic_root))
@@ -266,7 +266,8 @@ def synthetic_metric_shift(args: argparse.Namespace) -> dict:
                     batch["image"], list(batch["class_name"])
                 )
             maps = output.anomaly_map.cpu().numpy()
-            image_scores = aaclip_image_scores(maps, output.image_score.cpu().numpy(), "Industrial")
+            det = output.image_score.cpu().numpy()
+            image_scores = aaclip_image_scores(map_extrema(maps), det, "Industrial")
             scores[amp] = evaluate_class(
                 maps,
                 batch["mask"][:, 0].numpy().astype(bool),

@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
@@ -110,6 +111,15 @@ def _image_to_tensor(image: Image.Image, img_size: int, mode: str = "square") ->
     return transforms.functional.normalize(
         transforms.functional.to_tensor(resize_image(image, img_size, mode)), CLIP_MEAN, CLIP_STD
     )
+
+
+def to_pixels(images: torch.Tensor) -> np.ndarray:
+    """CLIP-normalised images `[B, 3, S, S]` back to the resized 8-bit pixels `[B, S, S, 3]`
+    they were made from (exact: the rounding error is far below half a grey level)."""
+    mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    pixels = ((images.detach().cpu().float() * std + mean) * 255).round().clamp(0, 255)
+    return pixels.to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
 def load_image(path: Path | str, img_size: int, mode: str = "square") -> torch.Tensor:

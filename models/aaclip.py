@@ -50,7 +50,7 @@ from utils.forward_utils import (
     get_adapted_text_embedding,
     orthogonal_loss,
 )
-from utils.metrics import aaclip_image_scores
+from utils.metrics import MapExtrema, aaclip_image_scores
 from utils.runtime import float32_island
 
 logger = logging.getLogger(__name__)
@@ -410,11 +410,11 @@ class AdaptedCLIP(FrozenCLIPModel):
         return AnomalyOutput(anomaly_map, (det_score + 1) / 2)
 
     def table_image_scores(
-        self, maps: np.ndarray, scores: np.ndarray, domain: str, few_shot: bool
+        self, extrema: MapExtrema, scores: np.ndarray, domain: str, few_shot: bool
     ) -> np.ndarray:
         """AA-CLIP's per-class min-max fusion of map maxima and detection scores (transductive;
         test.py only)."""
-        return aaclip_image_scores(maps, scores, domain)
+        return aaclip_image_scores(extrema, scores, domain)
 
     # ---------------------------------------------------------------------------------------
     # Training: stage 1 (text adapters), stage 2 (image adapters)

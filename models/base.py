@@ -25,6 +25,7 @@ from models import backbone
 from utils.checkpoint import load_checkpoint
 from utils.config import ARCH, TEST, check_architecture, from_mapping, override, setting
 from utils.errors import CheckpointError, DataError
+from utils.metrics import MapExtrema
 
 logger = logging.getLogger(__name__)
 
@@ -290,10 +291,11 @@ class FrozenCLIPModel(nn.Module):
         raise NotImplementedError
 
     def table_image_scores(
-        self, maps: np.ndarray, scores: np.ndarray, domain: str, few_shot: bool
+        self, extrema: MapExtrema, scores: np.ndarray, domain: str, few_shot: bool
     ) -> np.ndarray:
-        """Paper-table image scores of one class from `predict`'s maps `[N, S, S]` and scores
-        `[N]` (each model's paper protocol; may be transductive, so test.py only)."""
+        """Paper-table image scores of one class from the extrema of `predict`'s maps (each
+        `[N]`) and its scores `[N]` (each model's paper protocol; may be transductive, so
+        test.py only)."""
         return np.asarray(scores, dtype=np.float64)
 
     # ---------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import torch
 
 from models.base import DEFAULT_DOMAIN, AnomalyOutput, FrozenCLIPModel
 from utils.errors import ConfigError
+from utils.metrics import MapExtrema
 from utils.runtime import autocast, resolve_amp
 
 DOMAINS = ("Industrial", "Medical")
@@ -91,10 +92,10 @@ class AnomalyPredictor:
                 domain=self.domain,
             )
 
-    def table_image_scores(self, maps: np.ndarray, scores: np.ndarray) -> np.ndarray:
-        """Paper-table image scores of one class's `predict` maps `[N, S, S]` and scores `[N]`
-        (the model's protocol, e.g. AA-CLIP's per-class min-max fusion: transductive, so for
-        paper tables only)."""
+    def table_image_scores(self, extrema: MapExtrema, scores: np.ndarray) -> np.ndarray:
+        """Paper-table image scores of one class from its `predict` maps' extrema (`[N]` each,
+        `utils.metrics.map_extrema`) and scores `[N]` (the model's protocol, e.g. AA-CLIP's
+        per-class min-max fusion: transductive, so for paper tables only)."""
         return self.model.table_image_scores(
-            maps, scores, self.domain, few_shot=self._memory is not None
+            extrema, scores, self.domain, few_shot=self._memory is not None
         )

@@ -63,7 +63,7 @@ from models.base import (
 from utils.config import ARCH, TEST, redefault, setting
 from utils.errors import ConfigError, DataError
 from utils.forward_utils import calculate_seg_loss, calculate_similarity_map, gaussian_smooth
-from utils.metrics import minmax_normalize
+from utils.metrics import MapExtrema, minmax_normalize
 from utils.runtime import float32_island
 
 CLASS_NAMES = ("object",)  # one object-agnostic prompt pair (spec §3)
@@ -702,15 +702,14 @@ class SOWA(FrozenCLIPModel):
         return AnomalyOutput(anomaly_map, output.text_probs[:, 1])
 
     def table_image_scores(
-        self, maps: np.ndarray, scores: np.ndarray, domain: str, few_shot: bool
+        self, extrema: MapExtrema, scores: np.ndarray, domain: str, few_shot: bool
     ) -> np.ndarray:
         """Zero-shot: the image softmax's anomaly probability. k-shot: `0.5 (score + minmax(map
         max))`, min-max over the class's test images (transductive)."""
         scores = np.asarray(scores, dtype=np.float64)
         if not few_shot:
             return scores
-        maxima = np.asarray(maps, dtype=np.float64).reshape(len(scores), -1).max(axis=1)
-        return 0.5 * (scores + minmax_normalize(maxima))
+        return 0.5 * (scores + minmax_normalize(extrema.maxima.astype(np.float64)))
 
     # ---------------------------------------------------------------------------------------
     # Training (single stage, spec §5)

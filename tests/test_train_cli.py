@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import re
 import shutil
@@ -11,6 +12,7 @@ import torch
 
 import test as test_script
 import train
+from datasets import anomaly
 from utils.checkpoint import load_checkpoint
 
 FAST = [
@@ -99,6 +101,39 @@ def test_official_table_and_visualisation(trained, capsys, tmp_path):
     assert re.findall(r"[PI]-\w+", header) == ["P-AUROC", "P-AP", "I-AUROC", "I-AP"]
     panels = list((run / "visualization" / "Synthetic").rglob("*.png"))
     assert len(panels) == 3 * 32
+
+
+def test_all_epochs_decode_each_image_once_and_equal_one_file_at_a_time(
+    trained, tmp_path, monkeypatch
+):
+    data_root, save_path = trained
+    common = ["--data_root", str(data_root), "--save_path", str(save_path), "--device", "cpu"]
+    alone = {}
+    for epoch in (1, 2):
+        out = tmp_path / f"alone_{epoch}"
+        checkpoint = str(save_path / f"image_adapter_{epoch}.pth")
+        assert (
+            test_script.main([*common, "--checkpoint", checkpoint, "--results_dir", str(out)]) == 0
+        )
+        alone[epoch] = json.loads(
+            (out / f"results_Synthetic_image_adapter_{epoch}.json").read_text()
+        )
+    opened = collections.Counter()
+    open_rgb = anomaly._open_rgb
+
+    def counting_open(path):
+        opened[str(path)] += 1
+        return open_rgb(path)
+
+    monkeypatch.setattr(anomaly, "_open_rgb", counting_open)
+    out = tmp_path / "together"
+    assert test_script.main([*common, "--all_epochs", "--results_dir", str(out)]) == 0
+    assert len(opened) == 3 * 32 and set(opened.values()) == {1}  # every image decoded once
+    for epoch in (1, 2):
+        together = json.loads((out / f"results_Synthetic_image_adapter_{epoch}.json").read_text())
+        assert together["per_class"] == alone[epoch]["per_class"]
+        del together["meta"]["config"], alone[epoch]["meta"]["config"]
+        assert together["meta"] == alone[epoch]["meta"]  # epoch, checkpoint and weight files
 
 
 def test_all_epochs_are_sorted_numerically(tmp_path):

@@ -388,22 +388,101 @@ def minmax_normalize(x: Any) -> np.ndarray:
     return _aaclip_rescale(x, x.min(), x.max())
 
 
-def aaclip_image_scores(maps: Any, det_scores: Any, domain: str) -> np.ndarray:
-    """AA-CLIP image scores of one class (spec §3). maps: [N, H, W]; det_scores: [N] -> [N].
+class MapExtrema(NamedTuple):
+    """Each map's minimum and maximum: all a paper protocol's image score needs of the maps."""
+
+    minima: np.ndarray  # [N]
+    maxima: np.ndarray  # [N]
+
+
+def map_extrema(maps: Any) -> MapExtrema:
+    """maps: [N, H, W] -> each map's (minimum, maximum), in the maps' dtype."""
+    flat = _to_numpy(maps).reshape(len(maps), -1)
+    return MapExtrema(flat.min(axis=1), flat.max(axis=1))
+
+
+def aaclip_image_scores(extrema: MapExtrema, det_scores: Any, domain: str) -> np.ndarray:
+    """AA-CLIP image scores of one class (spec §3) from its maps' extrema and det_scores [N].
 
     Industrial: 0.5 * max of the class-min-max map + 0.5 * min-max detection score;
     Medical: the map maximum only. Transductive (test-set statistics), for paper tables only.
     """
     if domain not in DOMAINS:
         raise ConfigError(f"unknown domain {domain!r}; valid: {', '.join(DOMAINS)}")
-    maps = _to_numpy(maps)
-    map_max = maps.reshape(maps.shape[0], -1).max(axis=1)
     # min-max is monotone, so the max of the normalised map is the normalised max
-    map_max = _aaclip_rescale(map_max, maps.min(), maps.max()).astype(np.float64)
+    low, high = extrema.minima.min(), extrema.maxima.max()
+    map_max = _aaclip_rescale(extrema.maxima, low, high).astype(np.float64)
     if domain == "Medical":
         return map_max
     det = minmax_normalize(_to_numpy(det_scores).astype(np.float64))
     return 0.5 * map_max + 0.5 * det
+
+
+class ClassEvaluator:
+    """Streams one class's maps and masks batch by batch into its pixel metrics, keeping each
+    map's extrema for the image score, so that no full-size map is held (test.py).
+
+    `capacity` (the class's pixel count) preallocates the accumulator's buffer; `compute`
+    takes the image scores and labels at the end. Columns are names from COLUMNS_FULL.
+    """
+
+    def __init__(
+        self,
+        columns: list[str],
+        fpr_limit: float = 0.3,
+        pro_variant: str = "exact",
+        capacity: int | None = None,
+        class_name: str = "",
+    ) -> None:
+        unknown = [column for column in columns if column not in COLUMNS_FULL]
+        if unknown:
+            msg = f"unknown metric columns {unknown}; valid: {', '.join(COLUMNS_FULL)}"
+            raise ConfigError(msg)
+        self.columns = columns
+        self.prefix = f"{class_name} " if class_name else ""
+        self.pixel: PixelAccumulator | None = None
+        if any(column in _PIXEL_KEYS for column in columns):
+            self.pixel = PixelAccumulator(
+                fpr_limit,
+                pro_variant,
+                with_pro="AUPRO" in columns,
+                capacity=capacity,
+                name=f"{self.prefix}pixel",
+            )
+        self._minima: list[np.ndarray] = []
+        self._maxima: list[np.ndarray] = []
+
+    def update(self, maps: Any, masks: Any) -> None:
+        """maps: [B, H, W] float; masks: [B, H, W] bool (may be None without pixel columns)."""
+        maps = _to_numpy(maps)
+        extrema = map_extrema(maps)
+        self._minima.append(extrema.minima)
+        self._maxima.append(extrema.maxima)
+        if self.pixel is not None:
+            if masks is None:
+                raise ValueError("pixel columns need maps and masks")
+            self.pixel.update(maps, masks)
+
+    @property
+    def extrema(self) -> MapExtrema:
+        """Each map's minimum and maximum so far, `[N]` each."""
+        if not self._maxima:
+            return MapExtrema(np.empty(0, np.float32), np.empty(0, np.float32))
+        return MapExtrema(np.concatenate(self._minima), np.concatenate(self._maxima))
+
+    def compute(self, image_scores: Any, labels: Any) -> dict[str, float]:
+        """The requested columns, values in [0, 1] or NaN; image_scores/labels: [N] (may be
+        None when no image column is asked)."""
+        values: dict[str, float] = {}
+        if self.pixel is not None:
+            pixel = self.pixel.compute()
+            values.update({col: pixel[key] for col, key in _PIXEL_KEYS.items() if key in pixel})
+        if any(column in _IMAGE_KEYS for column in self.columns):
+            if image_scores is None or labels is None:
+                raise ValueError("image columns need image scores and labels")
+            image = image_metrics(image_scores, labels, name=f"{self.prefix}image")
+            values.update({col: image[key] for col, key in _IMAGE_KEYS.items()})
+        return {column: values[column] for column in self.columns}
 
 
 def evaluate_class(
@@ -416,28 +495,15 @@ def evaluate_class(
     pro_variant: str = "exact",
     class_name: str = "",
 ) -> dict[str, float]:
-    """Requested `columns` (names from COLUMNS_FULL) of one class, values in [0, 1] or NaN.
+    """Requested `columns` (names from COLUMNS_FULL) of one class held whole, values in [0, 1]
+    or NaN (`ClassEvaluator` in one update).
 
     maps/masks: [N, H, W] (may be None when no pixel column is asked);
     image_scores/labels: [N] (may be None when no image column is asked).
     """
-    unknown = [column for column in columns if column not in COLUMNS_FULL]
-    if unknown:
-        raise ConfigError(f"unknown metric columns {unknown}; valid: {', '.join(COLUMNS_FULL)}")
-    prefix = f"{class_name} " if class_name else ""
-    values: dict[str, float] = {}
-    if any(column in _PIXEL_KEYS for column in columns):
+    evaluator = ClassEvaluator(columns, fpr_limit, pro_variant, class_name=class_name)
+    if evaluator.pixel is not None:
         if maps is None or masks is None:
             raise ValueError("pixel columns need maps and masks")
-        accumulator = PixelAccumulator(
-            fpr_limit, pro_variant, with_pro="AUPRO" in columns, name=f"{prefix}pixel"
-        )
-        accumulator.update(maps, masks)
-        pixel = accumulator.compute()
-        values.update({col: pixel[key] for col, key in _PIXEL_KEYS.items() if key in pixel})
-    if any(column in _IMAGE_KEYS for column in columns):
-        if image_scores is None or labels is None:
-            raise ValueError("image columns need image scores and labels")
-        image = image_metrics(image_scores, labels, name=f"{prefix}image")
-        values.update({col: image[key] for col, key in _IMAGE_KEYS.items()})
-    return {column: values[column] for column in columns}
+        evaluator.update(maps, masks)
+    return evaluator.compute(image_scores, labels)

@@ -15,6 +15,8 @@ from datasets.anomaly import (
     joint_augment,
     load_image,
     load_mask,
+    resize_image,
+    to_pixels,
 )
 from datasets.metadata import build_records
 from utils.errors import DataError
@@ -57,6 +59,19 @@ def test_load_image_normalises_and_converts_gray(tmp_path):
     image = load_image(tmp_path / "white.png", 16)
     expected = (1 - torch.tensor(CLIP_MEAN)) / torch.tensor(CLIP_STD)
     torch.testing.assert_close(image, expected[:, None, None].expand(3, 16, 16))
+
+
+def test_to_pixels_gives_back_the_resized_image_exactly(tmp_path):
+    rng = np.random.default_rng(0)
+    pictures = [rng.integers(0, 256, (40, 30, 3), dtype=np.uint8) for _ in range(3)]
+    pictures.append(np.zeros((40, 30, 3), np.uint8))
+    pictures.append(np.full((40, 30, 3), 255, np.uint8))
+    for index, picture in enumerate(pictures):
+        Image.fromarray(picture).save(tmp_path / f"{index}.png")
+    for mode in ("square", "short_side_crop"):
+        images = torch.stack([load_image(tmp_path / f"{i}.png", 16, mode) for i in range(5)])
+        expected = [np.asarray(resize_image(Image.fromarray(p), 16, mode)) for p in pictures]
+        np.testing.assert_array_equal(to_pixels(images), np.stack(expected))
 
 
 def test_joint_augment_keeps_alignment():

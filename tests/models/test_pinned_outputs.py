@@ -23,6 +23,7 @@ from models.cross_attention import AdaptedCLIPWithCrossAttention, CrossAttention
 from models.feclip import FECLIP, FEClipConfig
 from models.predictor import AnomalyPredictor
 from models.sowa import SOWA, SOWAConfig
+from utils.metrics import map_extrema
 
 PINNED = Path(__file__).with_name("pinned_outputs.pt")
 NAMES = ["tile", "dots"]
@@ -194,7 +195,9 @@ def sowa_outputs(out: dict, data: dict) -> None:
         output = predictor.predict(data["image"], NAMES)
         out[f"sowa/{variant}/kshot_map"] = output.anomaly_map
         out[f"sowa/{variant}/kshot_table"] = torch.from_numpy(
-            predictor.table_image_scores(output.anomaly_map.numpy(), output.image_score.numpy())
+            predictor.table_image_scores(
+                map_extrema(output.anomaly_map.numpy()), output.image_score.numpy()
+            )
         )
         torch.manual_seed(5)  # attention dropout
         losses = train_step(model, model.stages()[0], data)

@@ -14,6 +14,7 @@ from utils.errors import ConfigError
 from utils.metrics import (
     COLUMNS_FULL,
     COLUMNS_OFFICIAL,
+    ClassEvaluator,
     PixelAccumulator,
     aaclip_image_scores,
     aupro,
@@ -22,6 +23,7 @@ from utils.metrics import (
     evaluate_class,
     f1_max,
     image_metrics,
+    map_extrema,
     minmax_normalize,
     pixel_metrics,
 )
@@ -276,11 +278,14 @@ def test_tv_j_image_metrics_with_ties():
 def test_tv_k_aaclip_fusion():
     maps = np.array([[[0, 1]], [[2, 0.5]], [[1, 1]]], dtype=np.float32)
     det = np.array([0.3, 0.5, 0.4])
-    industrial = aaclip_image_scores(maps, det, "Industrial")
+    extrema = map_extrema(maps)
+    np.testing.assert_array_equal(extrema.minima, [0, 0.5, 1])
+    np.testing.assert_array_equal(extrema.maxima, [1, 2, 1])
+    industrial = aaclip_image_scores(extrema, det, "Industrial")
     np.testing.assert_allclose(industrial, [0.25, 1.0, 0.5], rtol=0, atol=1e-12)
-    np.testing.assert_allclose(aaclip_image_scores(maps, det, "Medical"), [0.5, 1.0, 0.5])
+    np.testing.assert_allclose(aaclip_image_scores(extrema, det, "Medical"), [0.5, 1.0, 0.5])
     with pytest.raises(ConfigError, match="Industrial, Medical"):
-        aaclip_image_scores(maps, det, "industrial-ish")
+        aaclip_image_scores(extrema, det, "industrial-ish")
 
 
 def test_minmax_normalize_rules():
@@ -363,6 +368,24 @@ def test_accumulator_streaming_equals_one_shot():
         result = accumulator.compute()
         for key, value in reference.items():
             assert result[key] == pytest.approx(value, abs=1e-12), key
+
+
+@pytest.mark.parametrize("pro_variant", ["exact", "anomalyclip", "sowa"])
+def test_class_evaluator_streamed_in_batches_equals_the_class_held_whole(pro_variant):
+    maps, masks = random_class(3, num_images=7)
+    image_scores = maps.reshape(7, -1).max(axis=1)
+    labels = masks.reshape(7, -1).any(axis=1)
+    whole = evaluate_class(maps, masks, image_scores, labels, COLUMNS_FULL, 0.3, pro_variant)
+    evaluator = ClassEvaluator(COLUMNS_FULL, 0.3, pro_variant, capacity=maps.size)
+    for batch in (slice(0, 3), slice(3, 4), slice(4, 7)):  # uneven, as a last batch is
+        evaluator.update(maps[batch], masks[batch])
+    np.testing.assert_array_equal(evaluator.extrema.minima, maps.min(axis=(1, 2)))
+    np.testing.assert_array_equal(evaluator.extrema.maxima, maps.max(axis=(1, 2)))
+    assert evaluator.compute(image_scores, labels) == whole
+    image_only = ClassEvaluator(["I-AUROC"])
+    image_only.update(maps, None)  # no pixel column: the masks are not needed
+    assert image_only.pixel is None
+    assert image_only.compute(image_scores, labels) == {"I-AUROC": whole["I-AUROC"]}
 
 
 @pytest.mark.parametrize("seed", range(3))
