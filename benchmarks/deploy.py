@@ -32,18 +32,9 @@ from device import seconds_per_call  # noqa: E402
 from models.predictor import AnomalyPredictor  # noqa: E402
 from models.registry import MODELS, model_class  # noqa: E402
 from utils.export import ExportedPredictor, export  # noqa: E402
+from utils.runtime import cpu_kind  # noqa: E402
 
 CPU = torch.device("cpu")
-
-
-def cpu_line() -> str:
-    """The CPU's vector capability and native bf16/AMX, which decide the backends' kernels."""
-    bf16 = torch.cpu._is_avx512_bf16_supported()
-    amx = torch.cpu._is_amx_tile_supported()
-    return (
-        f"CPU capability {torch.backends.cpu.get_cpu_capability()}, native bf16 {bf16}, "
-        f"AMX {amx}, {torch.get_num_threads()} threads"
-    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,7 +65,9 @@ def main(argv: list[str] | None = None) -> int:
             )
 
         print(f"Deployment backends: {args.model}, {args.model_name} at {args.img_size} px")
-        print(f"{cpu_line()}; export (one trace, {' + '.join(formats)}) {export_seconds:.1f} s\n")
+        threads = torch.get_num_threads()
+        exported = f"export (one trace, {' + '.join(formats)}) {export_seconds:.1f} s"
+        print(f"CPU {cpu_kind()}, {threads} threads; {exported}\n")
         print("| backend | batch-1 latency ms | batch-8 images/s | speed-up b1 | speed-up b8 |"
               " maps vs torch |")  # fmt: skip
         print("|---|---|---|---|---|---|")

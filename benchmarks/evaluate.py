@@ -40,6 +40,7 @@ import train  # noqa: E402
 from datasets.synthetic import ensure_synthetic  # noqa: E402
 from models.predictor import AnomalyPredictor  # noqa: E402
 from utils.metrics import ClassEvaluator  # noqa: E402
+from utils.runtime import cpu_kind  # noqa: E402
 
 TRAIN_GOOD = 4  # the layout has a train split; test.py does not read it
 
@@ -197,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"\nEvaluation path: test.py on {count} images of {args.size} px in 15 classes "
         f"({root}, generated in {generated:.0f} s), {args.device}, batch {args.batch_size}; "
-        f"CPU capability {torch.backends.cpu.get_cpu_capability()}, "
+        f"CPU {cpu_kind()}, "
         f"{torch.get_num_threads()} threads\n"
     )
     stages = ("load", "forward + maps", "metrics", "files", "other")

@@ -10,11 +10,12 @@ weights-returning path, and in stage 1 a second CLIP copy for the surgery featur
 full clean pass for the CLS embedding, and all four level maps computed though only the last
 one is used. "ours" is the fused attention, one CLIP, a shared block prefix and the last map
 only. Every row runs in its own process so that its peak memory (RSS on CPU, allocated memory
-on CUDA) is its own. Random weights: speed does not depend on them. Next to each autocast row
-is how far its maps move from fp32 (max |diff| over the map's range), and a last table shows
-how the synthetic test set's metrics move. The speed-up column is the ratio to the first row of
-the same group: the straightforward path for AA-CLIP, fp32 for the sibling models (which have no
-original code to compare with here).
+on CUDA) is its own. Random weights: speed does not depend on them. Next to each autocast row,
+and to the straightforward one, is how far its maps move from ours in fp32 (max |diff| over
+the map's range), and a last table shows how the synthetic test set's metrics move. The
+speed-up column is the ratio to the first row of the same group: the straightforward path for
+AA-CLIP, fp32 for the sibling models (which have no original code to compare with here). The
+last column is the CPU's kind (vector capability, native bf16, AMX), which decides the ratios.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ from utils.forward_utils import (  # noqa: E402
     calculate_similarity_map,
     get_adapted_single_class_text_embedding,
 )
-from utils.runtime import grad_scaler, resolve_device  # noqa: E402
+from utils.runtime import cpu_kind, grad_scaler, resolve_device  # noqa: E402
 from utils.training import StageForward, training_step  # noqa: E402
 
 CLASS = "tile"  # a Synthetic class: the training stages look its anchors up
@@ -214,7 +215,6 @@ def measure_row(name: str, args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     batch = random_batch(args, device)
     step = make_step(kind, straightforward, amp, args, batch)
-    reference_step = make_step(kind, False, "none", args, batch)
     context = weights_returning_attention() if straightforward else nullcontext()
     with context:
         step()  # warm-up
@@ -228,9 +228,9 @@ def measure_row(name: str, args: argparse.Namespace) -> dict:
             torch.cuda.synchronize()
         seconds = (time.perf_counter() - start) / args.steps
     result = {"seconds": seconds, "peak_gib": peak_memory_gib(device)}
-    if kind.endswith("inference") and amp != "none":
+    if kind.endswith("inference") and (amp != "none" or straightforward):  # after the timing
         torch.manual_seed(0)
-        reference = reference_step()
+        reference = make_step(kind, False, "none", args, batch)()
         span = (reference.max() - reference.min()).item()
         result["map_deviation"] = (output - reference).abs().max().item() / span
     return result
@@ -319,6 +319,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--amp", default="bf16", choices=("bf16", "fp16"))
     parser.add_argument("--metric_images", type=int, default=8, help="per synthetic class")
     parser.add_argument("--synthetic_root", default="data/Synthetic")
+    parser.add_argument(
+        "--rows", nargs="+", default=None, choices=list(ROWS), help="only these rows (default: all)"
+    )
     parser.add_argument("--row", choices=sorted(ROWS), help=argparse.SUPPRESS)
     parser.add_argument("--metric_shift", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -334,24 +337,28 @@ def main(argv: list[str] | None = None) -> int:
         f"Throughput: {args.model_name}, {args.img_size} px, batch {args.batch_size}, "
         f"{device} ({torch.get_num_threads()} threads), autocast {args.amp} for '+amp' rows\n"
     )
-    print("| row | images/s | s/step | peak GiB | speed-up | maps vs fp32 |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    print("| row | images/s | s/step | peak GiB | speed-up | maps vs fp32 | CPU |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | --- |")
     baselines = {}
     for name, (kind, _, _) in ROWS.items():
+        if args.rows and name not in args.rows:
+            continue
         result = run_in_subprocess(["--row", name], args)
         seconds = result["seconds"]
         baselines.setdefault(kind, seconds)  # the kind's first row: straightforward or fp32
         ratio = baselines[kind] / seconds
         inference = kind.endswith("inference")
-        throughput = f"{args.batch_size / seconds:.2f}" if inference else ""
+        throughput = f"{args.batch_size / seconds:.3g}" if inference else ""
         step = "" if inference else f"{seconds:.3f}"
         deviation = f"{result['map_deviation']:.2%}" if "map_deviation" in result else ""
         print(
             f"| {name} | {throughput} | {step} | {result['peak_gib']:.2f} | {ratio:.2f}x "
-            f"| {deviation} |",
+            f"| {deviation} | {cpu_kind()} |",
             flush=True,
         )
-    shift = run_in_subprocess(["--metric_shift"], args) if args.metric_images else {}
+    shift = {}
+    if args.metric_images and not args.rows:
+        shift = run_in_subprocess(["--metric_shift"], args)
     if shift:
         print(
             f"\nSynthetic test set ({args.metric_images} images per class), largest per-class "

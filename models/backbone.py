@@ -209,13 +209,18 @@ def value_value_attention(block: nn.Module, h: torch.Tensor, per_image: bool) ->
     return attn.out_proj(out.reshape(batch, length, width))  # [B, L, D]
 
 
-def weights_returning_attention(block: nn.Module, h: torch.Tensor) -> torch.Tensor:
+def weights_returning_attention(
+    block: nn.Module, h: torch.Tensor, attn_mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """Standard attention through the slow path that also materialises the attention weights.
 
     The original AA-CLIP walks blocks this way (`need_weights=True`); kept only for benchmarks,
-    it computes the same values as the fused path. h: `[B, L, D]` -> `[B, L, D]`.
+    it computes the same values as the fused path (the text tower's causal mask included).
+    h: `[B, L, D]` -> `[B, L, D]`.
     """
-    return block.attn(h, h, h, need_weights=True, average_attn_weights=False)[0]
+    return block.attn(h, h, h, need_weights=True, attn_mask=attn_mask, average_attn_weights=False)[
+        0
+    ]
 
 
 def run_block(
@@ -237,7 +242,7 @@ def run_block(
     elif attention == "vv_per_image":
         attended = value_value_attention(block, h, per_image=True)
     elif attention == "weights_returning":
-        attended = weights_returning_attention(block, h)
+        attended = weights_returning_attention(block, h, attn_mask)
     else:
         raise ValueError(f"unknown attention {attention!r}; expected one of {ATTENTION_MODES}")
     x = x + block.ls_1(attended)

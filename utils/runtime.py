@@ -205,6 +205,14 @@ def native_bf16(device: torch.device) -> bool:
     return False
 
 
+def cpu_kind() -> str:
+    """The CPU's vector capability and its native bf16/AMX, which decide the kernels and whether
+    autocast pays, e.g. `AVX2, bf16 emulated, no AMX` (printed beside benchmark rows)."""
+    bf16 = "native bf16" if torch.cpu._is_avx512_bf16_supported() else "bf16 emulated"
+    amx = "AMX" if torch.cpu._is_amx_tile_supported() else "no AMX"
+    return f"{torch.backends.cpu.get_cpu_capability()}, {bf16}, {amx}"
+
+
 def resolve_amp(amp: str, device: torch.device) -> str:
     """`--amp auto` -> bf16 where the device computes it natively, else none (fp32); an explicit
     bf16 or fp16 on a CPU that would only emulate it logs one warning (it is slower than fp32)."""

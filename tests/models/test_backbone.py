@@ -52,6 +52,10 @@ def test_weights_returning_attention_equals_fused(tiny_clip):
     x = backbone.vision_embed(tiny_clip, torch.randn(2, 3, 64, 64))
     block = tiny_clip.visual.transformer.resblocks[3]
     assert_close(backbone.run_block(block, x, "weights_returning"), block(x))
+    text = backbone.text_embed(tiny_clip, torch.randint(0, 49408, (2, 77)))
+    block, mask = tiny_clip.transformer.resblocks[2], tiny_clip.attn_mask  # causal
+    weights_returning = backbone.run_block(block, text, "weights_returning", attn_mask=mask)
+    assert_close(weights_returning, block(text, attn_mask=mask))
 
 
 def test_value_value_attention_per_image_matches_direct_computation(tiny_clip):
