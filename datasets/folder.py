@@ -114,7 +114,7 @@ def _to_8bit_rgb(image: Image.Image, pad_color: tuple[int, int, int]) -> Image.I
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, tuple(pad_color) + (255,))
         return Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")  # convert would copy
 
 
 def read_image(
@@ -124,7 +124,7 @@ def read_image(
     try:
         with Image.open(path) as image:
             image.load()
-            image = ImageOps.exif_transpose(image)
+            ImageOps.exif_transpose(image, in_place=True)  # no copy when there is no rotation
             return _to_8bit_rgb(image, pad_color)
     except _READ_ERRORS as error:
         raise DataError(f"cannot read image {path}: {error}") from error

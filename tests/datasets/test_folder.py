@@ -68,6 +68,17 @@ def test_grayscale_palette_and_rgba(tmp_path):
     assert tuple(out[0, 0]) == (10, 20, 30) and tuple(out[1, 1]) == (0, 255, 0)
 
 
+def test_exif_orientation_is_applied_and_plain_files_are_read_as_they_are(tmp_path):
+    picture = _noise(6, 4)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: the camera was rotated; show it rotated 90 degrees clockwise
+    picture.save(tmp_path / "rotated.png", exif=exif)
+    picture.save(tmp_path / "plain.png")
+    expected = np.asarray(picture.transpose(Image.Transpose.ROTATE_270))
+    np.testing.assert_array_equal(np.asarray(read_image(tmp_path / "rotated.png")), expected)
+    np.testing.assert_array_equal(np.asarray(read_image(tmp_path / "plain.png")), picture)
+
+
 def test_corrupt_file_is_an_error_item_not_an_exception(tmp_path):
     _noise(8, 8).save(tmp_path / "good.png")
     (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
