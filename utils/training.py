@@ -121,7 +121,7 @@ class RunConfig:
     num_workers: int | None = setting(
         None,
         "DataLoader workers; unset: training 4 on CUDA, 0 on CPU; evaluation on CUDA all cores "
-        "but one (up to 8), on CPU one per 8 cores",
+        "but one (up to 16), on CPU one per 8 cores",
         kind=RUN,
         minimum=0,
     )

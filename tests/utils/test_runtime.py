@@ -13,7 +13,7 @@ CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 
 
 @pytest.mark.parametrize(
-    ("cores", "cpu", "cuda"), [(1, 0, 1), (2, 0, 1), (8, 1, 7), (16, 2, 8), (64, 8, 8)]
+    ("cores", "cpu", "cuda"), [(1, 0, 1), (2, 0, 1), (8, 1, 7), (16, 2, 15), (64, 8, 16)]
 )
 def test_evaluation_workers_follow_the_cores(monkeypatch, cores, cpu, cuda):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)))
