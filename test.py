@@ -301,7 +301,7 @@ def predict_class(
     )
 
 
-def evaluate_class(
+def class_metrics(
     predictor: AnomalyPredictor,
     batches: Iterable[dict],
     class_name: str,
@@ -365,7 +365,8 @@ def write_panels(
         if args.vis_size == "model":
             picture = outputs.pixels[index]
         else:
-            image = seen_region(Image.open(path).convert("RGB"), model.config.preprocess)
+            with Image.open(path) as file:
+                image = seen_region(file.convert("RGB"), model.config.preprocess)
             mask = np.asarray(Image.fromarray(mask).resize(image.size, Image.NEAREST))
             picture = np.asarray(image)
         name = Path(file_name).with_suffix("").as_posix().replace("/", "_") + ".png"
@@ -431,7 +432,7 @@ def run(args: argparse.Namespace) -> None:
                 payloads[path] = model.load_trained(path)
                 sources[path] = model.weight_sources
             predictor = AnomalyPredictor(model, info.domain, args.amp, args.k_shot)
-            per_file[path][class_name] = evaluate_class(
+            per_file[path][class_name] = class_metrics(
                 predictor,
                 batches,
                 class_name,

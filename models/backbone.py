@@ -218,9 +218,10 @@ def weights_returning_attention(
     it computes the same values as the fused path (the text tower's causal mask included).
     h: `[B, L, D]` -> `[B, L, D]`.
     """
-    return block.attn(h, h, h, need_weights=True, attn_mask=attn_mask, average_attn_weights=False)[
-        0
-    ]
+    attended, _ = block.attn(
+        h, h, h, need_weights=True, attn_mask=attn_mask, average_attn_weights=False
+    )
+    return attended
 
 
 def run_block(

@@ -7,8 +7,10 @@ import json
 import re
 import shutil
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import test as test_script
 import train
@@ -101,6 +103,22 @@ def test_official_table_and_visualisation(trained, capsys, tmp_path):
     assert re.findall(r"[PI]-\w+", header) == ["P-AUROC", "P-AP", "I-AUROC", "I-AP"]
     panels = list((run / "visualization" / "Synthetic").rglob("*.png"))
     assert len(panels) == 3 * 32
+
+
+@pytest.mark.parametrize(("vis_size", "side"), [("model", 64), ("original", 96)])
+def test_panels_show_the_image_the_model_saw_or_the_file(trained, tmp_path, vis_size, side):
+    data_root, save_path = trained
+    argv = ["--data_root", str(data_root), "--save_path", str(save_path), "--device", "cpu"]
+    argv += ["--visualize", "--vis_size", vis_size, "--results_dir", str(tmp_path)]
+    assert test_script.main(argv) == 0
+    panel = tmp_path / "visualization" / "Synthetic" / "tile" / "tile_test_blob_000.png"
+    picture = np.asarray(Image.open(panel))
+    assert picture.shape == (side, 3 * side, 3)  # [image | ground truth | heat]
+    with Image.open(data_root / "tile" / "test" / "blob" / "000.png") as file:
+        image = file.convert("RGB")
+    if vis_size == "model":  # the loader's pixels, not a second decode
+        image = anomaly.resize_image(image, 64)
+    np.testing.assert_array_equal(picture[:, :side], np.asarray(image))
 
 
 def test_all_epochs_decode_each_image_once_and_equal_one_file_at_a_time(
