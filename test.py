@@ -15,16 +15,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import logging
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, default_collate
+from torch.utils.data import ConcatDataset, DataLoader, default_collate
 
 from datasets.anomaly import TestDataset, build_test_datasets, seen_region, to_pixels
 from datasets.catalog import default_data_root, get_dataset_info, real_name
@@ -250,20 +251,27 @@ def collate_test(items: list[dict]) -> dict:
 
 
 def class_batches(
-    dataset: TestDataset, batch_size: int, num_workers: int, device: torch.device, cache: bool
-) -> Iterable[dict]:
-    """A class's batches: its loader, read once, or with `cache` (several checkpoints to
-    evaluate) the batches decoded and resized once and held, so that every checkpoint reuses
-    them."""
+    datasets: dict[str, TestDataset], batch_size: int, num_workers: int, device: torch.device
+) -> Iterator[tuple[str, Iterator[dict]]]:
+    """(class name, that class's batches) in order, from one loader over every class: its
+    workers start once and keep decoding the next class while a class's metrics are computed
+    (a loader per class would idle the device at every class's start). No batch mixes classes.
+    """
+    ranges, start = [], 0
+    for dataset in datasets.values():
+        stop = start + len(dataset)
+        ranges += [
+            list(range(i, min(i + batch_size, stop))) for i in range(start, stop, batch_size)
+        ]
+        start = stop
     loader = DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=False,
+        ConcatDataset(list(datasets.values())),
+        batch_sampler=ranges,
         num_workers=num_workers,
         pin_memory=device.type == "cuda",
         collate_fn=collate_test,
     )
-    return list(progress(loader, desc="loading", leave=False)) if cache else loader
+    return itertools.groupby(loader, key=lambda batch: batch["class_name"][0])
 
 
 @torch.no_grad()
@@ -425,8 +433,10 @@ def run(args: argparse.Namespace) -> None:
     )
     per_file: dict[Path, dict[str, dict[str, float]]] = {path: {} for path in files}
     supports: dict[Path, dict[str, list[str]]] = {path: {} for path in files}
-    for class_name, dataset in progress(datasets.items(), desc="classes"):
-        batches = class_batches(dataset, args.test_batch_size, workers, device, cache)
+    groups = class_batches(datasets, args.test_batch_size, workers, device)
+    for class_name, batches in progress(groups, total=len(datasets), desc="classes"):
+        if cache:  # decoded once, scored by every file
+            batches = list(progress(batches, desc="loading", leave=False))
         for path in files:
             if cache:  # the same run's next file: same architecture, its weights
                 payloads[path] = model.load_trained(path)
@@ -436,7 +446,7 @@ def run(args: argparse.Namespace) -> None:
                 predictor,
                 batches,
                 class_name,
-                len(dataset),
+                len(datasets[class_name]),
                 args,
                 panels=args.visualize and path == files[-1],
                 support=supports[path],

@@ -15,6 +15,8 @@ from PIL import Image
 import test as test_script
 import train
 from datasets import anomaly
+from datasets.anomaly import build_test_datasets
+from datasets.metadata import load_test_records
 from utils.checkpoint import load_checkpoint
 
 FAST = [
@@ -152,6 +154,21 @@ def test_all_epochs_decode_each_image_once_and_equal_one_file_at_a_time(
         assert together["per_class"] == alone[epoch]["per_class"]
         del together["meta"]["config"], alone[epoch]["meta"]["config"]
         assert together["meta"] == alone[epoch]["meta"]  # epoch, checkpoint and weight files
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_one_loader_gives_each_class_its_batches_in_order(synthetic_root, workers):
+    records = load_test_records("Synthetic", synthetic_root)
+    datasets = build_test_datasets(records, synthetic_root, 64)
+    groups = test_script.class_batches(datasets, 5, workers, torch.device("cpu"))
+    seen = []
+    for class_name, group in groups:
+        batches = list(group)
+        names = [name for batch in batches for name in batch["file_name"]]
+        assert all(len(batch["file_name"]) <= 5 for batch in batches)
+        assert names == [record["image_path"] for record in datasets[class_name].records]
+        seen.append(class_name)
+    assert seen == list(datasets)
 
 
 def test_all_epochs_are_sorted_numerically(tmp_path):
