@@ -86,6 +86,15 @@ def _signals_deferred() -> Iterator[None]:
                 os.kill(os.getpid(), sig)
 
 
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
+
+
+_CREATE_MODE = 0o666 & ~_umask()  # what open() would give a new file
+
+
 def atomic_write(path: Path, write: Any, mode: str = "wb") -> None:
     """Call `write(file)` on a temporary file beside `path`, then move it over `path`. A write
     that fails (disk full, read-only folder) raises StorageError; the temporary file is removed
@@ -99,6 +108,7 @@ def _atomic_write(path: Path, write: Any, mode: str) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         handle, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.fchmod(handle, _CREATE_MODE)  # mkstemp's 0600 would hide results from the group
         with os.fdopen(handle, mode) as file:
             write(file)
             file.flush()

@@ -43,3 +43,11 @@ def test_check_architecture_names_the_flag():
     check_architecture("x.pth", saved, AAClipConfig(block_indices=[5, 11, 17, 23]))
     with pytest.raises(CheckpointError, match="pass --image_adapt_until 6"):
         check_architecture("x.pth", saved, AAClipConfig(image_adapt_until=4))
+
+
+def test_written_files_have_the_permissions_open_would_give(tmp_path):
+    expected = 0o666 & ~checkpoint._umask()  # e.g. 0644 under the usual umask 022
+    checkpoint.atomic_write(tmp_path / "results.json", lambda file: file.write("{}"), mode="w")
+    checkpoint.save_checkpoint(tmp_path / "image_adapter.pth", {"epoch": 1})
+    for name in ("results.json", "image_adapter.pth"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == expected, name
