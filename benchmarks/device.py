@@ -90,6 +90,13 @@ def images(batch: int, size: int, device: torch.device) -> dict:
     return random_batch(argparse.Namespace(batch_size=batch, img_size=size), device)
 
 
+def input_size(args: argparse.Namespace, model_name: str) -> int:
+    """`--img_size`, else the model's paper resolution on this backbone (tiny: its own), as
+    the model's config resolves it."""
+    config = model_class(model_name).config_class(model_name=args.model_name)
+    return args.img_size or config.resolve("").img_size
+
+
 def compile_rows(args: argparse.Namespace, device: torch.device, modes: list[str]) -> list[str]:
     """torch.compile of each model's `_predict` against eager at the largest batch."""
     amp = "bf16" if device.type == "cuda" else "none"
@@ -97,9 +104,7 @@ def compile_rows(args: argparse.Namespace, device: torch.device, modes: list[str
     lines = ["", "| model | px | amp | batch | compile mode | compile s | images/s | vs eager "
                  "| maps vs eager |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for model_name in args.compile_models:
-        size = args.img_size or (
-            64 if args.model_name == "tiny" else model_class(model_name).config_class.paper_img_size
-        )
+        size = input_size(args, model_name)
         settings = argparse.Namespace(model_name=args.model_name, img_size=size)
         model = build_model(model_name, settings, device)
         data = images(batch, size, device)
@@ -163,9 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     steps = []
     for model_name in MODELS:
-        size = args.img_size or (
-            64 if args.model_name == "tiny" else model_class(model_name).config_class.paper_img_size
-        )
+        size = input_size(args, model_name)
         settings = argparse.Namespace(model_name=args.model_name, img_size=size)
         model = build_model(model_name, settings, device)
         count = inference_step(model, "none", images(1, size, device))
