@@ -11,12 +11,13 @@
 Works for every model in models.registry through `predict` (raw outputs, no test-set
 normalisation). `calibrate` writes `<save path>/calibration.json` (or `<stem>.calibration.json`
 beside a checkpoint file): thresholds, normal-score statistics, model config, preprocessing and
-the data it saw (utils/calibration.py). `score` reuses the calibration's letterbox, pad colour
-and class name unless flags override them, and writes `scores.csv`, one heat-map overlay per
-image at its original size (`overlays/<file>.png`, padding cropped away) and, with `--labels`,
-`report.json` / `report.md`, and the review page `index.html` (utils/review.py). An unreadable
-file becomes a row with an error, not a stopped run. `export` writes a graph that runs without
-this code (utils/export.py); `score --backend onnxruntime|openvino` scores with it, the same way.
+the data it saw (utils/deploy/calibration.py). `score` reuses the calibration's letterbox, pad
+colour and class name unless flags override them, and writes `scores.csv`, one heat-map overlay
+per image at its original size (`overlays/<file>.png`, padding cropped away) and, with
+`--labels`, `report.json` / `report.md`, and the review page `index.html` (utils/deploy/review.py).
+An unreadable file becomes a row with an error, not a stopped run. `export` writes a graph that
+runs without this code (utils/deploy/export.py); `score --backend onnxruntime|openvino` scores
+with it, the same way.
 """
 
 from __future__ import annotations
@@ -41,16 +42,16 @@ from datasets.folder import DEFAULT_PAD_COLOR, FieldImage, ImageFolder, collate,
 from models.base import DEFAULT_DOMAIN, FrozenCLIPModel
 from models.predictor import DOMAINS, AnomalyPredictor
 from models.registry import MODELS, find_checkpoint, load_trained_model
-from utils import calibration as calib
-from utils.checkpoint import atomic_write, check_writable, file_sha256
-from utils.config import HelpFormatter, add_settings
-from utils.errors import ConfigError, DataError
-from utils.export import BACKENDS, FORMATS, ExportedPredictor
-from utils.export import export as export_graph
-from utils.review import save_thumbnail, write_review
-from utils.runtime import loader_workers, progress, resolve_device, run_script, setup_logging
-from utils.training import RunConfig, set_switches
-from utils.visualize import overlay
+from utils.core.checkpoint import atomic_write, check_writable, file_sha256
+from utils.core.config import HelpFormatter, add_settings
+from utils.core.errors import ConfigError, DataError
+from utils.core.runtime import loader_workers, progress, resolve_device, run_script, setup_logging
+from utils.deploy import calibration as calib
+from utils.deploy.export import BACKENDS, FORMATS, ExportedPredictor
+from utils.deploy.export import export as export_graph
+from utils.deploy.review import save_thumbnail, write_review
+from utils.engine.training import RunConfig, set_switches
+from utils.evaluation.visualize import overlay
 
 logger = logging.getLogger("predict")
 

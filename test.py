@@ -41,8 +41,8 @@ from models.registry import (
     find_checkpoint,
     load_trained_model,
 )
-from utils.checkpoint import check_writable
-from utils.config import (
+from utils.core.checkpoint import check_writable
+from utils.core.config import (
     ARCH,
     TEST,
     TRAIN,
@@ -53,16 +53,8 @@ from utils.config import (
     settings_of,
     to_mapping,
 )
-from utils.errors import CheckpointError, ConfigError
-from utils.metrics import (
-    COLUMNS_FULL,
-    COLUMNS_OFFICIAL,
-    PRO_VARIANTS,
-    ClassEvaluator,
-    MapExtrema,
-)
-from utils.report import format_table, write_results
-from utils.runtime import (
+from utils.core.errors import CheckpointError, ConfigError
+from utils.core.runtime import (
     loader_workers,
     progress,
     resolve_device,
@@ -70,8 +62,16 @@ from utils.runtime import (
     seed_everything,
     setup_logging,
 )
-from utils.training import RunConfig, configure_data_set, set_switches
-from utils.visualize import save_panels
+from utils.engine.training import RunConfig, configure_data_set, set_switches
+from utils.evaluation.metrics import (
+    COLUMNS_FULL,
+    COLUMNS_OFFICIAL,
+    PRO_VARIANTS,
+    ClassEvaluator,
+    MapExtrema,
+)
+from utils.evaluation.report import format_table, write_results
+from utils.evaluation.visualize import save_panels
 
 logger = logging.getLogger("test")
 

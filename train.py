@@ -7,9 +7,9 @@ train_cross_attention.py).
     python train.py --model feclip --dataset MVTec --shot 0
 
 Every setting is a field of the model's config dataclass (models/<model>.py) or of
-`utils.training.RunConfig`; `--config configs/<model>.yaml` sets defaults, flags win. The model
-defines its stages, optimizers and losses; AA-CLIP runs two (`train_text_adapter`, then
-`train_image_adapter`), FE-CLIP and SOWA one, each through `utils.training.train_stage`,
+`utils.engine.training.RunConfig`; `--config configs/<model>.yaml` sets defaults, flags win. The
+model defines its stages, optimizers and losses; AA-CLIP runs two (`train_text_adapter`, then
+`train_image_adapter`), FE-CLIP and SOWA one, each through `utils.engine.training.train_stage`,
 resuming from the save path while epoch < total (optimizer, scheduler and RNG states restored).
 """
 
@@ -27,7 +27,7 @@ import torch
 from models.aaclip import AdaptedCLIP
 from models.base import ClipConfig, FrozenCLIPModel
 from models.registry import MODELS, model_class
-from utils.config import (
+from utils.core.config import (
     ARCH,
     TEST,
     TRAIN,
@@ -39,9 +39,10 @@ from utils.config import (
     parse_with_config,
     validate,
 )
-from utils.errors import ConfigError
-from utils.runtime import Distributed, resolve_amp, run_script, seed_everything, setup_logging
-from utils.training import RunConfig, run_main, set_switches, train_stage, training_records
+from utils.core.errors import ConfigError
+from utils.core.runtime import resolve_amp, run_script, seed_everything, setup_logging
+from utils.engine.distributed import Distributed
+from utils.engine.training import RunConfig, run_main, set_switches, train_stage, training_records
 
 logger = logging.getLogger("train")
 

@@ -40,9 +40,9 @@ from models.cross_attention import (
     carry_optimizer_state,
     log_weight_check,
 )
-from utils.checkpoint import load_checkpoint
-from utils.config import from_mapping, keys_of, load_yaml, parse_with_config, parser_defaults
-from utils.training import RunConfig, run_main, set_switches
+from utils.core.checkpoint import load_checkpoint
+from utils.core.config import from_mapping, keys_of, load_yaml, parse_with_config, parser_defaults
+from utils.engine.training import RunConfig, run_main, set_switches
 
 logger = logging.getLogger("train")
 

@@ -7,7 +7,7 @@ move from torch's.
     python benchmarks/deploy.py --model_name ViT-L-14-336 --img_size 336  # random weights
 
 Random weights (speed does not depend on them). The graph is exported once per run
-(utils/export.py, the class's text anchors baked in); torch runs `AnomalyPredictor.predict`,
+(utils/deploy/export.py, the class's text anchors baked in); torch runs `AnomalyPredictor.predict`,
 the others `ExportedPredictor`. The speed-up column is the ratio to torch in the same run.
 Needs the deployment extra (requirements-deploy.txt); a backend not installed is a row saying so.
 """
@@ -31,8 +31,8 @@ from device import seconds_per_call  # noqa: E402
 
 from models.predictor import AnomalyPredictor  # noqa: E402
 from models.registry import MODELS, model_class  # noqa: E402
-from utils.export import ExportedPredictor, export  # noqa: E402
-from utils.runtime import cpu_kind  # noqa: E402
+from utils.core.runtime import cpu_kind  # noqa: E402
+from utils.deploy.export import ExportedPredictor, export  # noqa: E402
 
 CPU = torch.device("cpu")
 

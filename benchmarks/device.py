@@ -42,7 +42,7 @@ from throughput import (  # noqa: E402
 )
 
 from models.registry import MODELS, model_class  # noqa: E402
-from utils.runtime import cpu_kind, resolve_device  # noqa: E402
+from utils.core.runtime import cpu_kind, resolve_device  # noqa: E402
 
 # Dense peak TFLOP/s (fp32 non-tensor, bf16 tensor) by a part of the device's name.
 PEAKS = {

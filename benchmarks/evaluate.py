@@ -39,8 +39,8 @@ import test as test_script  # noqa: E402
 import train  # noqa: E402
 from datasets.synthetic import ensure_synthetic  # noqa: E402
 from models.predictor import AnomalyPredictor  # noqa: E402
-from utils.metrics import ClassEvaluator  # noqa: E402
-from utils.runtime import cpu_kind  # noqa: E402
+from utils.core.runtime import cpu_kind  # noqa: E402
+from utils.evaluation.metrics import ClassEvaluator  # noqa: E402
 
 TRAIN_GOOD = 4  # the layout has a train split; test.py does not read it
 

@@ -1,4 +1,4 @@
-"""Time the pixel metrics of utils/metrics.py against the straightforward implementations.
+"""Time the pixel metrics of utils/evaluation/metrics.py against straightforward implementations.
 
 Default mode: one synthetic class (smooth random maps, elliptic defects that raise the map, some
 normal images; by default 200 maps of 500x500 = 50 M pixels, the size of one VisA class) and a
@@ -52,7 +52,7 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from utils.metrics import (  # noqa: E402
+from utils.evaluation.metrics import (  # noqa: E402
     COLUMNS_FULL,
     ClassEvaluator,
     aaclip_image_scores,

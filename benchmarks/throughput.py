@@ -38,15 +38,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from models import backbone  # noqa: E402
 from models.aaclip import AdaptedCLIP, stage1_loss  # noqa: E402
 from models.base import FrozenCLIPModel  # noqa: E402
-from models.predictor import AnomalyPredictor  # noqa: E402
-from models.registry import model_class  # noqa: E402
-from utils.forward_utils import (  # noqa: E402
+from models.forward_utils import (  # noqa: E402
     calculate_seg_loss,
     calculate_similarity_map,
     get_adapted_single_class_text_embedding,
 )
-from utils.runtime import cpu_kind, grad_scaler, resolve_device  # noqa: E402
-from utils.training import StageForward, training_step  # noqa: E402
+from models.predictor import AnomalyPredictor  # noqa: E402
+from models.registry import model_class  # noqa: E402
+from utils.core.runtime import cpu_kind, grad_scaler, resolve_device  # noqa: E402
+from utils.engine.training import StageForward, training_step  # noqa: E402
 
 CLASS = "tile"  # a Synthetic class: the training stages look its anchors up
 
@@ -143,7 +143,7 @@ def inference_step(model: FrozenCLIPModel, amp: str, batch: dict) -> Callable[[]
 
 
 def fit_step(model: FrozenCLIPModel, stage_index: int, amp: str, batch: dict) -> Callable:
-    """One step of a training stage exactly as `utils.training.fit` takes it."""
+    """One step of a training stage exactly as `utils.engine.training.fit` takes it."""
     stage = model.stages()[stage_index]
     model.prepare_stage(stage, "Synthetic")
     optimizer, _ = model.configure_optimizer(stage)
@@ -249,7 +249,7 @@ def synthetic_metric_shift(args: argparse.Namespace) -> dict:
     from datasets.anomaly import build_test_datasets
     from datasets.metadata import load_test_records
     from datasets.synthetic import ensure_synthetic
-    from utils.metrics import aaclip_image_scores, evaluate_class, map_extrema
+    from utils.evaluation.metrics import aaclip_image_scores, evaluate_class, map_extrema
 
     device = resolve_device(args.device)
     root = ensure_synthetic(Path(args.synthetic_root))

@@ -17,7 +17,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 from torchvision import transforms
 
-from utils.errors import DataError
+from utils.core.errors import DataError
 
 logger = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from utils.errors import ConfigError
+from utils.core.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 

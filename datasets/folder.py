@@ -31,7 +31,7 @@ from torchvision import transforms
 
 from datasets.anomaly import CLIP_MEAN, CLIP_STD
 from datasets.metadata import IMAGE_EXTENSIONS
-from utils.errors import DataError
+from utils.core.errors import DataError
 
 logger = logging.getLogger(__name__)
 

@@ -18,8 +18,8 @@ from pathlib import Path
 from PIL import Image
 
 from datasets.catalog import DatasetInfo, get_dataset_info
-from utils.checkpoint import atomic_write
-from utils.errors import ConfigError, DataError
+from utils.core.checkpoint import atomic_write
+from utils.core.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def write_jsonl(path: Path, records: list[dict]) -> None:
-    """Write records atomically (`utils.checkpoint.atomic_write`)."""
+    """Write records atomically (`utils.core.checkpoint.atomic_write`)."""
     text = "".join(json.dumps(record) + "\n" for record in records)
     atomic_write(Path(path), lambda file: file.write(text), mode="w")
 

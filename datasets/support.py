@@ -19,7 +19,7 @@ import torch
 from datasets.anomaly import load_image
 from datasets.catalog import get_dataset_info
 from datasets.metadata import IMAGE_EXTENSIONS, dagm_defective
-from utils.errors import DataError
+from utils.core.errors import DataError
 
 logger = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 from datasets.catalog import CATALOG
-from utils.errors import DataError, UserError
+from utils.core.errors import DataError, UserError
 
 logger = logging.getLogger(__name__)
 

@@ -40,18 +40,18 @@ from torch import nn
 from models import backbone
 from models.adapters import SimpleAdapter, SimpleProj, residual_blend, xavier_init
 from models.base import DEFAULT_DOMAIN, AnomalyOutput, ClipConfig, FrozenCLIPModel, Stage
-from utils.checkpoint import load_checkpoint
-from utils.config import ARCH, setting
-from utils.errors import CheckpointError, ConfigError
-from utils.forward_utils import (
+from models.forward_utils import (
     calculate_seg_loss,
     calculate_similarity_map,
     get_adapted_single_class_text_embedding,
     get_adapted_text_embedding,
     orthogonal_loss,
 )
-from utils.metrics import MapExtrema, aaclip_image_scores
-from utils.runtime import float32_island
+from utils.core.checkpoint import load_checkpoint
+from utils.core.config import ARCH, setting
+from utils.core.errors import CheckpointError, ConfigError
+from utils.core.runtime import float32_island
+from utils.evaluation.metrics import MapExtrema, aaclip_image_scores
 
 logger = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
 from torch import nn
 
-from utils.errors import ConfigError
+from utils.core.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ frozen-CLIP base class with one inference verb and one training interface.
 A model answers `predict(images, class_names, valid_mask=None) -> AnomalyOutput`. The keyword
 arguments after it (`text`, `memory`, `domain`) are the state a `models.predictor.AnomalyPredictor`
 owns and hands in: cached class texts, a k-shot memory, the test domain. Training goes through
-`utils.training.fit`, which asks the model for its `stages()`, each stage's optimizer
+`utils.engine.training.fit`, which asks the model for its `stages()`, each stage's optimizer
 (`configure_optimizer`), forward (`forward_train`), `loss(output, batch)` and checkpoint entries.
 """
 
@@ -22,10 +22,10 @@ from torch import nn
 
 from datasets.anomaly import MASK_RESIZES, RESIZE_MODES, Preprocessing
 from models import backbone
-from utils.checkpoint import load_checkpoint
-from utils.config import ARCH, TEST, check_architecture, from_mapping, override, setting
-from utils.errors import CheckpointError, DataError
-from utils.metrics import MapExtrema
+from utils.core.checkpoint import load_checkpoint
+from utils.core.config import ARCH, TEST, check_architecture, from_mapping, override, setting
+from utils.core.errors import CheckpointError, DataError
+from utils.evaluation.metrics import MapExtrema
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ class ClipConfig:
 
     name: ClassVar[str] = ""
     paper_img_size: ClassVar[int] = 518
-    # Defaults of the run settings (utils.training.RunConfig) that differ for this model.
+    # Defaults of the run settings (utils.engine.training.RunConfig) that differ for this model.
     run_defaults: ClassVar[dict[str, Any]] = {}
 
     model_name: str | None = setting(

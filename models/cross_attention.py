@@ -41,11 +41,11 @@ from models import backbone
 from models.aaclip import AAClipConfig, AdaptedCLIP
 from models.adapters import residual_blend
 from models.base import AnomalyOutput, Stage
+from models.forward_utils import get_adapted_single_class_text_embedding
 from models.prompts import build_prompts
-from utils.config import ARCH, TEST, setting
-from utils.errors import CheckpointError
-from utils.forward_utils import get_adapted_single_class_text_embedding
-from utils.runtime import float32_island
+from utils.core.config import ARCH, TEST, setting
+from utils.core.errors import CheckpointError
+from utils.core.runtime import float32_island
 
 logger = logging.getLogger(__name__)
 

@@ -50,10 +50,10 @@ from models.base import (
     SingleStageConfig,
     Stage,
 )
-from utils.config import ARCH, TEST, redefault, setting
-from utils.errors import ConfigError
-from utils.forward_utils import binary_focal_loss, dice_loss, gaussian_smooth, token_valid_mask
-from utils.runtime import float32_island
+from models.forward_utils import binary_focal_loss, dice_loss, gaussian_smooth, token_valid_mask
+from utils.core.config import ARCH, TEST, redefault, setting
+from utils.core.errors import ConfigError
+from utils.core.runtime import float32_island
 
 DEFAULT_PROMPTS = ["A photo of a normal object", "A photo of a damaged object"]
 LFS_AGGREGATIONS = ("mean", "abs", "power")

@@ -11,9 +11,9 @@ import numpy as np
 import torch
 
 from models.base import DEFAULT_DOMAIN, AnomalyOutput, FrozenCLIPModel
-from utils.errors import ConfigError
-from utils.metrics import MapExtrema
-from utils.runtime import autocast, resolve_amp
+from utils.core.errors import ConfigError
+from utils.core.runtime import autocast, resolve_amp
+from utils.evaluation.metrics import MapExtrema
 
 DOMAINS = ("Industrial", "Medical")
 
@@ -94,8 +94,8 @@ class AnomalyPredictor:
 
     def table_image_scores(self, extrema: MapExtrema, scores: np.ndarray) -> np.ndarray:
         """Paper-table image scores of one class from its `predict` maps' extrema (`[N]` each,
-        `utils.metrics.map_extrema`) and scores `[N]` (the model's protocol, e.g. AA-CLIP's
-        per-class min-max fusion: transductive, so for paper tables only)."""
+        `utils.evaluation.metrics.map_extrema`) and scores `[N]` (the model's protocol, e.g.
+        AA-CLIP's per-class min-max fusion: transductive, so for paper tables only)."""
         return self.model.table_image_scores(
             extrema, scores, self.domain, few_shot=self._memory is not None
         )

@@ -16,8 +16,8 @@ from models.base import ClipConfig, FrozenCLIPModel
 from models.cross_attention import AdaptedCLIPWithCrossAttention
 from models.feclip import FECLIP
 from models.sowa import SOWA
-from utils.checkpoint import load_checkpoint
-from utils.errors import CheckpointError, ConfigError
+from utils.core.checkpoint import load_checkpoint
+from utils.core.errors import CheckpointError, ConfigError
 
 # The order decides which model a folder holds when several files are present (a
 # cross-attention run also keeps AA-CLIP names).

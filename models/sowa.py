@@ -60,11 +60,11 @@ from models.base import (
     SingleStageConfig,
     Stage,
 )
-from utils.config import ARCH, TEST, redefault, setting
-from utils.errors import ConfigError, DataError
-from utils.forward_utils import calculate_seg_loss, calculate_similarity_map, gaussian_smooth
-from utils.metrics import MapExtrema, minmax_normalize
-from utils.runtime import float32_island
+from models.forward_utils import calculate_seg_loss, calculate_similarity_map, gaussian_smooth
+from utils.core.config import ARCH, TEST, redefault, setting
+from utils.core.errors import ConfigError, DataError
+from utils.core.runtime import float32_island
+from utils.evaluation.metrics import MapExtrema, minmax_normalize
 
 CLASS_NAMES = ("object",)  # one object-agnostic prompt pair (spec §3)
 NORMAL_TEMPLATES = ("{}",)

@@ -36,8 +36,8 @@ from scipy import stats
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from utils.checkpoint import atomic_write  # noqa: E402
-from utils.errors import ConfigError, DataError, UserError  # noqa: E402
+from utils.core.checkpoint import atomic_write  # noqa: E402
+from utils.core.errors import ConfigError, DataError, UserError  # noqa: E402
 
 logger = logging.getLogger("compare_runs")
 

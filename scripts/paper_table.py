@@ -26,7 +26,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from utils.errors import DataError, UserError  # noqa: E402
+from utils.core.errors import DataError, UserError  # noqa: E402
 
 logger = logging.getLogger("paper_table")
 

@@ -20,11 +20,11 @@ import train
 from datasets.anomaly import build_test_datasets
 from datasets.metadata import load_test_records
 from models.aaclip import AdaptedCLIP
-from utils import calibration as calib
-from utils import runtime
-from utils.forward_utils import get_adapted_text_embedding
-from utils.metrics import pixel_metrics
-from utils.runtime import autocast, resolve_amp
+from models.forward_utils import get_adapted_text_embedding
+from utils.core import runtime
+from utils.core.runtime import autocast, resolve_amp
+from utils.deploy import calibration as calib
+from utils.evaluation.metrics import pixel_metrics
 
 
 def test_bf16_predictions_stay_close_to_fp32(tiny_clip, synthetic_root):

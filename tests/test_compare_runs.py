@@ -1,4 +1,4 @@
-"""scripts/compare_runs.py on results files written by utils.report.write_results."""
+"""scripts/compare_runs.py on results files written by utils.evaluation.report.write_results."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from utils.report import write_results
+from utils.evaluation.report import write_results
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "compare_runs.py"
 COLUMNS = ["pixel_auroc", "image_auroc"]

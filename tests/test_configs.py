@@ -18,8 +18,8 @@ import train
 from models.aaclip import AAClipConfig
 from models.cross_attention import CrossAttentionConfig
 from models.registry import MODELS
-from utils.config import ARCH, CONFIG_DIR, flag_hint, from_mapping, settings_of, to_mapping
-from utils.training import RunConfig
+from utils.core.config import ARCH, CONFIG_DIR, flag_hint, from_mapping, settings_of, to_mapping
+from utils.engine.training import RunConfig
 
 YAML_OF = {
     "aaclip": "aaclip.yaml",

@@ -13,7 +13,7 @@ import yaml
 import test as test_script
 import train
 import train_cross_attention
-from utils.checkpoint import load_checkpoint, save_checkpoint
+from utils.core.checkpoint import load_checkpoint, save_checkpoint
 
 BASE = [
     "--text_epoch",

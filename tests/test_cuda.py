@@ -11,8 +11,8 @@ import torch
 from models.backbone import tiny_clip
 from models.predictor import AnomalyPredictor
 from models.registry import MODELS, model_class
-from utils.runtime import grad_scaler, resolve_amp
-from utils.training import StageForward, training_step
+from utils.core.runtime import grad_scaler, resolve_amp
+from utils.engine.training import StageForward, training_step
 
 pytestmark = [
     pytest.mark.cuda,

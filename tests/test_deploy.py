@@ -24,8 +24,8 @@ import train
 from datasets.folder import ImageFolder, collate
 from models.predictor import AnomalyPredictor
 from models.registry import load_trained_model
-from utils import export
-from utils.errors import ConfigError
+from utils.core.errors import ConfigError
+from utils.deploy import export
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["--device", "cpu", "--training_mode", "few_shot", "--shot", "4"]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from utils.checkpoint import load_checkpoint
+from utils.core.checkpoint import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 

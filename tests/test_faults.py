@@ -25,10 +25,12 @@ import train
 from models.feclip import FECLIP
 from models.predictor import AnomalyPredictor
 from models.registry import find_checkpoint
-from utils import checkpoint, training
-from utils.errors import TrainingDiverged
-from utils.runtime import Distributed, grad_scaler, progress, run_script, set_progress
-from utils.training import training_step
+from utils.core import checkpoint
+from utils.core.errors import TrainingDiverged
+from utils.core.runtime import grad_scaler, progress, run_script, set_progress
+from utils.engine import training
+from utils.engine.distributed import Distributed
+from utils.engine.training import training_step
 
 ROOT = Path(__file__).resolve().parents[1]
 FECLIP_RUN = [

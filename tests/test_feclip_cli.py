@@ -12,7 +12,7 @@ import yaml
 import test as test_script
 import train
 import train_feclip
-from utils.checkpoint import load_checkpoint
+from utils.core.checkpoint import load_checkpoint
 
 FAST = ["--batch_size", "8", "--training_mode", "few_shot", "--shot", "8", "--device", "cpu"]
 

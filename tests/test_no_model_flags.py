@@ -18,8 +18,8 @@ import test as test_script
 import train
 from datasets.catalog import CATALOG
 from models.registry import MODELS, find_checkpoint
-from utils import calibration as calib
-from utils.config import CONFIG_DIR
+from utils.core.config import CONFIG_DIR
+from utils.deploy import calibration as calib
 
 FAST = ["--device", "cpu", "--training_mode", "few_shot", "--shot", "4"]
 # Non-default architecture per model (the defect: AA-CLIP was rebuilt from test.py's flags).

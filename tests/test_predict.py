@@ -21,8 +21,8 @@ import train
 from datasets.folder import ImageFolder
 from models.predictor import AnomalyPredictor
 from models.registry import load_trained_model
-from utils import calibration as calib
-from utils.metrics import auroc
+from utils.deploy import calibration as calib
+from utils.evaluation.metrics import auroc
 
 CLASS = "tile"
 

@@ -17,7 +17,7 @@ import train
 from datasets import anomaly
 from datasets.anomaly import build_test_datasets
 from datasets.metadata import load_test_records
-from utils.checkpoint import load_checkpoint
+from utils.core.checkpoint import load_checkpoint
 
 FAST = [
     "--text_epoch",

@@ -45,7 +45,7 @@ def test_multistep_schedule_halves_exactly_at_iteration_16000():
 
 
 def test_global_batch_sampler_splits_each_global_batch_across_ranks():
-    from utils.runtime import Distributed, GlobalBatchSampler
+    from utils.engine.distributed import Distributed, GlobalBatchSampler
 
     single = GlobalBatchSampler(10, 4, Distributed(), seed=3)
     order = list(single)

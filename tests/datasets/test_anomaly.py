@@ -19,7 +19,7 @@ from datasets.anomaly import (
     to_pixels,
 )
 from datasets.metadata import build_records
-from utils.errors import DataError
+from utils.core.errors import DataError
 
 SIZE = 64
 

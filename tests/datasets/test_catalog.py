@@ -1,7 +1,7 @@
 import pytest
 
 from datasets.catalog import CATALOG, default_data_root, get_dataset_info, real_name
-from utils.errors import ConfigError
+from utils.core.errors import ConfigError
 
 
 def test_catalog_keys():

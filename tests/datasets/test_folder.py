@@ -15,8 +15,8 @@ from datasets.folder import (
     read_image,
     resize,
 )
-from utils.errors import DataError
-from utils.forward_utils import token_valid_mask
+from models.forward_utils import token_valid_mask
+from utils.core.errors import DataError
 
 
 def _noise(width: int, height: int, seed: int = 0) -> Image.Image:

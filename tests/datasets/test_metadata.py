@@ -15,7 +15,7 @@ from datasets.metadata import (
     sample_k_shot,
     write_jsonl,
 )
-from utils.errors import ConfigError, DataError
+from utils.core.errors import ConfigError, DataError
 
 
 def _png(path: Path, size: tuple[int, int] = (8, 8), value: int = 0) -> None:

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from datasets.support import draw_support, load_images, support_candidates
-from utils.errors import DataError
+from utils.core.errors import DataError
 
 
 def test_support_is_drawn_from_the_train_split_with_a_seed(synthetic_root):

@@ -11,9 +11,9 @@ from torch.testing import assert_close
 from models import backbone
 from models.aaclip import AAClipConfig, AdaptedCLIP
 from models.adapters import residual_blend
-from utils.checkpoint import save_checkpoint
-from utils.errors import CheckpointError
-from utils.forward_utils import calculate_similarity_map, get_adapted_single_class_text_embedding
+from models.forward_utils import calculate_similarity_map, get_adapted_single_class_text_embedding
+from utils.core.checkpoint import save_checkpoint
+from utils.core.errors import CheckpointError
 
 
 class TextProjection(nn.Module):

@@ -85,7 +85,7 @@ def test_load_clip_tiny_is_frozen_and_deterministic():
 
 
 def test_load_clip_unknown_name_lists_choices():
-    from utils.errors import ConfigError
+    from utils.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="unknown --model_name 'ViT-Q'.*ViT-L-14-336"):
         backbone.load_clip("ViT-Q")

@@ -18,7 +18,7 @@ from models.cross_attention import (
     image_batch_context,
     text_batch_context,
 )
-from utils.forward_utils import get_adapted_single_class_text_embedding
+from models.forward_utils import get_adapted_single_class_text_embedding
 
 SENTENCES = ["a photo of a tile.", "a damaged tile."]
 

@@ -22,9 +22,9 @@ from models.feclip import (
     dct_basis,
     idct2,
 )
-from utils.checkpoint import save_checkpoint
-from utils.errors import CheckpointError, DataError
-from utils.forward_utils import binary_focal_loss, token_valid_mask
+from models.forward_utils import binary_focal_loss, token_valid_mask
+from utils.core.checkpoint import save_checkpoint
+from utils.core.errors import CheckpointError, DataError
 
 TAPS = [5, 11, 17, 23]
 

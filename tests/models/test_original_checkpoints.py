@@ -15,8 +15,8 @@ from models.cross_attention import AdaptedCLIPWithCrossAttention, CrossAttention
 from models.feclip import FECLIP, FEClipConfig
 from models.registry import load_trained_model
 from models.sowa import SOWA, SOWAConfig
-from utils.checkpoint import save_checkpoint
-from utils.training import RunConfig, checkpoint_config
+from utils.core.checkpoint import save_checkpoint
+from utils.engine.training import RunConfig, checkpoint_config
 
 NAMES = ["tile", "dots"]
 

@@ -23,7 +23,7 @@ from models.cross_attention import AdaptedCLIPWithCrossAttention, CrossAttention
 from models.feclip import FECLIP, FEClipConfig
 from models.predictor import AnomalyPredictor
 from models.sowa import SOWA, SOWAConfig
-from utils.metrics import map_extrema
+from utils.evaluation.metrics import map_extrema
 
 PINNED = Path(__file__).with_name("pinned_outputs.pt")
 NAMES = ["tile", "dots"]
@@ -74,7 +74,7 @@ def step_sums(model: torch.nn.Module) -> torch.Tensor:
 
 
 def train_step(model, stage, data) -> dict[str, torch.Tensor]:
-    """One optimizer step of a stage on the batch, as `utils.training.fit` takes it."""
+    """One optimizer step of a stage on the batch, as `utils.engine.training.fit` takes it."""
     optimizer, _ = model.configure_optimizer(stage)
     model.train()
     losses = model.loss(model.forward_train(data, stage), data)

@@ -14,6 +14,7 @@ from scipy import ndimage
 from datasets.anomaly import TrainDataset
 from datasets.metadata import build_records
 from models import backbone
+from models.forward_utils import gaussian_smooth
 from models.predictor import AnomalyPredictor
 from models.sowa import (
     SOWA,
@@ -23,9 +24,8 @@ from models.sowa import (
     window_partition,
     window_reverse,
 )
-from utils.errors import ConfigError
-from utils.forward_utils import gaussian_smooth
-from utils.metrics import map_extrema
+from utils.core.errors import ConfigError
+from utils.evaluation.metrics import map_extrema
 
 
 def sowa_loss(model, output, mask, label):

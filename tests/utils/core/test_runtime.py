@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from utils.runtime import loader_workers
+from utils.core.runtime import loader_workers
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 

@@ -14,8 +14,8 @@ from torchvision.transforms.functional import gaussian_blur
 
 from datasets.catalog import get_dataset_info, real_name
 from models.prompts import build_prompts
-from utils.errors import DataError
-from utils.runtime import float32_island
+from utils.core.errors import DataError
+from utils.core.runtime import float32_island
 
 # Test-time blur on the patch grid, by domain (spec aaclip.md §9): kernel size, sigma.
 BLUR = {"Industrial": (7, 1.0), "Medical": (9, 1.5)}

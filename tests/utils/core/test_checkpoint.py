@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from models.aaclip import AAClipConfig
-from utils import checkpoint
-from utils.config import check_architecture, from_mapping
-from utils.errors import CheckpointError
+from utils.core import checkpoint
+from utils.core.config import check_architecture, from_mapping
+from utils.core.errors import CheckpointError
 
 
 def test_interrupted_save_keeps_the_previous_file(tmp_path, monkeypatch):

@@ -31,8 +31,8 @@ from torch import nn
 
 from datasets.anomaly import CLIP_MEAN, CLIP_STD
 from models.base import AnomalyOutput, FrozenCLIPModel
-from utils.checkpoint import atomic_write, file_sha256
-from utils.errors import CheckpointError, ConfigError
+from utils.core.checkpoint import atomic_write, file_sha256
+from utils.core.errors import CheckpointError, ConfigError
 
 logger = logging.getLogger(__name__)
 

@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from utils.checkpoint import atomic_write
-from utils.errors import ConfigError
+from utils.core.checkpoint import atomic_write
+from utils.core.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from typing import Any, NamedTuple
 import numpy as np
 from scipy import ndimage
 
-from utils.errors import ConfigError
+from utils.core.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""utils/metrics.py against the hand-checked vectors of specs/metrics.md §9, sklearn, a
+"""utils/evaluation/metrics.py against the hand-checked vectors of specs/metrics.md §9, sklearn, a
 full-sort MVTec AUPRO oracle (spec §7.2) and a brute-force every-threshold AUPRO (spec §5.1)."""
 
 import bisect
@@ -10,8 +10,8 @@ import torch
 from scipy import ndimage
 from sklearn.metrics import auc, average_precision_score, precision_recall_curve, roc_auc_score
 
-from utils.errors import ConfigError
-from utils.metrics import (
+from utils.core.errors import ConfigError
+from utils.evaluation.metrics import (
     COLUMNS_FULL,
     COLUMNS_OFFICIAL,
     ClassEvaluator,
@@ -203,7 +203,7 @@ def test_tv_c_constant_map(caplog):
     _, masks = tv_d()
     maps = np.full(masks.shape, 0.5, dtype=np.float32)
     assert_pixel(pixel_metrics(maps, masks), 0.5, 5 / 32, 10 / 37, 0.15)
-    with caplog.at_level(logging.WARNING, logger="utils.metrics"):
+    with caplog.at_level(logging.WARNING, logger="utils.evaluation.metrics"):
         assert np.isnan(aupro(maps, masks, variant="anomalyclip"))
     assert "200-step" in caplog.text
 
@@ -441,7 +441,7 @@ def test_accepts_torch_tensors_and_01_masks():
 def test_single_class_labels_are_nan_with_a_warning(caplog, labels):
     for metric in (auroc, average_precision, f1_max):
         caplog.clear()
-        with caplog.at_level(logging.WARNING, logger="utils.metrics"):
+        with caplog.at_level(logging.WARNING, logger="utils.evaluation.metrics"):
             assert np.isnan(metric([0.1, 0.5, 0.9], labels))
         assert len(caplog.records) == 1
     assert all(np.isnan(v) for v in image_metrics([0.1, 0.5, 0.9], labels).values())
@@ -451,7 +451,7 @@ def test_single_class_labels_are_nan_with_a_warning(caplog, labels):
 def test_pixel_metrics_undefined(caplog, fill):
     maps = np.random.default_rng(0).random((2, 4, 4), dtype=np.float32)
     masks = np.full(maps.shape, fill)
-    with caplog.at_level(logging.WARNING, logger="utils.metrics"):
+    with caplog.at_level(logging.WARNING, logger="utils.evaluation.metrics"):
         result = pixel_metrics(maps, masks)
     assert set(result) == {"auroc", "ap", "f1_max", "aupro"}
     assert all(np.isnan(value) for value in result.values())
@@ -483,7 +483,7 @@ def test_evaluate_class_columns(caplog):
     assert official == {column: full[column] for column in COLUMNS_OFFICIAL}
     image_only = evaluate_class(None, None, image_scores, [1, 0], ["I-AUROC"])
     assert image_only == {"I-AUROC": 1.0}
-    with caplog.at_level(logging.WARNING, logger="utils.metrics"):
+    with caplog.at_level(logging.WARNING, logger="utils.evaluation.metrics"):
         colon = evaluate_class(maps, masks, image_scores, [1, 1], ["I-AUROC"], class_name="Kvasir")
     assert np.isnan(colon["I-AUROC"])
     assert "Kvasir image" in caplog.text

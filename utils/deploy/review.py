@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image
 from sklearn.metrics import roc_curve
 
-from utils.checkpoint import atomic_write
+from utils.core.checkpoint import atomic_write
 
 THUMBNAIL_SIDE = 128
 

@@ -30,14 +30,14 @@ from datasets.anomaly import TrainDataset
 from datasets.catalog import CATALOG, configure_folder, default_data_root, get_dataset_info
 from datasets.metadata import ensure_training_records, log_resized_masks
 from datasets.synthetic import ensure_synthetic
-from utils.checkpoint import (
+from utils.core.checkpoint import (
     allow_pickle,
     check_writable,
     load_checkpoint,
     remove_stale_temporaries,
     save_checkpoint,
 )
-from utils.config import (
+from utils.core.config import (
     RUN,
     TRAIN,
     flag_hint,
@@ -47,15 +47,11 @@ from utils.config import (
     to_mapping,
     validate,
 )
-from utils.errors import ConfigError, TrainingDiverged
-from utils.runtime import (
+from utils.core.errors import ConfigError, TrainingDiverged
+from utils.core.runtime import (
     AMP_CHOICES,
-    Distributed,
-    GlobalBatchSampler,
     autocast,
-    barrier,
     grad_scaler,
-    init_distributed,
     loader_workers,
     progress,
     rng_state,
@@ -63,6 +59,12 @@ from utils.runtime import (
     set_progress,
     set_rng_state,
     setup_logging,
+)
+from utils.engine.distributed import (
+    Distributed,
+    GlobalBatchSampler,
+    barrier,
+    init_distributed,
     shutdown_distributed,
 )
 

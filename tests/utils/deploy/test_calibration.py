@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from utils import calibration as calib
-from utils.errors import CheckpointError, ConfigError
-from utils.metrics import auroc, average_precision
+from utils.core.errors import CheckpointError, ConfigError
+from utils.deploy import calibration as calib
+from utils.evaluation.metrics import auroc, average_precision
 
 
 def _reductions(rng: np.random.Generator, count: int) -> dict[str, np.ndarray]:

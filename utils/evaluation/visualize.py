@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from utils.checkpoint import atomic_write
+from utils.core.checkpoint import atomic_write
 
 logger = logging.getLogger(__name__)
 

@@ -29,12 +29,12 @@ from typing import Any
 
 import yaml
 
-from utils.checkpoint import atomic_write
-from utils.errors import CheckpointError, ConfigError
+from utils.core.checkpoint import atomic_write
+from utils.core.errors import CheckpointError, ConfigError
 
 ARCH, TEST, TRAIN, RUN = "arch", "test", "train", "run"
 KINDS = (ARCH, TEST, TRAIN, RUN)
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 
 
 def setting(

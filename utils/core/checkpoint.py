@@ -6,7 +6,7 @@ an interrupted or failed save (Ctrl-C, a full disk) leaves the previous file int
 its temporary file. Every file the project writes holds only tensors and plain Python values, so
 it loads with `torch.load(weights_only=True)`; a file that needs pickle (a foreign checkpoint can
 run code when unpickled) is refused unless `allow_pickle(True)` (the scripts' `--trust_checkpoint`).
-A model's stored config is compared with the current one by `utils.config.check_architecture`,
+A model's stored config is compared with the current one by `utils.core.config.check_architecture`,
 which names the flag that differs.
 """
 
@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from utils.errors import CheckpointError, StorageError
+from utils.core.errors import CheckpointError, StorageError
 
 logger = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ import math
 import torch
 from torch.testing import assert_close
 
-from utils.forward_utils import (
+from models.forward_utils import (
     calculate_seg_loss,
     calculate_similarity_map,
     dice_loss,

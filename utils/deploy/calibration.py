@@ -27,9 +27,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from utils.checkpoint import atomic_write
-from utils.errors import CheckpointError, ConfigError, DataError
-from utils.metrics import auroc, average_precision
+from utils.core.checkpoint import atomic_write
+from utils.core.errors import CheckpointError, ConfigError, DataError
+from utils.evaluation.metrics import auroc, average_precision
 
 logger = logging.getLogger(__name__)
 

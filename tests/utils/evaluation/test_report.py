@@ -1,4 +1,5 @@
-"""utils/report.py: macro means with coverage, AA-CLIP's official rounding, atomic files."""
+"""utils/evaluation/report.py: macro means with coverage, AA-CLIP's official rounding, atomic
+files."""
 
 import csv
 import json
@@ -7,8 +8,8 @@ import os
 
 import pytest
 
-from utils.errors import ConfigError
-from utils.report import format_table, summarize, write_results
+from utils.core.errors import ConfigError
+from utils.evaluation.report import format_table, summarize, write_results
 
 COLUMNS = ["P-AUROC", "I-AUROC"]
 PER_CLASS = {

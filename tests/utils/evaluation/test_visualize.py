@@ -1,9 +1,9 @@
-"""utils/visualize.py: panel layout, RGB order, colour map and valid masks."""
+"""utils/evaluation/visualize.py: panel layout, RGB order, colour map and valid masks."""
 
 import numpy as np
 from PIL import Image
 
-from utils.visualize import TURBO_LUT, apply_colormap, mask_overlay, overlay, save_panels
+from utils.evaluation.visualize import TURBO_LUT, apply_colormap, mask_overlay, overlay, save_panels
 
 
 def red_image(height: int = 8, width: int = 10) -> np.ndarray:
