@@ -37,10 +37,10 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from datasets.catalog import CATALOG
+from datasets.catalog import CATALOG, DEFAULT_DOMAIN, DOMAINS
 from datasets.folder import DEFAULT_PAD_COLOR, FieldImage, ImageFolder, collate, list_images
-from models.base import DEFAULT_DOMAIN, FrozenCLIPModel
-from models.predictor import DOMAINS, AnomalyPredictor
+from models.base import FrozenCLIPModel
+from models.predictor import AnomalyPredictor
 from models.registry import MODELS, find_checkpoint, load_trained_model
 from utils.core.checkpoint import atomic_write, check_writable, file_sha256
 from utils.core.config import HelpFormatter, add_settings

@@ -32,7 +32,7 @@ from datasets.catalog import default_data_root, get_dataset_info, real_name
 from datasets.metadata import load_test_records, log_resized_masks
 from datasets.support import draw_support, load_images
 from datasets.synthetic import ensure_synthetic
-from models.base import FrozenCLIPModel
+from models.base import FrozenCLIPModel, MapExtrema
 from models.predictor import AnomalyPredictor
 from models.registry import (
     MODELS,
@@ -68,7 +68,6 @@ from utils.evaluation.metrics import (
     COLUMNS_OFFICIAL,
     PRO_VARIANTS,
     ClassEvaluator,
-    MapExtrema,
 )
 from utils.evaluation.report import format_table, write_results
 from utils.evaluation.visualize import save_panels
@@ -285,12 +284,13 @@ def predict_class(
     """Predict a class batch by batch, streaming maps `[B, S, S]` and masks into `evaluator`;
     with `keep_maps` the maps, masks and pixels are also kept (panels)."""
     kept: dict[str, list[np.ndarray]] = {"maps": [], "masks": [], "pixels": []}
-    scores, labels, paths, file_names = [], [], [], []
+    scores, labels, paths, file_names, extrema = [], [], [], [], []
     for batch in progress(batches, desc="batches", leave=False):
         output = predictor.predict(batch["image"], [prompt_name] * len(batch["image"]))
         maps = output.anomaly_map.cpu().numpy().astype(np.float32, copy=False)
         masks = batch["mask"].numpy()
         evaluator.update(maps, masks)
+        extrema.append(MapExtrema.of(maps))
         if keep_maps:
             kept["maps"].append(maps)
             kept["masks"].append(masks)
@@ -302,7 +302,7 @@ def predict_class(
     return ClassOutputs(
         det_scores=np.concatenate(scores),
         labels=np.concatenate(labels).astype(np.int64),
-        extrema=evaluator.extrema,
+        extrema=MapExtrema.concatenate(extrema),
         paths=paths,
         file_names=file_names,
         **({name: np.concatenate(arrays) for name, arrays in kept.items()} if keep_maps else {}),

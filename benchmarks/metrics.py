@@ -52,13 +52,13 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from models.aaclip import aaclip_image_scores  # noqa: E402
+from models.base import MapExtrema  # noqa: E402
 from utils.evaluation.metrics import (  # noqa: E402
     COLUMNS_FULL,
     ClassEvaluator,
-    aaclip_image_scores,
     aupro,
     evaluate_class,
-    map_extrema,
     pixel_metrics,
 )
 
@@ -400,14 +400,16 @@ def run_stream(args: argparse.Namespace) -> int:
             kept_maps.append(batch_maps)
             kept_masks.append(batch_masks)
         whole_maps, whole_masks = np.concatenate(kept_maps), np.concatenate(kept_masks)
-        scores = aaclip_image_scores(map_extrema(whole_maps), det, "Industrial")
+        scores = aaclip_image_scores(MapExtrema.of(whole_maps), det, "Industrial")
         return evaluate_class(whole_maps, whole_masks, scores, labels, COLUMNS_FULL)
 
     def streamed() -> dict:
         evaluator = ClassEvaluator(COLUMNS_FULL, capacity=maps.size)
+        extrema = []
         for batch_maps, batch_masks in batches():
             evaluator.update(batch_maps, batch_masks)
-        scores = aaclip_image_scores(evaluator.extrema, det, "Industrial")
+            extrema.append(MapExtrema.of(batch_maps))
+        scores = aaclip_image_scores(MapExtrema.concatenate(extrema), det, "Industrial")
         return evaluator.compute(scores, labels)
 
     streamed()  # untimed warm-up

@@ -249,7 +249,9 @@ def synthetic_metric_shift(args: argparse.Namespace) -> dict:
     from datasets.anomaly import build_test_datasets
     from datasets.metadata import load_test_records
     from datasets.synthetic import ensure_synthetic
-    from utils.evaluation.metrics import aaclip_image_scores, evaluate_class, map_extrema
+    from models.aaclip import aaclip_image_scores
+    from models.base import MapExtrema
+    from utils.evaluation.metrics import evaluate_class
 
     device = resolve_device(args.device)
     root = ensure_synthetic(Path(args.synthetic_root))
@@ -267,7 +269,7 @@ def synthetic_metric_shift(args: argparse.Namespace) -> dict:
                 )
             maps = output.anomaly_map.cpu().numpy()
             det = output.image_score.cpu().numpy()
-            image_scores = aaclip_image_scores(map_extrema(maps), det, "Industrial")
+            image_scores = aaclip_image_scores(MapExtrema.of(maps), det, "Industrial")
             scores[amp] = evaluate_class(
                 maps,
                 batch["mask"][:, 0].numpy().astype(bool),

@@ -14,6 +14,9 @@ from utils.core.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
+DOMAINS = ("Industrial", "Medical")  # a data set's domain picks AA-CLIP's test-time blur
+DEFAULT_DOMAIN = "Industrial"
+
 
 @dataclass(frozen=True)
 class DatasetInfo:
@@ -169,6 +172,13 @@ def configure_folder(
     )
     CATALOG["Folder"] = info
     return info
+
+
+def check_domain(domain: str) -> str:
+    """`domain` if it is one of DOMAINS, else a one-line ConfigError naming them."""
+    if domain not in DOMAINS:
+        raise ConfigError(f"unknown domain {domain!r}; use one of {', '.join(DOMAINS)}")
+    return domain
 
 
 def get_dataset_info(name: str) -> DatasetInfo:

@@ -37,21 +37,22 @@ import torch.nn.functional as F
 from open_clip.model import CLIP
 from torch import nn
 
+from datasets.catalog import DEFAULT_DOMAIN, check_domain
 from models import backbone
 from models.adapters import SimpleAdapter, SimpleProj, residual_blend, xavier_init
-from models.base import DEFAULT_DOMAIN, AnomalyOutput, ClipConfig, FrozenCLIPModel, Stage
+from models.base import AnomalyOutput, ClipConfig, FrozenCLIPModel, MapExtrema, Stage
 from models.forward_utils import (
     calculate_seg_loss,
     calculate_similarity_map,
     get_adapted_single_class_text_embedding,
     get_adapted_text_embedding,
+    minmax_normalize,
     orthogonal_loss,
 )
 from utils.core.checkpoint import load_checkpoint
 from utils.core.config import ARCH, setting
 from utils.core.errors import CheckpointError, ConfigError
 from utils.core.runtime import float32_island
-from utils.evaluation.metrics import MapExtrema, aaclip_image_scores
 
 logger = logging.getLogger(__name__)
 
@@ -139,6 +140,21 @@ def check_block_indices(indices: list[int], blocks: int, original: str, offset: 
             f"indices of the backbone's {blocks} vision blocks (< {blocks})"
         )
         raise ConfigError(msg)
+
+
+def aaclip_image_scores(extrema: MapExtrema, det_scores: np.ndarray, domain: str) -> np.ndarray:
+    """AA-CLIP's image scores of one class (spec §14) from its maps' extrema and detection
+    scores `[N]`. Industrial: 0.5 * max of the class-min-max map + 0.5 * min-max detection score;
+    Medical: the map maximum only. Transductive (test-set statistics): for paper tables only."""
+    check_domain(domain)
+    # min-max is monotone, so the max of the normalised map is the normalised max; the range is
+    # the class's (every map's minimum and maximum), skipped when its maximum is exactly 1
+    low, high = extrema.minima.min(), extrema.maxima.max()
+    map_max = extrema.maxima if high == 1 or high == low else (extrema.maxima - low) / (high - low)
+    map_max = np.asarray(map_max, dtype=np.float64)
+    if domain == "Medical":
+        return map_max
+    return 0.5 * map_max + 0.5 * minmax_normalize(np.asarray(det_scores, dtype=np.float64))
 
 
 class TextStageOutput(NamedTuple):

@@ -21,17 +21,16 @@ from open_clip.model import CLIP
 from torch import nn
 
 from datasets.anomaly import MASK_RESIZES, RESIZE_MODES, Preprocessing
+from datasets.catalog import DEFAULT_DOMAIN
 from models import backbone
 from utils.core.checkpoint import load_checkpoint
 from utils.core.config import ARCH, TEST, check_architecture, from_mapping, override, setting
 from utils.core.errors import CheckpointError, DataError
-from utils.evaluation.metrics import MapExtrema
 
 logger = logging.getLogger(__name__)
 
 PAPER_MODEL = "ViT-L-14-336"
 TINY_IMG_SIZE = 64
-DEFAULT_DOMAIN = "Industrial"
 
 
 @dataclasses.dataclass
@@ -129,6 +128,26 @@ class AnomalyOutput(NamedTuple):
 
     anomaly_map: torch.Tensor  # [B, S, S] float32
     image_score: torch.Tensor  # [B] float32
+
+
+class MapExtrema(NamedTuple):
+    """Each map's minimum and maximum: all a paper protocol's image score needs of the maps."""
+
+    minima: np.ndarray  # [N]
+    maxima: np.ndarray  # [N]
+
+    @classmethod
+    def of(cls, maps: np.ndarray) -> MapExtrema:
+        """maps `[N, H, W]` -> each map's (minimum, maximum), in the maps' dtype."""
+        flat = np.asarray(maps).reshape(len(maps), -1)
+        return cls(flat.min(axis=1), flat.max(axis=1))
+
+    @classmethod
+    def concatenate(cls, parts: list[MapExtrema]) -> MapExtrema:
+        """The extrema of several batches, in order (`[0]` each for none)."""
+        if not parts:
+            return cls(np.empty(0, np.float32), np.empty(0, np.float32))
+        return cls(*(np.concatenate(values) for values in zip(*parts, strict=True)))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -7,7 +7,9 @@ Every model imports these; none copies them. Names and argument order are the or
 from __future__ import annotations
 
 import math
+from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torchvision.transforms.functional import gaussian_blur
@@ -197,3 +199,13 @@ def binary_focal_loss(
     if alpha is not None:
         loss = loss * torch.where(positive, alpha, 1 - alpha)
     return loss.mean()
+
+
+def minmax_normalize(x: Any) -> np.ndarray:
+    """`(x - min) / (max - min)` over the whole array, left unchanged when the maximum is exactly
+    1 or the array is constant (AA-CLIP's rule, which SOWA's k-shot fusion shares)."""
+    x = np.asarray(x)
+    low, high = x.min(), x.max()
+    if high == 1 or high == low:
+        return x
+    return (x - low) / (high - low)

@@ -10,12 +10,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from models.base import DEFAULT_DOMAIN, AnomalyOutput, FrozenCLIPModel
+from datasets.catalog import DEFAULT_DOMAIN, check_domain
+from models.base import AnomalyOutput, FrozenCLIPModel, MapExtrema
 from utils.core.errors import ConfigError
 from utils.core.runtime import autocast, resolve_amp
-from utils.evaluation.metrics import MapExtrema
-
-DOMAINS = ("Industrial", "Medical")
 
 
 class AnomalyPredictor:
@@ -37,8 +35,7 @@ class AnomalyPredictor:
         amp: str = "none",
         k_shot: int = 0,
     ) -> None:
-        if domain not in DOMAINS:
-            raise ConfigError(f"unknown domain {domain!r}; use one of {', '.join(DOMAINS)}")
+        check_domain(domain)
         if k_shot < 0:
             raise ConfigError(f"--k_shot {k_shot} must be >= 0 (0 means zero-shot)")
         if k_shot and not model.supports_memory:
@@ -94,7 +91,7 @@ class AnomalyPredictor:
 
     def table_image_scores(self, extrema: MapExtrema, scores: np.ndarray) -> np.ndarray:
         """Paper-table image scores of one class from its `predict` maps' extrema (`[N]` each,
-        `utils.evaluation.metrics.map_extrema`) and scores `[N]` (the model's protocol, e.g.
+        `MapExtrema`) and scores `[N]` (the model's protocol, e.g.
         AA-CLIP's per-class min-max fusion: transductive, so for paper tables only)."""
         return self.model.table_image_scores(
             extrema, scores, self.domain, few_shot=self._memory is not None

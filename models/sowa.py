@@ -57,14 +57,19 @@ from models.base import (
     AnomalyOutput,
     ClipConfig,
     FrozenCLIPModel,
+    MapExtrema,
     SingleStageConfig,
     Stage,
 )
-from models.forward_utils import calculate_seg_loss, calculate_similarity_map, gaussian_smooth
+from models.forward_utils import (
+    calculate_seg_loss,
+    calculate_similarity_map,
+    gaussian_smooth,
+    minmax_normalize,
+)
 from utils.core.config import ARCH, TEST, redefault, setting
 from utils.core.errors import ConfigError, DataError
 from utils.core.runtime import float32_island
-from utils.evaluation.metrics import MapExtrema, minmax_normalize
 
 CLASS_NAMES = ("object",)  # one object-agnostic prompt pair (spec §3)
 NORMAL_TEMPLATES = ("{}",)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,11 +10,12 @@ from torch import nn
 from torch.testing import assert_close
 
 from models import backbone
-from models.aaclip import AAClipConfig, AdaptedCLIP
+from models.aaclip import AAClipConfig, AdaptedCLIP, aaclip_image_scores
 from models.adapters import residual_blend
+from models.base import MapExtrema
 from models.forward_utils import calculate_similarity_map, get_adapted_single_class_text_embedding
 from utils.core.checkpoint import save_checkpoint
-from utils.core.errors import CheckpointError
+from utils.core.errors import CheckpointError, ConfigError
 
 
 class TextProjection(nn.Module):
@@ -204,3 +206,24 @@ def test_checkpoint_with_config_names_the_differing_flag(tmp_path, tiny_clip):
         AdaptedCLIP(AAClipConfig(model_name="tiny", relu=False), tiny_clip).load_adapter(
             path, "image_adapter"
         )
+
+
+def test_tv_k_aaclip_fusion():
+    maps = np.array([[[0, 1]], [[2, 0.5]], [[1, 1]]], dtype=np.float32)
+    det = np.array([0.3, 0.5, 0.4])
+    extrema = MapExtrema.of(maps)
+    np.testing.assert_array_equal(extrema.minima, [0, 0.5, 1])
+    np.testing.assert_array_equal(extrema.maxima, [1, 2, 1])
+    industrial = aaclip_image_scores(extrema, det, "Industrial")
+    np.testing.assert_allclose(industrial, [0.25, 1.0, 0.5], rtol=0, atol=1e-12)
+    np.testing.assert_allclose(aaclip_image_scores(extrema, det, "Medical"), [0.5, 1.0, 0.5])
+    with pytest.raises(ConfigError, match="Industrial, Medical"):
+        aaclip_image_scores(extrema, det, "industrial-ish")
+
+
+def test_map_extrema_of_batches_equal_the_class_held_whole():
+    maps = np.random.default_rng(0).random((7, 3, 4)).astype(np.float32)
+    parts = [MapExtrema.of(maps[batch]) for batch in (slice(0, 3), slice(3, 4), slice(4, 7))]
+    whole = MapExtrema.concatenate(parts)
+    np.testing.assert_array_equal(whole.minima, maps.min(axis=(1, 2)))
+    np.testing.assert_array_equal(whole.maxima, maps.max(axis=(1, 2)))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch.testing import assert_close
 
@@ -12,6 +13,7 @@ from models.forward_utils import (
     calculate_similarity_map,
     dice_loss,
     focal_loss,
+    minmax_normalize,
     orthogonal_loss,
 )
 
@@ -73,3 +75,11 @@ def test_test_map_of_a_constant_grid_is_abnormal_minus_normal():
     maps = calculate_similarity_map(patch, text, img_size=32, test=True)
     assert maps.shape == (2, 1, 32, 32)
     assert_close(maps, torch.full((2, 1, 32, 32), (80 + 1 - 60) / 2))
+
+
+def test_minmax_normalize_rules():
+    np.testing.assert_allclose(minmax_normalize(np.array([2.0, 4.0, 3.0])), [0, 1, 0.5])
+    already = np.array([0.2, 1.0])  # max exactly 1: AA-CLIP leaves it alone
+    np.testing.assert_array_equal(minmax_normalize(already), already)
+    constant = np.full(3, 0.4)
+    np.testing.assert_array_equal(minmax_normalize(constant), constant)

@@ -19,11 +19,11 @@ from torch.testing import assert_close
 
 from models import backbone
 from models.aaclip import AAClipConfig, AdaptedCLIP
+from models.base import MapExtrema
 from models.cross_attention import AdaptedCLIPWithCrossAttention, CrossAttentionConfig
 from models.feclip import FECLIP, FEClipConfig
 from models.predictor import AnomalyPredictor
 from models.sowa import SOWA, SOWAConfig
-from utils.evaluation.metrics import map_extrema
 
 PINNED = Path(__file__).with_name("pinned_outputs.pt")
 NAMES = ["tile", "dots"]
@@ -196,7 +196,7 @@ def sowa_outputs(out: dict, data: dict) -> None:
         out[f"sowa/{variant}/kshot_map"] = output.anomaly_map
         out[f"sowa/{variant}/kshot_table"] = torch.from_numpy(
             predictor.table_image_scores(
-                map_extrema(output.anomaly_map.numpy()), output.image_score.numpy()
+                MapExtrema.of(output.anomaly_map.numpy()), output.image_score.numpy()
             )
         )
         torch.manual_seed(5)  # attention dropout

@@ -14,6 +14,7 @@ from scipy import ndimage
 from datasets.anomaly import TrainDataset
 from datasets.metadata import build_records
 from models import backbone
+from models.base import MapExtrema
 from models.forward_utils import gaussian_smooth
 from models.predictor import AnomalyPredictor
 from models.sowa import (
@@ -25,7 +26,6 @@ from models.sowa import (
     window_reverse,
 )
 from utils.core.errors import ConfigError
-from utils.evaluation.metrics import map_extrema
 
 
 def sowa_loss(model, output, mask, label):
@@ -193,9 +193,9 @@ def test_predict_adds_the_unsmoothed_memory_map(sowa):
     maps, scores = k_shot.anomaly_map.numpy(), k_shot.image_score.numpy()
     maxima = maps.reshape(2, -1).max(1)
     expected = 0.5 * (scores + (maxima - maxima.min()) / (maxima.max() - maxima.min()))
-    np.testing.assert_allclose(predictor.table_image_scores(map_extrema(maps), scores), expected)
+    np.testing.assert_allclose(predictor.table_image_scores(MapExtrema.of(maps), scores), expected)
     predictor.set_support(None)
-    np.testing.assert_allclose(predictor.table_image_scores(map_extrema(maps), scores), scores)
+    np.testing.assert_allclose(predictor.table_image_scores(MapExtrema.of(maps), scores), scores)
 
 
 def test_gaussian_filter_matches_scipy():

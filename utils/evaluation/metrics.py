@@ -22,7 +22,6 @@ logger = logging.getLogger(__name__)
 COLUMNS_FULL = ["P-AUROC", "P-AP", "P-F1max", "AUPRO", "I-AUROC", "I-AP", "I-F1max"]
 COLUMNS_OFFICIAL = ["P-AUROC", "P-AP", "I-AUROC", "I-AP"]
 PRO_VARIANTS = ("exact", "anomalyclip", "sowa")
-DOMAINS = ("Industrial", "Medical")
 
 _PIXEL_KEYS = {"P-AUROC": "auroc", "P-AP": "ap", "P-F1max": "f1_max", "AUPRO": "aupro"}
 _IMAGE_KEYS = {"I-AUROC": "auroc", "I-AP": "ap", "I-F1max": "f1_max"}
@@ -375,52 +374,9 @@ def image_metrics(scores: Any, labels: Any, name: str = "image") -> dict[str, fl
     return {"auroc": _curve_auroc(curve), "ap": _curve_ap(curve), "f1_max": _curve_f1_max(curve)}
 
 
-def _aaclip_rescale(x: np.ndarray, low: Any, high: Any) -> np.ndarray:
-    """AA-CLIP's min-max: skipped when the max is exactly 1 (or the range is empty)."""
-    if high == 1 or high == low:
-        return x
-    return (x - low) / (high - low)
-
-
-def minmax_normalize(x: Any) -> np.ndarray:
-    """(x - min) / (max - min) over the whole array, unchanged if max == 1 or x is constant."""
-    x = _to_numpy(x)
-    return _aaclip_rescale(x, x.min(), x.max())
-
-
-class MapExtrema(NamedTuple):
-    """Each map's minimum and maximum: all a paper protocol's image score needs of the maps."""
-
-    minima: np.ndarray  # [N]
-    maxima: np.ndarray  # [N]
-
-
-def map_extrema(maps: Any) -> MapExtrema:
-    """maps: [N, H, W] -> each map's (minimum, maximum), in the maps' dtype."""
-    flat = _to_numpy(maps).reshape(len(maps), -1)
-    return MapExtrema(flat.min(axis=1), flat.max(axis=1))
-
-
-def aaclip_image_scores(extrema: MapExtrema, det_scores: Any, domain: str) -> np.ndarray:
-    """AA-CLIP image scores of one class (spec §3) from its maps' extrema and det_scores [N].
-
-    Industrial: 0.5 * max of the class-min-max map + 0.5 * min-max detection score;
-    Medical: the map maximum only. Transductive (test-set statistics), for paper tables only.
-    """
-    if domain not in DOMAINS:
-        raise ConfigError(f"unknown domain {domain!r}; valid: {', '.join(DOMAINS)}")
-    # min-max is monotone, so the max of the normalised map is the normalised max
-    low, high = extrema.minima.min(), extrema.maxima.max()
-    map_max = _aaclip_rescale(extrema.maxima, low, high).astype(np.float64)
-    if domain == "Medical":
-        return map_max
-    det = minmax_normalize(_to_numpy(det_scores).astype(np.float64))
-    return 0.5 * map_max + 0.5 * det
-
-
 class ClassEvaluator:
-    """Streams one class's maps and masks batch by batch into its pixel metrics, keeping each
-    map's extrema for the image score, so that no full-size map is held (test.py).
+    """Streams one class's maps and masks batch by batch into its pixel metrics, so that no
+    full-size map is held (the evaluation loop).
 
     `capacity` (the class's pixel count) preallocates the accumulator's buffer; `compute`
     takes the image scores and labels at the end. Columns are names from COLUMNS_FULL.
@@ -449,26 +405,13 @@ class ClassEvaluator:
                 capacity=capacity,
                 name=f"{self.prefix}pixel",
             )
-        self._minima: list[np.ndarray] = []
-        self._maxima: list[np.ndarray] = []
 
     def update(self, maps: Any, masks: Any) -> None:
         """maps: [B, H, W] float; masks: [B, H, W] bool (may be None without pixel columns)."""
-        maps = _to_numpy(maps)
-        extrema = map_extrema(maps)
-        self._minima.append(extrema.minima)
-        self._maxima.append(extrema.maxima)
         if self.pixel is not None:
             if masks is None:
                 raise ValueError("pixel columns need maps and masks")
-            self.pixel.update(maps, masks)
-
-    @property
-    def extrema(self) -> MapExtrema:
-        """Each map's minimum and maximum so far, `[N]` each."""
-        if not self._maxima:
-            return MapExtrema(np.empty(0, np.float32), np.empty(0, np.float32))
-        return MapExtrema(np.concatenate(self._minima), np.concatenate(self._maxima))
+            self.pixel.update(_to_numpy(maps), masks)
 
     def compute(self, image_scores: Any, labels: Any) -> dict[str, float]:
         """The requested columns, values in [0, 1] or NaN; image_scores/labels: [N] (may be

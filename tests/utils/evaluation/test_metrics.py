@@ -16,15 +16,12 @@ from utils.evaluation.metrics import (
     COLUMNS_OFFICIAL,
     ClassEvaluator,
     PixelAccumulator,
-    aaclip_image_scores,
     aupro,
     auroc,
     average_precision,
     evaluate_class,
     f1_max,
     image_metrics,
-    map_extrema,
-    minmax_normalize,
     pixel_metrics,
 )
 
@@ -275,27 +272,6 @@ def test_tv_j_image_metrics_with_ties():
     assert result["ap"] == pytest.approx(average_precision_score(labels, scores), abs=1e-12)
 
 
-def test_tv_k_aaclip_fusion():
-    maps = np.array([[[0, 1]], [[2, 0.5]], [[1, 1]]], dtype=np.float32)
-    det = np.array([0.3, 0.5, 0.4])
-    extrema = map_extrema(maps)
-    np.testing.assert_array_equal(extrema.minima, [0, 0.5, 1])
-    np.testing.assert_array_equal(extrema.maxima, [1, 2, 1])
-    industrial = aaclip_image_scores(extrema, det, "Industrial")
-    np.testing.assert_allclose(industrial, [0.25, 1.0, 0.5], rtol=0, atol=1e-12)
-    np.testing.assert_allclose(aaclip_image_scores(extrema, det, "Medical"), [0.5, 1.0, 0.5])
-    with pytest.raises(ConfigError, match="Industrial, Medical"):
-        aaclip_image_scores(extrema, det, "industrial-ish")
-
-
-def test_minmax_normalize_rules():
-    np.testing.assert_allclose(minmax_normalize(np.array([2.0, 4.0, 3.0])), [0, 1, 0.5])
-    already = np.array([0.2, 1.0])  # max exactly 1: AA-CLIP leaves it alone
-    np.testing.assert_array_equal(minmax_normalize(already), already)
-    constant = np.full(3, 0.4)
-    np.testing.assert_array_equal(minmax_normalize(constant), constant)
-
-
 # ----------------------------------------------------------------------------------------------
 # Properties, spec §9 (i)-(iv).
 @pytest.mark.parametrize("seed", range(6))
@@ -379,8 +355,6 @@ def test_class_evaluator_streamed_in_batches_equals_the_class_held_whole(pro_var
     evaluator = ClassEvaluator(COLUMNS_FULL, 0.3, pro_variant, capacity=maps.size)
     for batch in (slice(0, 3), slice(3, 4), slice(4, 7)):  # uneven, as a last batch is
         evaluator.update(maps[batch], masks[batch])
-    np.testing.assert_array_equal(evaluator.extrema.minima, maps.min(axis=(1, 2)))
-    np.testing.assert_array_equal(evaluator.extrema.maxima, maps.max(axis=(1, 2)))
     assert evaluator.compute(image_scores, labels) == whole
     image_only = ClassEvaluator(["I-AUROC"])
     image_only.update(maps, None)  # no pixel column: the masks are not needed
