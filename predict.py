@@ -45,12 +45,18 @@ from models.registry import MODELS, find_checkpoint, load_trained_model
 from utils.core.checkpoint import atomic_write, check_writable, file_sha256
 from utils.core.config import HelpFormatter, add_settings
 from utils.core.errors import ConfigError, DataError
-from utils.core.runtime import loader_workers, progress, resolve_device, run_script, setup_logging
+from utils.core.runtime import (
+    RuntimeConfig,
+    loader_workers,
+    progress,
+    resolve_device,
+    run_script,
+    setup_logging,
+)
 from utils.deploy import calibration as calib
 from utils.deploy.export import BACKENDS, FORMATS, ExportedPredictor
 from utils.deploy.export import export as export_graph
 from utils.deploy.review import save_thumbnail, write_review
-from utils.engine.training import RunConfig, set_switches
 from utils.evaluation.visualize import overlay
 
 logger = logging.getLogger("predict")
@@ -88,8 +94,8 @@ def _add_common_args(parser: argparse.ArgumentParser, batches: bool = True) -> N
         parser.add_argument("--batch_size", type=int, default=8, help="images per forward")
     else:  # export: traced on the CPU in float32, no images loaded
         flags = tuple(flag for flag in RUN_FLAGS if flag not in ("device", "num_workers", "amp"))
-    others = [field.name for field in dataclasses.fields(RunConfig) if field.name not in flags]
-    add_settings(parser, RunConfig, exclude=others)
+    others = [field.name for field in dataclasses.fields(RuntimeConfig) if field.name not in flags]
+    add_settings(parser, RuntimeConfig, exclude=others)
 
 
 def _add_preprocessing_args(parser: argparse.ArgumentParser, defaults_from: str) -> None:
@@ -198,7 +204,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
-    set_switches(args)
     if args.pad_color is not None and not all(0 <= value <= 255 for value in args.pad_color):
         raise ConfigError(f"--pad_color {args.pad_color} must be three values in 0-255")
     if getattr(args, "batch_size", 1) < 1:
@@ -213,13 +218,14 @@ def score_images(
     batch_size: int = 8,
     num_workers: int | None = None,
     top_fraction: float = 0.01,
+    show_progress: bool = True,
 ) -> Iterator[tuple[FieldImage, dict[str, Any] | None]]:
     """Yield (item, result) per file in order; result is None for an unreadable file, else
     {"image_score", "max", "topk_mean", "mean", "anomaly_map" [S, S]} (reductions over valid
     pixels only). Letterboxed images hand their valid mask to the model (FE-CLIP's masked LFS)."""
     workers = loader_workers(num_workers, predictor.device, evaluation=True)
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate)
-    for batch in progress(loader, desc="scoring", unit="batch", leave=False):
+    for batch in progress(loader, show_progress, desc="scoring", unit="batch", leave=False):
         good = [item for item in batch if not item.error]
         results: dict[int, dict[str, Any]] = {}
         if good:
@@ -251,8 +257,8 @@ def training_domain(payload: dict[str, Any]) -> str:
 def _load(
     args: argparse.Namespace, device: torch.device
 ) -> tuple[str, Path, FrozenCLIPModel, dict]:
-    name, file = find_checkpoint(args.checkpoint, args.model)
-    _, model, payload = load_trained_model(file, device, name)
+    name, file = find_checkpoint(args.checkpoint, args.model, args.trust_checkpoint)
+    _, model, payload = load_trained_model(file, device, name, trust=args.trust_checkpoint)
     return name, file, model, payload
 
 
@@ -288,7 +294,13 @@ def run_calibrate(args: argparse.Namespace) -> Path:
     used: list[str] = []
     skipped: list[dict[str, str]] = []
     for item, result in score_images(
-        predictor, dataset, class_name, args.batch_size, args.num_workers, args.top_fraction
+        predictor,
+        dataset,
+        class_name,
+        args.batch_size,
+        args.num_workers,
+        args.top_fraction,
+        args.progress,
     ):
         if result is None:
             logger.warning("skipped: %s", item.error)
@@ -543,6 +555,7 @@ def run_score(args: argparse.Namespace) -> dict[str, Any]:
         args.batch_size,
         args.num_workers,
         calibration["top_fraction"],
+        args.progress,
     ):
         if result is None:
             logger.warning("unreadable: %s", item.error)

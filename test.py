@@ -28,7 +28,7 @@ from PIL import Image
 from torch.utils.data import ConcatDataset, DataLoader, default_collate
 
 from datasets.anomaly import TestDataset, build_test_datasets, seen_region, to_pixels
-from datasets.catalog import default_data_root, get_dataset_info, real_name
+from datasets.catalog import DataConfig, real_name
 from datasets.metadata import load_test_records, log_resized_masks
 from datasets.support import draw_support, load_images
 from datasets.synthetic import ensure_synthetic
@@ -48,6 +48,7 @@ from utils.core.config import (
     TRAIN,
     HelpFormatter,
     add_settings,
+    from_namespace,
     keys_of,
     parse_with_config,
     settings_of,
@@ -62,7 +63,7 @@ from utils.core.runtime import (
     seed_everything,
     setup_logging,
 )
-from utils.engine.training import RunConfig, configure_data_set, set_switches
+from utils.engine.training import RunConfig
 from utils.evaluation.metrics import (
     COLUMNS_FULL,
     COLUMNS_OFFICIAL,
@@ -187,7 +188,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # A YAML's architecture and training keys describe a training run: the checkpoint holds them.
     known = keys_of(RunConfig, *config_classes()) | {action.dest for action in parser._actions}
     args = parse_with_config(parser, argv, known, ignore=model_setting_names((ARCH, TRAIN)))
-    set_switches(args)
     official = args.metrics == "official"
     if args.undefined_metric is None:
         args.undefined_metric = "zero" if official else "nan"
@@ -214,10 +214,10 @@ def checkpoint_files(args: argparse.Namespace) -> tuple[str, list[Path]]:
     if args.checkpoint is not None:
         if not args.checkpoint.exists():
             raise CheckpointError(f"--checkpoint {args.checkpoint} does not exist")
-        model, file = find_checkpoint(args.checkpoint, args.model)
+        model, file = find_checkpoint(args.checkpoint, args.model, args.trust_checkpoint)
         return model, [file]
     if not args.all_epochs:
-        model, main_file = find_checkpoint(args.save_path, args.model)
+        model, main_file = find_checkpoint(args.save_path, args.model, args.trust_checkpoint)
         return model, [main_file]
     for model in [args.model] if args.model else list(MODELS):
         epoch_file = re.compile(rf"{re.escape(checkpoint_stem(model))}_(\d+)\.pth")
@@ -280,12 +280,13 @@ def predict_class(
     prompt_name: str,
     evaluator: ClassEvaluator,
     keep_maps: bool = False,
+    show_progress: bool = True,
 ) -> ClassOutputs:
     """Predict a class batch by batch, streaming maps `[B, S, S]` and masks into `evaluator`;
     with `keep_maps` the maps, masks and pixels are also kept (panels)."""
     kept: dict[str, list[np.ndarray]] = {"maps": [], "masks": [], "pixels": []}
     scores, labels, paths, file_names, extrema = [], [], [], [], []
-    for batch in progress(batches, desc="batches", leave=False):
+    for batch in progress(batches, show_progress, desc="batches", leave=False):
         output = predictor.predict(batch["image"], [prompt_name] * len(batch["image"]))
         maps = output.anomaly_map.cpu().numpy().astype(np.float32, copy=False)
         masks = batch["mask"].numpy()
@@ -332,8 +333,10 @@ def class_metrics(
     if args.k_shot > 0:
         set_support(predictor, class_name, args, support)
     try:
-        prompt_name = real_name(args.dataset, class_name)
-        outputs = predict_class(predictor, batches, prompt_name, evaluator, keep_maps=panels)
+        prompt_name = real_name(args.info, class_name)
+        outputs = predict_class(
+            predictor, batches, prompt_name, evaluator, panels, show_progress=args.progress
+        )
         image_scores = predictor.table_image_scores(outputs.extrema, outputs.det_scores)
     finally:
         if args.k_shot > 0:
@@ -351,7 +354,7 @@ def set_support(
     support: dict[str, list[str]] | None,
 ) -> None:
     """Draw the class's k-shot support set (seeded) and hand it to the predictor."""
-    paths = draw_support(args.dataset, args.data_root, class_name, args.k_shot, args.support_seed)
+    paths = draw_support(args.info, args.data_root, class_name, args.k_shot, args.support_seed)
     if support is not None:
         support[class_name] = [Path(path).relative_to(args.data_root).as_posix() for path in paths]
     model = predictor.model
@@ -401,20 +404,21 @@ def results_stem(dataset: str, checkpoint: Path, model: str) -> str:
 def run(args: argparse.Namespace) -> None:
     device = resolve_device(args.device)
     seed_everything(args.seed)
-    configure_data_set(args)
-    info = get_dataset_info(args.dataset)
-    if args.data_root is None:
-        args.data_root = default_data_root(args.dataset)
+    data = from_namespace(DataConfig, args)
+    args.info = info = data.dataset_info()
+    args.data_root = data.root()
     if args.dataset == "Synthetic":
         ensure_synthetic(args.data_root)
     model_name, files = checkpoint_files(args)
-    records = load_test_records(args.dataset, args.data_root, args.metadata_dir)
+    records = load_test_records(info, args.data_root, args.metadata_dir)
     if args.resize_masks:
         log_resized_masks(records, args.data_root)
     columns = COLUMNS_OFFICIAL if args.metrics == "official" else COLUMNS_FULL
     out_dir = output_folder(args)
     overrides = model_overrides(args)
-    _, model, payload = load_trained_model(files[0], device, model_name, overrides, args.dataset)
+    _, model, payload = load_trained_model(
+        files[0], device, model_name, overrides, args.dataset, args.trust_checkpoint
+    )
     payloads = {files[0]: payload}
     sources = {files[0]: model.weight_sources}
     preprocessing = dataclasses.replace(
@@ -434,12 +438,13 @@ def run(args: argparse.Namespace) -> None:
     per_file: dict[Path, dict[str, dict[str, float]]] = {path: {} for path in files}
     supports: dict[Path, dict[str, list[str]]] = {path: {} for path in files}
     groups = class_batches(datasets, args.test_batch_size, workers, device)
-    for class_name, batches in progress(groups, total=len(datasets), desc="classes"):
+    bars = args.progress
+    for class_name, batches in progress(groups, bars, total=len(datasets), desc="classes"):
         if cache:  # decoded once, scored by every file
-            batches = list(progress(batches, desc="loading", leave=False))
+            batches = list(progress(batches, bars, desc="loading", leave=False))
         for path in files:
             if cache:  # the same run's next file: same architecture, its weights
-                payloads[path] = model.load_trained(path)
+                payloads[path] = model.load_trained(path, trust=args.trust_checkpoint)
                 sources[path] = model.weight_sources
             predictor = AnomalyPredictor(model, info.domain, args.amp, args.k_shot)
             per_file[path][class_name] = class_metrics(
@@ -483,6 +488,7 @@ def run(args: argparse.Namespace) -> None:
             "config": {
                 key: str(value) if isinstance(value, Path) else value
                 for key, value in vars(args).items()
+                if key != "info"
             },
         }
         write_results(

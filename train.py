@@ -42,7 +42,7 @@ from utils.core.config import (
 from utils.core.errors import ConfigError
 from utils.core.runtime import resolve_amp, run_script, seed_everything, setup_logging
 from utils.engine.distributed import Distributed
-from utils.engine.training import RunConfig, run_main, set_switches, train_stage, training_records
+from utils.engine.training import RunConfig, run_main, train_stage, training_records
 
 logger = logging.getLogger("train")
 
@@ -102,17 +102,16 @@ def parse_args(argv: list[str] | None = None, model: str = "aaclip") -> Training
     parser = build_parser(model_type)
     known = keys_of(RunConfig, model_type.config_class)
     args = parse_with_config(parser, argv, known, model=model)
-    set_switches(args)
     return job_from_args(model_type, args)
 
 
 def run(
     job: TrainingJob,
     dist: Distributed,
-    setup: Callable[[FrozenCLIPModel], Callable | None] | None = None,
+    setup: Callable[[FrozenCLIPModel, RunConfig], Callable | None] | None = None,
 ) -> None:
-    """Seed, read the records, build the model, train its stages. `setup(model)` runs after
-    the model is built and may return `train_stage`'s `before_resume` hook."""
+    """Seed, read the records, build the model, train its stages. `setup(model, run)` runs
+    after the model is built and may return `train_stage`'s `before_resume` hook."""
     settings = dataclasses.replace(job.run, amp=resolve_amp(job.run.amp, dist.device))
     seed_everything(settings.seed)
     if job.inherited_from:
@@ -132,7 +131,7 @@ def run(
     model = job.model_class.from_config(job.config, dist.device)
     # Same initialisation on every rank (seed above); augmentation streams differ per rank.
     torch.manual_seed(settings.seed + dist.rank)
-    before_resume = setup(model) if setup is not None else None
+    before_resume = setup(model, settings) if setup is not None else None
     if isinstance(model, AdaptedCLIP):  # and its cross-attention variant: two stages
         train_text_adapter(model, records, settings, dist, before_resume)
         train_image_adapter(model, records, settings, dist, before_resume)

@@ -42,7 +42,7 @@ from models.cross_attention import (
 )
 from utils.core.checkpoint import load_checkpoint
 from utils.core.config import from_mapping, keys_of, load_yaml, parse_with_config, parser_defaults
-from utils.engine.training import RunConfig, run_main, set_switches
+from utils.engine.training import RunConfig, run_main
 
 logger = logging.getLogger("train")
 
@@ -67,7 +67,7 @@ def base_config(args: argparse.Namespace) -> tuple[dict, Path | None]:
     code's files, which carry none."""
     for path in (args.load_base_image_adapter, args.load_base_text_adapter):
         if path is not None:
-            config = load_checkpoint(path).get("config")
+            config = load_checkpoint(path, trust=args.trust_checkpoint).get("config")
             if config:
                 return config, path
     return {}, None
@@ -78,7 +78,6 @@ def parse_args(argv: list[str] | None = None) -> train.TrainingJob:
     parser = train.build_parser(model)
     known = keys_of(RunConfig, CrossAttentionConfig)
     args = parse_with_config(parser, argv, known, model=CrossAttentionConfig.name)
-    set_switches(args)
     explicit = explicit_settings(train.build_parser(model), argv)
     inherited, source = base_config(args)
     skip = NOT_INHERITED | explicit
@@ -94,7 +93,7 @@ def parse_args(argv: list[str] | None = None) -> train.TrainingJob:
 
 
 def load_bases(
-    model: AdaptedCLIPWithCrossAttention,
+    model: AdaptedCLIPWithCrossAttention, run: RunConfig
 ) -> Callable[[Stage, torch.optim.Optimizer], None]:
     """Load the base adapters (strict; ours or the original code's), log the weight check, and
     return the hook that gives each stage's adapter the base run's Adam moments."""
@@ -103,7 +102,11 @@ def load_bases(
         "text_adapter": config.load_base_text_adapter,
         "image_adapter": config.load_base_image_adapter,
     }
-    bases = {key: model.load_base(key, path) for key, path in paths.items() if path is not None}
+    bases = {
+        key: model.load_base(key, path, run.trust_checkpoint)
+        for key, path in paths.items()
+        if path is not None
+    }
     if not bases:
         logger.warning(
             "no --load_base_* checkpoints: the adapters start from scratch, so a comparison "

@@ -6,10 +6,12 @@ BTAD "01" ends with a period, so its prompts read "... outward. with flaw.".
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from utils.core.config import RUN, setting
 from utils.core.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -27,7 +29,7 @@ class DatasetInfo:
     classes: tuple[str, ...]  # the original's class order, used for test loops and logs
     real_names: dict[str, str]
     layout: str  # the builder in datasets.metadata: "mvtec", "visa", "btad", "dagm", ...
-    options: tuple[tuple[str, str], ...] = ()  # the Folder layout's folders (configure_folder)
+    options: tuple[tuple[str, str], ...] = ()  # the Folder layout's folders (folder_info)
 
 
 _MVTEC = {
@@ -137,7 +139,7 @@ CATALOG: dict[str, DatasetInfo] = {
         _info("HeadCT", "Medical", {"head": "head"}, "headct"),
         _info("ISIC", "Medical", {"skin": "skin"}, "isic"),
         _info("Synthetic", "Industrial", _SYNTHETIC, "mvtec"),
-        # Your own images (configure_folder sets the class and the folders).
+        # Your own images (a run's DataConfig names the class and the folders: folder_info).
         _info("Folder", "Industrial", {"object": "object"}, "folder"),
     )
 }
@@ -145,16 +147,16 @@ CATALOG: dict[str, DatasetInfo] = {
 FOLDER_DEFAULTS = {"normal_dir": "normal", "abnormal_dir": "abnormal", "mask_dir": "masks"}
 
 
-def configure_folder(
-    class_name: str | None,
+def folder_info(
+    class_name: str | None = None,
     normal_dir: str | None = None,
     abnormal_dir: str | None = None,
     mask_dir: str | None = None,
     records_csv: str | None = None,
 ) -> DatasetInfo:
-    """The `Folder` data set of this process: one class (its prompt name is `class_name` with
-    spaces for `_`) read from `normal_dir` / `abnormal_dir` (masks from `mask_dir`, matched by
-    stem), or from a CSV `image,label,mask`; folders relative to the data root."""
+    """A `Folder` data set: one class (its prompt name is `class_name` with spaces for `_`)
+    read from `normal_dir` / `abnormal_dir` (masks from `mask_dir`, matched by stem), or from a
+    CSV `image,label,mask`; folders relative to the data root. The catalog keeps the defaults."""
     name = class_name or "object"
     options = {
         "normal_dir": normal_dir or FOLDER_DEFAULTS["normal_dir"],
@@ -162,7 +164,7 @@ def configure_folder(
         "mask_dir": mask_dir or FOLDER_DEFAULTS["mask_dir"],
         "records_csv": records_csv or "",
     }
-    info = DatasetInfo(
+    return DatasetInfo(
         "Folder",
         "Industrial",
         (name,),
@@ -170,8 +172,6 @@ def configure_folder(
         "folder",
         tuple(options.items()),
     )
-    CATALOG["Folder"] = info
-    return info
 
 
 def check_domain(domain: str) -> str:
@@ -181,16 +181,19 @@ def check_domain(domain: str) -> str:
     return domain
 
 
-def get_dataset_info(name: str) -> DatasetInfo:
-    """The catalog entry for `name`; an unknown name raises `ConfigError` listing the valid ones."""
-    if name not in CATALOG:
-        raise ConfigError(f"unknown data set '{name}'; choose one of {', '.join(CATALOG)}")
-    return CATALOG[name]
+def get_dataset_info(dataset: str | DatasetInfo) -> DatasetInfo:
+    """The catalog entry of a data set name (a `DatasetInfo`, e.g. a run's Folder, is returned
+    as it is); an unknown name raises `ConfigError` listing the valid ones."""
+    if isinstance(dataset, DatasetInfo):
+        return dataset
+    if dataset not in CATALOG:
+        raise ConfigError(f"unknown data set '{dataset}'; choose one of {', '.join(CATALOG)}")
+    return CATALOG[dataset]
 
 
-def real_name(dataset: str, class_name: str) -> str:
-    """The prompt name of a class: the catalog's, else the class name with spaces for `_`."""
-    info = CATALOG.get(dataset)
+def real_name(dataset: str | DatasetInfo | None, class_name: str) -> str:
+    """The prompt name of a class: the data set's, else the class name with spaces for `_`."""
+    info = dataset if isinstance(dataset, DatasetInfo) else CATALOG.get(dataset or "")
     if info is not None and class_name in info.real_names:
         return info.real_names[class_name]
     return class_name.replace("_", " ")
@@ -199,3 +202,54 @@ def real_name(dataset: str, class_name: str) -> str:
 def default_data_root(name: str) -> Path:
     """Where a data set lives unless `--data_root` says otherwise: `data/<name>`."""
     return Path("data") / name
+
+
+@dataclasses.dataclass
+class DataConfig:
+    """Which data set a run reads and where: the settings every script that reads a labelled
+    data set shares (train.py, test.py)."""
+
+    dataset: str = setting("Synthetic", f"data set, one of {', '.join(CATALOG)}", kind=RUN)
+    data_root: Path | None = setting(
+        None, "data set folder in its standard layout; unset: data/<dataset>", kind=RUN
+    )
+    metadata_dir: Path | None = setting(
+        None, "where the *.jsonl record files live; unset: the data root", kind=RUN
+    )
+    class_name: str | None = setting(
+        None,
+        "--dataset Folder: the class (and prompt) name of your images; unset: object",
+        kind=RUN,
+    )
+    normal_dir: str | None = setting(
+        None,
+        "--dataset Folder: folder of normal images under the data root; unset: normal",
+        kind=RUN,
+    )
+    abnormal_dir: str | None = setting(
+        None, "--dataset Folder: folder of anomalous images; unset: abnormal", kind=RUN
+    )
+    mask_dir: str | None = setting(
+        None, "--dataset Folder: masks by image stem (optional); unset: masks", kind=RUN
+    )
+    records_csv: str | None = setting(
+        None, "--dataset Folder: a CSV image,label,mask under the data root instead", kind=RUN
+    )
+    resize_masks: bool = setting(
+        False,
+        "resize a mask whose size differs from its image to the model input, as the original "
+        "code does silently (off: such a mask is an error)",
+        kind=RUN,
+    )
+
+    def dataset_info(self) -> DatasetInfo:
+        """The data set these settings name (a Folder one with its class and folders)."""
+        if self.dataset == "Folder":
+            return folder_info(
+                self.class_name, self.normal_dir, self.abnormal_dir, self.mask_dir, self.records_csv
+            )
+        return get_dataset_info(self.dataset)
+
+    def root(self) -> Path:
+        """The data root: `--data_root`, else `data/<dataset>`."""
+        return self.data_root if self.data_root is not None else default_data_root(self.dataset)

@@ -334,28 +334,31 @@ _BUILDERS: dict[str, Callable[[DatasetInfo, Path], list[dict]]] = {
 }
 
 
-def build_records(dataset: str, root: Path) -> list[dict]:
-    """Full-shot records (the test split on disk), in catalog class order then path order."""
+def build_records(dataset: str | DatasetInfo, root: Path) -> list[dict]:
+    """Full-shot records (the test split on disk), in catalog class order then path order.
+    `dataset`: a catalog name, or a `DatasetInfo` (a run's Folder set)."""
     info = get_dataset_info(dataset)
     root = Path(root)
     if not root.is_dir():
         raise DataError(
-            f"data root {root} does not exist; pass --data_root or put the {dataset} data set there"
+            f"data root {root} does not exist; pass --data_root or put the {info.name} data set "
+            "there"
         )
     records = _BUILDERS[info.layout](info, root)
     if not records:
-        raise DataError(f"{root} holds no {dataset} test images; pass --data_root")
-    validate_records(dataset, root, records)
+        raise DataError(f"{root} holds no {info.name} test images; pass --data_root")
+    validate_records(info, root, records)
     return records
 
 
-def validate_records(dataset: str, root: Path, records: list[dict]) -> None:
+def validate_records(dataset: str | DatasetInfo, root: Path, records: list[dict]) -> None:
     """Unknown class -> `ConfigError`; image or mask missing under `root` -> `DataError`."""
-    classes = get_dataset_info(dataset).classes
+    info = get_dataset_info(dataset)
+    classes = info.classes
     for record in records:
         if record["class_name"] not in classes:
             raise ConfigError(
-                f"class '{record['class_name']}' is not in {dataset}; "
+                f"class '{record['class_name']}' is not in {info.name}; "
                 f"valid classes: {', '.join(classes)}"
             )
         for key in ("image_path", "mask_path"):
@@ -422,13 +425,14 @@ def _sha256(path: Path) -> str:
 
 
 def _load_or_write(
-    dataset: str, root: Path, path: Path, build: Callable[[], list[dict]]
+    dataset: str | DatasetInfo, root: Path, path: Path, build: Callable[[], list[dict]]
 ) -> list[dict]:
     """Read `path` if present (validated), else build the records and write them there."""
+    name = get_dataset_info(dataset).name
     if path.is_file():
         records = read_jsonl(path)
         validate_records(dataset, root, records)
-        logger.info("%s: using %s (sha256 %s)", dataset, path, _sha256(path))
+        logger.info("%s: using %s (sha256 %s)", name, path, _sha256(path))
         return records
     records = build()
     try:
@@ -438,13 +442,13 @@ def _load_or_write(
         raise DataError(
             f"cannot write {path} ({error.strerror}); pass --metadata_dir to a writable folder"
         ) from error
-    logger.info(
-        "%s: wrote %d records to %s (sha256 %s)", dataset, len(records), path, _sha256(path)
-    )
+    logger.info("%s: wrote %d records to %s (sha256 %s)", name, len(records), path, _sha256(path))
     return records
 
 
-def load_test_records(dataset: str, root: Path, metadata_dir: Path | None = None) -> list[dict]:
+def load_test_records(
+    dataset: str | DatasetInfo, root: Path, metadata_dir: Path | None = None
+) -> list[dict]:
     """The full-shot records from `<metadata_dir>/full-shot.jsonl`, built there if missing."""
     root = Path(root)
     folder = Path(metadata_dir) if metadata_dir is not None else root
@@ -454,7 +458,7 @@ def load_test_records(dataset: str, root: Path, metadata_dir: Path | None = None
 
 
 def ensure_training_records(
-    dataset: str,
+    dataset: str | DatasetInfo,
     root: Path,
     training_mode: str,
     shot: int,

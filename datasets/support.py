@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from datasets.anomaly import load_image
-from datasets.catalog import get_dataset_info
+from datasets.catalog import DatasetInfo, get_dataset_info
 from datasets.metadata import IMAGE_EXTENSIONS, dagm_defective
 from utils.core.errors import DataError
 
@@ -51,7 +51,7 @@ def _visa_train_normals(root: Path, class_name: str) -> list[Path]:
     )
 
 
-def support_candidates(dataset: str, root: Path, class_name: str) -> list[Path]:
+def support_candidates(dataset: str | DatasetInfo, root: Path, class_name: str) -> list[Path]:
     """Every normal train-split image of a class, sorted; DataError when there is none."""
     info = get_dataset_info(dataset)
     root = Path(root)
@@ -69,14 +69,16 @@ def support_candidates(dataset: str, root: Path, class_name: str) -> list[Path]:
         candidates = _folder_images(folder)
         where = str(folder)
     else:
-        msg = f"{dataset} has no train split of normal images for a k-shot memory; use --k_shot 0"
+        msg = f"{info.name} has no train split of normal images for a k-shot memory; use --k_shot 0"
         raise DataError(msg)
     if not candidates:
         raise DataError(f"no normal train images in {where}; check --data_root or use --k_shot 0")
     return candidates
 
 
-def draw_support(dataset: str, root: Path, class_name: str, k: int, seed: int) -> list[Path]:
+def draw_support(
+    dataset: str | DatasetInfo, root: Path, class_name: str, k: int, seed: int
+) -> list[Path]:
     """k normal train images of a class drawn with `random.Random(seed)` (all if fewer, as the
     original)."""
     if k < 1:

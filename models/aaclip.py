@@ -597,6 +597,7 @@ class AdaptedCLIP(FrozenCLIPModel):
         key: str,
         payload: dict[str, Any] | None = None,
         config_class: type | None = None,
+        trust: bool = False,
     ) -> dict[str, Any]:
         """Load `text_adapter` or `image_adapter` weights from our or the original's checkpoint.
 
@@ -604,7 +605,8 @@ class AdaptedCLIP(FrozenCLIPModel):
         the original's do not, so a mismatch is diagnosed from the weights (e.g. `fc.0.weight`
         means relu=True). Returns the checkpoint dict.
         """
-        payload = load_checkpoint(path, map_location=self.device) if payload is None else payload
+        if payload is None:
+            payload = load_checkpoint(path, map_location=self.device, trust=trust)
         if key not in payload:
             raise CheckpointError(f"{path} holds no '{key}' weights (keys: {sorted(payload)})")
         self.check_checkpoint(path, payload, config_class)
@@ -642,7 +644,9 @@ class AdaptedCLIP(FrozenCLIPModel):
         return f"{path} has weights of another size than this backbone; check --model_name"
 
     @classmethod
-    def original_settings(cls, path: Path, payload: dict[str, Any]) -> dict[str, Any]:
+    def original_settings(
+        cls, path: Path, payload: dict[str, Any], trust: bool = False
+    ) -> dict[str, Any]:
         """What the original's files imply: `relu` (its projections' keys), the adapter counts."""
         settings: dict[str, Any] = {}
         image = payload.get("image_adapter") or {}
@@ -653,21 +657,23 @@ class AdaptedCLIP(FrozenCLIPModel):
         text_file = Path(path).parent / f"{cls.stage_stems[0]}.pth"
         text = payload.get("text_adapter")
         if text is None and text_file.is_file():
-            text = load_checkpoint(text_file).get("text_adapter")
+            text = load_checkpoint(text_file, trust=trust).get("text_adapter")
         if text:
             settings["text_adapt_until"] = len({key.split(".")[0] for key in text}) - 1
         return settings
 
-    def load_trained(self, path: Path, payload: dict[str, Any] | None = None) -> dict[str, Any]:
+    def load_trained(
+        self, path: Path, payload: dict[str, Any] | None = None, trust: bool = False
+    ) -> dict[str, Any]:
         """An image-adapter file, and the stage-1 file beside it (plain CLIP anchors, with a
         warning, when there is none: the original fell back silently)."""
         path = Path(path)
-        payload = load_checkpoint(path) if payload is None else payload
+        payload = load_checkpoint(path, trust=trust) if payload is None else payload
         text_stage, image_stage = self.stages()
         text_path = path.parent / f"{text_stage.stem}.pth"
         self._sources = {}
         if text_path.is_file():
-            self.load_stage_state(text_stage, load_checkpoint(text_path), text_path)
+            self.load_stage_state(text_stage, load_checkpoint(text_path, trust=trust), text_path)
             self.use_text_adapter = True
         else:
             logger.warning("no %s: text anchors come from plain CLIP (no stage 1)", text_path)

@@ -390,15 +390,21 @@ class FrozenCLIPModel(nn.Module):
 
     @classmethod
     def config_from_checkpoint(
-        cls, path: Path, payload: dict[str, Any], overrides: dict[str, Any], dataset: str
+        cls,
+        path: Path,
+        payload: dict[str, Any],
+        overrides: dict[str, Any],
+        dataset: str,
+        trust: bool = False,
     ) -> ClipConfig:
         """The config that rebuilds a checkpoint's model: its stored config with the test-time
         `overrides`. A file of the original code stores none: its settings come from the flags
         given, else from the file itself (`original_settings`), else from the original's
-        documented defaults (`original_defaults`), all logged."""
+        documented defaults (`original_defaults`), all logged. `trust`: companion files that
+        need pickle may be read (`--trust_checkpoint`)."""
         saved = payload.get("config")
         if not saved:
-            inferred = cls.original_settings(path, payload)
+            inferred = cls.original_settings(path, payload, trust)
             settings = {**cls.original_defaults, **inferred, **overrides}
             config = from_mapping(cls.config_class, settings).resolve(dataset)
             logger.warning(
@@ -425,17 +431,21 @@ class FrozenCLIPModel(nn.Module):
         device: torch.device | str = "cpu",
         overrides: dict[str, Any] | None = None,
         dataset: str = "Synthetic",
+        trust: bool = False,
     ) -> tuple[FrozenCLIPModel, dict[str, Any]]:
         """The trained model, rebuilt from a checkpoint file alone (`overrides`: test-time
-        settings, or for an original file its architecture). Returns (model in eval, payload)."""
+        settings, or for an original file its architecture; `trust`: files that need pickle may
+        be read). Returns (model in eval, payload)."""
         path = Path(path)
-        payload = load_checkpoint(path)
-        config = cls.config_from_checkpoint(path, payload, overrides or {}, dataset)
+        payload = load_checkpoint(path, trust=trust)
+        config = cls.config_from_checkpoint(path, payload, overrides or {}, dataset, trust)
         model = cls.from_config(config, device)
-        return model, model.load_trained(path, payload)
+        return model, model.load_trained(path, payload, trust)
 
     @classmethod
-    def original_settings(cls, path: Path, payload: dict[str, Any]) -> dict[str, Any]:
+    def original_settings(
+        cls, path: Path, payload: dict[str, Any], trust: bool = False
+    ) -> dict[str, Any]:
         """Settings a file of the original code holds or its weights imply (none here)."""
         return {}
 
@@ -451,10 +461,12 @@ class FrozenCLIPModel(nn.Module):
         state = rename_original(payload[wrapper], rules, set(self.trainable_state_dict()))
         return {"epoch": payload.get("epoch"), self.name: state}
 
-    def load_trained(self, path: Path, payload: dict[str, Any] | None = None) -> dict[str, Any]:
+    def load_trained(
+        self, path: Path, payload: dict[str, Any] | None = None, trust: bool = False
+    ) -> dict[str, Any]:
         """Load what `predict` needs from a trained checkpoint file (and its companions beside
         it) into this model; returns the file's payload. Leaves the model in eval mode."""
-        payload = load_checkpoint(path) if payload is None else payload
+        payload = load_checkpoint(path, trust=trust) if payload is None else payload
         if not payload.get("config"):
             payload = self.from_original(payload)
         self.load_stage_state(self.stages()[-1], payload, Path(path))

@@ -430,16 +430,18 @@ class AdaptedCLIPWithCrossAttention(AdaptedCLIP):
             gate.data.copy_(saved_gate)
 
     @classmethod
-    def original_settings(cls, path: Path, payload: dict[str, Any]) -> dict[str, Any]:
+    def original_settings(
+        cls, path: Path, payload: dict[str, Any], trust: bool = False
+    ) -> dict[str, Any]:
         """AA-CLIP's, and the fork's initialisation: no gate in the file means Xavier (Q1)."""
-        settings = super().original_settings(path, payload)
+        settings = super().original_settings(path, payload, trust)
         gated = "image_cross_attn_gate" in payload or "text_cross_attn_gate" in payload
         return {**settings, "cross_attn_init": "gated" if gated else "xavier"}
 
-    def load_base(self, key: str, path: Path) -> dict[str, Any]:
+    def load_base(self, key: str, path: Path, trust: bool = False) -> dict[str, Any]:
         """A base AA-CLIP adapter (`text_adapter` or `image_adapter`; ours or the original
         code's), strictly; returns its checkpoint."""
-        payload = self.load_adapter(path, key, config_class=AAClipConfig)
+        payload = self.load_adapter(path, key, config_class=AAClipConfig, trust=trust)
         logger.info("base %s loaded from %s", key, path)
         return payload
 

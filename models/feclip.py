@@ -331,7 +331,9 @@ class FECLIP(FrozenCLIPModel):
     log_file = "train_feclip.log"
 
     @classmethod
-    def original_settings(cls, path: Path, payload: dict[str, Any]) -> dict[str, Any]:
+    def original_settings(
+        cls, path: Path, payload: dict[str, Any], trust: bool = False
+    ) -> dict[str, Any]:
         """The fork's file names its taps."""
         return {"block_indices": list(payload["tap_indices"])} if "tap_indices" in payload else {}
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.transforms.functional import gaussian_blur
 
-from datasets.catalog import get_dataset_info, real_name
+from datasets.catalog import DatasetInfo, get_dataset_info, real_name
 from models.prompts import build_prompts
 from utils.core.errors import DataError
 from utils.core.runtime import float32_island
@@ -27,7 +27,7 @@ FOCAL_SMOOTH = 1e-5
 
 def get_adapted_single_class_text_embedding(
     model: torch.nn.Module,
-    dataset_name: str | None,
+    dataset_name: str | DatasetInfo | None,
     class_name: str,
     device: torch.device | str,
     image_context: torch.Tensor | None = None,
@@ -49,7 +49,7 @@ def get_adapted_single_class_text_embedding(
 
 
 def get_adapted_text_embedding(
-    model: torch.nn.Module, dataset_name: str, device: torch.device | str
+    model: torch.nn.Module, dataset_name: str | DatasetInfo, device: torch.device | str
 ) -> dict[str, torch.Tensor]:
     """`{class_name: [D, 2]}` for every class of a catalogued data set, in catalog order."""
     classes = get_dataset_info(dataset_name).classes

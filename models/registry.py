@@ -44,12 +44,12 @@ def checkpoint_stem(model: str) -> str:
     return Path(MODELS[model].checkpoint_file).stem
 
 
-def find_checkpoint(path: Path, model: str | None = None) -> tuple[str, Path]:
+def find_checkpoint(path: Path, model: str | None = None, trust: bool = False) -> tuple[str, Path]:
     """(model name, checkpoint file) for a file, or for a save path holding one model's files:
     its kept epoch `<stem>_best.pth` when the run kept its lowest-loss epoch, else `<stem>.pth`."""
     path = Path(path)
     if path.is_file():
-        return model or model_of(path), path
+        return model or model_of(path, trust=trust), path
     if not path.is_dir():
         raise CheckpointError(f"{path} is neither a checkpoint file nor a folder; train first")
     names = [model] if model is not None else list(MODELS)
@@ -63,11 +63,11 @@ def find_checkpoint(path: Path, model: str | None = None) -> tuple[str, Path]:
     raise CheckpointError(f"{path} holds no {expected}; train first or pass the file")
 
 
-def model_of(path: Path, payload: dict | None = None) -> str:
+def model_of(path: Path, payload: dict | None = None, trust: bool = False) -> str:
     """The model a checkpoint file holds: its config's `model`; for a file of an original code,
     which stores none, its layout: the FE-CLIP fork's `model_state_dict`, SOWA's Lightning
     `state_dict` under `net.`, the cross-attention fork's modules, else the original AA-CLIP's."""
-    payload = load_checkpoint(path) if payload is None else payload
+    payload = load_checkpoint(path, trust=trust) if payload is None else payload
     state = payload.get("state_dict") or {}
     if "model_state_dict" in payload:
         original = "feclip"
@@ -89,13 +89,14 @@ def load_trained_model(
     model: str | None = None,
     overrides: dict[str, Any] | None = None,
     dataset: str = "Synthetic",
+    trust: bool = False,
 ) -> tuple[str, FrozenCLIPModel, dict]:
     """(model name, model in eval mode, checkpoint payload) from a checkpoint file or save path.
 
     `overrides` change test-time settings (an architectural one must equal the checkpoint's);
     for a file of the original code, which stores no config, they describe its architecture and
-    `dataset` picks the default backbone.
+    `dataset` picks the default backbone. `trust`: files that need pickle may be read.
     """
-    name, file = find_checkpoint(path, model)
-    trained, payload = MODELS[name].from_checkpoint(file, device, overrides, dataset)
+    name, file = find_checkpoint(path, model, trust)
+    trained, payload = MODELS[name].from_checkpoint(file, device, overrides, dataset, trust)
     return name, trained, payload

@@ -492,7 +492,9 @@ class SOWA(FrozenCLIPModel):
     supports_memory = True
 
     @classmethod
-    def original_settings(cls, path: Path, payload: dict[str, Any]) -> dict[str, Any]:
+    def original_settings(
+        cls, path: Path, payload: dict[str, Any], trust: bool = False
+    ) -> dict[str, Any]:
         """What a Lightning checkpoint's weights (and hyper-parameters, when plain) imply."""
         state = payload.get("state_dict") or {}
         prefix = "net.visual_encoder.adapters."

@@ -27,7 +27,7 @@ from models.predictor import AnomalyPredictor
 from models.registry import find_checkpoint
 from utils.core import checkpoint
 from utils.core.errors import TrainingDiverged
-from utils.core.runtime import grad_scaler, progress, run_script, set_progress
+from utils.core.runtime import grad_scaler, progress, run_script
 from utils.engine import training
 from utils.engine.distributed import Distributed
 from utils.engine.training import training_step
@@ -434,10 +434,6 @@ def test_progress_bars_only_on_a_terminal_or_never_with_no_progress(good_run, ca
     argv, _ = good_run
     assert train.main([*argv, "--epochs", "2"]) == 0  # pytest's stderr is not a terminal
     assert "it/s" not in capsys.readouterr().err
-    try:
-        set_progress(False)
-        assert progress(range(3)).disable
-    finally:
-        set_progress(True)
+    assert progress(range(3), enabled=False).disable
     assert progress(range(3), quiet=True).disable
     assert train.build_parser(FECLIP).parse_args(["--no_progress"]).progress is False

@@ -15,7 +15,7 @@ from PIL import Image
 
 import test as test_script
 import train
-from datasets.catalog import configure_folder
+from datasets.catalog import folder_info
 from datasets.metadata import build_records
 
 
@@ -243,7 +243,6 @@ def isic(root: Path) -> list[dict]:
 
 
 def folder(root: Path) -> list[dict]:
-    configure_folder("pcb")
     image(root / "normal/board_01.png", value=90)
     image(root / "normal/board_02.JPG", value=95)
     image(root / "abnormal/board_03.png", value=170)
@@ -280,19 +279,21 @@ LAYOUTS = {
 }
 
 
+INFO = {"Folder": folder_info("pcb")}  # a run's own Folder set: its class from --class_name
+
+
 @pytest.mark.parametrize("dataset", list(LAYOUTS))
 def test_records_of_each_layout_as_its_publisher_ships_it(dataset, tmp_path):
     expected = LAYOUTS[dataset](tmp_path)
-    assert build_records(dataset, tmp_path) == expected
+    assert build_records(INFO.get(dataset, dataset), tmp_path) == expected
 
 
 def test_folder_from_a_csv(tmp_path):
-    configure_folder("weld", records_csv="labels.csv")
     image(tmp_path / "imgs/a.png")
     image(tmp_path / "imgs/b.png")
     mask(tmp_path / "imgs/b_gt.png")
     text(tmp_path / "labels.csv", "image,label,mask\nimgs/a.png,0,\nimgs/b.png,1,imgs/b_gt.png\n")
-    assert build_records("Folder", tmp_path) == [
+    assert build_records(folder_info("weld", records_csv="labels.csv"), tmp_path) == [
         r("imgs/a.png", 0, "weld"),
         r("imgs/b.png", 1, "weld", "imgs/b_gt.png"),
     ]

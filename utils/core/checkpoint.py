@@ -5,9 +5,9 @@ A save goes to a temporary file beside the target and is moved over it with `os.
 an interrupted or failed save (Ctrl-C, a full disk) leaves the previous file intact and removes
 its temporary file. Every file the project writes holds only tensors and plain Python values, so
 it loads with `torch.load(weights_only=True)`; a file that needs pickle (a foreign checkpoint can
-run code when unpickled) is refused unless `allow_pickle(True)` (the scripts' `--trust_checkpoint`).
-A model's stored config is compared with the current one by `utils.core.config.check_architecture`,
-which names the flag that differs.
+run code when unpickled) is refused unless the caller passes `trust=True` (the scripts'
+`--trust_checkpoint`). A model's stored config is compared with the current one by
+`utils.core.config.check_architecture`, which names the flag that differs.
 """
 
 from __future__ import annotations
@@ -32,12 +32,6 @@ from utils.core.errors import CheckpointError, StorageError
 logger = logging.getLogger(__name__)
 
 TEMPORARY_GLOB = ".*.tmp"  # atomic_write's temporary files: .<name>.<random>.tmp
-_PICKLE = {"allowed": False}
-
-
-def allow_pickle(enabled: bool) -> None:
-    """Let `load_checkpoint` unpickle files that need it (only for files you trust)."""
-    _PICKLE["allowed"] = enabled
 
 
 def _storage_error(path: Path, error: BaseException) -> StorageError:
@@ -164,9 +158,11 @@ def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
     atomic_write(Path(path), lambda file: torch.save(payload, file))
 
 
-def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+def load_checkpoint(
+    path: Path, map_location: str | torch.device = "cpu", trust: bool = False
+) -> dict[str, Any]:
     """Load a checkpoint dict with `weights_only=True`; a missing or unreadable file, or one
-    that needs pickle while `allow_pickle` is off, raises CheckpointError."""
+    that needs pickle without `trust` (`--trust_checkpoint`), raises CheckpointError."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist; check --save_path/--checkpoint")
@@ -176,7 +172,7 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
         except pickle.UnpicklingError as error:
             if "Unsupported global" not in str(error):  # garbage, not a pickle of objects
                 raise
-            if not _PICKLE["allowed"]:
+            if not trust:
                 msg = (
                     f"checkpoint {path} holds Python objects that only pickle can load, and "
                     "unpickling can run code; pass --trust_checkpoint if you trust its source"

@@ -1,7 +1,9 @@
-"""Run-time plumbing: logging, seeds, device selection."""
+"""Run-time plumbing: every script's run settings, logging, exit codes, progress bars, seeds,
+device and mixed precision."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import random
@@ -16,11 +18,58 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from utils.core.config import RUN, setting
 from utils.core.errors import ConfigError, StorageError, UserError
 
 logger = logging.getLogger(__name__)
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+# ---------------------------------------------------------------------------------------------
+# Mixed precision
+
+AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+AMP_CHOICES = ("none", "bf16", "fp16", "auto")
+_WARNED_AMP: set[str] = set()
+
+
+@dataclasses.dataclass
+class RuntimeConfig:
+    """How a script runs: defaults file, device, seed, logs, workers, trust, progress, precision
+    (every script's flags; scripts pass them on, nothing is switched process-wide)."""
+
+    config: Path | None = setting(
+        None, "YAML of defaults, e.g. configs/<model>.yaml; flags given here win", kind=RUN
+    )
+    device: str = setting("auto", "auto, cpu, cuda, cuda:1, ...", kind=RUN)
+    seed: int = setting(111, "seed of initialisation, sampling and augmentation", kind=RUN)
+    log_level: str = setting("INFO", "logging level (DEBUG, INFO, WARNING)", kind=RUN)
+    num_workers: int | None = setting(
+        None,
+        "DataLoader workers; unset: training 4 on CUDA, 0 on CPU; evaluation on CUDA all cores "
+        "but one (up to 16), on CPU one per 8 cores",
+        kind=RUN,
+        minimum=0,
+    )
+    trust_checkpoint: bool = setting(
+        False,
+        "allow loading checkpoints that need pickle (the original code's; pickle can run code)",
+        kind=RUN,
+    )
+    progress: bool = setting(
+        True,
+        "progress bars (shown only on a terminal)",
+        kind=RUN,
+        aliases={"no_progress": 0},
+    )
+    amp: str = setting(
+        "none",
+        "autocast for the backbone and adapters (fp32 by default, as the originals; auto: bf16 "
+        "where the device computes it natively, else fp32); maps and losses stay float32",
+        kind=RUN,
+        choices=AMP_CHOICES,
+    )
 
 
 _own_handlers: list[logging.Handler] = []
@@ -88,19 +137,10 @@ def run_script(body: Callable[[], None], log: logging.Logger) -> int:
     return 0
 
 
-_PROGRESS = {"enabled": True}
-
-
-def set_progress(enabled: bool) -> None:
-    """Progress bars on (only when stderr is a terminal) or off (`--no-progress`)."""
-    _PROGRESS["enabled"] = enabled
-
-
-def progress(iterable: Iterable, quiet: bool = False, **kwargs: Any) -> tqdm:
-    """tqdm over `iterable`, shown only on a terminal, never when `quiet` (not rank 0) or after
-    `set_progress(False)`, so redirected output holds log lines, not bar escapes."""
-    disable = True if quiet or not _PROGRESS["enabled"] else None  # None: only on a tty
-    return tqdm(iterable, disable=disable, **kwargs)
+def progress(iterable: Iterable, enabled: bool = True, **kwargs: Any) -> tqdm:
+    """tqdm over `iterable`, shown only on a terminal and when `enabled` (`--no-progress` and
+    ranks other than 0 pass False), so redirected output holds log lines, not bar escapes."""
+    return tqdm(iterable, disable=None if enabled else True, **kwargs)  # None: only on a tty
 
 
 def seed_everything(seed: int, deterministic: bool = True) -> None:
@@ -185,14 +225,6 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-# ---------------------------------------------------------------------------------------------
-# Mixed precision
-
-AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-AMP_CHOICES = ("none", "bf16", "fp16", "auto")
-_WARNED_AMP: set[str] = set()
 
 
 def native_bf16(device: torch.device) -> bool:

@@ -27,11 +27,10 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 
 from datasets.anomaly import TrainDataset
-from datasets.catalog import CATALOG, configure_folder, default_data_root, get_dataset_info
+from datasets.catalog import DataConfig
 from datasets.metadata import ensure_training_records, log_resized_masks
 from datasets.synthetic import ensure_synthetic
 from utils.core.checkpoint import (
-    allow_pickle,
     check_writable,
     load_checkpoint,
     remove_stale_temporaries,
@@ -49,14 +48,13 @@ from utils.core.config import (
 )
 from utils.core.errors import ConfigError, TrainingDiverged
 from utils.core.runtime import (
-    AMP_CHOICES,
+    RuntimeConfig,
     autocast,
     grad_scaler,
     loader_workers,
     progress,
     rng_state,
     run_script,
-    set_progress,
     set_rng_state,
     setup_logging,
 )
@@ -75,57 +73,12 @@ logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
-class RunConfig:
-    """Where and how a run goes: data, outputs, device, seed (a model's `run_defaults` set its
-    own defaults for some)."""
+class RunConfig(RuntimeConfig, DataConfig):
+    """A training run: how it runs (`RuntimeConfig`), what it reads (`DataConfig`), where it
+    writes and which records it trains on (a model's `run_defaults` set its own defaults)."""
 
-    config: Path | None = setting(
-        None, "YAML of defaults, e.g. configs/<model>.yaml; flags given here win", kind=RUN
-    )
     save_path: Path = setting(
         Path("ckpt/aaclip"), "run folder: checkpoints, logs and config.yaml", kind=RUN
-    )
-    device: str = setting("auto", "auto, cpu, cuda, cuda:1, ...", kind=RUN)
-    seed: int = setting(111, "seed of initialisation, sampling and augmentation", kind=RUN)
-    log_level: str = setting("INFO", "logging level (DEBUG, INFO, WARNING)", kind=RUN)
-    dataset: str = setting("Synthetic", f"data set, one of {', '.join(CATALOG)}", kind=RUN)
-    data_root: Path | None = setting(
-        None, "data set folder in its standard layout; unset: data/<dataset>", kind=RUN
-    )
-    metadata_dir: Path | None = setting(
-        None, "where the *.jsonl record files live; unset: the data root", kind=RUN
-    )
-    class_name: str | None = setting(
-        None,
-        "--dataset Folder: the class (and prompt) name of your images; unset: object",
-        kind=RUN,
-    )
-    normal_dir: str | None = setting(
-        None,
-        "--dataset Folder: folder of normal images under the data root; unset: normal",
-        kind=RUN,
-    )
-    abnormal_dir: str | None = setting(
-        None, "--dataset Folder: folder of anomalous images; unset: abnormal", kind=RUN
-    )
-    mask_dir: str | None = setting(
-        None, "--dataset Folder: masks by image stem (optional); unset: masks", kind=RUN
-    )
-    records_csv: str | None = setting(
-        None, "--dataset Folder: a CSV image,label,mask under the data root instead", kind=RUN
-    )
-    resize_masks: bool = setting(
-        False,
-        "resize a mask whose size differs from its image to the model input, as the original "
-        "code does silently (off: such a mask is an error)",
-        kind=RUN,
-    )
-    num_workers: int | None = setting(
-        None,
-        "DataLoader workers; unset: training 4 on CUDA, 0 on CPU; evaluation on CUDA all cores "
-        "but one (up to 16), on CPU one per 8 cores",
-        kind=RUN,
-        minimum=0,
     )
     training_mode: str = setting(
         "few_shot",
@@ -137,24 +90,6 @@ class RunConfig:
         32, "k images per class (k/2 normal, k/2 anomalous); 0 means full shot", kind=RUN
     )
     augment: bool = setting(True, "random geometric (and colour) augmentation", kind=RUN)
-    trust_checkpoint: bool = setting(
-        False,
-        "allow loading checkpoints that need pickle (the original code's; pickle can run code)",
-        kind=RUN,
-    )
-    progress: bool = setting(
-        True,
-        "progress bars (shown only on a terminal)",
-        kind=RUN,
-        aliases={"no_progress": 0},
-    )
-    amp: str = setting(
-        "none",
-        "autocast for the backbone and adapters (fp32 by default, as the originals; auto: bf16 "
-        "where the device computes it natively, else fp32); maps and losses stay float32",
-        kind=RUN,
-        choices=AMP_CHOICES,
-    )
 
     def resolve(self) -> RunConfig:
         """Checked settings with the data root filled in (`--shot 0` means full shot)."""
@@ -167,33 +102,11 @@ class RunConfig:
                 f"--shot {self.shot} has no effect in full_shot mode (the whole test split; this "
                 "model's default, as its original); pass --training_mode few_shot with it"
             )
-        configure_data_set(self)
-        changes: dict[str, Any] = {}
+        self.dataset_info()  # an unknown data set fails here, before any work
+        changes: dict[str, Any] = {"data_root": self.root()}
         if self.shot == 0:
             changes["training_mode"] = "full_shot"
-        if self.data_root is None:
-            changes["data_root"] = default_data_root(self.dataset)
         return dataclasses.replace(self, **changes)
-
-
-def configure_data_set(settings: Any) -> None:
-    """Check `--dataset`; the Folder data set takes its class and folders from the flags."""
-    get_dataset_info(settings.dataset)
-    if settings.dataset == "Folder":
-        configure_folder(
-            settings.class_name,
-            settings.normal_dir,
-            settings.abnormal_dir,
-            settings.mask_dir,
-            settings.records_csv,
-        )
-
-
-def set_switches(args: Any) -> None:
-    """Process-wide switches from a script's flags: whether checkpoints may need pickle
-    (`--trust_checkpoint`), whether progress bars show (`--no-progress`)."""
-    allow_pickle(args.trust_checkpoint)
-    set_progress(args.progress)
 
 
 def checkpoint_config(model: FrozenCLIPModel, run: RunConfig) -> dict[str, Any]:
@@ -213,7 +126,12 @@ def training_records(run: RunConfig, dist: Distributed) -> list[dict]:
         if run.dataset == "Synthetic":
             ensure_synthetic(run.data_root)
         records = ensure_training_records(
-            run.dataset, run.data_root, run.training_mode, run.shot, run.seed, run.metadata_dir
+            run.dataset_info(),
+            run.data_root,
+            run.training_mode,
+            run.shot,
+            run.seed,
+            run.metadata_dir,
         )
         if run.resize_masks:
             log_resized_masks(records, run.data_root)
@@ -368,7 +286,7 @@ def resume(
 ) -> tuple[int, float | None]:
     """Load a stage checkpoint (weights, optimizer, scheduler, RNG); the epoch to start at and
     the best epoch loss so far (lowest-loss stages)."""
-    payload = load_checkpoint(path, map_location=dist.device)
+    payload = load_checkpoint(path, map_location=dist.device, trust=run.trust_checkpoint)
     model.load_stage_state(stage, payload, path)
     check_same_run(path, payload.get("config"), model, run)
     if stage.optimizer_key in payload:
@@ -513,12 +431,12 @@ def fit(
     forward = wrap_ddp(StageForward(model, stage), dist)
     scaler = grad_scaler(device, run.amp)
     model.train()
-    quiet = not dist.is_main
-    epochs = progress(range(first_epoch, stage.epochs), quiet, desc=f"{stage.name} epochs")
+    bars = run.progress and dist.is_main
+    epochs = progress(range(first_epoch, stage.epochs), bars, desc=f"{stage.name} epochs")
     for epoch in epochs:
         start_epoch(loader, epoch, run.seed)
         terms: dict[str, list[float]] = {}
-        batches = progress(loader, quiet, desc=f"{stage.log_prefix}epoch {epoch + 1}", leave=False)
+        batches = progress(loader, bars, desc=f"{stage.log_prefix}epoch {epoch + 1}", leave=False)
         for step, batch in enumerate(batches, start=1):
             try:
                 losses = training_step(
@@ -569,7 +487,7 @@ def train_stage(
     `<stem>.pth` (train while epoch < total), `fit`. `before_resume(stage, optimizer)` may seed
     the optimizer (the cross-attention variant's base moments). config.yaml is written just
     before epochs train, so a refused run leaves the folder as it was."""
-    model.prepare_stage(stage, run.dataset)
+    model.prepare_stage(stage, run.dataset_info())
     optimizer, scheduler = model.configure_optimizer(stage)
     if before_resume is not None:
         before_resume(stage, optimizer)
