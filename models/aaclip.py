@@ -50,7 +50,7 @@ from models.forward_utils import (
     orthogonal_loss,
 )
 from utils.core.checkpoint import load_checkpoint
-from utils.core.config import ARCH, setting
+from utils.core.config import ARCH, redefault, setting
 from utils.core.errors import CheckpointError, ConfigError
 from utils.core.runtime import float32_island
 
@@ -67,14 +67,14 @@ class AAClipConfig(ClipConfig):
     paper_img_size: ClassVar[int] = 518
     run_defaults: ClassVar[dict[str, Any]] = {"save_path": Path("ckpt/aaclip"), "seed": 111}
 
-    block_indices: list[int] = setting(
+    block_indices: list[int] = redefault(
+        ClipConfig,
+        "block_indices",
         [5, 11, 17, 23],
-        "0-based vision blocks whose outputs are the segmentation levels (the original's "
+        help="0-based vision blocks whose outputs are the segmentation levels (the original's "
         "1-based --levels 6 12 18 24)",
-        kind=ARCH,
         aliases={"levels": 1},
         original="levels",
-        minimum=0,
     )
     text_adapt_until: int = setting(
         3, "text blocks followed by a residual adapter (K_T)", kind=ARCH, minimum=0
@@ -128,18 +128,6 @@ class AAClipConfig(ClipConfig):
                 f"level (block {levels[0]}); use at most {levels[0] + 1}"
             )
             raise ConfigError(msg)
-
-
-def check_block_indices(indices: list[int], blocks: int, original: str, offset: int) -> None:
-    """0-based `indices` must be increasing and < `blocks`; the message names the flag and the
-    original's flag `original` in its own counting (`offset`)."""
-    if not indices or sorted(set(indices)) != indices or indices[0] < 0 or indices[-1] >= blocks:
-        shown = " ".join(str(index + offset) for index in indices)
-        msg = (
-            f"--block_indices {indices} (--{original} {shown}) must be increasing 0-based "
-            f"indices of the backbone's {blocks} vision blocks (< {blocks})"
-        )
-        raise ConfigError(msg)
 
 
 def aaclip_image_scores(extrema: MapExtrema, det_scores: np.ndarray, domain: str) -> np.ndarray:
@@ -212,7 +200,6 @@ class AdaptedCLIP(FrozenCLIPModel):
         super().__init__(config, clip)
         clip = self.clipmodel
         blocks = backbone.num_vision_blocks(clip)
-        check_block_indices(config.block_indices, blocks, "levels", 1)
         if config.text_adapt_until > backbone.num_text_blocks(clip):
             depth = backbone.num_text_blocks(clip)
             msg = f"--text_adapt_until {config.text_adapt_until} exceeds the {depth} text blocks"

@@ -25,7 +25,7 @@ from datasets.catalog import DEFAULT_DOMAIN
 from models import backbone
 from utils.core.checkpoint import load_checkpoint
 from utils.core.config import ARCH, TEST, check_architecture, from_mapping, override, setting
-from utils.core.errors import CheckpointError, DataError
+from utils.core.errors import CheckpointError, ConfigError, DataError
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +79,14 @@ class ClipConfig:
         0.0,
         "test ground truth: defect where the resized mask (0-1) is above this (SOWA: 0.5)",
         kind=TEST,
+        minimum=0,
+    )
+    # Each model reads the outputs of some vision blocks; its config gives its own default and
+    # the original's name for them (`redefault`), `FrozenCLIPModel` checks them.
+    block_indices: list[int] = setting(
+        [5, 11, 17, 23],
+        "0-based vision blocks whose outputs the model reads",
+        kind=ARCH,
         minimum=0,
     )
 
@@ -201,6 +209,25 @@ class FrozenCLIPModel(nn.Module):
         super().__init__()
         self.config = config
         self.clipmodel = backbone.freeze(clip if clip is not None else config.load_clip())
+        self._check_block_indices()
+
+    def _check_block_indices(self) -> None:
+        """`block_indices` must be increasing 0-based indices of this backbone's vision blocks;
+        the message names the flag, and the original's flag in its own counting."""
+        indices = self.config.block_indices
+        blocks = backbone.num_vision_blocks(self.clipmodel)
+        if indices and sorted(set(indices)) == indices and indices[0] >= 0 and indices[-1] < blocks:
+            return
+        field = next(f for f in dataclasses.fields(self.config) if f.name == "block_indices")
+        original = field.metadata["original"]
+        shown = ""
+        if original:
+            offset = field.metadata["aliases"][original]
+            shown = f" (--{original} {' '.join(str(index + offset) for index in indices)})"
+        raise ConfigError(
+            f"--block_indices {indices}{shown} must be increasing 0-based indices of the "
+            f"backbone's {blocks} vision blocks (< {blocks})"
+        )
 
     @classmethod
     def from_config(cls, config: ClipConfig, device: torch.device | str = "cpu") -> FrozenCLIPModel:

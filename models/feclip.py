@@ -42,7 +42,6 @@ from open_clip.model import CLIP
 from torch import nn
 
 from models import backbone
-from models.aaclip import check_block_indices
 from models.base import (
     AnomalyOutput,
     ClipConfig,
@@ -227,14 +226,14 @@ class FEClipConfig(SingleStageConfig):
 
     quick_gelu: bool = redefault(ClipConfig, "quick_gelu", True)  # OpenAI's training (spec §2)
     preprocess: str = redefault(ClipConfig, "preprocess", "short_side_crop")  # the fork's
-    block_indices: list[int] = setting(
+    block_indices: list[int] = redefault(
+        ClipConfig,
+        "block_indices",
         [15, 18, 21, 23],
-        "0-based vision blocks followed by FFE + LFS (the fork's spread_3; the paper's likely "
-        "reading: 5 11 17 23)",
-        kind=ARCH,
+        help="0-based vision blocks followed by FFE + LFS (the fork's spread_3; the paper's "
+        "likely reading: 5 11 17 23)",
         aliases={"tap_indices": 0},
         original="tap_indices",
-        minimum=0,
     )
     lambda_fuse: float = setting(0.1, "λ of the fusion λ(ffe + lfs) + (1 - λ)·patch", kind=ARCH)
     ffe_window: int = setting(3, "P, the FFE window side", kind=ARCH, minimum=1)
@@ -344,9 +343,6 @@ class FECLIP(FrozenCLIPModel):
     def __init__(self, config: FEClipConfig | None = None, clip: CLIP | None = None) -> None:
         config = config if config is not None else FEClipConfig()
         super().__init__(config, clip)
-        check_block_indices(
-            config.block_indices, backbone.num_vision_blocks(self.clipmodel), "tap_indices", 0
-        )
         width = backbone.vision_width(self.clipmodel)
         taps = config.block_indices
         self.ffe = nn.ModuleList(FFEAdapter(width, config.ffe_window, config.ffe_pad) for _ in taps)

@@ -52,7 +52,6 @@ from open_clip.model import CLIP
 from torch import nn
 
 from models import backbone
-from models.aaclip import check_block_indices
 from models.base import (
     AnomalyOutput,
     ClipConfig,
@@ -395,14 +394,14 @@ class SOWAConfig(SingleStageConfig):
     # The original's MaskTransform: bilinear (torchvision's default), training > 0, test > 0.5.
     mask_resize: str = redefault(ClipConfig, "mask_resize", "bilinear")
     test_mask_threshold: float = redefault(ClipConfig, "test_mask_threshold", 0.5)
-    block_indices: list[int] = setting(
+    block_indices: list[int] = redefault(
+        ClipConfig,
+        "block_indices",
         [5, 11, 17, 23],
-        "0-based vision blocks whose outputs are adapted (H1..H4: the outputs of blocks 6, 12, 18, "
-        "24)",
-        kind=ARCH,
+        help="0-based vision blocks whose outputs are adapted (H1..H4: the outputs of blocks 6, "
+        "12, 18, 24)",
         aliases={"feature_map_idx": 0},
         original="feature_map_idx",
-        minimum=0,
     )
     window_size: int = setting(
         12, "adapter window in tokens (>= the grid: one global window)", kind=ARCH, minimum=1
@@ -527,7 +526,6 @@ class SOWA(FrozenCLIPModel):
         super().__init__(config, clip)
         clip = self.clipmodel
         hooks = config.block_indices
-        check_block_indices(hooks, backbone.num_vision_blocks(clip), "feature_map_idx", 0)
         width = backbone.vision_width(clip)
         grid = backbone.grid_size(clip)
         self.adapters = nn.ModuleList(

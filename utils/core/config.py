@@ -78,12 +78,17 @@ def setting(
     return dataclasses.field(default=default, metadata=metadata)
 
 
-def redefault(config_class: type, name: str, default: Any) -> Any:
-    """The field `name` of `config_class` with another default (a subclass's own value)."""
+def redefault(config_class: type, name: str, default: Any, **metadata: Any) -> Any:
+    """The field `name` of `config_class` with another default (a subclass's own value) and,
+    where given, its own `help`, `aliases` or `original` (the model's name of a shared setting);
+    its type, kind and checks stay the declaration's."""
     base = next(field for field in dataclasses.fields(config_class) if field.name == name)
+    unknown = set(metadata) - {"help", "aliases", "original"}
+    assert not unknown, unknown
+    merged = {**base.metadata, **metadata}
     if isinstance(default, list):
-        return dataclasses.field(default_factory=lambda: list(default), metadata=base.metadata)
-    return dataclasses.field(default=default, metadata=base.metadata)
+        return dataclasses.field(default_factory=lambda: list(default), metadata=merged)
+    return dataclasses.field(default=default, metadata=merged)
 
 
 # ---------------------------------------------------------------------------------------------
