@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as folder:
         started = time.perf_counter()
         formats = ["onnx"] + (["openvino"] if importlib.util.find_spec("openvino") else [])
-        export(model, Path(folder), formats, "object", "Industrial", False, (255, 255, 255), {})
+        export(torch_predictor, Path(folder), formats, "object", {})
         export_seconds = time.perf_counter() - started
         for backend in ("onnxruntime", "openvino"):
             if importlib.util.find_spec(backend) is None:

@@ -18,6 +18,7 @@ paper image scores (metrics), `write_results` (files); the rest (metadata, model
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import multiprocessing
 import os
 import sys
@@ -35,11 +36,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from metrics import MVTEC_TEST  # noqa: E402  (MVTec AD's classes and test-split sizes)
 
-import test as test_script  # noqa: E402
 import train  # noqa: E402
 from datasets.synthetic import ensure_synthetic  # noqa: E402
 from models.predictor import AnomalyPredictor  # noqa: E402
 from utils.core.runtime import cpu_kind  # noqa: E402
+from utils.evaluation import evaluate as evaluation  # noqa: E402
 from utils.evaluation.metrics import ClassEvaluator  # noqa: E402
 
 TRAIN_GOOD = 4  # the layout has a train split; test.py does not read it
@@ -128,12 +129,13 @@ class Stopwatch:
         return TimedLoader
 
 
-def measure(argv: list[str], workers: int) -> tuple[float, dict[str, float]]:
-    """Wall seconds of test.py's `main(argv)` with `workers` loader workers, and per stage."""
+def measure(config: evaluation.EvalConfig, workers: int) -> tuple[float, dict[str, float]]:
+    """Wall seconds of test.py's evaluation of `config` with `workers` loader workers, and per
+    stage."""
     watch = Stopwatch()
     originals = {
-        "DataLoader": test_script.DataLoader,
-        "write_results": test_script.write_results,
+        "DataLoader": evaluation.DataLoader,
+        "write_results": evaluation.write_results,
     }
     methods = [
         (AnomalyPredictor, "predict", "forward + maps"),
@@ -142,18 +144,17 @@ def measure(argv: list[str], workers: int) -> tuple[float, dict[str, float]]:
         (ClassEvaluator, "compute", "metrics"),
     ]
     unwrapped = [getattr(owner, name) for owner, name, _ in methods]
-    test_script.DataLoader = watch.loader(originals["DataLoader"])
-    test_script.write_results = watch.wrap("files", originals["write_results"])
+    evaluation.DataLoader = watch.loader(originals["DataLoader"])
+    evaluation.write_results = watch.wrap("files", originals["write_results"])
     for (owner, name, stage), method in zip(methods, unwrapped, strict=True):
         setattr(owner, name, watch.wrap(stage, method))
     try:
         start = time.perf_counter()
-        if test_script.main([*argv, "--num_workers", str(workers)]) != 0:
-            raise SystemExit("test.py failed; see its log above")
+        evaluation.evaluate(dataclasses.replace(config, num_workers=workers), {})
         wall = time.perf_counter() - start
     finally:
         for name, value in originals.items():
-            setattr(test_script, name, value)
+            setattr(evaluation, name, value)
         for (owner, name, _), method in zip(methods, unwrapped, strict=True):
             setattr(owner, name, method)
     watch.seconds["other"] = wall - sum(watch.seconds.values())
@@ -190,10 +191,15 @@ def main(argv: list[str] | None = None) -> int:
                 quick += ["--img_size", str(args.img_size)]
             if train.main(quick) != 0:
                 raise SystemExit("training the tiny model failed; see its log above")
-        common = ["--save_path", str(save_path), "--dataset", "MVTec", "--data_root", str(root)]
-        common += ["--device", args.device, "--test_batch_size", str(args.batch_size)]
-        common += ["--results_dir", str(Path(scratch) / "eval")]
-        rows = [(workers, *measure(common, workers)) for workers in (0, args.num_workers)]
+        config = evaluation.EvalConfig(
+            save_path=save_path,
+            dataset="MVTec",
+            data_root=root,
+            device=args.device,
+            batch_size=args.batch_size,
+            results_dir=Path(scratch) / "eval",
+        )
+        rows = [(workers, *measure(config, workers)) for workers in (0, args.num_workers)]
 
     print(
         f"\nEvaluation path: test.py on {count} images of {args.size} px in 15 classes "

@@ -248,6 +248,7 @@ def synthetic_metric_shift(args: argparse.Namespace) -> dict:
 
     from datasets.anomaly import build_test_datasets
     from datasets.metadata import load_test_records
+    from datasets.preprocessing import Preprocessing
     from datasets.synthetic import ensure_synthetic
     from models.aaclip import aaclip_image_scores
     from models.base import MapExtrema
@@ -256,7 +257,9 @@ def synthetic_metric_shift(args: argparse.Namespace) -> dict:
     device = resolve_device(args.device)
     root = ensure_synthetic(Path(args.synthetic_root))
     model = build_model("aaclip", args, device)
-    datasets = build_test_datasets(load_test_records("Synthetic", root), root, args.img_size)
+    datasets = build_test_datasets(
+        load_test_records("Synthetic", root), root, Preprocessing(args.img_size)
+    )
     shifts: dict[str, list[float]] = {"P-AUROC": [], "AUPRO": [], "I-AUROC": []}
     for dataset in datasets.values():
         indices = range(0, len(dataset), max(1, len(dataset) // args.metric_images))

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
-from datasets.anomaly import load_image
 from datasets.catalog import DatasetInfo, get_dataset_info
 from datasets.metadata import IMAGE_EXTENSIONS, dagm_defective
+from datasets.preprocessing import Preprocessing
 from utils.core.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -90,7 +90,6 @@ def draw_support(
     return random.Random(seed).sample(candidates, k)
 
 
-def load_images(paths: list[Path], img_size: int, mode: str = "square") -> torch.Tensor:
-    """Images read, resized (`mode`, see datasets.anomaly.Preprocessing) and CLIP-normalised:
-    `[len(paths), 3, S, S]`."""
-    return torch.stack([load_image(path, img_size, mode) for path in paths])
+def load_images(paths: list[Path], preprocessing: Preprocessing) -> torch.Tensor:
+    """Support images read and prepared as the test images are: `[len(paths), 3, S, S]`."""
+    return torch.stack([preprocessing.load(path).image for path in paths])

@@ -20,8 +20,14 @@ import torch
 from open_clip.model import CLIP
 from torch import nn
 
-from datasets.anomaly import MASK_RESIZES, RESIZE_MODES, Preprocessing
 from datasets.catalog import DEFAULT_DOMAIN
+from datasets.preprocessing import (
+    BACKENDS,
+    DEFAULT_PAD_COLOR,
+    GEOMETRIES,
+    MASK_RESIZES,
+    Preprocessing,
+)
 from models import backbone
 from utils.core.checkpoint import load_checkpoint
 from utils.core.config import ARCH, TEST, check_architecture, from_mapping, override, setting
@@ -61,16 +67,34 @@ class ClipConfig:
     )
     preprocess: str = setting(
         "square",
-        "image geometry: square (bicubic S x S, aspect not kept: AA-CLIP, SOWA) or "
-        "short_side_crop (short side to S, centre crop: the FE-CLIP fork's)",
+        "image geometry: square (bicubic S x S, aspect not kept: AA-CLIP, SOWA), "
+        "short_side_crop (short side to S, centre crop: the FE-CLIP fork's) or letterbox "
+        "(aspect kept, padded with --pad_color; the padding is never scored)",
         kind=TEST,
-        choices=RESIZE_MODES,
+        choices=GEOMETRIES,
+    )
+    resize_backend: str = setting(
+        "pil",
+        "resize the 8-bit PIL image (pil: AA-CLIP's and SOWA's transforms) or the image as a "
+        "float tensor (torch: the FE-CLIP fork's torchvision pipeline; its nearest mask resize "
+        "floors, PIL's samples pixel centres)",
+        kind=TEST,
+        choices=BACKENDS,
+    )
+    pad_color: list[int] = setting(
+        list(DEFAULT_PAD_COLOR),
+        "letterbox pad colour, also under transparent pixels (0-255 each)",
+        kind=TEST,
+        nargs=3,
+        minimum=0,
+        maximum=255,
+        metavar=("R", "G", "B"),
     )
     mask_resize: str = setting(
         "nearest",
         "mask interpolation: nearest (AA-CLIP) or bilinear (SOWA, grey edges)",
         kind=TEST,
-        choices=tuple(MASK_RESIZES),
+        choices=MASK_RESIZES,
     )
     train_mask_threshold: float = setting(
         0.0, "training masks: defect where the resized mask (0-1) is above this", minimum=0
@@ -101,10 +125,21 @@ class ClipConfig:
         """Settings that depend on each other, beyond each field's own range (a one-line
         ConfigError naming the flag)."""
 
-    def preprocessing(self, train: bool) -> Preprocessing:
-        """How images and masks become this model's inputs, in training or at test."""
-        threshold = self.train_mask_threshold if train else self.test_mask_threshold
-        return Preprocessing(self.preprocess, self.mask_resize, threshold)
+    def preprocessing(
+        self, train: bool, resize_masks: bool = False, size: int | None = None
+    ) -> Preprocessing:
+        """How images and masks become this model's inputs, in training or at test (with
+        `resize_masks`, a mask of another size than its image is resized, not refused), at
+        `size` (default `img_size`)."""
+        return Preprocessing(
+            size=size or self.img_size,
+            geometry=self.preprocess,
+            backend=self.resize_backend,
+            pad_color=tuple(self.pad_color),
+            mask_resize=self.mask_resize,
+            mask_threshold=self.train_mask_threshold if train else self.test_mask_threshold,
+            resize_masks=resize_masks,
+        )
 
     def load_clip(self, device: torch.device | str = "cpu") -> CLIP:
         """The frozen CLIP these settings name."""
@@ -253,6 +288,11 @@ class FrozenCLIPModel(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.clipmodel.visual.proj.device
+
+    def preprocessing(self, train: bool = False, resize_masks: bool = False) -> Preprocessing:
+        """The one preprocessing of this model's inputs (its config's, at its backbone's size),
+        for training (`train`: the training mask threshold) or every inference path."""
+        return self.config.preprocessing(train, resize_masks, size=self.img_size)
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """Every weight that is not CLIP's."""

@@ -225,7 +225,10 @@ class FEClipConfig(SingleStageConfig):
     }
 
     quick_gelu: bool = redefault(ClipConfig, "quick_gelu", True)  # OpenAI's training (spec §2)
-    preprocess: str = redefault(ClipConfig, "preprocess", "short_side_crop")  # the fork's
+    # The fork's pipeline: torchvision Resize(S) + CenterCrop(S) on float tensors (quirk: PIL's
+    # 8-bit resize, the project's before, is --resize_backend pil).
+    preprocess: str = redefault(ClipConfig, "preprocess", "short_side_crop")
+    resize_backend: str = redefault(ClipConfig, "resize_backend", "torch")
     block_indices: list[int] = redefault(
         ClipConfig,
         "block_indices",

@@ -1,6 +1,7 @@
 """Inference state around a trained model, apart from it (segment-anything's `SamPredictor`
-beside `Sam`): the test domain, the cached class texts, the k-shot support memory, the autocast
-setting, and the paper-protocol image score. test.py and predict.py both score through it.
+beside `Sam`): the model's preprocessing, the test domain, the cached class texts, the k-shot
+support memory, the autocast setting, and the paper-protocol image score. test.py, predict.py and
+the export all score through it, so one checkpoint sees the same pixels on every path.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import numpy as np
 import torch
 
 from datasets.catalog import DEFAULT_DOMAIN, check_domain
+from datasets.preprocessing import Preprocessing
 from models.base import AnomalyOutput, FrozenCLIPModel, MapExtrema
 from utils.core.errors import ConfigError
 from utils.core.runtime import autocast, resolve_amp
@@ -26,6 +28,10 @@ class AnomalyPredictor:
             computes it natively); maps and scores stay float32.
         k_shot: support images per class; a k-shot predictor refuses to predict before
             `set_support`.
+
+    `preprocessing` is the model's own (`model.preprocessing()`, which test-time overrides
+    of `--preprocess`, `--pad_color`, ... have already changed): every reader prepares images
+    with it, and letterboxed images hand their valid masks to the model.
     """
 
     def __init__(
@@ -42,6 +48,7 @@ class AnomalyPredictor:
             msg = f"--k_shot {k_shot} needs a support memory (sowa), not {model.name}"
             raise ConfigError(msg)
         self.model = model.eval()
+        self.preprocessing: Preprocessing = model.preprocessing()
         self.domain = domain
         self.amp = resolve_amp(amp, model.device)
         self.k_shot = k_shot
@@ -51,6 +58,11 @@ class AnomalyPredictor:
     @property
     def device(self) -> torch.device:
         return self.model.device
+
+    @property
+    def masks_padding(self) -> bool:
+        """Whether inputs carry padding the model must leave out (letterbox)."""
+        return self.preprocessing.geometry == "letterbox"
 
     @torch.no_grad()
     def set_support(self, images: torch.Tensor | None) -> None:
@@ -70,12 +82,14 @@ class AnomalyPredictor:
         valid_mask: torch.Tensor | None = None,
     ) -> AnomalyOutput:
         """images `[B, 3, S, S]`, one prompt name per image, valid_mask `[B, S, S]` bool (False
-        on letterbox padding) or None -> anomaly map `[B, S, S]`, image score `[B]`, float32."""
+        on letterbox padding; used when `masks_padding`) -> anomaly map `[B, S, S]`, image
+        score `[B]`, float32."""
         if self.k_shot and self._memory is None:
             raise RuntimeError(
                 "A support set must be set with .set_support(images) before k-shot prediction."
             )
         images = images.to(self.device, non_blocking=True)  # pinned by the loaders on CUDA
+        valid_mask = valid_mask if self.masks_padding else None
         with autocast(self.device, self.amp):
             for name in dict.fromkeys(class_names):
                 if name not in self._text:

@@ -19,6 +19,7 @@ import test as test_script
 import train
 from datasets.anomaly import build_test_datasets
 from datasets.metadata import load_test_records
+from datasets.preprocessing import Preprocessing
 from models.aaclip import AdaptedCLIP
 from models.forward_utils import get_adapted_text_embedding
 from utils.core import runtime
@@ -31,7 +32,7 @@ def test_bf16_predictions_stay_close_to_fp32(tiny_clip, synthetic_root):
     model = AdaptedCLIP(None, tiny_clip).eval()
     anchors = get_adapted_text_embedding(model, "Synthetic", "cpu")
     datasets = build_test_datasets(
-        load_test_records("Synthetic", synthetic_root), synthetic_root, 64
+        load_test_records("Synthetic", synthetic_root), synthetic_root, Preprocessing(64)
     )
     for dataset in datasets.values():
         batch = default_collate([dataset[index] for index in range(len(dataset))])
@@ -111,4 +112,4 @@ def test_amp_auto_reaches_training_evaluation_and_deployment(synthetic_root, tmp
     normal = str(data_root / "tile" / "train" / "good")
     calibrate = ["calibrate", "--checkpoint", str(run), "--normal_dir", normal, "--amp", "auto"]
     assert predict.main([*calibrate, "--device", "cpu"]) == 0
-    assert calib.load_calibration(run / "calibration.json")["preprocessing"]["amp"] == "none"
+    assert calib.load_calibration(run / "calibration.json")["amp"] == "none"

@@ -91,7 +91,7 @@ def exports(python, tmp_path_factory, synthetic_root):
     folders, processes = {}, {}
     formats = ["onnx", *(["openvino"] if "openvino" in BACKENDS else [])]
     for name, run in runs.items():
-        letterbox = ["--letterbox"] if name in LETTERBOX else []
+        letterbox = ["--preprocess", "letterbox"] if name in LETTERBOX else []
         argv = ["calibrate", "--checkpoint", str(run), "--normal_dir", str(normal), *letterbox]
         assert predict.main([*argv, "--class_name", CLASS, "--device", "cpu"]) == 0
         folders[name] = root / f"{name}_export"
@@ -114,9 +114,9 @@ def read_scores(path):
         return list(csv.DictReader(handle))
 
 
-def a_batch(data_root, img_size, letterbox):
+def a_batch(data_root, preprocessing):
     """Five test images as the scoring loads them: `[5, 3, S, S]` and valid masks `[5, S, S]`."""
-    folder = ImageFolder(data_root / CLASS / "test", img_size, letterbox)
+    folder = ImageFolder(data_root / CLASS / "test", preprocessing)
     items = collate([folder[index] for index in (0, 3, 9, 17, 30)])
     return torch.stack([item.image for item in items]), torch.stack(
         [item.valid_mask for item in items]
@@ -131,21 +131,24 @@ def test_export_matches_the_torch_backend(exports, name, tmp_path):
     folder = folders[name]
     onnx.checker.check_model(str(folder / "model.onnx"))
     info = json.loads((folder / "model.json").read_text())
-    assert info["model"]["name"] == name and info["preprocessing"]["class_name"] == CLASS
+    assert info["model"]["name"] == name and info["class_name"] == CLASS
     assert info["calibration"]["thresholds"] and info["k_shot"] == 0
     letterbox = name in LETTERBOX
-    assert info["preprocessing"]["letterbox"] is letterbox
+    assert (info["preprocessing"]["geometry"] == "letterbox") is letterbox
     assert info["inputs"] == (["image", "valid_mask"] if letterbox else ["image"])
 
-    _, model, _ = load_trained_model(runs[name])
-    images, valid = a_batch(data_root, model.img_size, letterbox)
+    overrides = {"preprocess": "letterbox"} if letterbox else None  # the calibration's
+    _, model, _ = load_trained_model(runs[name], overrides=overrides)
+    predictor = AnomalyPredictor(model, info["domain"])
+    assert info["preprocessing"] == predictor.preprocessing.to_dict()
+    images, valid = a_batch(data_root, predictor.preprocessing)
     mask = valid if letterbox else None
-    expected = AnomalyPredictor(model, info["preprocessing"]["domain"]).predict(
-        images, [CLASS] * len(images), mask
-    )
+    expected = predictor.predict(images, [CLASS] * len(images), mask)
     span = float(expected.anomaly_map.max() - expected.anomaly_map.min())
     for backend in BACKENDS:
-        got = export.ExportedPredictor(folder, backend).predict(images, [CLASS] * 5, mask)
+        exported = export.ExportedPredictor(folder, backend)
+        assert exported.preprocessing == predictor.preprocessing  # it applies exactly that
+        got = exported.predict(images, [CLASS] * 5, mask)
         assert got.anomaly_map.shape == expected.anomaly_map.shape == (5, *images.shape[2:])
         torch.testing.assert_close(got.image_score, expected.image_score, atol=1e-4, rtol=0)
         torch.testing.assert_close(got.anomaly_map, expected.anomaly_map, atol=1e-3 * span, rtol=0)
@@ -189,13 +192,18 @@ def test_export_matches_the_torch_backend(exports, name, tmp_path):
     )
 
 
-def test_an_export_refuses_another_class_domain_or_letterbox(exports, tmp_path, one_line_error):
+def test_an_export_refuses_another_class_or_preprocessing(
+    exports, tmp_path, caplog, one_line_error
+):
     data_root, _, folders = exports
     argv = ["score", "--checkpoint", str(folders["aaclip"]), "--backend", BACKENDS[0]]
     argv += ["--input", str(data_root / CLASS / "test"), "--out", str(tmp_path / "out")]
     assert predict.main([*argv, "--class_name", "wood"]) == 2
     message = one_line_error()
     assert "class_name='tile'" in message and "--class_name wood" in message
+    caplog.clear()
+    assert predict.main([*argv, "--preprocess", "letterbox"]) == 2
+    assert "an export's model and preprocessing are fixed; ['preprocess']" in one_line_error()
 
 
 def test_cross_attention_both_and_missing_packages_are_one_line(tiny_clip, monkeypatch):

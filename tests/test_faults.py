@@ -31,6 +31,7 @@ from utils.core.runtime import grad_scaler, progress, run_script
 from utils.engine import training
 from utils.engine.distributed import Distributed
 from utils.engine.training import training_step
+from utils.evaluation import evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
 FECLIP_RUN = [
@@ -366,7 +367,7 @@ def test_ctrl_c_during_evaluation_is_one_line_and_keeps_earlier_results(
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(test_script, "predict_class", interrupted)
+    monkeypatch.setattr(evaluate, "predict_class", interrupted)
     assert test_script.main(argv) == 130
     assert one_line_error().startswith("stopped by Ctrl-C")
     intact(save_path / "results_Synthetic.json", before)

@@ -19,9 +19,11 @@ from PIL import Image
 import predict
 import train
 from datasets.folder import ImageFolder
+from datasets.preprocessing import Preprocessing
 from models.predictor import AnomalyPredictor
 from models.registry import load_trained_model
 from utils.deploy import calibration as calib
+from utils.deploy.field import score_images
 from utils.evaluation.metrics import auroc
 
 CLASS = "tile"
@@ -57,9 +59,9 @@ def test_calibration_thresholds_are_numpy_percentiles_of_the_normal_scores(calib
     _, save_path, normal_dir = calibrated
     calibration = calib.load_calibration(save_path / "calibration.json")
     _, model, _ = load_trained_model(save_path)
-    dataset = ImageFolder(normal_dir, model.img_size)
     predictor = AnomalyPredictor(model)
-    results = [result for _, result in predict.score_images(predictor, dataset, "object")]
+    dataset = ImageFolder(normal_dir, predictor.preprocessing)
+    results = [result for _, result in score_images(predictor, dataset, "object")]
     p = calibration["percentile"]
     assert p == 99.5
     image_scores = np.array([result["image_score"] for result in results])
@@ -77,8 +79,9 @@ def test_calibration_thresholds_are_numpy_percentiles_of_the_normal_scores(calib
     )
     assert calibration["model"]["name"] == "aaclip"
     assert calibration["model"]["config"]["model_name"] == "tiny"
-    assert calibration["preprocessing"]["letterbox"] is False
-    assert calibration["preprocessing"]["class_name"] == "object"
+    assert calibration["preprocessing"] == predictor.preprocessing.to_dict()
+    assert calibration["preprocessing"]["geometry"] == "square"
+    assert calibration["class_name"] == "object" and calibration["overrides"] == {}
     assert calibration["created"]
 
 
@@ -137,7 +140,7 @@ def test_bad_files_are_reported_and_the_rest_scored(calibrated, tmp_path):
     image.crop((0, 0, 96, 50)).save(folder / "f_wide.JPG")
     out = tmp_path / "out"
     argv = ["score", "--checkpoint", str(save_path), "--input", str(folder), "--out", str(out)]
-    assert predict.main([*argv, "--device", "cpu", "--letterbox"]) == 0
+    assert predict.main([*argv, "--device", "cpu", "--preprocess", "letterbox"]) == 0
     rows = {row["file"]: row for row in _read_scores(out / "scores.csv")}
     assert sorted(rows) == ["a_rgb.png", "b_gray.png", "c_16bit.png", "d_rgba.png",
                             "e_corrupt.png", "f_wide.JPG"]  # fmt: skip
@@ -168,7 +171,7 @@ def test_empty_folder_is_a_one_line_error(calibrated, tmp_path, caplog):
 
 def test_letterbox_padding_never_raises_a_score(calibrated, tmp_path):
     """A 64 x 32 normal image letterboxed to 64 px (scale 1: no resampling) and its white-padded
-    64 x 64 copy feed the model the same pixels; with --letterbox the padding is excluded from the
+    64 x 64 copy feed the model the same pixels; letterboxed, the padding is excluded from the
     reductions, so they can only be lower, and the image decision is the same."""
     data_root, save_path, _ = calibrated
     calibration = calib.load_calibration(save_path / "calibration.json")
@@ -182,14 +185,15 @@ def test_letterbox_padding_never_raises_a_score(calibrated, tmp_path):
     padded.paste(small, (0, 16))
     padded.save(tmp_path / "padded" / "x.png")
 
-    letterboxed = ImageFolder(tmp_path / "original", 64, use_letterbox=True)
-    plain = ImageFolder(tmp_path / "padded", 64, use_letterbox=False)
+    letterboxed = ImageFolder(tmp_path / "original", Preprocessing(64, "letterbox"))
+    plain = ImageFolder(tmp_path / "padded", Preprocessing(64))
     torch.testing.assert_close(letterboxed[0].image, plain[0].image, rtol=0, atol=0)
     assert int(letterboxed[0].valid_mask.sum()) == 64 * 32 and plain[0].valid_mask.all()
 
     predictor = AnomalyPredictor(model)
-    ((_, masked),) = predict.score_images(predictor, letterboxed, "object", top_fraction=0.01)
-    ((_, unmasked),) = predict.score_images(predictor, plain, "object", top_fraction=0.01)
+    ((_, unmasked),) = score_images(predictor, plain, "object", top_fraction=0.01)
+    predictor.preprocessing = letterboxed.preprocessing  # as --preprocess letterbox sets it
+    ((_, masked),) = score_images(predictor, letterboxed, "object", top_fraction=0.01)
     assert masked["image_score"] == unmasked["image_score"]
     for name in calib.REDUCTIONS:
         assert masked[name] <= unmasked[name]
@@ -212,9 +216,13 @@ class _RecordingModel(torch.nn.Module):
     supports_memory = False
     device = torch.device("cpu")
 
-    def __init__(self) -> None:
+    def __init__(self, geometry: str) -> None:
         super().__init__()
         self.masks: list[torch.Tensor | None] = []
+        self.geometry = geometry
+
+    def preprocessing(self) -> Preprocessing:
+        return Preprocessing(16, self.geometry)
 
     def class_text(self, prompt_name):
         return None
@@ -227,11 +235,12 @@ class _RecordingModel(torch.nn.Module):
 
 def test_valid_mask_goes_to_the_model_for_letterboxed_images_only(tmp_path):
     Image.new("RGB", (32, 8), (10, 20, 30)).save(tmp_path / "wide.png")
-    for use_letterbox in (True, False):
-        model = _RecordingModel()
-        dataset = ImageFolder(tmp_path, 16, use_letterbox=use_letterbox)
-        ((_, result),) = predict.score_images(AnomalyPredictor(model), dataset, "object")
-        if use_letterbox:
+    for geometry in ("letterbox", "square"):
+        model = _RecordingModel(geometry)
+        predictor = AnomalyPredictor(model)
+        dataset = ImageFolder(tmp_path, predictor.preprocessing)
+        ((_, result),) = score_images(predictor, dataset, "object")
+        if geometry == "letterbox":
             torch.testing.assert_close(model.masks[0], dataset[0].valid_mask[None])
             assert int(model.masks[0].sum()) == 16 * 4
         else:

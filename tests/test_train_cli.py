@@ -17,7 +17,9 @@ import train
 from datasets import anomaly
 from datasets.anomaly import build_test_datasets
 from datasets.metadata import load_test_records
+from datasets.preprocessing import Preprocessing
 from utils.core.checkpoint import load_checkpoint
+from utils.evaluation import evaluate
 
 FAST = [
     "--text_epoch",
@@ -119,7 +121,7 @@ def test_panels_show_the_image_the_model_saw_or_the_file(trained, tmp_path, vis_
     with Image.open(data_root / "tile" / "test" / "blob" / "000.png") as file:
         image = file.convert("RGB")
     if vis_size == "model":  # the loader's pixels, not a second decode
-        image = anomaly.resize_image(image, 64)
+        image = image.resize((64, 64), Image.Resampling.BICUBIC)
     np.testing.assert_array_equal(picture[:, :side], np.asarray(image))
 
 
@@ -139,13 +141,13 @@ def test_all_epochs_decode_each_image_once_and_equal_one_file_at_a_time(
             (out / f"results_Synthetic_image_adapter_{epoch}.json").read_text()
         )
     opened = collections.Counter()
-    open_rgb = anomaly._open_rgb
+    read = anomaly.read_image
 
-    def counting_open(path):
+    def counting_read(path, pad_color):
         opened[str(path)] += 1
-        return open_rgb(path)
+        return read(path, pad_color)
 
-    monkeypatch.setattr(anomaly, "_open_rgb", counting_open)
+    monkeypatch.setattr(anomaly, "read_image", counting_read)
     out = tmp_path / "together"
     assert test_script.main([*common, "--all_epochs", "--results_dir", str(out)]) == 0
     assert len(opened) == 3 * 32 and set(opened.values()) == {1}  # every image decoded once
@@ -159,8 +161,8 @@ def test_all_epochs_decode_each_image_once_and_equal_one_file_at_a_time(
 @pytest.mark.parametrize("workers", [0, 2])
 def test_one_loader_gives_each_class_its_batches_in_order(synthetic_root, workers):
     records = load_test_records("Synthetic", synthetic_root)
-    datasets = build_test_datasets(records, synthetic_root, 64)
-    groups = test_script.class_batches(datasets, 5, workers, torch.device("cpu"))
+    datasets = build_test_datasets(records, synthetic_root, Preprocessing(64))
+    groups = evaluate.class_batches(datasets, 5, workers, torch.device("cpu"))
     seen = []
     for class_name, group in groups:
         batches = list(group)
@@ -174,8 +176,8 @@ def test_one_loader_gives_each_class_its_batches_in_order(synthetic_root, worker
 def test_all_epochs_are_sorted_numerically(tmp_path):
     for epoch in (1, 2, 10, 11):
         (tmp_path / f"image_adapter_{epoch}.pth").touch()
-    args = test_script.parse_args(["--save_path", str(tmp_path), "--all_epochs"])
-    model, files = test_script.checkpoint_files(args)
+    config, _ = test_script.parse_args(["--save_path", str(tmp_path), "--all_epochs"])
+    model, files = evaluate.checkpoint_files(config)
     assert model == "aaclip"
     assert [path.name for path in files] == [
         "image_adapter_1.pth",

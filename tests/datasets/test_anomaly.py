@@ -1,27 +1,19 @@
+import dataclasses
 import os
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torchvision import transforms
+from torchvision import transforms, tv_tensors
 
-from datasets.anomaly import (
-    CLIP_MEAN,
-    CLIP_STD,
-    TestDataset,
-    TrainDataset,
-    build_test_datasets,
-    joint_augment,
-    load_image,
-    load_mask,
-    resize_image,
-    to_pixels,
-)
+from datasets.anomaly import TestDataset, TrainDataset, build_test_datasets, joint_augment
 from datasets.metadata import build_records
+from datasets.preprocessing import CLIP_MEAN, CLIP_STD, Preprocessing
 from utils.core.errors import DataError
 
 SIZE = 64
+SQUARE = Preprocessing(SIZE)
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +23,7 @@ def records(synthetic_root):
 
 
 def test_train_item_shapes_and_dtypes(records, synthetic_root):
-    dataset = TrainDataset(records, synthetic_root, SIZE)
+    dataset = TrainDataset(records, synthetic_root, SQUARE)
     assert len(dataset) == 8
     for item in dataset:
         assert item["image"].shape == (3, SIZE, SIZE) and item["image"].dtype == torch.float32
@@ -43,20 +35,21 @@ def test_train_item_shapes_and_dtypes(records, synthetic_root):
 
 
 def test_no_augment_equals_test_dataset(records, synthetic_root):
-    train = TrainDataset(records, synthetic_root, SIZE, augment=False)
-    test = TestDataset(records, synthetic_root, SIZE)
+    train = TrainDataset(records, synthetic_root, SQUARE, augment=False)
+    test = TestDataset(records, synthetic_root, SQUARE)
     for index in range(len(records)):
         train_item, test_item = train[index], test[index]
         torch.testing.assert_close(train_item["image"], test_item["image"])
         torch.testing.assert_close(train_item["mask"], test_item["mask"])
         assert train_item["label"] == test_item["label"] == records[index]["label"]
         assert test_item["mask"].any() == bool(records[index]["label"])
+        assert test_item["valid_mask"].all() and "valid_mask" not in train_item
     assert test[0]["image_path"] == os.path.abspath(synthetic_root / records[0]["image_path"])
 
 
 def test_load_image_normalises_and_converts_gray(tmp_path):
     Image.new("L", (30, 20), 255).save(tmp_path / "white.png")
-    image = load_image(tmp_path / "white.png", 16)
+    image = Preprocessing(16).load(tmp_path / "white.png").image
     expected = (1 - torch.tensor(CLIP_MEAN)) / torch.tensor(CLIP_STD)
     torch.testing.assert_close(image, expected[:, None, None].expand(3, 16, 16))
 
@@ -68,10 +61,14 @@ def test_to_pixels_gives_back_the_resized_image_exactly(tmp_path):
     pictures.append(np.full((40, 30, 3), 255, np.uint8))
     for index, picture in enumerate(pictures):
         Image.fromarray(picture).save(tmp_path / f"{index}.png")
-    for mode in ("square", "short_side_crop"):
-        images = torch.stack([load_image(tmp_path / f"{i}.png", 16, mode) for i in range(5)])
-        expected = [np.asarray(resize_image(Image.fromarray(p), 16, mode)) for p in pictures]
-        np.testing.assert_array_equal(to_pixels(images), np.stack(expected))
+    for mode in ("square", "short_side_crop", "letterbox"):
+        preprocessing = Preprocessing(16, mode)
+        images = torch.stack([preprocessing.load(tmp_path / f"{i}.png").image for i in range(5)])
+        expected = [
+            (preprocessing.pixels(Image.fromarray(p)) * 255).round().permute(1, 2, 0).numpy()
+            for p in pictures
+        ]
+        np.testing.assert_array_equal(preprocessing.to_pixels(images), np.stack(expected))
 
 
 def test_joint_augment_keeps_alignment():
@@ -89,7 +86,8 @@ def test_joint_augment_keeps_alignment():
 
 
 def test_build_test_datasets_per_class(synthetic_root):
-    datasets = build_test_datasets(build_records("Synthetic", synthetic_root), synthetic_root, 32)
+    records = build_records("Synthetic", synthetic_root)
+    datasets = build_test_datasets(records, synthetic_root, Preprocessing(32))
     assert list(datasets) == ["tile", "stripes", "dots"]
     assert all(len(dataset) == 32 for dataset in datasets.values())
 
@@ -97,21 +95,25 @@ def test_build_test_datasets_per_class(synthetic_root):
 def test_corrupt_image_raises(tmp_path):
     (tmp_path / "broken.png").write_bytes(b"not a png at all")
     with pytest.raises(DataError, match="cannot read image .*broken.png.*remove or replace"):
-        load_image(tmp_path / "broken.png", SIZE)
+        SQUARE.load(tmp_path / "broken.png")
     record = {"image_path": "broken.png", "label": 0, "class_name": "tile", "mask_path": ""}
     with pytest.raises(DataError, match="cannot read image"):
-        TestDataset([record], tmp_path, SIZE)[0]
+        TestDataset([record], tmp_path, SQUARE)[0]
 
 
 def test_mask_of_another_size_raises(tmp_path):
     Image.fromarray(np.full((10, 12), 255, dtype=np.uint8)).save(tmp_path / "m.png")
     with pytest.raises(DataError, match=r"is 12x10 but its image is 96x96; masks must match"):
-        load_mask(tmp_path / "m.png", SIZE, (96, 96))
-    assert load_mask(tmp_path / "m.png", 8, (12, 10)).sum() == 64
-    assert load_mask(None, 8, (12, 10)).sum() == 0
+        SQUARE.load_mask(tmp_path / "m.png", (96, 96))
+    assert Preprocessing(8).load_mask(tmp_path / "m.png", (12, 10)).sum() == 64
+    assert Preprocessing(8).load_mask(None, (12, 10)).sum() == 0
+    resized = Preprocessing(8, resize_masks=True).load_mask(tmp_path / "m.png", (96, 96))
+    assert resized.sum() == 64  # --resize_masks: stretched onto its image, as the original
 
 
-def test_the_feclip_default_preprocessing_is_a_short_side_resize_and_centre_crop(tmp_path):
+def test_the_feclip_default_preprocessing_is_the_forks_float_resize_and_centre_crop(tmp_path):
+    from torchvision.transforms import v2
+
     from models.feclip import FEClipConfig
 
     rng = np.random.default_rng(0)
@@ -123,26 +125,35 @@ def test_the_feclip_default_preprocessing_is_a_short_side_resize_and_centre_crop
     records = [
         {"image_path": "wide.png", "label": 1, "class_name": "x", "mask_path": "wide_mask.png"}
     ]
-    preprocessing = FEClipConfig().preprocessing(train=False)
-    item = TestDataset(records, tmp_path, 32, preprocessing)[0]
+    preprocessing = FEClipConfig(img_size=32).preprocessing(train=False)
+    item = TestDataset(records, tmp_path, preprocessing)[0]
+    # The fork: anomalib reads float tensors and masks, its pre-processor runs torchvision v2
+    # Resize(S, bicubic, antialias) + CenterCrop(S) + Normalize on both (masks: nearest).
+    fork = v2.Compose(
+        [
+            v2.Resize(32, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+            v2.CenterCrop((32, 32)),
+            v2.Normalize(mean=CLIP_MEAN, std=CLIP_STD),
+        ]
+    )
+    float_image = v2.functional.to_dtype(v2.functional.to_image(image), torch.float32, scale=True)
+    fork_mask = tv_tensors.Mask(torch.from_numpy(mask // 255))
+    expected, expected_mask = fork(tv_tensors.Image(float_image), fork_mask)
+    torch.testing.assert_close(item["image"], expected.as_subclass(torch.Tensor), rtol=0, atol=0)
+    torch.testing.assert_close(item["mask"][0], expected_mask.float(), rtol=0, atol=0)
+    # --resize_backend pil: the 8-bit PIL resize this project used before
+    pil = dataclasses.replace(preprocessing, backend="pil")
     crop = transforms.Compose(
         [
             transforms.Resize(32, interpolation=transforms.InterpolationMode.BICUBIC),
             transforms.CenterCrop(32),
         ]
     )
-    expected = transforms.functional.normalize(
+    expected_pil = transforms.functional.normalize(
         transforms.functional.to_tensor(crop(image)), CLIP_MEAN, CLIP_STD
     )
-    torch.testing.assert_close(item["image"], expected, rtol=0, atol=0)
-    mask_crop = transforms.Compose(
-        [
-            transforms.Resize(32, interpolation=transforms.InterpolationMode.NEAREST),
-            transforms.CenterCrop(32),
-        ]
-    )
-    expected_mask = (transforms.functional.to_tensor(mask_crop(Image.fromarray(mask))) > 0).float()
-    torch.testing.assert_close(item["mask"], expected_mask, rtol=0, atol=0)
+    torch.testing.assert_close(pil(image).image, expected_pil, rtol=0, atol=0)
+    assert not torch.equal(pil(image).image, item["image"])
 
 
 def test_sowa_masks_are_bilinear_with_the_originals_train_and_test_thresholds(tmp_path):
@@ -157,11 +168,11 @@ def test_sowa_masks_are_bilinear_with_the_originals_train_and_test_thresholds(tm
     resized = transforms.functional.to_tensor(
         transforms.Resize((32, 32), interpolation=transforms.InterpolationMode.BILINEAR)(binary)
     )
-    config = SOWAConfig()
-    train_mask = load_mask(tmp_path / "m.png", 32, (90, 60), config.preprocessing(train=True))
-    test_mask = load_mask(tmp_path / "m.png", 32, (90, 60), config.preprocessing(train=False))
+    config = SOWAConfig(img_size=32)
+    train_mask = config.preprocessing(train=True).load_mask(tmp_path / "m.png", (90, 60))
+    test_mask = config.preprocessing(train=False).load_mask(tmp_path / "m.png", (90, 60))
     torch.testing.assert_close(train_mask, (resized > 0).float(), rtol=0, atol=0)
     torch.testing.assert_close(test_mask, (resized > 0.5).float(), rtol=0, atol=0)
     assert train_mask.sum() > test_mask.sum()  # the bilinear edges count in training only
-    nearest = load_mask(tmp_path / "m.png", 32, (90, 60))  # AA-CLIP's: nearest, any non-zero
+    nearest = Preprocessing(32).load_mask(tmp_path / "m.png", (90, 60))  # AA-CLIP's: nearest
     assert not torch.equal(nearest, train_mask)

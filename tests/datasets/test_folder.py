@@ -7,16 +7,14 @@ import pytest
 import torch
 from PIL import Image
 
-from datasets.anomaly import CLIP_MEAN, CLIP_STD
-from datasets.folder import (
-    ImageFolder,
-    letterbox,
-    list_images,
-    read_image,
-    resize,
-)
+from datasets.folder import ImageFolder, list_images
+from datasets.preprocessing import CLIP_MEAN, CLIP_STD, Preprocessing, read_image
 from models.forward_utils import token_valid_mask
 from utils.core.errors import DataError
+
+
+def letterbox(image: Image.Image, size: int, pad_color=(255, 255, 255)):
+    return Preprocessing(size, "letterbox", pad_color=pad_color)(image)
 
 
 def _noise(width: int, height: int, seed: int = 0) -> Image.Image:
@@ -84,7 +82,7 @@ def test_corrupt_file_is_an_error_item_not_an_exception(tmp_path):
     (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
     with pytest.raises(DataError, match="cannot read image"):
         read_image(tmp_path / "broken.png")
-    items = [ImageFolder(tmp_path, 16)[index] for index in range(2)]
+    items = [ImageFolder(tmp_path, Preprocessing(16))[index] for index in range(2)]
     assert [item.file for item in items] == ["broken.png", "good.png"]
     assert "cannot read image" in items[0].error and items[0].image is None
     assert items[1].error == "" and items[1].image.shape == (3, 16, 16)
@@ -116,11 +114,16 @@ def test_letterbox_geometry_on_odd_aspect_ratios(width, height):
     np.testing.assert_allclose(back, 0.25)
 
 
-def test_plain_resize_is_training_preprocessing():
+def test_square_and_short_side_crop_geometries_map_back_to_what_the_model_saw():
     image = _noise(50, 30)
-    tensor, valid, geometry = resize(image, 32)
+    _, valid, geometry = Preprocessing(32)(image)
     assert valid.all() and geometry.content_height == geometry.content_width == 32
     assert geometry.to_original(np.zeros((32, 32))).shape == (30, 50)
+    cropped = Preprocessing(32, "short_side_crop")
+    _, valid, geometry = cropped(image)
+    assert valid.all() and geometry.crop == (10, 0, 40, 30)  # the centred 30 x 30
+    assert geometry.to_original(np.zeros((32, 32))).shape == (30, 30)
+    assert cropped.seen_region(image).size == (30, 30)
 
 
 def _brute_force_tokens(valid: torch.Tensor, grid: int, min_fraction: float) -> torch.Tensor:

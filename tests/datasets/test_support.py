@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from datasets.preprocessing import Preprocessing
 from datasets.support import draw_support, load_images, support_candidates
 from utils.core.errors import DataError
 
@@ -28,7 +29,8 @@ def test_fewer_candidates_than_k_gives_all_of_them(synthetic_root):
 
 
 def test_load_support_images_shapes(synthetic_root):
-    images = load_images(draw_support("Synthetic", synthetic_root, "stripes", 2, seed=1), 64)
+    paths = draw_support("Synthetic", synthetic_root, "stripes", 2, seed=1)
+    images = load_images(paths, Preprocessing(64))
     assert images.shape == (2, 3, 64, 64)
 
 

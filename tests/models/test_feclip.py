@@ -11,6 +11,7 @@ from torch.testing import assert_close
 
 from datasets.anomaly import TrainDataset
 from datasets.metadata import ensure_training_records
+from datasets.preprocessing import Preprocessing
 from models import backbone
 from models.feclip import (
     FECLIP,
@@ -227,7 +228,7 @@ def test_predict_maps_scores_and_letterbox_mask(tiny_clip):
 def test_loss_falls_on_a_synthetic_batch(tiny_clip, synthetic_root, tmp_path):
     torch.manual_seed(0)
     records = ensure_training_records("Synthetic", synthetic_root, "few_shot", 8, 0, tmp_path)
-    dataset = TrainDataset(records, synthetic_root, 64, augment=False)
+    dataset = TrainDataset(records, synthetic_root, Preprocessing(64), augment=False)
     batch = torch.utils.data.default_collate([dataset[i] for i in range(len(dataset))])
     assert batch["label"].min() == 0 and batch["label"].max() == 1
     model = FECLIP(FEClipConfig(lr=3e-3, fc_patch_lr_ratio=1.0), tiny_clip)

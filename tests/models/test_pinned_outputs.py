@@ -159,7 +159,7 @@ def feclip_outputs(out: dict, data: dict) -> None:
         output = predictor.predict(data["image"], NAMES)
         out[f"feclip/{variant}/map"] = output.anomaly_map
         out[f"feclip/{variant}/score"] = output.image_score
-        masked = predictor.predict(data["image"], NAMES, valid_mask=data["valid"])
+        masked = model.predict(data["image"], NAMES, valid_mask=data["valid"])  # letterboxed
         out[f"feclip/{variant}/masked_map"] = masked.anomaly_map
         out[f"feclip/{variant}/masked_score"] = masked.image_score
         losses = train_step(model, model.stages()[0], data)

@@ -13,6 +13,7 @@ from scipy import ndimage
 
 from datasets.anomaly import TrainDataset
 from datasets.metadata import build_records
+from datasets.preprocessing import Preprocessing
 from models import backbone
 from models.base import MapExtrema
 from models.forward_utils import gaussian_smooth
@@ -209,7 +210,7 @@ def test_loss_falls_on_the_synthetic_set(tiny_clip, synthetic_root):
     records = [r for r in build_records("Synthetic", synthetic_root) if r["class_name"] == "dots"]
     normal = [r for r in records if r["label"] == 0][:4]
     anomalous = [r for r in records if r["label"] == 1][:4]
-    dataset = TrainDataset(normal + anomalous, synthetic_root, 64, augment=False)
+    dataset = TrainDataset(normal + anomalous, synthetic_root, Preprocessing(64), augment=False)
     batch = torch.utils.data.default_collate([dataset[i] for i in range(len(dataset))])
     torch.manual_seed(0)
     model = SOWA(SOWAConfig(attn_drop=0.0), tiny_clip).train()

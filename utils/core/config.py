@@ -47,8 +47,10 @@ def setting(
     aliases: dict[str, int] | None = None,
     original: str | None = None,
     minimum: float | None = None,
+    maximum: float | None = None,
     above: float | None = None,
     metavar: str | tuple[str, ...] | None = None,
+    required: bool = False,
 ) -> Any:
     """A dataclass field that is a setting.
 
@@ -59,7 +61,9 @@ def setting(
         aliases: other names of the setting -> offset of their counting base (0: same values);
             for a bool, a `no_` alias switches it off (`--no_progress`).
         original: the alias that is the original code's name, used in hints (`tap_indices`).
-        minimum / above: the value must be >= `minimum` / > `above` (checked by `validate`).
+        minimum / maximum / above: the value must be >= `minimum`, <= `maximum`, > `above`
+            (checked by `validate`).
+        required: the flag must be given (its default only types the field).
     """
     assert kind in KINDS, kind
     metadata = {
@@ -70,8 +74,10 @@ def setting(
         "aliases": dict(aliases or {}),
         "original": original,
         "minimum": minimum,
+        "maximum": maximum,
         "above": above,
         "metavar": metavar,
+        "required": required,
     }
     if isinstance(default, list):
         return dataclasses.field(default_factory=lambda: list(default), metadata=metadata)
@@ -170,7 +176,8 @@ def to_mapping(config: Any) -> dict[str, Any]:
 
 
 def validate(config: Any) -> None:
-    """Check every field's `choices`, `minimum` and `above`; one line naming the flag."""
+    """Check every field's `choices`, `minimum`, `maximum` and `above`; one line naming the
+    flag."""
     for field in dataclasses.fields(config):
         value = getattr(config, field.name)
         meta = field.metadata
@@ -182,6 +189,8 @@ def validate(config: Any) -> None:
             raise ConfigError(f"--{field.name} {value} is not one of {choices}")
         if meta["minimum"] is not None and any(item < meta["minimum"] for item in values):
             raise ConfigError(f"--{field.name} {value} must be >= {meta['minimum']:g}")
+        if meta["maximum"] is not None and any(item > meta["maximum"] for item in values):
+            raise ConfigError(f"--{field.name} {value} must be <= {meta['maximum']:g}")
         if meta["above"] is not None and any(item <= meta["above"] for item in values):
             raise ConfigError(f"--{field.name} {value} must be > {meta['above']:g}")
 
@@ -233,6 +242,8 @@ def add_settings(
             else:
                 default = field.default
             kwargs: dict[str, Any] = {"default": default, "help": meta["help"], "dest": field.name}
+            if meta["required"]:
+                kwargs["required"] = True
             if meta["metavar"] is not None:
                 kwargs["metavar"] = meta["metavar"]
             if scalar is bool and not is_list:
@@ -272,6 +283,32 @@ def from_namespace(config_class: type, namespace: argparse.Namespace) -> Any:
     return config_class(
         **{f.name: given[f.name] for f in dataclasses.fields(config_class) if f.name in given}
     )
+
+
+def setting_names(config_classes: Iterable[type], kinds: Iterable[str]) -> set[str]:
+    """Names (and aliases) of the classes' settings of these kinds."""
+    names: set[str] = set()
+    kinds = tuple(kinds)
+    for config_class in config_classes:
+        for field in settings_of(config_class, kinds):
+            names |= {field.name, *field.metadata["aliases"]}
+    return names
+
+
+def add_overrides(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup, config_classes: Iterable[type]
+) -> None:
+    """Flags for the `TEST` and `ARCH` settings of every class (shared names added once), left
+    out of the namespace when not given: a trained model's own values are the defaults."""
+    seen: set[str] = set()
+    for config_class in config_classes:
+        add_settings(parser, config_class, (TEST, ARCH), suppress=True, seen=seen)
+
+
+def given_overrides(namespace: argparse.Namespace, config_classes: Iterable[type]) -> dict:
+    """The settings of `add_overrides` that were given (on the command line or in --config)."""
+    names = setting_names(config_classes, (TEST, ARCH))
+    return {name: value for name, value in vars(namespace).items() if name in names}
 
 
 def flag_hint(field: dataclasses.Field | None, key: str, value: Any) -> str:

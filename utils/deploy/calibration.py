@@ -33,7 +33,7 @@ from utils.evaluation.metrics import auroc, average_precision
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the predictor's exact preprocessing, class, domain, overrides
 REDUCTIONS = ("max", "topk_mean")
 RULES = ("image", "pixel", "either", "both")
 REPORTED_PERCENTILES = (95.0, 99.0, 99.5, 99.7, 99.9)

@@ -4,8 +4,10 @@ The graph is `image [B, 3, S, S] (+ valid_mask [B, S, S] when letterboxed) -> an
 [B, S, S], image_score [B]`, float32, with a dynamic batch: `predict` of one class on raw outputs.
 The class's text anchors are computed once at export and baked in as constants, so the graph has
 no text tower and needs no tokenizer. Beside it, `model.json` records what a runtime needs to
-feed it and to decide (normalisation, size, letterbox, pad colour, class, domain, the calibration
-when there is one) and what produced it (model name and config, checkpoint hash).
+feed it and to decide: the predictor's exact preprocessing (`Preprocessing.to_dict`: size,
+geometry, resize backend, interpolation, pad colour, mean, std), the class, the domain, the
+calibration when there is one, and what produced it (model name and config, checkpoint hash).
+`ExportedPredictor` rebuilds that preprocessing from model.json and applies exactly it.
 
 Exports are zero-shot: SOWA's k-shot support memory is not exported (predict.py scores zero-shot;
 a memory would be one more constant, but no command sets a support folder for scoring), and
@@ -29,8 +31,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from datasets.anomaly import CLIP_MEAN, CLIP_STD
+from datasets.preprocessing import Preprocessing
 from models.base import AnomalyOutput, FrozenCLIPModel
+from models.predictor import AnomalyPredictor
 from utils.core.checkpoint import atomic_write, file_sha256
 from utils.core.errors import CheckpointError, ConfigError
 
@@ -111,23 +114,22 @@ def _onnx(graph: ExportGraph, img_size: int, letterbox: bool, path: Path) -> Non
 
 
 def export(
-    model: FrozenCLIPModel,
+    predictor: AnomalyPredictor,
     out_dir: Path,
     formats: list[str],
     class_name: str,
-    domain: str,
-    letterbox: bool,
-    pad_color: tuple[int, int, int],
     info: dict[str, Any],
 ) -> dict[str, Path]:
     """Write `<out_dir>/model.onnx` and/or `model.xml` + `.bin` (one trace for all `formats`)
-    and `model.json`; returns {format: graph path}. `info` (model name, config, checkpoint,
-    calibration) goes into the JSON."""
+    and `model.json` for the predictor's model, domain and preprocessing scoring `class_name`;
+    returns {format: graph path}. `info` (model name, config, checkpoint, calibration) goes into
+    the JSON."""
     unknown = sorted(set(formats) - set(FORMATS))
     if unknown or not formats:
         raise ConfigError(f"unknown --format {unknown}; use {' and/or '.join(FORMATS)}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    model, domain, letterbox = predictor.model, predictor.domain, predictor.masks_padding
     graph = ExportGraph(model.cpu(), class_name, domain)
     targets = {fmt: out_dir / GRAPH_FILES[fmt] for fmt in FORMATS if fmt in formats}
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".export.") as scratch:
@@ -155,16 +157,9 @@ def export(
         "outputs": {"anomaly_map": "[B, S, S] float32", "image_score": "[B] float32"},
         "sha256": {fmt: file_sha256(path) for fmt, path in targets.items()},
         "opset": OPSET,
-        "preprocessing": {
-            "img_size": model.img_size,
-            "mean": list(CLIP_MEAN),
-            "std": list(CLIP_STD),
-            "resize": "bicubic",
-            "letterbox": letterbox,
-            "pad_color": list(pad_color),
-            "class_name": class_name,
-            "domain": domain,
-        },
+        "preprocessing": predictor.preprocessing.to_dict(),
+        "class_name": class_name,
+        "domain": domain,
         "k_shot": 0,
         **info,
     }
@@ -193,8 +188,10 @@ class ExportedPredictor:
     def __init__(self, model_dir: Path, backend: str) -> None:
         self.info = read_info(model_dir)
         self.backend = backend
-        settings = self.info["preprocessing"]
-        self.class_name, self.domain = settings["class_name"], settings["domain"]
+        self.preprocessing = Preprocessing.from_dict(
+            self.info.get("preprocessing"), f"{Path(model_dir) / INFO_FILE}"
+        )
+        self.class_name, self.domain = self.info["class_name"], self.info["domain"]
         graphs = self.info["graphs"]
         if backend == "onnxruntime":
             runtime = require("onnxruntime", "--backend onnxruntime")
@@ -228,6 +225,11 @@ class ExportedPredictor:
     @property
     def device(self) -> torch.device:
         return torch.device("cpu")
+
+    @property
+    def masks_padding(self) -> bool:
+        """Whether inputs carry padding the graph leaves out (letterbox: a valid_mask input)."""
+        return self.preprocessing.geometry == "letterbox"
 
     def predict(
         self,

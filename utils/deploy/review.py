@@ -170,7 +170,7 @@ def _summary(calibration: dict[str, Any], settings: dict[str, Any]) -> str:
         "normal folder": data.get("folder", "?"),
         "calibrated": calibration.get("created", "?"),
         "class, domain": f"{settings['class_name']}, {settings['domain']}",
-        "letterbox": settings["letterbox"],
+        "preprocessing": settings["preprocessing"],
     }
     about = "".join(f"<tr><th>{_escape(k)}</th><td>{_escape(v)}</td></tr>" for k, v in rows.items())
     return (
@@ -192,7 +192,8 @@ def write_review(
 ) -> Path:
     """Write `<out_dir>/index.html` and return its path.
 
-    rows: scores.csv's rows; settings: backend, rule, reduction, class_name, domain, letterbox;
+    rows: scores.csv's rows; settings: backend, rule, reduction, class_name, domain,
+    preprocessing (a description);
     images: per file, its thumbnail path relative to the page (files without one show none);
     labelled: with labels, {"report": label_report, "curves": roc_svg's argument}.
     """

@@ -500,12 +500,9 @@ def train_stage(
         dataset = TrainDataset(
             records,
             run.data_root,
-            model.img_size,
+            model.preprocessing(train=True, resize_masks=run.resize_masks),
             color_jitter=stage.color_jitter,
             augment=run.augment,
-            preprocessing=dataclasses.replace(
-                model.config.preprocessing(train=True), resize_masks=run.resize_masks
-            ),
         )
         loader = build_train_loader(dataset, stage.batch_size, run, dist)
         fit(model, stage, loader, optimizer, scheduler, run, dist, start, best_loss)

@@ -243,15 +243,24 @@ class PixelAccumulator:
         self._num_regions = 0
         self._image_negatives: list[np.ndarray] = []  # pro_variant "sowa" only: per-image FPRs
 
-    def update(self, maps: Any, masks: Any) -> None:
-        """maps: [B, H, W] float32; masks: [B, H, W] bool."""
+    def update(self, maps: Any, masks: Any, valid: Any = None) -> None:
+        """maps: [B, H, W] float32; masks: [B, H, W] bool; valid: [B, H, W] bool or None (all):
+        pixels outside it (letterbox padding) are not scored, and no defect lies there."""
         maps = _as_scores(maps, "maps")
         masks = _as_binary(masks, "masks")
         if maps.ndim != 3 or maps.shape != masks.shape:
             raise ValueError(f"maps {maps.shape} and masks {masks.shape} must both be [B, H, W]")
-        self._append_negatives(maps[~masks])
+        negative = ~masks
+        if valid is not None:
+            valid = _as_binary(valid, "valid")
+            if valid.shape != masks.shape:
+                raise ValueError(f"valid {valid.shape} must match masks {masks.shape}")
+            if (masks & ~valid).any():
+                raise ValueError("a mask marks defect pixels outside the valid region")
+            negative &= valid
+        self._append_negatives(maps[negative])
         if self.with_pro and self.pro_variant == "sowa":
-            self._image_negatives.extend(np.sort(m[~k]) for m, k in zip(maps, masks, strict=True))
+            self._image_negatives.extend(np.sort(m[n]) for m, n in zip(maps, negative, strict=True))
         if not masks.any():
             return
         self._pos_chunks.append(maps[masks])
@@ -406,12 +415,13 @@ class ClassEvaluator:
                 name=f"{self.prefix}pixel",
             )
 
-    def update(self, maps: Any, masks: Any) -> None:
-        """maps: [B, H, W] float; masks: [B, H, W] bool (may be None without pixel columns)."""
+    def update(self, maps: Any, masks: Any, valid: Any = None) -> None:
+        """maps: [B, H, W] float; masks: [B, H, W] bool (may be None without pixel columns);
+        valid: [B, H, W] bool, the pixels to score (None: all)."""
         if self.pixel is not None:
             if masks is None:
                 raise ValueError("pixel columns need maps and masks")
-            self.pixel.update(_to_numpy(maps), masks)
+            self.pixel.update(_to_numpy(maps), masks, valid)
 
     def compute(self, image_scores: Any, labels: Any) -> dict[str, float]:
         """The requested columns, values in [0, 1] or NaN; image_scores/labels: [N] (may be

@@ -142,7 +142,10 @@ def test_calibration_file_round_trip(tmp_path):
     assert calib.calibration_path(tmp_path / "run" / "feclip.pth").name == "feclip.calibration.json"
     path = calib.save_calibration(calib.calibration_path(tmp_path / "save"), calibration)
     loaded = calib.load_calibration(path)
-    assert loaded["thresholds"] == calibration["thresholds"] and loaded["format"] == 1
+    assert (
+        loaded["thresholds"] == calibration["thresholds"]
+        and loaded["format"] == calib.FORMAT_VERSION == 2
+    )
     assert [p.name for p in path.parent.iterdir()] == ["calibration.json"]  # no temporary left
     with pytest.raises(CheckpointError, match="run `predict.py calibrate` first"):
         calib.load_calibration(tmp_path / "missing.json")
