@@ -148,6 +148,8 @@ def test_export_matches_the_torch_backend(exports, name, tmp_path):
     for backend in BACKENDS:
         exported = export.ExportedPredictor(folder, backend)
         assert exported.preprocessing == predictor.preprocessing  # it applies exactly that
+        read = ImageFolder(data_root / CLASS / "test", exported.preprocessing)[9]
+        assert torch.equal(read.image, images[2]) and torch.equal(read.valid_mask, valid[2])
         got = exported.predict(images, [CLASS] * 5, mask)
         assert got.anomaly_map.shape == expected.anomaly_map.shape == (5, *images.shape[2:])
         torch.testing.assert_close(got.image_score, expected.image_score, atol=1e-4, rtol=0)

@@ -157,12 +157,23 @@ class EvalConfig(RuntimeConfig, DataConfig):
 
 @dataclasses.dataclass
 class EvaluatedFile:
-    """One checkpoint's results: per class its metrics, and what produced them."""
+    """One checkpoint's results: per class its metrics and per-image scores, and what produced
+    them."""
 
     path: Path
     epoch: int | None
     per_class: dict[str, dict[str, float]]
+    images: dict[str, list[dict[str, Any]]]
     meta: dict[str, Any]
+
+
+@dataclasses.dataclass
+class ClassResult:
+    """One class under one checkpoint: its metrics, and per image its file (the record's
+    path), label, `predict`'s image score and the paper-table image score."""
+
+    metrics: dict[str, float]
+    images: list[dict[str, Any]]
 
 
 def checkpoint_files(config: EvalConfig) -> tuple[str, list[Path]]:
@@ -278,9 +289,9 @@ def class_metrics(
     info: DatasetInfo,
     panels: bool = False,
     support: dict[str, list[str]] | None = None,
-) -> dict[str, float]:
-    """One class's metrics under one trained model (`size` test images); with `panels`, its
-    panels are written.
+) -> ClassResult:
+    """One class's metrics and image scores under one trained model (`size` test images);
+    with `panels`, its panels are written.
 
     With `--k_shot` > 0 the predictor's support set holds k normal train-split images of the
     class while it is predicted and scored; their paths go into `support`.
@@ -303,7 +314,13 @@ def class_metrics(
     metrics = evaluator.compute(image_scores, outputs.labels)
     if panels:
         write_panels(outputs, class_name, config, predictor)
-    return metrics
+    images = [
+        {"file": name, "label": int(label), "score": float(score), "table_score": float(table)}
+        for name, label, score, table in zip(
+            outputs.file_names, outputs.labels, outputs.det_scores, image_scores, strict=True
+        )
+    ]
+    return ClassResult(metrics, images)
 
 
 def set_support(
@@ -385,7 +402,7 @@ def evaluate(config: EvalConfig, overrides: dict[str, Any]) -> list[EvaluatedFil
         ", ".join(path.name for path in files),
         " (each class decoded once and held for every checkpoint)" if cache else "",
     )
-    per_file: dict[Path, dict[str, dict[str, float]]] = {path: {} for path in files}
+    per_file: dict[Path, dict[str, ClassResult]] = {path: {} for path in files}
     supports: dict[Path, dict[str, list[str]]] = {path: {} for path in files}
     groups = class_batches(datasets, config.batch_size, workers, device)
     bars = config.progress
@@ -411,7 +428,9 @@ def evaluate(config: EvalConfig, overrides: dict[str, Any]) -> list[EvaluatedFil
     settings = to_mapping(model.config)
     results = []
     for path in files:
-        payload, per_class, support = payloads[path], per_file[path], supports[path]
+        payload, support = payloads[path], supports[path]
+        per_class = {name: result.metrics for name, result in per_file[path].items()}
+        images = {name: result.images for name, result in per_file[path].items()}
         meta = {
             "dataset": config.dataset,
             "model": model_name,
@@ -445,6 +464,7 @@ def evaluate(config: EvalConfig, overrides: dict[str, Any]) -> list[EvaluatedFil
             meta,
             undefined=config.undefined_metric,
             decimals=config.decimals,
+            images=images,
         )
-        results.append(EvaluatedFile(path, payload.get("epoch"), per_class, meta))
+        results.append(EvaluatedFile(path, payload.get("epoch"), per_class, images, meta))
     return results

@@ -139,8 +139,10 @@ def write_results(
     meta: dict[str, Any],
     undefined: str = "nan",
     decimals: int | None = None,
+    images: dict[str, list[dict[str, Any]]] | None = None,
 ) -> dict[str, Path]:
-    """Write `<stem>.json` (meta + raw values), `<stem>.csv` (x100) and `<stem>.md` atomically.
+    """Write `<stem>.json` (meta + raw values, and with `images` each class's per-image rows),
+    `<stem>.csv` (x100) and `<stem>.md` atomically.
 
     -> {"json": path, "csv": path, "md": path}.
     """
@@ -157,6 +159,8 @@ def write_results(
         "mean": {column: row[column] for column in columns},
         "coverage": {column: row[_COVERAGE.format(column=column)] for column in columns},
     }
+    if images is not None:
+        payload["images"] = images
     text = json.dumps(_json_ready(payload), indent=2, allow_nan=False, default=str)
 
     buffer = io.StringIO()
