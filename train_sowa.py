@@ -11,11 +11,11 @@ while epoch < `--epochs`.
 
 from __future__ import annotations
 
-import train
+from utils.engine import job
 
 
 def main(argv: list[str] | None = None) -> int:
-    return train.train_model("sowa", argv)
+    return job.main(argv, "sowa")
 
 
 if __name__ == "__main__":

@@ -36,10 +36,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from metrics import MVTEC_TEST  # noqa: E402  (MVTec AD's classes and test-split sizes)
 
-import train  # noqa: E402
 from datasets.synthetic import ensure_synthetic  # noqa: E402
 from models.predictor import AnomalyPredictor  # noqa: E402
 from utils.core.runtime import cpu_kind  # noqa: E402
+from utils.engine import job  # noqa: E402
 from utils.evaluation import evaluate as evaluation  # noqa: E402
 from utils.evaluation.metrics import ClassEvaluator  # noqa: E402
 
@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
             quick += ["--model_name", args.model_name, "--pretrained", ""]  # random weights
             if args.img_size is not None:
                 quick += ["--img_size", str(args.img_size)]
-            if train.main(quick) != 0:
+            if job.main(quick) != 0:
                 raise SystemExit("training the tiny model failed; see its log above")
         config = evaluation.EvalConfig(
             save_path=save_path,

@@ -36,7 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models import backbone  # noqa: E402
-from models.aaclip import AdaptedCLIP, stage1_loss  # noqa: E402
+from models.aaclip import AAClip, stage1_loss  # noqa: E402
 from models.base import FrozenCLIPModel  # noqa: E402
 from models.forward_utils import (  # noqa: E402
     calculate_seg_loss,
@@ -95,7 +95,7 @@ def build_model(name: str, args: argparse.Namespace, device: torch.device) -> Fr
 
 
 def straightforward_surgery_features(
-    model: AdaptedCLIP, surgery_clip, images: torch.Tensor
+    model: AAClip, surgery_clip, images: torch.Tensor
 ) -> list[torch.Tensor]:
     """Stage-1 features the original's way: a second CLIP copy walked from the start, and a full
     separate clean pass for the CLS embedding."""
@@ -153,7 +153,7 @@ def fit_step(model: FrozenCLIPModel, stage_index: int, amp: str, batch: dict) ->
     return lambda: training_step(forward, model, batch, optimizer, scaler, amp)
 
 
-def straightforward_step(kind: str, model: AdaptedCLIP, args, batch: dict) -> Callable:
+def straightforward_step(kind: str, model: AAClip, args, batch: dict) -> Callable:
     """A stage-1 or stage-2 step the original's way (fp32)."""
     images, masks, labels = batch["image"], batch["mask"], batch["label"]
     device = images.device

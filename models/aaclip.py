@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from open_clip.model import CLIP
 from torch import nn
 
-from datasets.catalog import DEFAULT_DOMAIN, check_domain
+from datasets.catalog import DEFAULT_DOMAIN, DatasetInfo, check_domain
 from models import backbone
 from models.adapters import SimpleAdapter, SimpleProj, residual_blend, xavier_init
 from models.base import AnomalyOutput, ClipConfig, FrozenCLIPModel, MapExtrema, Stage
@@ -188,8 +188,9 @@ def class_logits(
     return scale * torch.matmul(features.unsqueeze(1), epoch_text_feature)[:, 0]
 
 
-class AdaptedCLIP(FrozenCLIPModel):
-    """Frozen CLIP plus AA-CLIP's text and image adapters (settings: `AAClipConfig`)."""
+class AAClip(FrozenCLIPModel):
+    """Frozen CLIP plus AA-CLIP's text and image adapters (the original's `AdaptedCLIP`;
+    settings: `AAClipConfig`)."""
 
     config_class = AAClipConfig
     checkpoint_file = "image_adapter.pth"
@@ -437,6 +438,7 @@ class AdaptedCLIP(FrozenCLIPModel):
                 scheduler_key="text_scheduler",
                 log_prefix="text ",
                 lr_flag="--text_lr",
+                title="train_text_adapter: the text adapters against frozen surgery features",
             ),
             Stage(
                 "image",
@@ -447,6 +449,7 @@ class AdaptedCLIP(FrozenCLIPModel):
                 scheduler_key="image_scheduler",
                 log_prefix="image ",
                 lr_flag="--image_lr",
+                title="train_image_adapter: the image adapters against the stage-1 anchors",
             ),
         ]
 
@@ -481,7 +484,7 @@ class AdaptedCLIP(FrozenCLIPModel):
         )
         return optimizer, scheduler
 
-    def prepare_stage(self, stage: Stage, dataset: str) -> None:
+    def prepare_stage(self, stage: Stage, dataset: str | DatasetInfo) -> None:
         """Stage 2 trains against the stage-1 anchors of every class, computed once, frozen."""
         self.train_dataset = dataset
         if stage.name == "image":
@@ -629,6 +632,12 @@ class AdaptedCLIP(FrozenCLIPModel):
             if adapters != config.text_adapt_until:
                 return f"{path} has {adapters} text adapters; pass --text_adapt_until {adapters}"
         return f"{path} has weights of another size than this backbone; check --model_name"
+
+    @classmethod
+    def is_original(cls, payload: dict[str, Any]) -> bool:
+        """The original's files: `{text_adapter: ...}` or `{image_adapter: ...}` (+ optimizer,
+        epoch)."""
+        return "image_adapter" in payload or "text_adapter" in payload
 
     @classmethod
     def original_settings(

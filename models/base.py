@@ -20,7 +20,7 @@ import torch
 from open_clip.model import CLIP
 from torch import nn
 
-from datasets.catalog import DEFAULT_DOMAIN
+from datasets.catalog import DEFAULT_DOMAIN, DatasetInfo
 from datasets.preprocessing import (
     BACKENDS,
     DEFAULT_PAD_COLOR,
@@ -47,6 +47,10 @@ class ClipConfig:
     paper_img_size: ClassVar[int] = 518
     # Defaults of the run settings (utils.engine.training.RunConfig) that differ for this model.
     run_defaults: ClassVar[dict[str, Any]] = {}
+    # A fine-tuning model's base checkpoints (the names of its path settings) and the config
+    # class whose settings, with the run's, it inherits from them when not given.
+    base_checkpoints: ClassVar[tuple[str, ...]] = ()
+    inherits: ClassVar[type | None] = None
 
     model_name: str | None = setting(
         None,
@@ -206,6 +210,7 @@ class Stage:
     optimizer_key: str = "optimizer"
     scheduler_key: str = "scheduler"
     scheduler_interval: str = "step"  # "step", or "epoch" (stepped with the epoch's mean loss)
+    title: str = ""  # the original's name of the stage's training (train_text_adapter, ...)
     log_prefix: str = ""  # "text " logs "text epoch 1/5: loss ..."
     lr_flag: str = "--lr"  # the flag of this stage's learning rate (named in divergence errors)
     keep: str = "last"  # "lowest_loss" also keeps the lowest-training-loss epoch as <stem>_best
@@ -401,7 +406,14 @@ class FrozenCLIPModel(nn.Module):
         """The stage's optimizer and LR scheduler (None: constant)."""
         raise NotImplementedError
 
-    def prepare_stage(self, stage: Stage, dataset: str) -> None:
+    def prepare_training(self, trust: bool = False) -> None:
+        """Work before the first stage, e.g. the cross-attention variant loads its base adapters
+        (`trust`: files that need pickle may be read)."""
+
+    def start_optimizer(self, stage: Stage, optimizer: torch.optim.Optimizer) -> None:
+        """Seed a stage's new optimizer before a resume may load its own state (none here)."""
+
+    def prepare_stage(self, stage: Stage, dataset: str | DatasetInfo) -> None:
         """Work before a stage starts (e.g. anchors frozen for stage 2); the training data set's
         catalog name gives the classes' prompt names."""
 
@@ -508,6 +520,12 @@ class FrozenCLIPModel(nn.Module):
         config = cls.config_from_checkpoint(path, payload, overrides or {}, dataset, trust)
         model = cls.from_config(config, device)
         return model, model.load_trained(path, payload, trust)
+
+    @classmethod
+    def is_original(cls, payload: dict[str, Any]) -> bool:
+        """Whether a checkpoint without a stored config is a file of this model's original code
+        (each model recognises its own original's layout)."""
+        return False
 
     @classmethod
     def original_settings(

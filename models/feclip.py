@@ -324,13 +324,18 @@ ORIGINAL_KEYS = (
 )
 
 
-class FECLIP(FrozenCLIPModel):
+class FEClip(FrozenCLIPModel):
     """Frozen CLIP with FE-CLIP's FFE/LFS adapters at the tap blocks and a learnable `fc_patch`
     (settings: `FEClipConfig`)."""
 
     config_class = FEClipConfig
     checkpoint_file = "feclip.pth"
     log_file = "train_feclip.log"
+
+    @classmethod
+    def is_original(cls, payload: dict[str, Any]) -> bool:
+        """The fork's `best_model.pt`: its weights under `model_state_dict`."""
+        return "model_state_dict" in payload
 
     @classmethod
     def original_settings(

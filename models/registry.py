@@ -11,10 +11,10 @@ from typing import Any
 
 import torch
 
-from models.aaclip import AdaptedCLIP
+from models.aaclip import AAClip
+from models.aaclip_cross_attn import AAClipCrossAttn
 from models.base import ClipConfig, FrozenCLIPModel
-from models.cross_attention import AdaptedCLIPWithCrossAttention
-from models.feclip import FECLIP
+from models.feclip import FEClip
 from models.sowa import SOWA
 from utils.core.checkpoint import load_checkpoint
 from utils.core.errors import CheckpointError, ConfigError
@@ -22,8 +22,7 @@ from utils.core.errors import CheckpointError, ConfigError
 # The order decides which model a folder holds when several files are present (a
 # cross-attention run also keeps AA-CLIP names).
 MODELS: dict[str, type[FrozenCLIPModel]] = {
-    model.config_class.name: model
-    for model in (AdaptedCLIPWithCrossAttention, AdaptedCLIP, FECLIP, SOWA)
+    model.config_class.name: model for model in (AAClipCrossAttn, AAClip, FEClip, SOWA)
 }
 
 
@@ -65,22 +64,22 @@ def find_checkpoint(path: Path, model: str | None = None, trust: bool = False) -
 
 def model_of(path: Path, payload: dict | None = None, trust: bool = False) -> str:
     """The model a checkpoint file holds: its config's `model`; for a file of an original code,
-    which stores none, its layout: the FE-CLIP fork's `model_state_dict`, SOWA's Lightning
-    `state_dict` under `net.`, the cross-attention fork's modules, else the original AA-CLIP's."""
+    which stores none, the first model (registry order) that recognises its layout."""
     payload = load_checkpoint(path, trust=trust) if payload is None else payload
-    state = payload.get("state_dict") or {}
-    if "model_state_dict" in payload:
-        original = "feclip"
-    elif any(str(key).startswith("net.visual_encoder.") for key in state):
-        original = "sowa"
-    elif "image_cross_attn" in payload or "text_cross_attn" in payload:
-        original = "aaclip_cross_attn"
-    else:
-        original = "aaclip"
-    name = (payload.get("config") or {}).get("model", original)
-    if name not in MODELS:
-        raise CheckpointError(f"{path} holds a {name!r} model; this version knows {list(MODELS)}")
-    return name
+    saved = payload.get("config")
+    if saved:
+        name = saved.get("model", "aaclip")  # this project's first files named no model
+        if name not in MODELS:
+            known = list(MODELS)
+            raise CheckpointError(f"{path} holds a {name!r} model; this version knows {known}")
+        return name
+    for name, model in MODELS.items():
+        if model.is_original(payload):
+            return name
+    raise CheckpointError(
+        f"{path} is neither a checkpoint of this project nor a file of an original code "
+        f"({', '.join(MODELS)}); its keys are {sorted(payload)[:8]}"
+    )
 
 
 def load_trained_model(

@@ -491,6 +491,12 @@ class SOWA(FrozenCLIPModel):
     supports_memory = True
 
     @classmethod
+    def is_original(cls, payload: dict[str, Any]) -> bool:
+        """The original's Lightning checkpoint: the adapters under `state_dict` as `net.`."""
+        state = payload.get("state_dict") or {}
+        return any(str(key).startswith("net.visual_encoder.") for key in state)
+
+    @classmethod
     def original_settings(
         cls, path: Path, payload: dict[str, Any], trust: bool = False
     ) -> dict[str, Any]:

@@ -20,7 +20,7 @@ import train
 from datasets.anomaly import build_test_datasets
 from datasets.metadata import load_test_records
 from datasets.preprocessing import Preprocessing
-from models.aaclip import AdaptedCLIP
+from models.aaclip import AAClip
 from models.forward_utils import get_adapted_text_embedding
 from utils.core import runtime
 from utils.core.runtime import autocast, resolve_amp
@@ -29,7 +29,7 @@ from utils.evaluation.metrics import pixel_metrics
 
 
 def test_bf16_predictions_stay_close_to_fp32(tiny_clip, synthetic_root):
-    model = AdaptedCLIP(None, tiny_clip).eval()
+    model = AAClip(None, tiny_clip).eval()
     anchors = get_adapted_text_embedding(model, "Synthetic", "cpu")
     datasets = build_test_datasets(
         load_test_records("Synthetic", synthetic_root), synthetic_root, Preprocessing(64)

@@ -14,19 +14,12 @@ import pytest
 import yaml
 
 import test as test_script
-import train
 from models.aaclip import AAClipConfig
-from models.cross_attention import CrossAttentionConfig
+from models.aaclip_cross_attn import AAClipCrossAttnConfig
 from models.registry import MODELS
 from utils.core.config import ARCH, CONFIG_DIR, flag_hint, from_mapping, settings_of, to_mapping
+from utils.engine import job as training_job
 from utils.engine.training import RunConfig
-
-YAML_OF = {
-    "aaclip": "aaclip.yaml",
-    "aaclip_cross_attn": "cross_attention.yaml",
-    "feclip": "feclip.yaml",
-    "sowa": "sowa.yaml",
-}
 
 
 def default_of(config_class: type, field: dataclasses.Field):
@@ -38,7 +31,7 @@ def default_of(config_class: type, field: dataclasses.Field):
 @pytest.mark.parametrize("name", list(MODELS))
 def test_config_files_mirror_the_dataclass_defaults(name):
     config_class = MODELS[name].config_class
-    values = yaml.safe_load((CONFIG_DIR / YAML_OF[name]).read_text())
+    values = yaml.safe_load((CONFIG_DIR / f"{name}.yaml").read_text())
     assert values.pop("model") == name
     expected = {}
     for config, defaults in ((RunConfig, config_class.run_defaults), (config_class, {})):
@@ -55,18 +48,18 @@ def test_config_files_mirror_the_dataclass_defaults(name):
 
 @pytest.mark.parametrize("name", ["aaclip", "feclip", "sowa"])
 def test_training_takes_each_models_yaml(name, tmp_path):
-    job = train.parse_args(["--config", str(CONFIG_DIR / YAML_OF[name])], name)
+    job = training_job.parse_args(["--config", str(CONFIG_DIR / f"{name}.yaml")], name)
     assert job.config == job.model_class.config_class().resolve("Synthetic")
     with pytest.raises(Exception, match="configures (sowa|feclip); pass --model"):
         other = "sowa" if name != "sowa" else "feclip"
-        train.parse_args(["--config", str(CONFIG_DIR / YAML_OF[other])], name)
+        training_job.parse_args(["--config", str(CONFIG_DIR / f"{other}.yaml")], name)
 
 
 def test_unknown_yaml_key_is_refused_with_the_valid_ones(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("lambda_fuze: 0.2\n")
     with pytest.raises(Exception, match=r"unknown keys \['lambda_fuze'\].*lambda_fuse"):
-        train.parse_args(["--config", str(path)], "feclip")
+        training_job.parse_args(["--config", str(path)], "feclip")
 
 
 def test_test_py_offers_every_models_test_time_settings():
@@ -103,25 +96,27 @@ def test_every_architecture_hint_is_a_command_line_the_parsers_accept(name):
         if field.name == "model_name":
             value = "tiny"
         hint = shlex.split(flag_hint(field, field.name, value))
-        parsed = train.build_parser(MODELS[name]).parse_args(hint)
+        parsed = training_job.build_parser(MODELS[name]).parse_args(hint)
         assert getattr(parsed, field.name) == value, (field.name, hint)
         assert test_script.parse_args(hint)[1][field.name] == value, (field.name, hint)
 
 
 def test_levels_alias_counts_from_one_and_the_stored_config_keeps_both_names():
-    job = train.parse_args(["--levels", "6", "12", "18", "24"])
+    job = training_job.parse_args(["--levels", "6", "12", "18", "24"])
     assert job.config.block_indices == [5, 11, 17, 23]
     stored = to_mapping(job.config)
     assert stored["block_indices"] == [5, 11, 17, 23] and stored["levels"] == [6, 12, 18, 24]
     assert from_mapping(AAClipConfig, {"levels": [6, 12, 18, 24]}).block_indices == [5, 11, 17, 23]
-    cross = from_mapping(CrossAttentionConfig, {"tap_indices": [1]})  # another model's alias
+    cross = from_mapping(AAClipCrossAttnConfig, {"tap_indices": [1]})  # another model's alias
     assert cross.block_indices == [5, 11, 17, 23]
 
 
 @pytest.mark.parametrize("name", ["feclip", "sowa"])
 def test_the_single_stage_models_train_on_the_whole_test_split_as_their_originals(name):
-    job = train.parse_args([], name)
+    job = training_job.parse_args([], name)
     assert job.run.training_mode == "full_shot"
     with pytest.raises(Exception, match="--shot 8 has no effect in full_shot mode"):
-        train.parse_args(["--shot", "8"], name)
-    assert train.parse_args(["--training_mode", "few_shot", "--shot", "8"], name).run.shot == 8
+        training_job.parse_args(["--shot", "8"], name)
+    assert (
+        training_job.parse_args(["--training_mode", "few_shot", "--shot", "8"], name).run.shot == 8
+    )

@@ -209,7 +209,7 @@ def test_an_export_refuses_another_class_or_preprocessing(
 
 
 def test_cross_attention_both_and_missing_packages_are_one_line(tiny_clip, monkeypatch):
-    from models.cross_attention import AdaptedCLIPWithCrossAttention as CrossAttentionModel
+    from models.aaclip_cross_attn import AAClipCrossAttn as CrossAttentionModel
 
     config = dataclasses.replace(CrossAttentionModel.config_class(), cross_attn_at_test="both")
     with pytest.raises(ConfigError, match="runs the text tower per image"):

@@ -22,13 +22,13 @@ import torch
 import predict
 import test as test_script
 import train
-from models.feclip import FECLIP
+from models.feclip import FEClip
 from models.predictor import AnomalyPredictor
 from models.registry import find_checkpoint
 from utils.core import checkpoint
 from utils.core.errors import TrainingDiverged
 from utils.core.runtime import grad_scaler, progress, run_script
-from utils.engine import training
+from utils.engine import job, training
 from utils.engine.distributed import Distributed
 from utils.engine.training import training_step
 from utils.evaluation import evaluate
@@ -79,7 +79,7 @@ def test_a_diverging_loss_stops_and_keeps_the_last_good_checkpoint(
     def nan_loss(self, output, batch):
         return {"loss": output.image_logits.sum() * float("nan")}
 
-    monkeypatch.setattr(FECLIP, "loss", nan_loss)
+    monkeypatch.setattr(FEClip, "loss", nan_loss)
     assert train.main([*argv, "--epochs", "2"]) == 2
     message = one_line_error()
     assert "the loss is nan at epoch 2/2, step 1/" in message
@@ -437,4 +437,4 @@ def test_progress_bars_only_on_a_terminal_or_never_with_no_progress(good_run, ca
     assert "it/s" not in capsys.readouterr().err
     assert progress(range(3), enabled=False).disable
     assert progress(range(3), quiet=True).disable
-    assert train.build_parser(FECLIP).parse_args(["--no_progress"]).progress is False
+    assert job.build_parser(FEClip).parse_args(["--no_progress"]).progress is False

@@ -21,6 +21,7 @@ from models.registry import MODELS, find_checkpoint
 from utils.core.config import CONFIG_DIR
 from utils.deploy import calibration as calib
 from utils.deploy import field
+from utils.engine import job
 
 FAST = ["--device", "cpu", "--training_mode", "few_shot", "--shot", "4"]
 # Non-default architecture per model (the defect: AA-CLIP was rebuilt from test.py's flags).
@@ -177,7 +178,7 @@ def test_every_scripts_help_names_every_model_data_set_and_default(script):
         parser = test_script.build_parser()
     else:
         model = "aaclip_cross_attn" if script == "train_cross_attention" else "aaclip"
-        parser = train.build_parser(MODELS[model])
+        parser = job.build_parser(MODELS[model])
     text = " ".join(parser.format_help().split())
     for model in MODELS:
         assert model in text

@@ -1,4 +1,4 @@
-"""AdaptedCLIP on the tiny backbone: equivalences, surgery quirk, shapes, gradients, keys."""
+"""AAClip on the tiny backbone: equivalences, surgery quirk, shapes, gradients, keys."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from torch import nn
 from torch.testing import assert_close
 
 from models import backbone
-from models.aaclip import AAClipConfig, AdaptedCLIP, aaclip_image_scores
+from models.aaclip import AAClip, AAClipConfig, aaclip_image_scores
 from models.adapters import residual_blend
 from models.base import MapExtrema
 from models.forward_utils import calculate_similarity_map, get_adapted_single_class_text_embedding
@@ -41,14 +41,14 @@ class FrozenProjection(nn.Module):
 
 
 def test_zero_weight_text_path_equals_encode_text(tiny_clip):
-    model = AdaptedCLIP(AAClipConfig(text_adapt_weight=0.0), tiny_clip)
+    model = AAClip(AAClipConfig(text_adapt_weight=0.0), tiny_clip)
     model.text_adapter[-1] = TextProjection(tiny_clip)
     token_ids = model.tokenize(["a photo of a dark bottle.", "a dark bottle with flaw."])
     assert_close(model.encode_text(token_ids), tiny_clip.encode_text(token_ids), atol=1e-5, rtol=0)
 
 
 def test_zero_weight_vision_levels_equal_forward_intermediates(tiny_clip):
-    model = AdaptedCLIP(AAClipConfig(image_adapt_weight=0.0), tiny_clip)
+    model = AAClip(AAClipConfig(image_adapt_weight=0.0), tiny_clip)
     for index in range(4):
         model.image_adapter["seg_proj"][index] = FrozenProjection(tiny_clip)
     images = torch.randn(2, 3, 64, 64)
@@ -61,7 +61,7 @@ def test_zero_weight_vision_levels_equal_forward_intermediates(tiny_clip):
 
 
 def test_plain_clip_text_when_no_text_adapter(tiny_clip):
-    model = AdaptedCLIP(None, tiny_clip)
+    model = AAClip(None, tiny_clip)
     model.use_text_adapter = False
     token_ids = model.tokenize(["a photo of a screw."])
     assert_close(model.encode_text(token_ids), tiny_clip.encode_text(token_ids))
@@ -77,17 +77,17 @@ def test_residual_blend_preserves_norm():
 
 
 def test_surgery_replaces_the_last_blocks(tiny_clip):
-    assert list(
-        AdaptedCLIP(AAClipConfig(surgery_until_layer=20), tiny_clip).surgery_blocks()
-    ) == list(range(5, 24))
+    assert list(AAClip(AAClipConfig(surgery_until_layer=20), tiny_clip).surgery_blocks()) == list(
+        range(5, 24)
+    )
 
 
 def test_batch_mix_mixes_images_and_per_image_does_not(tiny_clip):
     images = torch.randn(3, 3, 64, 64)
     changed = images.clone()
     changed[1] = torch.randn(3, 64, 64)
-    mixed = AdaptedCLIP(AAClipConfig(surgery_attention="batch_mix"), tiny_clip)
-    separate = AdaptedCLIP(AAClipConfig(surgery_attention="per_image"), tiny_clip)
+    mixed = AAClip(AAClipConfig(surgery_attention="batch_mix"), tiny_clip)
+    separate = AAClip(AAClipConfig(surgery_attention="per_image"), tiny_clip)
     a = mixed.surgery_features(images)[0][-1][0]
     b = mixed.surgery_features(changed)[0][-1][0]
     assert not torch.allclose(a, b)
@@ -97,7 +97,7 @@ def test_batch_mix_mixes_images_and_per_image_does_not(tiny_clip):
 
 
 def test_surgery_features_match_a_straightforward_two_pass_computation(tiny_clip):
-    model = AdaptedCLIP(AAClipConfig(surgery_attention="per_image"), tiny_clip)
+    model = AAClip(AAClipConfig(surgery_attention="per_image"), tiny_clip)
     images = torch.randn(2, 3, 64, 64)
     features, cls = model.surgery_features(images)
     assert_close(cls, F.normalize(tiny_clip.encode_image(images), dim=-1))
@@ -116,7 +116,7 @@ def test_surgery_features_match_a_straightforward_two_pass_computation(tiny_clip
 
 
 def test_shapes_and_norms(tiny_clip):
-    model = AdaptedCLIP(None, tiny_clip)
+    model = AAClip(None, tiny_clip)
     images = torch.randn(3, 3, 64, 64)
     anchors = get_adapted_single_class_text_embedding(model, "MVTec", "bottle", "cpu")
     assert anchors.shape == (32, 2)
@@ -138,7 +138,7 @@ def test_shapes_and_norms(tiny_clip):
 
 
 def test_stage2_gradients_reach_only_image_adapters(tiny_clip):
-    model = AdaptedCLIP(None, tiny_clip)
+    model = AAClip(None, tiny_clip)
     seg_tokens, det_token = model(torch.randn(2, 3, 64, 64))
     (sum(tokens.sum() for tokens in seg_tokens) + det_token.sum()).backward()
     for name, parameter in model.named_parameters():
@@ -149,7 +149,7 @@ def test_stage2_gradients_reach_only_image_adapters(tiny_clip):
 
 
 def test_stage1_gradients_reach_only_text_adapters(tiny_clip):
-    model = AdaptedCLIP(None, tiny_clip)
+    model = AAClip(None, tiny_clip)
     anchors = get_adapted_single_class_text_embedding(model, "MVTec", "bottle", "cpu")
     features = model.surgery_features(torch.randn(2, 3, 64, 64))[0]
     calculate_similarity_map(features[-1], anchors.expand(2, 32, 2), 64)[:, 1].mean().backward()
@@ -164,7 +164,7 @@ def test_stage1_gradients_reach_only_text_adapters(tiny_clip):
     ("relu", "proj_key"), [(False, "seg_proj.0.fc.weight"), (True, "seg_proj.0.fc.0.weight")]
 )
 def test_state_dict_keys_equal_the_original(tiny_clip, relu, proj_key):
-    model = AdaptedCLIP(AAClipConfig(relu=relu), tiny_clip)
+    model = AAClip(AAClipConfig(relu=relu), tiny_clip)
     text_keys = set(model.text_adapter.state_dict())
     assert text_keys == {f"{index}.fc.0.weight" for index in range(4)}
     image_keys = set(model.image_adapter.state_dict())
@@ -175,7 +175,7 @@ def test_state_dict_keys_equal_the_original(tiny_clip, relu, proj_key):
 
 
 def test_original_format_checkpoint_loads_and_relu_mismatch_is_named(tmp_path, tiny_clip):
-    trained = AdaptedCLIP(AAClipConfig(relu=False), tiny_clip)
+    trained = AAClip(AAClipConfig(relu=False), tiny_clip)
     path = tmp_path / "image_adapter.pth"
     original = {
         "epoch": 3,
@@ -183,18 +183,16 @@ def test_original_format_checkpoint_loads_and_relu_mismatch_is_named(tmp_path, t
         "image_optimizer": {},
     }
     save_checkpoint(path, original)
-    fresh = AdaptedCLIP(AAClipConfig(relu=False), backbone.tiny_clip())
+    fresh = AAClip(AAClipConfig(relu=False), backbone.tiny_clip())
     fresh.load_adapter(path, "image_adapter")
     for key, value in trained.image_adapter.state_dict().items():
         assert torch.equal(fresh.image_adapter.state_dict()[key], value)
     with pytest.raises(CheckpointError, match="trained with relu=False; pass --no-relu"):
-        AdaptedCLIP(AAClipConfig(relu=True), backbone.tiny_clip()).load_adapter(
-            path, "image_adapter"
-        )
+        AAClip(AAClipConfig(relu=True), backbone.tiny_clip()).load_adapter(path, "image_adapter")
 
 
 def test_checkpoint_with_config_names_the_differing_flag(tmp_path, tiny_clip):
-    model = AdaptedCLIP(AAClipConfig(model_name="tiny", relu=True), tiny_clip)
+    model = AAClip(AAClipConfig(model_name="tiny", relu=True), tiny_clip)
     path = tmp_path / "image_adapter.pth"
     config = {"model_name": "tiny", "relu": True, "levels": [6, 12, 18, 24]}
     save_checkpoint(
@@ -203,7 +201,7 @@ def test_checkpoint_with_config_names_the_differing_flag(tmp_path, tiny_clip):
     with pytest.raises(
         CheckpointError, match=r"relu=True but this run has relu=False; pass --relu"
     ):
-        AdaptedCLIP(AAClipConfig(model_name="tiny", relu=False), tiny_clip).load_adapter(
+        AAClip(AAClipConfig(model_name="tiny", relu=False), tiny_clip).load_adapter(
             path, "image_adapter"
         )
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from models.aaclip import AAClipConfig, AdaptedCLIP
-from models.feclip import FECLIP, FEClipConfig
+from models.aaclip import AAClip, AAClipConfig
+from models.feclip import FEClip, FEClipConfig
 from models.sowa import SOWA, SOWAConfig
 from utils.core.errors import ConfigError
 
@@ -13,8 +13,8 @@ from utils.core.errors import ConfigError
 @pytest.mark.parametrize(
     ("model", "config", "shown"),
     [
-        (AdaptedCLIP, AAClipConfig, "--levels 6 12 25"),  # the original's 1-based levels
-        (FECLIP, FEClipConfig, "--tap_indices 5 11 24"),
+        (AAClip, AAClipConfig, "--levels 6 12 25"),  # the original's 1-based levels
+        (FEClip, FEClipConfig, "--tap_indices 5 11 24"),
         (SOWA, SOWAConfig, "--feature_map_idx 5 11 24"),
     ],
 )

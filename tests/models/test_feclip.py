@@ -14,7 +14,7 @@ from datasets.metadata import ensure_training_records
 from datasets.preprocessing import Preprocessing
 from models import backbone
 from models.feclip import (
-    FECLIP,
+    FEClip,
     FEClipConfig,
     FFEAdapter,
     LFSAdapter,
@@ -139,7 +139,7 @@ def test_masked_mean_at_the_letterbox_edge_by_hand():
 def test_lambda_zero_reproduces_encode_image_and_intermediates(tiny_clip):
     torch.manual_seed(0)
     images = torch.randn(2, 3, 64, 64)
-    model = FECLIP(FEClipConfig(block_indices=TAPS, lambda_fuse=0.0), tiny_clip)
+    model = FEClip(FEClipConfig(block_indices=TAPS, lambda_fuse=0.0), tiny_clip)
     features = model.encode_image(images)
     reference = tiny_clip.visual.forward_intermediates(
         images, indices=TAPS, output_fmt="NLC", output_extra_tokens=True
@@ -155,7 +155,7 @@ def test_lambda_zero_reproduces_encode_image_and_intermediates(tiny_clip):
 def test_fusion_changes_the_stream_after_the_first_tap(tiny_clip):
     torch.manual_seed(0)
     images = torch.randn(2, 3, 64, 64)
-    model = FECLIP(FEClipConfig(block_indices=[15, 18, 21, 23]), tiny_clip)
+    model = FEClip(FEClipConfig(block_indices=[15, 18, 21, 23]), tiny_clip)
     features = model.encode_image(images)
     reference = tiny_clip.visual.forward_intermediates(
         images, indices=[15, 18], output_fmt="NLC", output_extra_tokens=True
@@ -166,7 +166,7 @@ def test_fusion_changes_the_stream_after_the_first_tap(tiny_clip):
 
 
 def test_only_adapters_get_gradients_and_clip_stays_in_eval(tiny_clip):
-    model = FECLIP(None, tiny_clip)
+    model = FEClip(None, tiny_clip)
     width, dim = backbone.vision_width(tiny_clip), backbone.embed_dim(tiny_clip)
     per_tap = (width * width + width) + (9 * width * width + width)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -186,7 +186,7 @@ def test_only_adapters_get_gradients_and_clip_stays_in_eval(tiny_clip):
 
 
 def test_margin_logit_is_the_two_prompt_softmax(tiny_clip):
-    model = FECLIP(None, tiny_clip)
+    model = FEClip(None, tiny_clip)
     embeddings = torch.randn(5, backbone.embed_dim(tiny_clip))
     cosines = F.normalize(embeddings, dim=-1) @ model.text_features.T
     softmax = torch.softmax(cosines / model.config.temperature, dim=-1)[:, 1]
@@ -207,7 +207,7 @@ def test_binary_focal_loss_against_hand_values():
 
 def test_predict_maps_scores_and_letterbox_mask(tiny_clip):
     torch.manual_seed(0)
-    model = FECLIP(None, tiny_clip).eval()
+    model = FEClip(None, tiny_clip).eval()
     images = torch.randn(2, 3, 64, 64)
     output = model.predict(images, ["object", "object"])
     assert output.anomaly_map.shape == (2, 64, 64) and output.image_score.shape == (2,)
@@ -231,7 +231,7 @@ def test_loss_falls_on_a_synthetic_batch(tiny_clip, synthetic_root, tmp_path):
     dataset = TrainDataset(records, synthetic_root, Preprocessing(64), augment=False)
     batch = torch.utils.data.default_collate([dataset[i] for i in range(len(dataset))])
     assert batch["label"].min() == 0 and batch["label"].max() == 1
-    model = FECLIP(FEClipConfig(lr=3e-3, fc_patch_lr_ratio=1.0), tiny_clip)
+    model = FEClip(FEClipConfig(lr=3e-3, fc_patch_lr_ratio=1.0), tiny_clip)
     stage = model.stages()[0]
     optimizer, _ = model.configure_optimizer(stage)
     model.train()
@@ -247,7 +247,7 @@ def test_loss_falls_on_a_synthetic_batch(tiny_clip, synthetic_root, tmp_path):
 
 
 def test_fc_patch_learning_rate_ratio_and_frozen_option(tiny_clip):
-    model = FECLIP(FEClipConfig(lr=5e-4, fc_patch_lr_ratio=0.01), tiny_clip)
+    model = FEClip(FEClipConfig(lr=5e-4, fc_patch_lr_ratio=0.01), tiny_clip)
     optimizer, _ = model.configure_optimizer(model.stages()[0])
     assert [group["lr"] for group in optimizer.param_groups] == [5e-4, 5e-6]
     model.config = dataclasses.replace(model.config, fc_patch_lr_ratio=0.0)
@@ -269,29 +269,29 @@ def test_checkpoint_round_trip_and_mismatches(tiny_clip, tmp_path):
         "lfs_window": 3,
         "temperature": 0.07,
     }
-    model = FECLIP(None, backbone.tiny_clip(64))
+    model = FEClip(None, backbone.tiny_clip(64))
     for parameter in model.fc_patch.parameters():
         parameter.data.normal_()
     path = tmp_path / "feclip.pth"
     save_checkpoint(path, {"epoch": 3, "feclip": model.trainable_state_dict(), "config": config})
-    loaded, payload = FECLIP.from_checkpoint(path)
+    loaded, payload = FEClip.from_checkpoint(path)
     assert payload["epoch"] == 3 and not loaded.training
     images = torch.randn(2, 3, 64, 64)
     assert_close(loaded.predict(images, ["a", "b"]), model.eval().predict(images, ["a", "b"]))
     with pytest.raises(CheckpointError, match="lambda_fuse=0.1.*pass --lambda_fuse 0.1"):
-        FECLIP.from_checkpoint(path, overrides={"lambda_fuse": 0.5})
-    rebuilt = FECLIP.from_checkpoint(path, overrides={"smoothing_sigma": 2.0})[0]
+        FEClip.from_checkpoint(path, overrides={"lambda_fuse": 0.5})
+    rebuilt = FEClip.from_checkpoint(path, overrides={"smoothing_sigma": 2.0})[0]
     assert rebuilt.config.smoothing_sigma == 2.0
     other = tmp_path / "other.pth"
     save_checkpoint(other, {"epoch": 1, "image_adapter": {}, "config": {"model": "aaclip"}})
     with pytest.raises(CheckpointError, match="model='aaclip'"):
-        FECLIP.from_checkpoint(other)
+        FEClip.from_checkpoint(other)
 
 
 def test_the_default_loss_is_the_forks_formula(tiny_clip):
     """With no flags: focal with α 0.25 (positives; 0.75 negatives) and dice smoothing 1e-6, as
     the fork's losses.py, restated here on a fixed batch."""
-    model = FECLIP(FEClipConfig(), tiny_clip)
+    model = FEClip(FEClipConfig(), tiny_clip)
     generator = torch.Generator().manual_seed(0)
     output = TapLogits(
         torch.randn(4, 2, generator=generator), torch.randn(4, 2, 8, 8, generator=generator)

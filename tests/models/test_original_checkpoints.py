@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import test as test_script
-from models.aaclip import AAClipConfig, AdaptedCLIP
-from models.cross_attention import AdaptedCLIPWithCrossAttention, CrossAttentionConfig
-from models.feclip import FECLIP, FEClipConfig
+from models.aaclip import AAClip, AAClipConfig
+from models.aaclip_cross_attn import AAClipCrossAttn, AAClipCrossAttnConfig
+from models.feclip import FEClip, FEClipConfig
 from models.registry import load_trained_model
 from models.sowa import SOWA, SOWAConfig
 from utils.core.checkpoint import save_checkpoint
@@ -47,7 +47,7 @@ def ours(model, tmp_path) -> torch.nn.Module:
     return load_trained_model(folder, "cpu")[1]
 
 
-def fork_state(model: FECLIP) -> dict[str, torch.Tensor]:
+def fork_state(model: FEClip) -> dict[str, torch.Tensor]:
     """The FE-CLIP fork's `model_state_dict` of our weights: `model.` keys, Sequential-wrapped
     FFE Linear and LFS Conv."""
     state = {}
@@ -60,7 +60,7 @@ def fork_state(model: FECLIP) -> dict[str, torch.Tensor]:
 
 def test_the_feclip_forks_best_model_pt_loads(tmp_path):
     config = FEClipConfig(block_indices=[5, 11, 17, 23], lambda_fuse=0.1).resolve("Synthetic")
-    reference = seeded(FECLIP.from_config(config), 1)
+    reference = seeded(FEClip.from_config(config), 1)
     state = fork_state(reference)
     state["model.clip.visual.proj"] = torch.randn(64, 32)  # the fork saves the frozen CLIP too
     state["model.ffe.0.basis"] = torch.eye(3)
@@ -111,10 +111,10 @@ def test_the_sowa_lightning_checkpoint_loads(tmp_path):
 
 
 def test_the_cross_attention_forks_files_evaluate_with_no_flags(tmp_path, synthetic_root, caplog):
-    config = CrossAttentionConfig(
+    config = AAClipCrossAttnConfig(
         cross_attn_init="xavier", cross_attn_at_test="none", text_adapt_until=2
     ).resolve("Synthetic")
-    reference = seeded(AdaptedCLIPWithCrossAttention.from_config(config), 3)
+    reference = seeded(AAClipCrossAttn.from_config(config), 3)
     folder = tmp_path / "fork"
     text, image = reference.stages()
     text_state = {"epoch": 5, **reference.stage_state(text), "text_optimizer": {}}
@@ -136,7 +136,7 @@ def test_the_cross_attention_forks_files_evaluate_with_no_flags(tmp_path, synthe
 @pytest.mark.parametrize("relu", [False, True])
 def test_the_original_aaclip_files_load_with_their_settings_read_from_the_weights(relu, tmp_path):
     config = AAClipConfig(relu=relu, image_adapt_until=5, text_adapt_until=2).resolve("Synthetic")
-    reference = seeded(AdaptedCLIP.from_config(config), 4)
+    reference = seeded(AAClip.from_config(config), 4)
     folder = tmp_path / "original"
     text, image = reference.stages()
     save_checkpoint(folder / "text_adapter.pth", {"epoch": 5, **reference.stage_state(text)})
@@ -150,7 +150,7 @@ def test_the_original_aaclip_files_load_with_their_settings_read_from_the_weight
 
 
 def test_the_feclip_fork_file_through_test_py_with_model_feclip(tmp_path, synthetic_root):
-    reference = seeded(FECLIP.from_config(FEClipConfig().resolve("Synthetic")), 5)
+    reference = seeded(FEClip.from_config(FEClipConfig().resolve("Synthetic")), 5)
     state = fork_state(reference)
     path = tmp_path / "best_model.pt"
     torch.save({"epoch": 2, "model_state_dict": state, "tap_indices": [15, 18, 21, 23]}, path)

@@ -18,10 +18,10 @@ import torch
 from torch.testing import assert_close
 
 from models import backbone
-from models.aaclip import AAClipConfig, AdaptedCLIP
+from models.aaclip import AAClip, AAClipConfig
+from models.aaclip_cross_attn import AAClipCrossAttn, AAClipCrossAttnConfig
 from models.base import MapExtrema
-from models.cross_attention import AdaptedCLIPWithCrossAttention, CrossAttentionConfig
-from models.feclip import FECLIP, FEClipConfig
+from models.feclip import FEClip, FEClipConfig
 from models.predictor import AnomalyPredictor
 from models.sowa import SOWA, SOWAConfig
 
@@ -91,7 +91,7 @@ def aaclip_outputs(out: dict, data: dict) -> None:
     }.items():
         torch.manual_seed(0)
         config = AAClipConfig(text_lr=1e-3, **settings)
-        model = AdaptedCLIP(config, backbone.tiny_clip(64))
+        model = AAClip(config, backbone.tiny_clip(64))
         fill(model, 10)
         for domain in ("Industrial", "Medical"):
             output = AnomalyPredictor(model, domain).predict(data["image"], NAMES)
@@ -121,10 +121,10 @@ def aaclip_outputs(out: dict, data: dict) -> None:
 def cross_attention_outputs(out: dict, data: dict) -> None:
     for mode in ("none", "image", "both"):
         torch.manual_seed(0)
-        config = CrossAttentionConfig(
+        config = AAClipCrossAttnConfig(
             cross_attn_heads=4, surgery_attention="per_image", cross_attn_at_test=mode, text_lr=1e-3
         )
-        model = AdaptedCLIPWithCrossAttention(config, backbone.tiny_clip(64))
+        model = AAClipCrossAttn(config, backbone.tiny_clip(64))
         fill(model, 20)
         output = AnomalyPredictor(model).predict(data["image"], NAMES)
         out[f"cross/{mode}/map"] = output.anomaly_map
@@ -153,7 +153,7 @@ def feclip_outputs(out: dict, data: dict) -> None:
         },
     }.items():
         torch.manual_seed(0)
-        model = FECLIP(FEClipConfig(**settings), backbone.tiny_clip(64, quick_gelu=True))
+        model = FEClip(FEClipConfig(**settings), backbone.tiny_clip(64, quick_gelu=True))
         fill(model, 30)
         predictor = AnomalyPredictor(model)
         output = predictor.predict(data["image"], NAMES)

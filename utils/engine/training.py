@@ -481,16 +481,14 @@ def train_stage(
     records: list[dict],
     run: RunConfig,
     dist: Distributed,
-    before_resume: Callable[[Stage, torch.optim.Optimizer], None] | None = None,
 ) -> None:
-    """One stage of `model`: prepare it, build its optimizer, resume from the save path's
-    `<stem>.pth` (train while epoch < total), `fit`. `before_resume(stage, optimizer)` may seed
-    the optimizer (the cross-attention variant's base moments). config.yaml is written just
-    before epochs train, so a refused run leaves the folder as it was."""
+    """One stage of `model`: prepare it, build its optimizer (`model.start_optimizer` may seed
+    it: the cross-attention variant's base moments), resume from the save path's `<stem>.pth`
+    (train while epoch < total), `fit`. config.yaml is written just before epochs train, so a
+    refused run leaves the folder as it was."""
     model.prepare_stage(stage, run.dataset_info())
     optimizer, scheduler = model.configure_optimizer(stage)
-    if before_resume is not None:
-        before_resume(stage, optimizer)
+    model.start_optimizer(stage, optimizer)
     path = run.save_path / f"{stage.stem}.pth"
     start, best_loss = 0, None
     if path.is_file():

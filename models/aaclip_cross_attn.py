@@ -36,9 +36,9 @@ import torch.nn.functional as F
 from open_clip.model import CLIP
 from torch import nn
 
-from datasets.catalog import get_dataset_info, real_name
+from datasets.catalog import DatasetInfo, get_dataset_info, real_name
 from models import backbone
-from models.aaclip import AAClipConfig, AdaptedCLIP
+from models.aaclip import AAClip, AAClipConfig
 from models.adapters import residual_blend
 from models.base import AnomalyOutput, Stage
 from models.forward_utils import get_adapted_single_class_text_embedding
@@ -55,7 +55,7 @@ TEST_MODES = ("image", "none", "both")
 
 
 @dataclasses.dataclass
-class CrossAttentionConfig(AAClipConfig):
+class AAClipCrossAttnConfig(AAClipConfig):
     """AA-CLIP's settings plus the cross-attention modules' (spec cross_attention.md §11)."""
 
     name: ClassVar[str] = "aaclip_cross_attn"
@@ -63,6 +63,13 @@ class CrossAttentionConfig(AAClipConfig):
         **AAClipConfig.run_defaults,
         "save_path": Path("ckpt/cross_attention"),
     }
+    # Every AA-CLIP and run setting not given comes from the base run (seed 001's fair
+    # comparison), image adapter first.
+    base_checkpoints: ClassVar[tuple[str, ...]] = (
+        "load_base_image_adapter",
+        "load_base_text_adapter",
+    )
+    inherits: ClassVar[type | None] = AAClipConfig
 
     cross_attn_heads: int = setting(
         8,
@@ -179,11 +186,11 @@ def image_batch_context(context: torch.Tensor, batch: int) -> torch.Tensor:
     raise ValueError(f"text context batch {context.shape[0]} does not match the {batch} images")
 
 
-class AdaptedCLIPWithCrossAttention(AdaptedCLIP):
+class AAClipCrossAttn(AAClip):
     """AA-CLIP plus `text_cross_attn` and `image_cross_attn` (see the module docstring;
-    settings: `CrossAttentionConfig`)."""
+    settings: `AAClipCrossAttnConfig`)."""
 
-    config_class = CrossAttentionConfig
+    config_class = AAClipCrossAttnConfig
     checkpoint_file = "image_adapter_cross_attn.pth"
     # The fork's own files evaluate as the fork did: its modules unused at test (Q2).
     original_defaults: ClassVar[dict[str, Any]] = {"cross_attn_at_test": "none"}
@@ -191,9 +198,9 @@ class AdaptedCLIPWithCrossAttention(AdaptedCLIP):
     stage_stems: ClassVar[tuple[str, str]] = ("text_adapter_cross_attn", "image_adapter_cross_attn")
 
     def __init__(
-        self, config: CrossAttentionConfig | None = None, clip: CLIP | None = None
+        self, config: AAClipCrossAttnConfig | None = None, clip: CLIP | None = None
     ) -> None:
-        config = config if config is not None else CrossAttentionConfig()
+        config = config if config is not None else AAClipCrossAttnConfig()
         super().__init__(config, clip)
         width_t = backbone.text_width(self.clipmodel)
         width_v = backbone.vision_width(self.clipmodel)
@@ -207,6 +214,7 @@ class AdaptedCLIPWithCrossAttention(AdaptedCLIP):
         self.text_cross_attn_gate = nn.Parameter(torch.zeros(())) if gated else None
         self.image_cross_attn_gate = nn.Parameter(torch.zeros(())) if gated else None
         self.stage_contexts: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.bases: dict[str, dict[str, Any]] = {}  # the base checkpoints, by adapter
 
     # ---------------------------------------------------------------------------------------
     # The residual branch
@@ -363,7 +371,35 @@ class AdaptedCLIPWithCrossAttention(AdaptedCLIP):
         modules = [*super().stage_modules(stage), getattr(self, f"{stage.name}_cross_attn")]
         return modules + ([gate] if gate is not None else [])
 
-    def prepare_stage(self, stage: Stage, dataset: str) -> None:
+    def prepare_training(self, trust: bool = False) -> None:
+        """Load the base adapters (strict; ours or the original code's) and log the weight
+        check; their Adam moments seed each stage's optimizer (`start_optimizer`)."""
+        config = self.config
+        paths = {
+            "text_adapter": config.load_base_text_adapter,
+            "image_adapter": config.load_base_image_adapter,
+        }
+        self.bases = {
+            key: self.load_base(key, path, trust) for key, path in paths.items() if path is not None
+        }
+        if not self.bases:
+            logger.warning(
+                "no --load_base_* checkpoints: the adapters start from scratch, so a comparison "
+                "with a base model is not fair (seed 001)"
+            )
+        log_weight_check(self, self.bases)
+
+    def start_optimizer(self, stage: Stage, optimizer: torch.optim.Optimizer) -> None:
+        """The stage's adapter starts from the base run's Adam moments (`carry_base_optimizer`,
+        seed 001; the fork reset them); the cross-attention parameters start fresh."""
+        key = f"{stage.name}_adapter"
+        if self.config.carry_base_optimizer and key in self.bases:
+            path = getattr(self.config, f"load_base_{key}")
+            state = self.bases[key][f"{stage.name}_optimizer"]
+            count = len(list(getattr(self, key).parameters()))
+            carry_optimizer_state(optimizer, state, count, path)
+
+    def prepare_stage(self, stage: Stage, dataset: str | DatasetInfo) -> None:
         """Stage 2 also fixes each class's text context from the trained text adapter 0."""
         super().prepare_stage(stage, dataset)
         if stage.name == "image":
@@ -430,6 +466,11 @@ class AdaptedCLIPWithCrossAttention(AdaptedCLIP):
             gate.data.copy_(saved_gate)
 
     @classmethod
+    def is_original(cls, payload: dict[str, Any]) -> bool:
+        """The fork's files: AA-CLIP's plus its `text_cross_attn` / `image_cross_attn`."""
+        return "image_cross_attn" in payload or "text_cross_attn" in payload
+
+    @classmethod
     def original_settings(
         cls, path: Path, payload: dict[str, Any], trust: bool = False
     ) -> dict[str, Any]:
@@ -446,7 +487,7 @@ class AdaptedCLIPWithCrossAttention(AdaptedCLIP):
         return payload
 
 
-def log_weight_check(model: AdaptedCLIPWithCrossAttention, bases: dict[str, dict]) -> None:
+def log_weight_check(model: AAClipCrossAttn, bases: dict[str, dict]) -> None:
     """Seed 001 step 5, done right (spec §9.3): log each module's mean |weight| and the base
     checkpoints' epochs. Magnitudes cannot tell a trained adapter from a fresh one (Xavier gives
     ~0.03 for 768 x 768 and stage 1 moves weights by < 0.01); the epoch against the base run's

@@ -1,4 +1,4 @@
-"""AdaptedCLIPWithCrossAttention on the tiny backbone: the gate keeps the base model exactly,
+"""AAClipCrossAttn on the tiny backbone: the gate keeps the base model exactly,
 contexts follow the fork's batch rules, gradients reach only the trained modules."""
 
 from __future__ import annotations
@@ -9,11 +9,11 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from models.aaclip import AdaptedCLIP
-from models.cross_attention import (
-    AdaptedCLIPWithCrossAttention,
+from models.aaclip import AAClip
+from models.aaclip_cross_attn import (
+    AAClipCrossAttn,
+    AAClipCrossAttnConfig,
     CrossAttention,
-    CrossAttentionConfig,
     carry_optimizer_state,
     image_batch_context,
     text_batch_context,
@@ -27,10 +27,8 @@ SENTENCES = ["a photo of a tile.", "a damaged tile."]
 def pair(tiny_clip):
     """A base AA-CLIP and a gated cross-attention model sharing its CLIP and adapters."""
     torch.manual_seed(0)
-    base = AdaptedCLIP(None, tiny_clip).eval()
-    model = AdaptedCLIPWithCrossAttention(
-        CrossAttentionConfig(cross_attn_heads=4), tiny_clip
-    ).eval()
+    base = AAClip(None, tiny_clip).eval()
+    model = AAClipCrossAttn(AAClipCrossAttnConfig(cross_attn_heads=4), tiny_clip).eval()
     model.text_adapter.load_state_dict(base.text_adapter.state_dict())
     model.image_adapter.load_state_dict(base.image_adapter.state_dict())
     return base, model
@@ -69,9 +67,9 @@ def test_closed_gates_reproduce_the_base_model_exactly(pair):
 
 
 def test_xavier_init_perturbs_the_base_at_step_zero_as_the_fork(tiny_clip):
-    base = AdaptedCLIP(None, tiny_clip).eval()
-    model = AdaptedCLIPWithCrossAttention(
-        CrossAttentionConfig(cross_attn_heads=4, cross_attn_init="xavier"), tiny_clip
+    base = AAClip(None, tiny_clip).eval()
+    model = AAClipCrossAttn(
+        AAClipCrossAttnConfig(cross_attn_heads=4, cross_attn_init="xavier"), tiny_clip
     )
     model.text_adapter.load_state_dict(base.text_adapter.state_dict())
     model.image_adapter.load_state_dict(base.image_adapter.state_dict())
