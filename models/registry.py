@@ -19,11 +19,13 @@ from models.sowa import SOWA
 from utils.core.checkpoint import load_checkpoint
 from utils.core.errors import CheckpointError, ConfigError
 
-# The order decides which model a folder holds when several files are present (a
-# cross-attention run also keeps AA-CLIP names).
-MODELS: dict[str, type[FrozenCLIPModel]] = {
-    model.config_class.name: model for model in (AAClipCrossAttn, AAClip, FEClip, SOWA)
-}
+# A model is registered by its class here (one import above): its config's `name` is its key,
+# and models/<name>.py, configs/<name>.yaml and its class (the name without underscores, any
+# case) share that stem. The order decides which model a folder holds when several files are
+# present (a cross-attention run also keeps AA-CLIP names) and which original format is asked
+# first.
+REGISTERED: tuple[type[FrozenCLIPModel], ...] = (AAClipCrossAttn, AAClip, FEClip, SOWA)
+MODELS: dict[str, type[FrozenCLIPModel]] = {model.config_class.name: model for model in REGISTERED}
 
 
 def model_class(name: str) -> type[FrozenCLIPModel]:
