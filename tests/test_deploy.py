@@ -137,7 +137,8 @@ def test_export_matches_the_torch_backend(exports, name, tmp_path):
     assert (info["preprocessing"]["geometry"] == "letterbox") is letterbox
     assert info["inputs"] == (["image", "valid_mask"] if letterbox else ["image"])
 
-    overrides = {"preprocess": "letterbox"} if letterbox else None  # the calibration's
+    overrides = {"preprocess": "letterbox"} if letterbox else {}  # the calibration's
+    assert info["overrides"] == overrides  # recorded
     _, model, _ = load_trained_model(runs[name], overrides=overrides)
     predictor = AnomalyPredictor(model, info["domain"])
     assert info["preprocessing"] == predictor.preprocessing.to_dict()

@@ -204,6 +204,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
+        if action.required:
+            return f"{text} (required)"
         return text if "default" in text else super()._get_help_string(action)
 
 

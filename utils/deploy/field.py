@@ -393,7 +393,12 @@ def export(config: ExportConfig, overrides: dict[str, Any]) -> dict[str, Path]:
     predictor = AnomalyPredictor(model, domain)
     if calibration is not None:
         _check_calibration(calibration, calibration_file, name, predictor.preprocessing)
-    info = {"model": _provenance(name, file, payload), "created": calib.now(), "calibration": None}
+    info = {
+        "model": _provenance(name, file, payload),
+        "overrides": overrides,  # the model settings given, the calibration's first
+        "created": calib.now(),
+        "calibration": None,
+    }
     if calibration is not None:
         info["calibration"] = {
             key: calibration[key]
