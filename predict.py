@@ -24,11 +24,8 @@ from utils.core.config import (
     HelpFormatter,
     add_overrides,
     add_settings,
-    from_namespace,
-    given_overrides,
     keys_of,
-    parse_with_config,
-    validate,
+    parse_config,
 )
 from utils.core.runtime import run_script, setup_logging
 from utils.deploy import field
@@ -73,10 +70,8 @@ def parse_args(argv: list[str] | None) -> tuple[str, field.FieldConfig, dict]:
     config_class, _ = COMMANDS[known.command]
     parser = build_parser(known.command)
     keys = keys_of(config_class, *config_classes())
-    args = parse_with_config(parser, known.flags, keys)
-    config = from_namespace(config_class, args)
-    validate(config)
-    return known.command, config, given_overrides(args, config_classes())
+    config, overrides = parse_config(parser, known.flags, config_class, keys, config_classes())
+    return known.command, config, overrides
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,12 +21,9 @@ from utils.core.config import (
     HelpFormatter,
     add_overrides,
     add_settings,
-    from_namespace,
-    given_overrides,
     keys_of,
-    parse_with_config,
+    parse_config,
     setting_names,
-    validate,
 )
 from utils.core.runtime import run_script, setup_logging
 from utils.engine.training import RunConfig
@@ -55,16 +52,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: list[str] | None = None) -> tuple[EvalConfig, dict]:
     """(checked evaluation settings, the model settings given)."""
-    parser = build_parser()
     known = keys_of(RunConfig, EvalConfig, *config_classes())
     # A training YAML's recipe and architecture describe its run: the checkpoint holds them.
     training_only = (keys_of(RunConfig) - keys_of(EvalConfig)) | setting_names(
         config_classes(), (ARCH, TRAIN)
     )
-    args = parse_with_config(parser, argv, known, ignore=training_only)
-    config = from_namespace(EvalConfig, args)
-    validate(config)
-    return config, given_overrides(args, config_classes())
+    return parse_config(
+        build_parser(), argv, EvalConfig, known, config_classes(), ignore=training_only
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

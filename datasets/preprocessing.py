@@ -221,6 +221,12 @@ class Preprocessing:
         object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
         object.__setattr__(self, "std", tuple(float(v) for v in self.std))
 
+    @property
+    def pads(self) -> bool:
+        """Whether inputs carry padding a model must leave out (letterbox): their valid masks
+        go to the model and to the metrics."""
+        return self.geometry == "letterbox"
+
     # -----------------------------------------------------------------------------------------
     # Records (model.json, calibrations, results)
 

@@ -59,11 +59,6 @@ class AnomalyPredictor:
     def device(self) -> torch.device:
         return self.model.device
 
-    @property
-    def masks_padding(self) -> bool:
-        """Whether inputs carry padding the model must leave out (letterbox)."""
-        return self.preprocessing.geometry == "letterbox"
-
     @torch.no_grad()
     def set_support(self, images: torch.Tensor | None) -> None:
         """The k normal support images `[k, 3, S, S]` of the class about to be predicted (None
@@ -82,14 +77,14 @@ class AnomalyPredictor:
         valid_mask: torch.Tensor | None = None,
     ) -> AnomalyOutput:
         """images `[B, 3, S, S]`, one prompt name per image, valid_mask `[B, S, S]` bool (False
-        on letterbox padding; used when `masks_padding`) -> anomaly map `[B, S, S]`, image
+        on letterbox padding; used when the preprocessing pads) -> anomaly map `[B, S, S]`, image
         score `[B]`, float32."""
         if self.k_shot and self._memory is None:
             raise RuntimeError(
                 "A support set must be set with .set_support(images) before k-shot prediction."
             )
         images = images.to(self.device, non_blocking=True)  # pinned by the loaders on CUDA
-        valid_mask = valid_mask if self.masks_padding else None
+        valid_mask = valid_mask if self.preprocessing.pads else None
         with autocast(self.device, self.amp):
             for name in dict.fromkeys(class_names):
                 if name not in self._text:

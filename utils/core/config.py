@@ -399,6 +399,22 @@ def parse_with_config(
     return args
 
 
+def parse_config(
+    parser: argparse.ArgumentParser,
+    argv: list[str] | None,
+    config_class: type,
+    known: set[str],
+    override_classes: Iterable[type] = (),
+    ignore: set[str] | frozenset[str] = frozenset(),
+) -> tuple[Any, dict[str, Any]]:
+    """A script's settings: `argv` over `--config` defaults (`parse_with_config`) -> (a checked
+    `config_class` instance, the `add_overrides` settings given for `override_classes`)."""
+    args = parse_with_config(parser, argv, known, ignore)
+    config = from_namespace(config_class, args)
+    validate(config)
+    return config, given_overrides(args, override_classes)
+
+
 def parser_defaults(parser: argparse.ArgumentParser, values: dict[str, Any]) -> dict[str, Any]:
     """YAML values keyed by the parser's destinations (aliases translated, offsets applied)."""
     by_option = {}

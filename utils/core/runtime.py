@@ -26,12 +26,9 @@ logger = logging.getLogger(__name__)
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
-# ---------------------------------------------------------------------------------------------
-# Mixed precision
-
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 AMP_CHOICES = ("none", "bf16", "fp16", "auto")
-_WARNED_AMP: set[str] = set()
+_WARNED_AMP: set[str] = set()  # an emulated precision warns once per process
 
 
 @dataclasses.dataclass
@@ -225,6 +222,10 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Mixed precision
 
 
 def native_bf16(device: torch.device) -> bool:

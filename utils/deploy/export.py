@@ -129,7 +129,7 @@ def export(
         raise ConfigError(f"unknown --format {unknown}; use {' and/or '.join(FORMATS)}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    model, domain, letterbox = predictor.model, predictor.domain, predictor.masks_padding
+    model, domain, letterbox = predictor.model, predictor.domain, predictor.preprocessing.pads
     graph = ExportGraph(model.cpu(), class_name, domain)
     targets = {fmt: out_dir / GRAPH_FILES[fmt] for fmt in FORMATS if fmt in formats}
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".export.") as scratch:
@@ -225,11 +225,6 @@ class ExportedPredictor:
     @property
     def device(self) -> torch.device:
         return torch.device("cpu")
-
-    @property
-    def masks_padding(self) -> bool:
-        """Whether inputs carry padding the graph leaves out (letterbox: a valid_mask input)."""
-        return self.preprocessing.geometry == "letterbox"
 
     def predict(
         self,

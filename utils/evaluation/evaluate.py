@@ -260,7 +260,7 @@ def predict_class(
         output = predictor.predict(images, [prompt_name] * len(images), valid)
         maps = output.anomaly_map.cpu().numpy().astype(np.float32, copy=False)
         masks = batch["mask"].numpy()
-        evaluator.update(maps, masks, valid.numpy() if predictor.masks_padding else None)
+        evaluator.update(maps, masks, valid.numpy() if predictor.preprocessing.pads else None)
         extrema.append(MapExtrema.of(maps))
         if keep_maps:
             kept["maps"].append(maps)
