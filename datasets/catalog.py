@@ -117,33 +117,6 @@ def _info(name: str, domain: str, real_names: dict[str, str], layout: str) -> Da
     return DatasetInfo(name, domain, tuple(real_names), real_names, layout)
 
 
-CATALOG: dict[str, DatasetInfo] = {
-    info.name: info
-    for info in (
-        _info("MVTec", "Industrial", _MVTEC, "mvtec"),
-        _info("VisA", "Industrial", _VISA, "visa"),
-        _info("BTAD", "Industrial", _BTAD, "btad"),
-        _info("MPDD", "Industrial", _MPDD, "mvtec"),
-        _info("Brain", "Medical", {"Brain": "scan"}, "bmad"),
-        _info("Liver", "Medical", {"Liver": "scan"}, "bmad"),
-        _info("Retina", "Medical", {"Retina": "scan"}, "bmad"),
-        _info("Colon_clinicDB", "Medical", {"Colon_clinicDB": _COLON}, "colon"),
-        _info("Colon_colonDB", "Medical", {"Colon_colonDB": _COLON}, "colon"),
-        _info("Colon_cvc300", "Medical", {"CVC-300": _COLON}, "colon"),
-        _info("Colon_Kvasir", "Medical", {"Kvasir": _COLON}, "colon"),
-        _info("DTD-Synthetic", "Industrial", _DTD, "mvtec"),
-        _info("DAGM", "Industrial", _DAGM, "dagm"),
-        # Image-level medical sets (FE-CLIP, AnomalyCLIP): the class prompt is the organ.
-        _info("BrainMRI", "Medical", {"brain": "brain"}, "yes_no"),
-        _info("Br35H", "Medical", {"brain": "brain"}, "yes_no"),
-        _info("HeadCT", "Medical", {"head": "head"}, "headct"),
-        _info("ISIC", "Medical", {"skin": "skin"}, "isic"),
-        _info("Synthetic", "Industrial", _SYNTHETIC, "mvtec"),
-        # Your own images (a run's DataConfig names the class and the folders: folder_info).
-        _info("Folder", "Industrial", {"object": "object"}, "folder"),
-    )
-}
-
 FOLDER_DEFAULTS = {"normal_dir": "normal", "abnormal_dir": "abnormal", "mask_dir": "masks"}
 
 
@@ -172,6 +145,34 @@ def folder_info(
         "folder",
         tuple(options.items()),
     )
+
+
+CATALOG: dict[str, DatasetInfo] = {
+    info.name: info
+    for info in (
+        _info("MVTec", "Industrial", _MVTEC, "mvtec"),
+        _info("VisA", "Industrial", _VISA, "visa"),
+        _info("BTAD", "Industrial", _BTAD, "btad"),
+        _info("MPDD", "Industrial", _MPDD, "mvtec"),
+        _info("Brain", "Medical", {"Brain": "scan"}, "bmad"),
+        _info("Liver", "Medical", {"Liver": "scan"}, "bmad"),
+        _info("Retina", "Medical", {"Retina": "scan"}, "bmad"),
+        _info("Colon_clinicDB", "Medical", {"Colon_clinicDB": _COLON}, "colon"),
+        _info("Colon_colonDB", "Medical", {"Colon_colonDB": _COLON}, "colon"),
+        _info("Colon_cvc300", "Medical", {"CVC-300": _COLON}, "colon"),
+        _info("Colon_Kvasir", "Medical", {"Kvasir": _COLON}, "colon"),
+        _info("DTD-Synthetic", "Industrial", _DTD, "mvtec"),
+        _info("DAGM", "Industrial", _DAGM, "dagm"),
+        # Image-level medical sets (FE-CLIP, AnomalyCLIP): the class prompt is the organ.
+        _info("BrainMRI", "Medical", {"brain": "brain"}, "yes_no"),
+        _info("Br35H", "Medical", {"brain": "brain"}, "yes_no"),
+        _info("HeadCT", "Medical", {"head": "head"}, "headct"),
+        _info("ISIC", "Medical", {"skin": "skin"}, "isic"),
+        _info("Synthetic", "Industrial", _SYNTHETIC, "mvtec"),
+        # Your own images: a run's DataConfig names the class and the folders (folder_info).
+        folder_info(),
+    )
+}
 
 
 def check_domain(domain: str) -> str:

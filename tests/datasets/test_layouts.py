@@ -15,7 +15,7 @@ from PIL import Image
 
 import test as test_script
 import train
-from datasets.catalog import folder_info
+from datasets.catalog import CATALOG, folder_info
 from datasets.metadata import build_records
 
 
@@ -322,6 +322,7 @@ def test_training_and_evaluation_end_to_end_on_each_new_layout(dataset, extra, t
         common += extra
     assert test_script.main(common) == 0
     assert (tmp_path / "run" / f"results_{dataset}.json").is_file()
+    assert CATALOG["Folder"] == folder_info()  # a run's Folder set is its own, never the catalog's
 
 
 def test_a_mask_of_another_size_is_one_line_unless_resize_masks(tmp_path, one_line_error, caplog):
