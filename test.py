@@ -4,6 +4,8 @@
     python test.py --save_path ckpt/x --dataset MVTec --all_epochs
     python test.py --checkpoint ckpt/x/image_adapter_15.pth --dataset BTAD --metrics official
 
+    python test.py --backend openvino --export deploy/x --dataset MVTec   # an exported graph
+
 Every flag is a setting of `utils.evaluation.evaluate.EvalConfig` or a model's test-time or
 architectural setting (default: the checkpoint's); the loop is `utils.evaluation.evaluate`.
 """
@@ -26,8 +28,9 @@ from utils.core.config import (
     setting_names,
 )
 from utils.core.runtime import run_script, setup_logging
+from utils.deploy.export import open_export
 from utils.engine.training import RunConfig
-from utils.evaluation.evaluate import EvalConfig, evaluate
+from utils.evaluation.evaluate import EvalConfig, evaluate, evaluate_export
 from utils.evaluation.report import format_table
 
 logger = logging.getLogger("test")
@@ -71,7 +74,12 @@ def main(argv: list[str] | None = None) -> int:
         check_writable(out_dir, "--results_dir")  # before any work, not after an hour
         setup_logging(out_dir / "test.log", config.log_level)
         config = config.resolve()
-        for result in evaluate(config, overrides):
+        if config.backend == "torch":
+            results = evaluate(config, overrides)
+        else:  # an export's graph
+            exported = open_export(config.export, config.backend, overrides)
+            results = [evaluate_export(config, exported)]
+        for result in results:
             print(f"\n{config.dataset} | {result.path.name} (epoch {result.epoch})\n")
             table = format_table(
                 result.per_class,

@@ -385,15 +385,16 @@ class AAClip(FrozenCLIPModel):
         self,
         images: torch.Tensor,
         class_names: list[str],
-        texts: list[Any],
+        texts: torch.Tensor,
         valid_mask: torch.Tensor | None,
         memory: Any,
         domain: str,
     ) -> AnomalyOutput:
         """Anomaly map `[B, S, S]` (sum over levels of the blurred abnormal-minus-normal maps,
-        spec §9, the blur by `domain`) and image score `[B]` = `(det · t_abnormal + 1) / 2`.
-        `valid_mask` is not used (the predictor keeps padding out of its reductions)."""
-        anchors = torch.stack(texts).to(images.device)  # [B, D, 2]
+        spec §9, the blur by `domain`) and image score `[B]` = `(det · t_abnormal + 1) / 2`;
+        `texts`: the anchors `[B or 1, D, 2]`. `valid_mask` is not used (the predictor keeps
+        padding out of its reductions)."""
+        anchors = texts.to(images.device)
         return self.maps_and_scores(*self.encode_image(images), anchors, domain)
 
     def maps_and_scores(
@@ -413,8 +414,9 @@ class AAClip(FrozenCLIPModel):
             det_score = torch.matmul(det_token.float().unsqueeze(1), text.float())[:, 0, 1]  # [B]
         return AnomalyOutput(anomaly_map, (det_score + 1) / 2)
 
+    @classmethod
     def table_image_scores(
-        self, extrema: MapExtrema, scores: np.ndarray, domain: str, few_shot: bool
+        cls, extrema: MapExtrema, scores: np.ndarray, domain: str, few_shot: bool
     ) -> np.ndarray:
         """AA-CLIP's per-class min-max fusion of map maxima and detection scores (transductive;
         test.py only)."""

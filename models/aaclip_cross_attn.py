@@ -329,7 +329,7 @@ class AAClipCrossAttn(AAClip):
         self,
         images: torch.Tensor,
         class_names: list[str],
-        texts: list[Any],
+        texts: ClassText,
         valid_mask: torch.Tensor | None,
         memory: Any,
         domain: str,
@@ -345,10 +345,10 @@ class AAClipCrossAttn(AAClip):
         if mode == "none":
             seg_tokens, det_token = self.encode_image(images)
         else:
-            context, mask = self.stack_contexts([(t.context, t.key_mask) for t in texts])
-            seg_tokens, det_token = self.encode_image(images, context, mask)
+            mask = texts.key_mask if self.config.text_context_key_mask else None
+            seg_tokens, det_token = self.encode_image(images, texts.context, mask)
         if mode != "both":
-            anchors = torch.stack([t.anchors for t in texts]).to(images.device)
+            anchors = texts.anchors.to(images.device)
             return self.maps_and_scores(seg_tokens, det_token, anchors, domain)
         image_context = self.surgery_features(images)[0][0]  # [B, g², D]
         with float32_island(images.device):

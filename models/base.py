@@ -216,6 +216,22 @@ class Stage:
     keep: str = "last"  # "lowest_loss" also keeps the lowest-training-loss epoch as <stem>_best
 
 
+def stack_texts(texts: list[Any]) -> Any:
+    """Per-image class texts (each a tensor, or a NamedTuple of tensors) -> one batch of the same
+    structure whose tensors are stacked: `[B, ...]`."""
+    first = texts[0]
+    if isinstance(first, torch.Tensor):
+        return torch.stack(texts)
+    return type(first)(*(torch.stack(parts) for parts in zip(*texts, strict=True)))
+
+
+def select_texts(texts: Any, index: torch.Tensor) -> Any:
+    """Rows `index` `[B]` of stacked texts (`stack_texts`' structure): per image its class's."""
+    if isinstance(texts, torch.Tensor):
+        return texts[index]
+    return type(texts)(*(part[index] for part in texts))
+
+
 def rename_original(state: dict[str, Any], rules: tuple, keep: set[str]) -> dict[str, Any]:
     """An original state dict in our names: the first matching `(pattern, replacement)` rule,
     keeping only keys in `keep` (the frozen CLIP and buffers we rebuild are left out)."""
@@ -366,23 +382,27 @@ class FrozenCLIPModel(nn.Module):
                 msg = f"valid_mask has shape {tuple(valid_mask.shape)}; expected {expected}"
                 raise DataError(msg)
             valid_mask = valid_mask.to(images.device).bool()
-        texts = self.class_texts(class_names, text)
+        texts = stack_texts(self.class_texts(class_names, text))
         return self._predict(images, class_names, texts, valid_mask, memory, domain)
 
     def _predict(
         self,
         images: torch.Tensor,
         class_names: list[str],
-        texts: list[Any],
+        texts: Any,
         valid_mask: torch.Tensor | None,
         memory: Any,
         domain: str,
     ) -> AnomalyOutput:
-        """`predict` on checked inputs: `texts` holds each image's class text."""
+        """`predict` on checked inputs: `texts` is each image's class text, stacked
+        (`stack_texts`: tensors `[B, ...]`, or `[1, ...]` for one class text of all, as an
+        exported graph passes them); `memory` an `encode_memory` result, or such memories
+        stacked per image (`[B, ...]`, an export's)."""
         raise NotImplementedError
 
+    @classmethod
     def table_image_scores(
-        self, extrema: MapExtrema, scores: np.ndarray, domain: str, few_shot: bool
+        cls, extrema: MapExtrema, scores: np.ndarray, domain: str, few_shot: bool
     ) -> np.ndarray:
         """Paper-table image scores of one class from the extrema of `predict`'s maps (each
         `[N]`) and its scores `[N]` (each model's paper protocol; may be transductive, so

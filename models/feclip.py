@@ -443,7 +443,7 @@ class FEClip(FrozenCLIPModel):
         self,
         images: torch.Tensor,
         class_names: list[str],
-        texts: list[Any],
+        texts: Any,
         valid_mask: torch.Tensor | None,
         memory: Any,
         domain: str,

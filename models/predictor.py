@@ -6,7 +6,7 @@ the export all score through it, so one checkpoint sees the same pixels on every
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -16,6 +16,24 @@ from datasets.preprocessing import Preprocessing
 from models.base import AnomalyOutput, FrozenCLIPModel, MapExtrema
 from utils.core.errors import ConfigError
 from utils.core.runtime import autocast, resolve_amp
+
+
+class Predictor(Protocol):
+    """What scores images: an `AnomalyPredictor` around a model, or a deployed graph's
+    (`utils.deploy.export.ExportedPredictor`)."""
+
+    preprocessing: Preprocessing
+    domain: str
+    amp: str
+
+    @property
+    def device(self) -> torch.device: ...
+
+    def predict(
+        self, images: torch.Tensor, class_names: list[str], valid_mask: torch.Tensor | None = None
+    ) -> AnomalyOutput: ...
+
+    def table_image_scores(self, extrema: MapExtrema, scores: np.ndarray) -> np.ndarray: ...
 
 
 class AnomalyPredictor:

@@ -645,11 +645,12 @@ class SOWA(FrozenCLIPModel):
     def memory_map(self, features: list[torch.Tensor], memory: list[torch.Tensor]) -> torch.Tensor:
         """Sum over stages of each patch's cosine distance to its nearest memory patch,
         upsampled bilinearly (align_corners) to the input: `[B, S, S]`, each stage in [0, 2].
-        features: per stage `[B, g², D]` (same kind as the memory)."""
+        features: per stage `[B, g², D]` (same kind as the memory); memory: per stage `[N, D]`
+        (one class's), or `[B, N, D]` (each image's class's, as an export stacks them)."""
         total = 0.0
         for queries, bank in zip(features, memory, strict=True):
             queries = F.normalize(queries.float(), dim=-1)  # [B, L, D]
-            distance = (1 - queries @ bank.T).min(dim=-1).values  # [B, L]
+            distance = (1 - queries @ bank.transpose(-2, -1)).min(dim=-1).values  # [B, L]
             side = math.isqrt(distance.shape[1])
             grid = distance.view(-1, 1, side, side)
             total = (
@@ -682,7 +683,7 @@ class SOWA(FrozenCLIPModel):
         self,
         images: torch.Tensor,
         class_names: list[str],
-        texts: list[Any],
+        texts: torch.Tensor,
         valid_mask: torch.Tensor | None,
         memory: list[torch.Tensor] | None,
         domain: str,
@@ -695,7 +696,7 @@ class SOWA(FrozenCLIPModel):
         is not used.
         """
         config = self.config
-        output = self(images, texts[0])
+        output = self(images, texts[0])  # [2, D]: the prompts are the same for every class
         with float32_island(images.device):
             anomaly = torch.stack([probs[:, 1] for probs in output.stage_probs])  # [N, B, S, S]
             anomaly_map = anomaly.sum(0) if config.stage_reduce == "sum" else anomaly.mean(0)
@@ -712,8 +713,9 @@ class SOWA(FrozenCLIPModel):
                 anomaly_map = anomaly_map + memory_map  # unsmoothed, unweighted (§12.10)
         return AnomalyOutput(anomaly_map, output.text_probs[:, 1])
 
+    @classmethod
     def table_image_scores(
-        self, extrema: MapExtrema, scores: np.ndarray, domain: str, few_shot: bool
+        cls, extrema: MapExtrema, scores: np.ndarray, domain: str, few_shot: bool
     ) -> np.ndarray:
         """Zero-shot: the image softmax's anomaly probability. k-shot: `0.5 (score + minmax(map
         max))`, min-max over the class's test images (transductive)."""

@@ -105,7 +105,7 @@ def exports(python, tmp_path_factory, synthetic_root):
     for name, process in processes.items():
         output, _ = process.communicate(timeout=600)
         assert process.returncode == 0, output[-3000:]
-        assert f"exported {name} for {CLASS!r}" in output
+        assert f"exported {name} (fp32) for {CLASS!r}" in output
     return data_root, runs, folders
 
 
@@ -131,8 +131,11 @@ def test_export_matches_the_torch_backend(exports, name, tmp_path):
     folder = folders[name]
     onnx.checker.check_model(str(folder / "model.onnx"))
     info = json.loads((folder / "model.json").read_text())
-    assert info["model"]["name"] == name and info["class_name"] == CLASS
-    assert info["calibration"]["thresholds"] and info["k_shot"] == 0
+    assert info["model"]["name"] == name and info["classes"] == [{"name": CLASS, "prompt": CLASS}]
+    assert info["precision"] == "fp32" and sorted(info["files"]) == sorted(
+        [*info["graphs"].values(), *(["model.bin"] if "openvino" in info["graphs"] else [])]
+    )
+    assert info["calibrations"][CLASS]["thresholds"] and info["k_shot"] == 0
     letterbox = name in LETTERBOX
     assert (info["preprocessing"]["geometry"] == "letterbox") is letterbox
     assert info["inputs"] == (["image", "valid_mask"] if letterbox else ["image"])
@@ -203,7 +206,7 @@ def test_an_export_refuses_another_class_or_preprocessing(
     argv += ["--input", str(data_root / CLASS / "test"), "--out", str(tmp_path / "out")]
     assert predict.main([*argv, "--class_name", "wood"]) == 2
     message = one_line_error()
-    assert "class_name='tile'" in message and "--class_name wood" in message
+    assert "this export scores tile, not wood" in message and "--class_name" in message
     caplog.clear()
     assert predict.main([*argv, "--preprocess", "letterbox"]) == 2
     assert "an export's model and preprocessing are fixed; ['preprocess']" in one_line_error()

@@ -84,12 +84,12 @@ class PatchProbe(FrozenCLIPModel):
         self,
         images: torch.Tensor,
         class_names: list[str],
-        texts: list[Any],
+        texts: torch.Tensor,
         valid_mask: torch.Tensor | None,
         memory: Any,
         domain: str,
     ) -> AnomalyOutput:
-        anchors = torch.stack(texts).to(images.device)  # [B or 1, D, 2]
+        anchors = texts.to(images.device)  # [B or 1, D, 2]
         features = self.patch_features(images)
         maps = calculate_similarity_map(features, anchors, self.img_size, test=True, domain=domain)
         anomaly_map = maps[:, 0]

@@ -1,29 +1,37 @@
 """Export a trained model to a self-contained ONNX or OpenVINO graph, and run such exports.
 
-The graph is `image [B, 3, S, S] (+ valid_mask [B, S, S] when letterboxed) -> anomaly_map
-[B, S, S], image_score [B]`, float32, with a dynamic batch: `predict` of one class on raw outputs.
-The class's text anchors are computed once at export and baked in as constants, so the graph has
-no text tower and needs no tokenizer. Beside it, `model.json` records what a runtime needs to
-feed it and to decide: the predictor's exact preprocessing (`Preprocessing.to_dict`: size,
-geometry, resize backend, interpolation, pad colour, mean, std), the class, the domain, the
-calibration when there is one, and what produced it (model name and config, checkpoint hash).
-`ExportedPredictor` rebuilds that preprocessing from model.json and applies exactly it.
+The graph is `image [B, 3, S, S] (+ valid_mask [B, S, S] when letterboxed) (+ class_index [B]
+when it scores several classes) -> anomaly_map [B, S, S], image_score [B]`, float32 outputs,
+with a dynamic batch: `predict` on raw outputs. Each class's text (its anchors, and the
+cross-attention variant's text context) is computed once at export and baked in as constants, so
+the graph has no text tower and needs no tokenizer; so is SOWA's k-shot memory of each class
+(`memories`), so a k-shot SOWA deploys as k-shot. Beside the graph, `model.json` records what a
+runtime needs to feed it and to decide: the predictor's exact preprocessing
+(`Preprocessing.to_dict`: size, geometry, resize backend, interpolation, pad colour, mean, std),
+the classes (name and prompt), the domain, the k-shot support, the precision, the model settings
+given, the calibration when there is one, the SHA-256 of every graph file and what produced it
+(model name and config, checkpoint hash). `ExportedPredictor` rebuilds that preprocessing from
+model.json and applies exactly it.
 
-Exports are zero-shot: SOWA's k-shot support memory is not exported (predict.py scores zero-shot;
-a memory would be one more constant, but no command sets a support folder for scoring), and
-cross-attention's `cross_attn_at_test=both` is refused: it runs the text tower per image.
+Precisions (`--precision`, OpenVINO graphs): fp32; bf16, OpenVINO's inference precision hint,
+only where the CPU computes bf16 natively (AMX, AVX512-bf16); int8, NNCF's post-training
+quantization of the OpenVINO model on normal images (its default settings: NNCF's transformer
+model type broke these graphs' batch dimension, see `quantize`).
 
-onnx, onnxruntime, onnxscript (torch's ONNX exporter) and openvino are the optional deployment
-extra (requirements-deploy.txt), imported only here and only when used.
+Cross-attention's `cross_attn_at_test=both` is refused: it runs the text tower per image.
+onnx, onnxruntime, onnxscript (torch's ONNX exporter), openvino and nncf are the optional
+deployment extra (requirements-deploy.txt), imported only here and only when used.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import json
 import logging
 import os
 import tempfile
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,18 +40,23 @@ import torch
 from torch import nn
 
 from datasets.preprocessing import Preprocessing
-from models.base import AnomalyOutput, FrozenCLIPModel
+from models.base import AnomalyOutput, FrozenCLIPModel, MapExtrema, select_texts, stack_texts
 from models.predictor import AnomalyPredictor
+from models.registry import model_class
 from utils.core.checkpoint import atomic_write, file_sha256
 from utils.core.errors import CheckpointError, ConfigError
+from utils.core.runtime import cpu_kind, native_bf16
 
 logger = logging.getLogger(__name__)
 
 FORMATS = ("onnx", "openvino")
 BACKENDS = ("torch", "onnxruntime", "openvino")
+PRECISIONS = ("fp32", "bf16", "int8")
 OPSET = 18
 INFO_FILE = "model.json"
-GRAPH_FILES = {"onnx": "model.onnx", "openvino": "model.xml"}  # OpenVINO's weights: model.bin
+GRAPH_FILES = {"onnx": "model.onnx", "openvino": "model.xml"}
+WEIGHTS_FILE = "model.bin"  # OpenVINO's weights beside model.xml
+OPENVINO_HINTS = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}  # int8: the rest in fp32
 EXTRA_HINT = "pip install -r requirements-deploy.txt"
 
 
@@ -56,10 +69,17 @@ def require(module: str, purpose: str) -> Any:
 
 
 class ExportGraph(nn.Module):
-    """One class's `predict` with its text anchors as constants: images `[B, 3, S, S]` and,
-    when letterboxed, valid_mask `[B, S, S]` bool -> (anomaly map `[B, S, S]`, score `[B]`)."""
+    """`predict` of a fixed list of classes with their texts (and k-shot memories) as constants:
+    image `[B, 3, S, S]`, valid_mask `[B, S, S]` bool (letterboxed) or None, class_index `[B]`
+    int64 (several classes) or None -> (anomaly map `[B, S, S]`, score `[B]`)."""
 
-    def __init__(self, model: FrozenCLIPModel, class_name: str, domain: str) -> None:
+    def __init__(
+        self,
+        model: FrozenCLIPModel,
+        class_names: Sequence[str],
+        domain: str,
+        memories: Sequence[Any] | None = None,
+    ) -> None:
         super().__init__()
         if getattr(model.config, "cross_attn_at_test", None) == "both":
             raise ConfigError(
@@ -67,39 +87,52 @@ class ExportGraph(nn.Module):
                 "a graph; export with --cross_attn_at_test image or none"
             )
         self.model = model.eval()
-        self.class_name = class_name
+        self.class_names = list(class_names)
         self.domain = domain
         with torch.no_grad():
-            self.text = model.class_text(class_name)
+            # [C, ...] per class; one class's broadcasts over the batch (no class input)
+            self.texts = stack_texts([model.class_text(name) for name in self.class_names])
+        self.memory = None
+        if memories is not None:  # per stage [C, N, D]
+            self.memory = [torch.stack(stage) for stage in zip(*memories, strict=True)]
 
     def forward(
-        self, images: torch.Tensor, valid_mask: torch.Tensor | None = None
+        self,
+        image: torch.Tensor,
+        valid_mask: torch.Tensor | None = None,
+        class_index: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        # One text for the whole batch: the anchors broadcast over it (a list of B texts would
-        # fix B in the graph).
+        texts, memory = self.texts, self.memory
+        if class_index is not None:
+            texts = select_texts(texts, class_index)
+            memory = None if memory is None else [stage[class_index] for stage in memory]
         output = self.model._predict(
-            images, [self.class_name], [self.text], valid_mask, None, self.domain
+            image, self.class_names, texts, valid_mask, memory, self.domain
         )
         return output.anomaly_map.float(), output.image_score.float()
 
 
-def _onnx(graph: ExportGraph, img_size: int, letterbox: bool, path: Path) -> None:
-    """Trace `graph` with a symbolic batch and write the ONNX file `path` (checked)."""
+def _onnx(graph: ExportGraph, img_size: int, letterbox: bool, path: Path) -> list[str]:
+    """Trace `graph` with a symbolic batch and write the ONNX file `path` (checked); returns
+    the graph's input names."""
     onnx = require("onnx", "ONNX export")
     require("onnxscript", "ONNX export (torch's exporter)")
     batch = torch.export.Dim("batch", min=1, max=4096)
-    example = (torch.rand(2, 3, img_size, img_size),)  # batch 2: 1 would be specialised
-    shapes: tuple[dict[int, Any], ...] = ({0: batch},)
-    names = ["image"]
+    example = {"image": torch.rand(2, 3, img_size, img_size)}  # batch 2: 1 would be specialised
     if letterbox:
-        example += (torch.ones(2, img_size, img_size, dtype=torch.bool),)
-        shapes += ({0: batch},)
-        names.append("valid_mask")
+        example["valid_mask"] = torch.ones(2, img_size, img_size, dtype=torch.bool)
+    if len(graph.class_names) > 1:
+        example["class_index"] = torch.arange(2) % len(graph.class_names)
     for name in ("onnxscript", "onnx_ir"):  # their INFO lines narrate every rewrite
         logging.getLogger(name).setLevel(logging.WARNING)
+    image = example.pop("image")
+    shapes = {"image": {0: batch}, **{name: {0: batch} for name in example}}
     with torch.no_grad():
-        program = torch.export.export(graph, example, dynamic_shapes=shapes, strict=False)
+        program = torch.export.export(
+            graph, (image,), kwargs=example, dynamic_shapes=shapes, strict=False
+        )
     weights = sum(p.numel() * p.element_size() for p in graph.parameters())
+    names = ["image", *example]
     torch.onnx.export(
         program,
         f=str(path),
@@ -111,61 +144,125 @@ def _onnx(graph: ExportGraph, img_size: int, letterbox: bool, path: Path) -> Non
         verbose=False,
     )
     onnx.checker.check_model(str(path))
+    return names
+
+
+def check_precision(precision: str, formats: Sequence[str]) -> None:
+    """One line for a precision this export cannot have: unknown, outside OpenVINO, or bf16 on a
+    CPU that would only emulate it."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"unknown --precision {precision!r}; use one of {', '.join(PRECISIONS)}")
+    if precision != "fp32" and list(formats) != ["openvino"]:
+        raise ConfigError(
+            f"--precision {precision} is an OpenVINO graph's; export it with --format openvino "
+            "alone (onnxruntime scores fp32 graphs)"
+        )
+    if precision == "bf16" and not native_bf16(torch.device("cpu")):
+        raise ConfigError(
+            f"--precision bf16 needs a CPU that computes bf16 natively (AVX512-bf16 or AMX); this "
+            f"one ({cpu_kind()}) would emulate it, which made ViT-L inference 6.5x slower than "
+            "fp32 on such a CPU (README Performance): export fp32 or int8"
+        )
+
+
+def quantize(model: Any, feeds: list[dict[str, np.ndarray]], subset_size: int) -> Any:
+    """NNCF int8 post-training quantization of an OpenVINO model, calibrated on `feeds` (normal
+    images, one feed each), with NNCF's default settings: its transformer model type
+    (SmoothQuant) made these graphs' image score `(1, 2)` for any batch."""
+    nncf = require("nncf", "--precision int8")
+    return nncf.quantize(model, nncf.Dataset(feeds), subset_size=subset_size)
 
 
 def export(
     predictor: AnomalyPredictor,
     out_dir: Path,
     formats: list[str],
-    class_name: str,
+    class_names: Sequence[str],
     info: dict[str, Any],
+    memories: Sequence[Any] | None = None,
+    precision: str = "fp32",
+    quantization: Callable[[Any], Any] | None = None,
 ) -> dict[str, Path]:
-    """Write `<out_dir>/model.onnx` and/or `model.xml` + `.bin` (one trace for all `formats`)
-    and `model.json` for the predictor's model, domain and preprocessing scoring `class_name`;
-    returns {format: graph path}. `info` (model name, config, checkpoint, calibration) goes into
-    the JSON."""
+    """Write `<out_dir>/model.onnx` and/or `model.xml` + `model.bin` (one trace for all
+    `formats`) and `model.json` for the predictor's model, domain and preprocessing scoring
+    `class_names` (prompt names; `memories` per class a k-shot memory); returns {format: graph
+    path}. int8 needs `quantization(openvino model) -> quantized model`. `info`
+    (model name, config, checkpoint, classes, support, calibration) goes into the JSON."""
     unknown = sorted(set(formats) - set(FORMATS))
     if unknown or not formats:
         raise ConfigError(f"unknown --format {unknown}; use {' and/or '.join(FORMATS)}")
+    check_precision(precision, formats)
+    if precision == "int8" and quantization is None:
+        raise ConfigError(
+            "--precision int8 needs normal images to calibrate on (--calibration_dir)"
+        )
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model, domain, letterbox = predictor.model, predictor.domain, predictor.preprocessing.pads
-    graph = ExportGraph(model.cpu(), class_name, domain)
+    graph = ExportGraph(model.cpu(), class_names, domain, memories)
     targets = {fmt: out_dir / GRAPH_FILES[fmt] for fmt in FORMATS if fmt in formats}
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".export.") as scratch:
         onnx_path = Path(scratch) / "model.onnx"
         logger.info(
-            "tracing %s for %r (%s) at %d px", model.name, class_name, domain, model.img_size
+            "tracing %s for %s (%s) at %d px",
+            model.name,
+            ", ".join(repr(name) for name in class_names),
+            domain,
+            model.img_size,
         )
-        _onnx(graph, model.img_size, letterbox, onnx_path)
+        inputs = _onnx(graph, model.img_size, letterbox, onnx_path)
         written = {}
         if "openvino" in targets:
             openvino = require("openvino", "OpenVINO export")
+            converted = openvino.convert_model(onnx_path)
+            if precision == "int8":
+                converted = quantization(converted)
             xml = Path(scratch) / "model.xml"
-            # float32 weights: the parity the backends are tested to
-            openvino.save_model(openvino.convert_model(onnx_path), xml, compress_to_fp16=False)
-            written = {xml: targets["openvino"], xml.with_suffix(".bin"): out_dir / "model.bin"}
+            # float32 weights: the parity the backends are tested to; int8 keeps its own. The
+            # IR is written apart and moved into place whole, never over a file in use.
+            openvino.save_model(converted, xml, compress_to_fp16=False)
+            written = {xml: targets["openvino"], xml.with_suffix(".bin"): out_dir / WEIGHTS_FILE}
         if "onnx" in targets:
             written[onnx_path] = targets["onnx"]
             for weights in Path(scratch).glob("model.onnx.*"):  # external data, past 2 GB
                 written[weights] = out_dir / weights.name
         for source, destination in written.items():
             os.replace(source, destination)  # whole files only, as the checkpoints
+    files = {path.name: file_sha256(path) for path in sorted(set(written.values()))}
     description = {
         "graphs": {fmt: path.name for fmt, path in targets.items()},
-        "inputs": ["image", "valid_mask"] if letterbox else ["image"],
+        "inputs": inputs,
         "outputs": {"anomaly_map": "[B, S, S] float32", "image_score": "[B] float32"},
-        "sha256": {fmt: file_sha256(path) for fmt, path in targets.items()},
+        "files": files,
+        "export_id": hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest(),
         "opset": OPSET,
+        "precision": precision,
         "preprocessing": predictor.preprocessing.to_dict(),
-        "class_name": class_name,
         "domain": domain,
-        "k_shot": 0,
         **info,
     }
     text = json.dumps(description, indent=2, default=str) + "\n"
     atomic_write(out_dir / INFO_FILE, lambda file: file.write(text), mode="w")
     return targets
+
+
+def record_calibrations(model_dir: Path, calibrations: dict[str, dict[str, Any]]) -> None:
+    """Add to model.json, per class, the calibration file shipped beside the graph and what it
+    holds (thresholds, percentile, rule, reduction, top fraction, the graph it was made on)."""
+    info = read_info(model_dir)
+    info["calibrations"] = {
+        name: {
+            "file": file,
+            **{
+                key: calibration[key]
+                for key in ("thresholds", "percentile", "rule", "reduction", "top_fraction")
+            },
+            "graph": calibration.get("graph"),
+        }
+        for name, (file, calibration) in calibrations.items()
+    }
+    text = json.dumps(info, indent=2, default=str) + "\n"
+    atomic_write(Path(model_dir) / INFO_FILE, lambda file: file.write(text), mode="w")
 
 
 def read_info(model_dir: Path) -> dict[str, Any]:
@@ -180,10 +277,13 @@ def read_info(model_dir: Path) -> dict[str, Any]:
 
 
 class ExportedPredictor:
-    """An exported graph behind `AnomalyPredictor`'s `predict`, on the CPU.
+    """An exported graph behind `AnomalyPredictor`'s interface, on the CPU.
 
-    backend: `onnxruntime` or `openvino`; the class and domain are the export's.
+    backend: `onnxruntime` (fp32 graphs) or `openvino` (any precision); the classes, domain,
+    k-shot memory and preprocessing are the export's.
     """
+
+    amp = "none"  # graphs are float32 (bf16 and int8 inside OpenVINO)
 
     def __init__(self, model_dir: Path, backend: str) -> None:
         self.info = read_info(model_dir)
@@ -191,26 +291,38 @@ class ExportedPredictor:
         self.preprocessing = Preprocessing.from_dict(
             self.info.get("preprocessing"), f"{Path(model_dir) / INFO_FILE}"
         )
-        self.class_name, self.domain = self.info["class_name"], self.info["domain"]
+        self.domain = self.info["domain"]
+        self.model_name = self.info["model"]["name"]
+        self.precision = self.info["precision"]
+        self.k_shot = self.info["k_shot"]
+        self.classes = self.info["classes"]  # [{"name", "prompt"}], the class_index order
+        self._index = {}
+        for index, entry in enumerate(self.classes):
+            self._index[entry["name"]] = self._index[entry["prompt"]] = index
         graphs = self.info["graphs"]
         if backend == "onnxruntime":
             runtime = require("onnxruntime", "--backend onnxruntime")
             if "onnx" not in graphs:
                 raise ConfigError(
-                    f"{model_dir} holds no ONNX graph; use --backend openvino or export again "
-                    "with --format onnx"
+                    f"{model_dir} holds no ONNX graph (a {self.precision} export is OpenVINO's); "
+                    "use --backend openvino, or export again with --format onnx"
                 )
             path = Path(model_dir) / graphs["onnx"]
             session = runtime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
             self.inputs = [node.name for node in session.get_inputs()]
             self._run = lambda feed: session.run(["anomaly_map", "image_score"], feed)
         elif backend == "openvino":
-            openvino = require("openvino", "--backend openvino")
             path = Path(model_dir) / graphs.get("openvino", graphs.get("onnx"))  # reads ONNX too
-            # f32: OpenVINO would otherwise infer in bf16 on CPUs that have it
-            compiled = openvino.Core().compile_model(
-                str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"}
-            )
+            if self.precision == "bf16" and not native_bf16(torch.device("cpu")):
+                logger.warning(
+                    "a bf16 export on a CPU without native bf16 (%s): OpenVINO runs it emulated",
+                    cpu_kind(),
+                )
+            # f32 unless the export says otherwise: OpenVINO would infer in bf16 on CPUs that
+            # have it, away from the precision the export was measured at
+            openvino = require("openvino", "--backend openvino")
+            hint = {"INFERENCE_PRECISION_HINT": OPENVINO_HINTS[self.precision]}
+            compiled = openvino.Core().compile_model(str(path), "CPU", hint)
             self.inputs = [node.get_any_name() for node in compiled.inputs]
             outputs = [compiled.output("anomaly_map"), compiled.output("image_score")]
 
@@ -226,21 +338,53 @@ class ExportedPredictor:
     def device(self) -> torch.device:
         return torch.device("cpu")
 
+    def class_index(self, class_names: list[str]) -> np.ndarray:
+        """Each image's class position in the export (a name or a prompt it holds)."""
+        missing = sorted(set(class_names) - set(self._index))
+        if missing:
+            held = ", ".join(entry["name"] for entry in self.classes)
+            raise ConfigError(
+                f"this export scores {held}, not {', '.join(missing)}; export again with "
+                "--class_name naming every class it must score"
+            )
+        return np.array([self._index[name] for name in class_names], dtype=np.int64)
+
     def predict(
         self,
         images: torch.Tensor,
         class_names: list[str],
         valid_mask: torch.Tensor | None = None,
     ) -> AnomalyOutput:
-        """images `[B, 3, S, S]` (class names: the export's) -> map `[B, S, S]`, score `[B]`."""
-        if set(class_names) - {self.class_name}:
-            raise ConfigError(
-                f"this export scores {self.class_name!r} only; export again with --class_name"
-            )
+        """images `[B, 3, S, S]`, one class (name or prompt) per image -> map `[B, S, S]`,
+        score `[B]`."""
+        index = self.class_index(class_names)
         feed = {"image": images.float().numpy()}
         if "valid_mask" in self.inputs:
             if valid_mask is None:
                 valid_mask = torch.ones(images.shape[0], *images.shape[2:], dtype=torch.bool)
             feed["valid_mask"] = valid_mask.cpu().numpy().astype(bool)
+        if "class_index" in self.inputs:
+            feed["class_index"] = index
         anomaly_map, score = self._run(feed)
         return AnomalyOutput(torch.from_numpy(np.asarray(anomaly_map)), torch.from_numpy(score))
+
+    def table_image_scores(self, extrema: MapExtrema, scores: np.ndarray) -> np.ndarray:
+        """Paper-table image scores of one class: the exported model's own rule (`predict`'s
+        maps' extrema `[N]`, scores `[N]`)."""
+        rule = model_class(self.model_name).table_image_scores
+        return rule(extrema, scores, self.domain, few_shot=self.k_shot > 0)
+
+
+def open_export(
+    model_dir: Path | None, backend: str, overrides: dict[str, Any]
+) -> ExportedPredictor:
+    """An export folder's predictor for a command that was given `overrides` (model settings):
+    none may change an export, whose model and preprocessing are fixed."""
+    if model_dir is None:
+        raise ConfigError(f"--backend {backend} scores an export: pass its folder")
+    if overrides:
+        raise ConfigError(
+            f"an export's model and preprocessing are fixed; {sorted(overrides)} cannot change "
+            "them: export again with those flags"
+        )
+    return ExportedPredictor(model_dir, backend)

@@ -21,6 +21,7 @@ import dataclasses
 import io
 import json
 import logging
+import random
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
@@ -30,9 +31,17 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from datasets.catalog import CATALOG, DEFAULT_DOMAIN, DOMAINS
+from datasets.catalog import (
+    CATALOG,
+    DEFAULT_DOMAIN,
+    DOMAINS,
+    default_data_root,
+    get_dataset_info,
+    real_name,
+)
 from datasets.folder import FieldImage, ImageFolder, collate, list_images
 from datasets.preprocessing import Preprocessing
+from datasets.support import draw_support, load_images
 from models.base import FrozenCLIPModel
 from models.predictor import AnomalyPredictor
 from models.registry import MODELS, find_checkpoint, load_trained_model
@@ -41,7 +50,16 @@ from utils.core.config import RUN, setting
 from utils.core.errors import ConfigError, DataError
 from utils.core.runtime import RuntimeConfig, loader_workers, progress, resolve_device
 from utils.deploy import calibration as calib
-from utils.deploy.export import BACKENDS, FORMATS, ExportedPredictor
+from utils.deploy.export import (
+    BACKENDS,
+    FORMATS,
+    PRECISIONS,
+    ExportedPredictor,
+    check_precision,
+    open_export,
+    quantize,
+    record_calibrations,
+)
 from utils.deploy.export import export as export_graph
 from utils.deploy.review import save_thumbnail, write_review
 from utils.evaluation.visualize import overlay
@@ -98,10 +116,9 @@ class FieldConfig(RuntimeConfig):
 
 
 @dataclasses.dataclass
-class CalibrateConfig(FieldConfig):
-    """`predict.py calibrate`: thresholds from a folder of normal images."""
+class Thresholds:
+    """How normal images set the thresholds (calibrate, and export on its own graph)."""
 
-    normal_dir: Path = setting(None, "folder of normal images", kind=RUN, required=True)
     percentile: float = setting(99.5, "99.5 (more sensitive) or 99.9, any p in 0-100", kind=RUN)
     reduction: str = setting(
         "max", "map score: max or topk_mean of the valid pixels", kind=RUN, choices=calib.REDUCTIONS
@@ -110,8 +127,22 @@ class CalibrateConfig(FieldConfig):
         0.01, "topk_mean: fraction of the valid pixels", kind=RUN, above=0, maximum=1
     )
     rule: str = setting("image", "default decision rule", kind=RUN, choices=calib.RULES)
+
+
+@dataclasses.dataclass
+class CalibrateConfig(FieldConfig, Thresholds):
+    """`predict.py calibrate`: thresholds from a folder of normal images."""
+
+    normal_dir: Path = setting(None, "folder of normal images", kind=RUN, required=True)
     output: Path | None = setting(
         None, "calibration file (default: beside the checkpoint)", kind=RUN
+    )
+    backend: str = setting(
+        "torch",
+        "torch: the checkpoint; onnxruntime, openvino: an export folder, calibrated on its own "
+        "graph and precision",
+        kind=RUN,
+        choices=BACKENDS,
     )
 
 
@@ -148,10 +179,10 @@ class ScoreConfig(FieldConfig):
 
 
 @dataclasses.dataclass
-class ExportConfig(FieldConfig):
-    """`predict.py export`: a graph that runs without this code (traced on the CPU, float32)."""
+class ExportConfig(FieldConfig, Thresholds):
+    """`predict.py export`: a graph that runs without this code (traced on the CPU)."""
 
-    unused: ClassVar[tuple[str, ...]] = ("seed", "device", "num_workers", "amp", "batch_size")
+    unused: ClassVar[tuple[str, ...]] = ("seed", "device", "num_workers", "amp")
 
     format: list[str] = setting(
         ["onnx"],
@@ -160,9 +191,58 @@ class ExportConfig(FieldConfig):
         choices=FORMATS,
     )
     out: Path = setting(None, "output folder", kind=RUN, required=True)
+    class_name: list[str] | None = setting(
+        None,
+        "the classes (prompt names) the graph scores, chosen per image by its class_index input "
+        "when several (default: the calibration's, else object)",
+        kind=RUN,
+    )
+    dataset: str | None = setting(
+        None,
+        "export the classes of this catalogued data set (all, or those --class_name names) "
+        "under its prompt names; --k_shot draws their support from its train split",
+        kind=RUN,
+    )
+    data_root: Path | None = setting(
+        None, "with --dataset: its folder; unset: data/<dataset>", kind=RUN
+    )
+    k_shot: int = setting(
+        0,
+        "SOWA: bake a memory of k normal images per class into the graph (0: zero-shot)",
+        kind=RUN,
+        minimum=0,
+    )
+    support_dir: Path | None = setting(
+        None,
+        "the k-shot support images: <dir>/<class>/ per class, or the folder itself for one "
+        "class (default with --dataset: drawn from its train split)",
+        kind=RUN,
+    )
+    support_seed: int = setting(42, "seed of the k-shot support draw", kind=RUN)
+    precision: str = setting(
+        "fp32",
+        "fp32; bf16 (OpenVINO's inference precision, where the CPU computes bf16 natively); "
+        "int8 (NNCF post-training quantization on --calibration_dir; OpenVINO graphs)",
+        kind=RUN,
+        choices=PRECISIONS,
+    )
+    calibration_dir: Path | None = setting(
+        None,
+        "normal images (<dir>/<class>/ with several classes): the graph's thresholds are "
+        "calibrated on the exported graph itself, and int8 is quantized on them",
+        kind=RUN,
+    )
+    calibration_size: int = setting(
+        300,
+        "int8: at most this many images of each class calibrate the quantization (NNCF's "
+        "default subset size)",
+        kind=RUN,
+        minimum=1,
+    )
     calibration: Path | None = setting(
         None,
-        "thresholds to ship beside the graph (default: the checkpoint's, when there is one)",
+        "thresholds to ship beside an fp32 graph without --calibration_dir (default: the "
+        "checkpoint's, when there is one)",
         kind=RUN,
     )
 
@@ -234,19 +314,19 @@ def _provenance(name: str, file: Path, payload: dict[str, Any]) -> dict[str, Any
     }
 
 
-def calibrate(config: CalibrateConfig, overrides: dict[str, Any]) -> Path:
-    """Score the normal folder, write the calibration JSON; returns its path. `overrides`: the
-    model settings given (`--preprocess letterbox`, ...), recorded and reused by score/export."""
-    calib.check_settings(config.percentile, config.reduction, config.rule)
-    device = resolve_device(config.device)
-    dataset_files = list_images(config.normal_dir)  # an empty folder fails before model loading
-    path = config.output or calib.calibration_path(config.checkpoint)
-    check_writable(Path(path).parent, "--output")
-    name, file, model, payload = _load(config, overrides, device)
-    domain = config.domain or training_domain(payload)
-    class_name = config.class_name or "object"
-    predictor = AnomalyPredictor(model, domain, config.amp)
-    dataset = ImageFolder(config.normal_dir, predictor.preprocessing, files=dataset_files)
+def calibrate_on(
+    predictor: AnomalyPredictor | ExportedPredictor,
+    folder: Path,
+    class_name: str,
+    thresholds: Thresholds,
+    batch_size: int = 8,
+    num_workers: int | None = None,
+    show_progress: bool = True,
+) -> dict[str, Any]:
+    """Score a folder of normal images with `predictor` -> the calibration's thresholds,
+    statistics and the data it saw (the caller adds what produced the scores)."""
+    calib.check_settings(thresholds.percentile, thresholds.reduction, thresholds.rule)
+    dataset = ImageFolder(folder, predictor.preprocessing)
     image_scores: list[float] = []
     reductions: dict[str, list[float]] = {key: [] for key in ("max", "topk_mean", "mean")}
     used: list[str] = []
@@ -255,10 +335,10 @@ def calibrate(config: CalibrateConfig, overrides: dict[str, Any]) -> Path:
         predictor,
         dataset,
         class_name,
-        config.batch_size,
-        config.num_workers,
-        config.top_fraction,
-        config.progress,
+        batch_size,
+        num_workers,
+        thresholds.top_fraction,
+        show_progress,
     ):
         if result is None:
             logger.warning("skipped: %s", item.error)
@@ -269,7 +349,7 @@ def calibrate(config: CalibrateConfig, overrides: dict[str, Any]) -> Path:
         for key in reductions:
             reductions[key].append(result[key])
     if not used:
-        raise DataError(f"no image under {config.normal_dir} could be read; see the log")
+        raise DataError(f"no image under {folder} could be read; see the log")
     broken = sum(
         1
         for index in range(len(used))
@@ -283,35 +363,80 @@ def calibrate(config: CalibrateConfig, overrides: dict[str, Any]) -> Path:
     calibration = calib.calibrate(
         np.asarray(image_scores),
         {key: np.asarray(values) for key, values in reductions.items()},
-        config.percentile,
-        config.reduction,
-        config.top_fraction,
-        config.rule,
+        thresholds.percentile,
+        thresholds.reduction,
+        thresholds.top_fraction,
+        thresholds.rule,
     )
     calibration.update(
         {
             "created": calib.now(),
-            "model": _provenance(name, file, payload),
             "preprocessing": predictor.preprocessing.to_dict(),
             "class_name": class_name,
-            "domain": domain,
+            "domain": predictor.domain,
             "amp": predictor.amp,
-            "overrides": overrides,
             "data": {
-                "folder": str(Path(config.normal_dir).resolve()),
+                "folder": str(Path(folder).resolve()),
                 "count": len(used),
                 "files_sha256": calib.files_digest(used),
                 "skipped": skipped,
             },
         }
     )
-    calib.save_calibration(path, calibration)
+    return calibration
+
+
+def graph_record(exported: ExportedPredictor) -> dict[str, Any]:
+    """What an export's calibration was made with: its graphs and precision."""
+    info = exported.info
+    return {
+        "backend": exported.backend,
+        "export_id": info["export_id"],
+        "precision": info["precision"],
+    }
+
+
+def _report_calibration(calibration: dict[str, Any], path: Path) -> None:
     thresholds = calibration["thresholds"]
     print(
-        f"calibrated on {len(used)} normal images (p{config.percentile:g}): "
-        f"T_img={thresholds['image']:.6g} T_max={thresholds['max']:.6g} "
-        f"T_topk_mean={thresholds['topk_mean']:.6g} -> {path}"
+        f"calibrated on {calibration['data']['count']} normal images "
+        f"(p{calibration['percentile']:g}): T_img={thresholds['image']:.6g} "
+        f"T_max={thresholds['max']:.6g} T_topk_mean={thresholds['topk_mean']:.6g} -> {path}"
     )
+
+
+def calibrate(config: CalibrateConfig, overrides: dict[str, Any]) -> Path:
+    """Score the normal folder with the checkpoint (or an export, on its own graph), write the
+    calibration JSON; returns its path. `overrides`: the model settings given (`--preprocess
+    letterbox`, ...), recorded and reused by score/export."""
+    calib.check_settings(config.percentile, config.reduction, config.rule)
+    list_images(config.normal_dir)  # an empty folder fails before model loading
+    path = config.output or calib.calibration_path(config.checkpoint)
+    check_writable(Path(path).parent, "--output")
+    if config.backend == "torch":
+        name, file, model, payload = _load(config, overrides, resolve_device(config.device))
+        predictor: AnomalyPredictor | ExportedPredictor = AnomalyPredictor(
+            model, config.domain or training_domain(payload), config.amp
+        )
+        provenance, graph = _provenance(name, file, payload), {"backend": "torch"}
+        class_name = config.class_name or "object"
+    else:
+        predictor = open_export(config.checkpoint, config.backend, overrides)
+        provenance, graph = predictor.info["model"], graph_record(predictor)
+        class_name = config.class_name or predictor.classes[0]["prompt"]
+        _check_export(predictor, class_name, config.domain or predictor.domain)
+    calibration = calibrate_on(
+        predictor,
+        config.normal_dir,
+        class_name,
+        config,
+        config.batch_size,
+        config.num_workers,
+        config.progress,
+    )
+    calibration.update({"model": provenance, "graph": graph, "overrides": overrides})
+    calib.save_calibration(path, calibration)
+    _report_calibration(calibration, path)
     return path
 
 
@@ -367,48 +492,199 @@ def _save_overlay(path: Path, item: FieldImage, anomaly_map: np.ndarray, calibra
 
 
 def _check_export(exported: ExportedPredictor, class_name: str, domain: str) -> None:
-    """An export scores the class and domain it was traced for: refuse others."""
-    for key, value in {"class_name": class_name, "domain": domain}.items():
-        baked = getattr(exported, key)
-        if baked != value:
-            raise ConfigError(
-                f"the export holds {key}={baked!r}, not {value!r}; export again with "
-                f"--{key} {value} or score with its own"
+    """An export scores the classes and domain it was traced for: refuse others."""
+    exported.class_index([class_name])
+    if exported.domain != domain:
+        raise ConfigError(
+            f"the export holds domain={exported.domain!r}, not {domain!r}; export again with "
+            f"--domain {domain} or score with its own"
+        )
+
+
+def _classes(config: ExportConfig, recorded: dict[str, Any]) -> list[dict[str, str]]:
+    """The export's classes: names, and the prompts their texts are made of."""
+    if config.dataset is None:
+        names = config.class_name or [recorded.get("class_name", "object")]
+        return [{"name": name, "prompt": name} for name in names]
+    info = get_dataset_info(config.dataset)
+    names = config.class_name or list(info.classes)
+    unknown = sorted(set(names) - set(info.classes))
+    if unknown:
+        raise ConfigError(
+            f"{config.dataset} has no class {', '.join(unknown)}; its classes are "
+            f"{', '.join(info.classes)}"
+        )
+    return [{"name": name, "prompt": real_name(info, name)} for name in names]
+
+
+def _class_folder(root: Path, name: str, several: bool, flag: str) -> Path:
+    """`<root>/<name>/` when an export has several classes, else `root` itself."""
+    folder = Path(root) / name if several else Path(root)
+    if not folder.is_dir():
+        raise DataError(
+            f"{flag} {root} has no folder {name}/; with several classes it holds one each"
+        )
+    return folder
+
+
+def _support(
+    config: ExportConfig, classes: list[dict[str, str]], predictor: AnomalyPredictor
+) -> tuple[list[Any] | None, dict[str, Any] | None]:
+    """Each class's k-shot memory and the support files it was encoded from (None: zero-shot)."""
+    if config.k_shot == 0:
+        return None, None
+    model = predictor.model
+    if not model.supports_memory:
+        raise ConfigError(
+            f"--k_shot {config.k_shot} needs a support memory (sowa), not {model.name}"
+        )
+    memories, files = [], {}
+    several = len(classes) > 1
+    for entry in classes:
+        name = entry["name"]
+        if config.support_dir is not None:
+            candidates = list_images(
+                _class_folder(config.support_dir, name, several, "--support_dir")
             )
+            paths = random.Random(config.support_seed).sample(
+                candidates, min(config.k_shot, len(candidates))
+            )
+        elif config.dataset is not None:
+            root = config.data_root or default_data_root(config.dataset)
+            paths = draw_support(config.dataset, root, name, config.k_shot, config.support_seed)
+        else:
+            raise ConfigError("--k_shot needs --support_dir, or --dataset with its train split")
+        files[name] = [str(path) for path in paths]
+        with torch.no_grad():
+            memories.append(model.encode_memory(load_images(paths, predictor.preprocessing)))
+    return memories, {"seed": config.support_seed, "files": files}
+
+
+def _feeds(
+    folder: Path, preprocessing: Preprocessing, limit: int | None = None
+) -> list[dict[str, np.ndarray]]:
+    """One graph feed per readable image of a folder (at most `limit`, spread over it)."""
+    files = list_images(folder)
+    if limit is not None and len(files) > limit:
+        step = len(files) / limit
+        files = [files[int(index * step)] for index in range(limit)]
+    feeds = []
+    for path in files:
+        try:
+            prepared = preprocessing.load(path)
+        except DataError as error:
+            logger.warning("skipped: %s", error)
+            continue
+        feed = {"image": prepared.image[None].numpy()}
+        if preprocessing.pads:
+            feed["valid_mask"] = prepared.valid_mask[None].numpy()
+        feeds.append(feed)
+    if not feeds:
+        raise DataError(f"no image under {folder} could be read")
+    return feeds
+
+
+def _quantization(config: ExportConfig, preprocessing: Preprocessing, several: bool) -> Any:
+    """int8: the quantization an export runs on its OpenVINO model (calibration feeds from
+    --calibration_dir)."""
+    feeds = []
+    for index, name in enumerate(config.class_name or []):
+        folder = _class_folder(config.calibration_dir, name, several, "--calibration_dir")
+        for feed in _feeds(folder, preprocessing, config.calibration_size):
+            # the backbone's activations: each image under its own class
+            feeds.append({**feed, "class_index": np.array([index])} if several else feed)
+    return lambda model: quantize(model, feeds, config.calibration_size)
 
 
 def export(config: ExportConfig, overrides: dict[str, Any]) -> dict[str, Path]:
     """Write the export folder; returns {format: graph path}. The calibration's class, domain
-    and model overrides are the defaults; flags win."""
+    and model overrides are the defaults; flags win. With --calibration_dir the thresholds are
+    calibrated on the exported graph itself (one calibration per class)."""
+    check_precision(config.precision, config.format)
+    if config.precision == "int8" and config.calibration_dir is None:
+        raise ConfigError(
+            "--precision int8 quantizes on normal images: pass --calibration_dir (the folder "
+            "predict.py calibrate reads)"
+        )
     check_writable(config.out, "--out")
     calibration_file = config.calibration or calib.calibration_path(config.checkpoint)
-    calibration = None
+    recorded: dict[str, Any] = {}
     if config.calibration is not None or Path(calibration_file).is_file():
-        calibration = calib.load_calibration(calibration_file)
-    recorded = calibration or {}
+        recorded = calib.load_calibration(calibration_file)
     overrides = {**recorded.get("overrides", {}), **overrides}
     name, file, model, payload = _load(config, overrides, torch.device("cpu"))
-    class_name = config.class_name or recorded.get("class_name", "object")
+    classes = _classes(config, recorded)
     domain = config.domain or recorded.get("domain") or training_domain(payload)
     predictor = AnomalyPredictor(model, domain)
-    if calibration is not None:
-        _check_calibration(calibration, calibration_file, name, predictor.preprocessing)
+    several = len(classes) > 1
+    if config.calibration_dir is not None:  # every class's folder, before the long trace
+        for entry in classes:
+            list_images(
+                _class_folder(config.calibration_dir, entry["name"], several, "--calibration_dir")
+            )
+    memories, support = _support(config, classes, predictor)
+    quantization = None
+    if config.precision == "int8":
+        quantization = _quantization(
+            dataclasses.replace(config, class_name=[entry["name"] for entry in classes]),
+            predictor.preprocessing,
+            several,
+        )
     info = {
         "model": _provenance(name, file, payload),
         "overrides": overrides,  # the model settings given, the calibration's first
+        "classes": classes,
+        "k_shot": config.k_shot,
+        "support": support,
         "created": calib.now(),
-        "calibration": None,
     }
-    if calibration is not None:
-        info["calibration"] = {
-            key: calibration[key]
-            for key in ("thresholds", "percentile", "rule", "reduction", "top_fraction")
-        }
-    targets = export_graph(predictor, config.out, config.format, class_name, info)
-    if calibration is not None:  # score --backend finds it where it looks for a save path's
-        calib.save_calibration(config.out / "calibration.json", calibration)
+    targets = export_graph(
+        predictor,
+        config.out,
+        config.format,
+        [entry["prompt"] for entry in classes],
+        info,
+        memories,
+        config.precision,
+        quantization,
+    )
     paths = ", ".join(str(path) for path in targets.values())
-    print(f"exported {name} for {class_name!r} ({domain}) -> {paths}")
+    names = ", ".join(repr(entry["name"]) for entry in classes)
+    print(f"exported {name} ({config.precision}) for {names} ({domain}) -> {paths}")
+    shipped: dict[str, tuple[str, dict[str, Any]]] = {}
+    if config.calibration_dir is not None:
+        backend = "openvino" if "openvino" in config.format else "onnxruntime"
+        exported = ExportedPredictor(config.out, backend)
+        for entry in classes:
+            folder = _class_folder(
+                config.calibration_dir, entry["name"], several, "--calibration_dir"
+            )
+            calibration = calibrate_on(
+                exported, folder, entry["prompt"], config, config.batch_size, None, config.progress
+            )
+            calibration.update(
+                {
+                    "model": exported.info["model"],
+                    "graph": graph_record(exported),
+                    "overrides": overrides,
+                }
+            )
+            stem = f"calibration_{entry['name']}" if several else "calibration"
+            path = calib.save_calibration(config.out / f"{stem}.json", calibration)
+            _report_calibration(calibration, path)
+            shipped[entry["name"]] = (path.name, calibration)
+    elif recorded and config.precision == "fp32" and not several:
+        # an fp32 graph scores as the checkpoint does (tested to 1e-6): its thresholds fit
+        _check_calibration(recorded, calibration_file, name, predictor.preprocessing)
+        calib.save_calibration(config.out / "calibration.json", recorded)
+        shipped[classes[0]["name"]] = ("calibration.json", recorded)
+    else:
+        logger.warning(
+            "no calibration of this graph: pass --calibration_dir, or run predict.py calibrate "
+            "--backend openvino --checkpoint %s --normal_dir DIR",
+            config.out,
+        )
+    record_calibrations(config.out, shipped)
     return targets
 
 
@@ -432,6 +708,37 @@ def _check_calibration(
             "scoring with other preprocessing than the thresholds were calibrated with "
             "(now, then): %s",
             differ,
+        )
+
+
+def _check_graph(
+    calibration: dict[str, Any], path: Path, predictor: AnomalyPredictor | ExportedPredictor
+) -> None:
+    """Thresholds come from scores of the same graph and precision: a calibration of an export
+    fits that export; a calibration of the checkpoint fits it and its fp32 exports."""
+    graph = calibration.get("graph") or {"backend": "torch"}
+    if isinstance(predictor, AnomalyPredictor):
+        fits = graph["backend"] == "torch"
+        here = "the checkpoint (torch)"
+    else:
+        info = predictor.info
+        same_export = graph.get("export_id") == info["export_id"]
+        checkpoint = calibration["model"].get("checkpoint_sha256")
+        same_checkpoint = checkpoint == info["model"]["checkpoint_sha256"]
+        fits = same_export or (
+            graph["backend"] == "torch" and info["precision"] == "fp32" and same_checkpoint
+        )
+        here = f"this {info['precision']} export"
+    if not fits:
+        made = (
+            graph["backend"]
+            if graph["backend"] == "torch"
+            else (f"a {graph.get('precision')} export {graph.get('export_id', '?')[:12]}")
+        )
+        raise ConfigError(
+            f"{path} was calibrated on {made}, not on {here}: thresholds move with the graph and "
+            "its precision; calibrate on it (predict.py calibrate with its --backend and "
+            "--checkpoint, or export with --calibration_dir)"
         )
 
 
@@ -459,16 +766,12 @@ def score(config: ScoreConfig, overrides: dict[str, Any]) -> dict[str, Any]:
         checkpoint_sha256 = file_sha256(file)
         scoring_amp = predictor.amp
     else:
-        if overrides:
-            raise ConfigError(
-                f"an export's model and preprocessing are fixed; {sorted(overrides)} cannot "
-                "change them: export again with those flags"
-            )
-        predictor = ExportedPredictor(config.checkpoint, config.backend)
+        predictor = open_export(config.checkpoint, config.backend, overrides)
         file, exported = config.checkpoint, predictor.info
         name, checkpoint_sha256 = exported["model"]["name"], exported["model"]["checkpoint_sha256"]
         _check_export(predictor, class_name, domain)
-        scoring_amp = "none"  # exports are float32
+        scoring_amp = predictor.amp
+    _check_graph(calibration, calibration_file, predictor)
     if scoring_amp != calibration["amp"]:
         logger.warning(
             "scoring with amp %s but the thresholds come from amp %s maps",

@@ -34,10 +34,10 @@ from datasets.preprocessing import read_image
 from datasets.support import draw_support, load_images
 from datasets.synthetic import ensure_synthetic
 from models.base import MapExtrema
-from models.predictor import AnomalyPredictor
+from models.predictor import AnomalyPredictor, Predictor
 from models.registry import MODELS, checkpoint_stem, find_checkpoint, load_trained_model
 from utils.core.config import RUN, TEST, setting, settings_of, to_mapping
-from utils.core.errors import CheckpointError
+from utils.core.errors import CheckpointError, ConfigError
 from utils.core.runtime import (
     RuntimeConfig,
     loader_workers,
@@ -131,6 +131,16 @@ class EvalConfig(RuntimeConfig, DataConfig):
         kind=RUN,
         choices=("model", "original"),
     )
+    backend: str = setting(
+        "torch",
+        "torch: the checkpoints; onnxruntime, openvino: the graph of --export, with exactly "
+        "these metrics and tables",
+        kind=RUN,
+        choices=("torch", "onnxruntime", "openvino"),
+    )
+    export: Path | None = setting(
+        None, "with --backend onnxruntime|openvino: a `predict.py export` folder", kind=RUN
+    )
 
     def resolve(self) -> EvalConfig:
         """The settings left unset filled in: data root, undefined-metric rule, decimals."""
@@ -150,6 +160,8 @@ class EvalConfig(RuntimeConfig, DataConfig):
         """Where results, panels and test.log go: --results_dir, else the checkpoint's folder."""
         if self.results_dir is not None:
             return self.results_dir
+        if self.backend != "torch" and self.export is not None:
+            return self.export
         if self.checkpoint is not None:
             return self.checkpoint if self.checkpoint.is_dir() else self.checkpoint.parent
         return self.save_path
@@ -243,7 +255,7 @@ def class_batches(
 
 @torch.no_grad()
 def predict_class(
-    predictor: AnomalyPredictor,
+    predictor: Predictor,
     batches: Iterable[dict],
     prompt_name: str,
     evaluator: ClassEvaluator,
@@ -281,7 +293,7 @@ def predict_class(
 
 
 def class_metrics(
-    predictor: AnomalyPredictor,
+    predictor: Predictor,
     batches: Iterable[dict],
     class_name: str,
     size: int,
@@ -340,7 +352,7 @@ def set_support(
 
 
 def write_panels(
-    outputs: ClassOutputs, class_name: str, config: EvalConfig, predictor: AnomalyPredictor
+    outputs: ClassOutputs, class_name: str, config: EvalConfig, predictor: Predictor
 ) -> None:
     """[image | ground truth | heat map] per image; the map min-max normalised over the class.
     At the model's size the image is the loader's (not decoded again); at the original size
@@ -376,13 +388,8 @@ def evaluate(config: EvalConfig, overrides: dict[str, Any]) -> list[EvaluatedFil
     config = config.resolve()
     device = resolve_device(config.device)
     seed_everything(config.seed)
-    info = config.dataset_info()
-    if config.dataset == "Synthetic":
-        ensure_synthetic(config.data_root)
+    info, records = _test_records(config)
     model_name, files = checkpoint_files(config)
-    records = load_test_records(info, config.data_root, config.metadata_dir)
-    if config.resize_masks:
-        log_resized_masks(records, config.data_root)
     trust = config.trust_checkpoint
     _, model, payload = load_trained_model(
         files[0], device, model_name, overrides, config.dataset, trust
@@ -468,3 +475,98 @@ def evaluate(config: EvalConfig, overrides: dict[str, Any]) -> list[EvaluatedFil
         )
         results.append(EvaluatedFile(path, payload.get("epoch"), per_class, images, meta))
     return results
+
+
+def _test_records(config: EvalConfig) -> tuple[DatasetInfo, list[dict]]:
+    """The data set and its test records (the synthetic set generated on first use)."""
+    info = config.dataset_info()
+    if config.dataset == "Synthetic":
+        ensure_synthetic(config.data_root)
+    records = load_test_records(info, config.data_root, config.metadata_dir)
+    if config.resize_masks:
+        log_resized_masks(records, config.data_root)
+    return info, records
+
+
+def evaluate_export(config: EvalConfig, predictor: Any) -> EvaluatedFile:
+    """Evaluate an exported graph (`--backend onnxruntime|openvino --export DIR`; `predictor`
+    its `utils.deploy.export.ExportedPredictor`, which the caller builds) with the same loop,
+    metrics and tables as a checkpoint: its preprocessing, classes, domain and k-shot memory are the
+    export's; writes `results_<dataset>_<backend>`."""
+    config = config.resolve()
+    if config.k_shot not in (0, predictor.k_shot):
+        raise ConfigError(
+            f"--k_shot {config.k_shot}: the export's memory is {predictor.k_shot}-shot, baked in "
+            f"at export; leave --k_shot out, or export again with --k_shot {config.k_shot}"
+        )
+    seed_everything(config.seed)
+    info, records = _test_records(config)
+    if info.domain != predictor.domain:
+        raise ConfigError(
+            f"{config.dataset} is {info.domain} but the export was traced for {predictor.domain}; "
+            f"export again with --domain {info.domain}"
+        )
+    predictor.class_index(
+        [real_name(info, name) for name in dict.fromkeys(r["class_name"] for r in records)]
+    )
+    preprocessing = dataclasses.replace(predictor.preprocessing, resize_masks=config.resize_masks)
+    datasets = build_test_datasets(records, config.data_root, preprocessing)
+    workers = loader_workers(config.num_workers, predictor.device, evaluation=True)
+    logger.info(
+        "evaluating the %s %s export %s on %s with %s",
+        predictor.precision,
+        predictor.model_name,
+        config.export,
+        config.dataset,
+        config.backend,
+    )
+    scoring = dataclasses.replace(config, k_shot=0)  # the memory is in the graph
+    per_class, images = {}, {}
+    groups = class_batches(datasets, config.batch_size, workers, predictor.device)
+    for class_name, batches in progress(
+        groups, config.progress, total=len(datasets), desc="classes"
+    ):
+        result = class_metrics(
+            predictor,
+            batches,
+            class_name,
+            len(datasets[class_name]),
+            scoring,
+            info,
+            panels=config.visualize,
+        )
+        per_class[class_name], images[class_name] = result.metrics, result.images
+    exported = predictor.info
+    meta = {
+        "dataset": config.dataset,
+        "model": predictor.model_name,
+        "backend": config.backend,
+        "export": str(config.export),
+        "precision": predictor.precision,
+        "export_id": exported["export_id"],
+        "checkpoint": exported["model"]["checkpoint"],
+        "epoch": exported["model"].get("epoch"),
+        "model_settings": exported["model"].get("config"),
+        "domain": predictor.domain,
+        "amp": predictor.amp,
+        "resolution": preprocessing.size,
+        "preprocessing": preprocessing.to_dict(),
+        "pro_variant": config.pro_variant,
+        "fpr_limit": config.fpr_limit,
+        "k_shot": predictor.k_shot,
+        "support": exported.get("support"),
+        "undefined_metric": config.undefined_metric,
+        "config": to_mapping(config),
+    }
+    path = Path(config.export)
+    write_results(
+        config.output_folder(),
+        f"results_{config.dataset}_{config.backend}",
+        per_class,
+        config.columns,
+        meta,
+        undefined=config.undefined_metric,
+        decimals=config.decimals,
+        images=images,
+    )
+    return EvaluatedFile(path, exported["model"].get("epoch"), per_class, images, meta)
