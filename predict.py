@@ -5,6 +5,8 @@
     python predict.py score --checkpoint ckpt/x --input field/incoming --out runs/incoming \
         --labels labels.csv
     python predict.py export --checkpoint ckpt/x --format onnx --out deploy/x
+    python predict.py export --checkpoint ckpt/x --format openvino --precision int8 \
+        --calibration_dir field/normal --out deploy/x_int8
     python predict.py score --backend onnxruntime --checkpoint deploy/x --input field/incoming \
         --out runs/incoming
 

@@ -76,6 +76,12 @@ def test_an_int8_graph_is_quantized_calibrated_on_itself_and_scores(runs, tmp_pa
         "precision": "int8",
     }
     assert info["calibrations"][CLASS]["file"] == "calibration.json"
+    again = tmp_path / "again.json"  # calibrating later on the graph gives the same thresholds
+    argv = ["calibrate", "--backend", "openvino", "--checkpoint", str(out), "--normal_dir"]
+    assert predict.main([*argv, str(normal), "--output", str(again)]) == 0
+    recalibrated = json.loads(again.read_text())
+    assert recalibrated["graph"] == calibration["graph"]
+    assert recalibrated["thresholds"] == pytest.approx(calibration["thresholds"], rel=1e-6)
     scored = tmp_path / "scored"
     argv = ["score", "--checkpoint", str(out), "--backend", "openvino", "--no-overlays"]
     argv += ["--input", str(data_root / CLASS / "test"), "--out", str(scored)]
