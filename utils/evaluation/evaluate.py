@@ -450,31 +450,44 @@ def evaluate(config: EvalConfig, overrides: dict[str, Any]) -> list[EvaluatedFil
                 for field in settings_of(type(model.config), (TEST,))
             },
             "model_settings": settings,
-            "domain": predictor.domain,
-            "amp": predictor.amp,
-            "resolution": preprocessing.size,
-            "preprocessing": preprocessing.to_dict(),
             "smoothing": model.smoothing,
-            "pro_variant": config.pro_variant,
-            "fpr_limit": config.fpr_limit,
+            **scoring_meta(config, predictor, preprocessing),
             "k_shot": config.k_shot,
             "support_seed": config.support_seed if config.k_shot > 0 else None,
             "support": support,
-            "undefined_metric": config.undefined_metric,
-            "config": to_mapping(config),
         }
-        write_results(
-            config.output_folder(),
-            results_stem(config.dataset, path, model_name),
-            per_class,
-            config.columns,
-            meta,
-            undefined=config.undefined_metric,
-            decimals=config.decimals,
-            images=images,
-        )
-        results.append(EvaluatedFile(path, payload.get("epoch"), per_class, images, meta))
+        result = EvaluatedFile(path, payload.get("epoch"), per_class, images, meta)
+        write_evaluated(config, results_stem(config.dataset, path, model_name), result)
+        results.append(result)
     return results
+
+
+def scoring_meta(config: EvalConfig, predictor: Predictor, preprocessing: Any) -> dict[str, Any]:
+    """What every results file records of how its images were scored."""
+    return {
+        "domain": predictor.domain,
+        "amp": predictor.amp,
+        "resolution": preprocessing.size,
+        "preprocessing": preprocessing.to_dict(),
+        "pro_variant": config.pro_variant,
+        "fpr_limit": config.fpr_limit,
+        "undefined_metric": config.undefined_metric,
+        "config": to_mapping(config),
+    }
+
+
+def write_evaluated(config: EvalConfig, stem: str, result: EvaluatedFile) -> None:
+    """`<stem>.{json,csv,md}` of one evaluated checkpoint or export in the output folder."""
+    write_results(
+        config.output_folder(),
+        stem,
+        result.per_class,
+        config.columns,
+        result.meta,
+        undefined=config.undefined_metric,
+        decimals=config.decimals,
+        images=result.images,
+    )
 
 
 def _test_records(config: EvalConfig) -> tuple[DatasetInfo, list[dict]]:
@@ -547,26 +560,11 @@ def evaluate_export(config: EvalConfig, predictor: Any) -> EvaluatedFile:
         "checkpoint": exported["model"]["checkpoint"],
         "epoch": exported["model"].get("epoch"),
         "model_settings": exported["model"].get("config"),
-        "domain": predictor.domain,
-        "amp": predictor.amp,
-        "resolution": preprocessing.size,
-        "preprocessing": preprocessing.to_dict(),
-        "pro_variant": config.pro_variant,
-        "fpr_limit": config.fpr_limit,
+        **scoring_meta(config, predictor, preprocessing),
         "k_shot": predictor.k_shot,
         "support": exported.get("support"),
-        "undefined_metric": config.undefined_metric,
-        "config": to_mapping(config),
     }
-    path = Path(config.export)
-    write_results(
-        config.output_folder(),
-        f"results_{config.dataset}_{config.backend}",
-        per_class,
-        config.columns,
-        meta,
-        undefined=config.undefined_metric,
-        decimals=config.decimals,
-        images=images,
-    )
-    return EvaluatedFile(path, exported["model"].get("epoch"), per_class, images, meta)
+    epoch = exported["model"].get("epoch")
+    result = EvaluatedFile(Path(config.export), epoch, per_class, images, meta)
+    write_evaluated(config, f"results_{config.dataset}_{config.backend}", result)
+    return result
