@@ -11,6 +11,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from sklearn.metrics import roc_auc_score
 
 import predict
 import test as test_script
@@ -93,6 +94,59 @@ def test_an_int8_graph_is_quantized_calibrated_on_itself_and_scores(runs, tmp_pa
     assert predict.main([*argv, "--calibration", str(torch_calibration)]) == 2
     errors = [record.getMessage() for record in caplog.records if record.levelname == "ERROR"]
     assert len(errors) == 1 and "was calibrated on torch, not on this int8 export" in errors[0]
+
+
+def validation_folder(data_root, tmp_path):
+    """<tmp>/validation/normal and abnormal: the class's labelled test images."""
+    folder = tmp_path / "validation"
+    for sub in sorted((data_root / CLASS / "test").iterdir()):
+        target = folder / ("normal" if sub.name == "good" else "abnormal")
+        target.mkdir(parents=True, exist_ok=True)
+        for path in sub.iterdir():
+            shutil.copy(path, target / f"{sub.name}_{path.name}")
+    return folder
+
+
+def test_int8_with_accuracy_control_records_a_drop_within_its_bound(runs, tmp_path):
+    data_root, folders = runs
+    validation = validation_folder(data_root, tmp_path)
+    out = tmp_path / "controlled"
+    argv = ["export", "--checkpoint", str(folders["aaclip"]), "--out", str(out)]
+    argv += ["--format", "openvino", "--precision", "int8", "--validation_dir", str(validation)]
+    argv += ["--calibration_dir", str(data_root / CLASS / "train" / "good")]
+    assert predict.main([*argv, "--class_name", CLASS]) == 0
+    control = json.loads((out / "model.json").read_text())["accuracy_control"]
+    assert control["max_drop"] == 0.5 and control["drop"] <= 0.5
+    assert control["drop"] == pytest.approx(control["fp32"] - control["int8"], abs=1e-3)
+    labels = [int(path.parent.name == "abnormal") for path in sorted(validation.rglob("*.png"))]
+    assert control["images"] == {"normal": labels.count(0), "abnormal": labels.count(1)}
+    # the reference is the fp32 graph's AUROC, which scores as the checkpoint does
+    _, model, _ = load_trained_model(folders["aaclip"], device=torch.device("cpu"))
+    predictor = AnomalyPredictor(model, "Industrial")
+    folder = ImageFolder(validation, predictor.preprocessing)
+    images = torch.stack([folder[index].image for index in range(len(folder))])
+    labels = [int(folder[index].file.startswith("abnormal")) for index in range(len(folder))]
+    with torch.no_grad():
+        scores = predictor.predict(images, [CLASS] * len(folder)).image_score
+    assert control["fp32"] == pytest.approx(100 * roc_auc_score(labels, scores), abs=1e-3)
+
+
+def test_int8_beyond_its_bound_is_refused_and_writes_nothing(runs, tmp_path, monkeypatch, caplog):
+    data_root, folders = runs
+    validation = validation_folder(data_root, tmp_path)
+    reached = iter([0.9, 0.8])  # fp32, then int8: ten points lost
+    monkeypatch.setattr(export, "image_auroc", lambda compiled, items: next(reached))
+    monkeypatch.setattr("nncf.quantize_with_accuracy_control", lambda model, *a, **k: model)
+    out = tmp_path / "refused"
+    argv = ["export", "--checkpoint", str(folders["aaclip"]), "--out", str(out)]
+    argv += ["--format", "openvino", "--precision", "int8", "--validation_dir", str(validation)]
+    argv += ["--calibration_dir", str(data_root / CLASS / "train" / "good")]
+    assert predict.main([*argv, "--class_name", CLASS]) == 2
+    message = caplog.records[-1].getMessage()
+    assert "loses 10.00 points of image AUROC" in message and "--max_auroc_drop" in message
+    assert not (out / "model.json").exists() and not (out / "model.xml").exists()
+    assert predict.main([*argv[:8], "fp32", *argv[9:], "--class_name", CLASS]) == 2
+    assert "--validation_dir controls int8's accuracy" in caplog.records[-1].getMessage()
 
 
 def test_int8_needs_normal_images_and_bf16_a_native_cpu(runs, tmp_path, monkeypatch, caplog):

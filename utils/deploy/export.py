@@ -16,7 +16,9 @@ model.json and applies exactly it.
 Precisions (`--precision`, OpenVINO graphs): fp32; bf16, OpenVINO's inference precision hint,
 only where the CPU computes bf16 natively (AMX, AVX512-bf16); int8, NNCF's post-training
 quantization of the OpenVINO model on normal images (its default settings: NNCF's transformer
-model type broke these graphs' batch dimension, see `quantize`).
+model type broke these graphs' batch dimension, see `quantize`), optionally with NNCF's accuracy
+control on labelled images (`quantize_with_accuracy_control`): operations go back to float until
+image AUROC is within a bound of the fp32 graph's, and model.json records the drop reached.
 
 Cross-attention's `cross_attn_at_test=both` is refused: it runs the text tower per image.
 onnx, onnxruntime, onnxscript (torch's ONNX exporter), openvino and nncf are the optional
@@ -37,6 +39,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from sklearn.metrics import roc_auc_score
 from torch import nn
 
 from datasets.preprocessing import Preprocessing
@@ -55,6 +58,7 @@ PRECISIONS = ("fp32", "bf16", "int8")
 OPSET = 18
 INFO_FILE = "model.json"
 GRAPH_FILES = {"onnx": "model.onnx", "openvino": "model.xml"}
+OUTPUTS = ("anomaly_map", "image_score")
 WEIGHTS_FILE = "model.bin"  # OpenVINO's weights beside model.xml
 OPENVINO_HINTS = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}  # int8: the rest in fp32
 EXTRA_HINT = "pip install -r requirements-deploy.txt"
@@ -137,7 +141,7 @@ def _onnx(graph: ExportGraph, img_size: int, letterbox: bool, path: Path) -> lis
         program,
         f=str(path),
         input_names=names,
-        output_names=["anomaly_map", "image_score"],
+        output_names=list(OUTPUTS),
         opset_version=OPSET,
         external_data=weights > 1_800_000_000,  # protobuf's 2 GB limit
         optimize=False,  # 40% of the export time; onnxruntime and OpenVINO optimise at load
@@ -165,12 +169,114 @@ def check_precision(precision: str, formats: Sequence[str]) -> None:
         )
 
 
+def _anchor_products(model: Any) -> Any:
+    """NNCF's ignored scope for an OpenVINO model: the products with the text anchors (MatMuls
+    whose output's last dimension is 2, normal and anomalous). They are a few thousand of the
+    ViT's billions of operations, so int8 gains nothing there, and OpenVINO's CPU plugin computed
+    a wrong shape (image_score `(1, 2)`) once NNCF's accuracy control took the output quantizer
+    of such a product away while its int8 weights stayed."""
+    nncf = require("nncf", "--precision int8")
+    names = []
+    for op in model.get_ops():
+        last = op.get_output_partial_shape(0)[-1] if op.get_type_name() == "MatMul" else None
+        if last is not None and last.is_static and last.get_length() == 2:
+            names.append(op.get_friendly_name())
+    return nncf.IgnoredScope(names=names, validate=False)
+
+
 def quantize(model: Any, feeds: list[dict[str, np.ndarray]], subset_size: int) -> Any:
     """NNCF int8 post-training quantization of an OpenVINO model, calibrated on `feeds` (normal
     images, one feed each), with NNCF's default settings: its transformer model type
     (SmoothQuant) made these graphs' image score `(1, 2)` for any batch."""
     nncf = require("nncf", "--precision int8")
-    return nncf.quantize(model, nncf.Dataset(feeds), subset_size=subset_size)
+    return nncf.quantize(
+        model, nncf.Dataset(feeds), subset_size=subset_size, ignored_scope=_anchor_products(model)
+    )
+
+
+def image_auroc(compiled: Any, items: Sequence[tuple[dict[str, np.ndarray], int, int]]) -> float:
+    """Mean over classes of the image AUROC of a compiled OpenVINO graph's `image_score` on
+    labelled feeds `(feed, label 0/1, class position)`; 0.5 where no class has both labels (NNCF
+    probes the function with one item)."""
+    scores = [float(compiled(feed)[compiled.output("image_score")][0]) for feed, _, _ in items]
+    return _mean_auroc(scores, items)
+
+
+def _mean_auroc(scores: Sequence[float], items: Sequence[tuple[Any, int, int]]) -> float:
+    values = []
+    for index in sorted({position for _, _, position in items}):
+        chosen = [i for i, (_, _, position) in enumerate(items) if position == index]
+        labels = [items[i][1] for i in chosen]
+        if 0 < sum(labels) < len(labels):
+            values.append(roc_auc_score(labels, [scores[i] for i in chosen]))
+    return float(np.mean(values)) if values else 0.5
+
+
+def quantize_with_accuracy_control(
+    model: Any,
+    feeds: list[dict[str, np.ndarray]],
+    subset_size: int,
+    validation: list[tuple[dict[str, np.ndarray], int, int]],
+    max_drop: float,
+) -> tuple[Any, dict[str, Any]]:
+    """`quantize`, then NNCF's accuracy control: operations return to float, those whose
+    quantization moves the graph's outputs most on `validation` (labelled feeds) first, until
+    the mean image AUROC is at most `max_drop` points below the fp32 graph's. Returns the
+    model and what was reached; a drop still above the bound is a one-line error."""
+    nncf = require("nncf", "--precision int8 --validation_dir")
+    openvino = require("openvino", "--precision int8 --validation_dir")
+    from nncf.quantization.advanced_parameters import AdvancedAccuracyRestorerParameters
+
+    def validate(compiled: Any, items: Any) -> tuple[float, list[list[np.ndarray]]]:
+        # the outputs of each item put NNCF in its "logits" mode: it ranks operations by how
+        # far their quantization moves each image's map and score (AUROC needs both labels,
+        # so it has no per-image value of its own)
+        items = list(items)
+        outputs = []
+        for feed, _, _ in items:
+            result = compiled(feed)
+            outputs.append([result[compiled.output(name)] for name in OUTPUTS])
+        return _mean_auroc([float(output[1][0]) for output in outputs], items), outputs
+
+    controlled = nncf.quantize_with_accuracy_control(
+        model,
+        nncf.Dataset(feeds),
+        nncf.Dataset(validation, lambda item: item[0]),
+        validate,
+        max_drop=max_drop / 100,
+        drop_type=nncf.DropType.ABSOLUTE,
+        subset_size=subset_size,
+        ignored_scope=_anchor_products(model),
+        advanced_accuracy_restorer_parameters=AdvancedAccuracyRestorerParameters(
+            num_ranking_workers=1  # each worker compiles a model; one keeps memory bounded
+        ),
+    )
+    core, hint = openvino.Core(), {"INFERENCE_PRECISION_HINT": OPENVINO_HINTS["int8"]}
+    reference = image_auroc(core.compile_model(model, "CPU", hint), validation)
+    reached = image_auroc(core.compile_model(controlled, "CPU", hint), validation)
+    drop = 100 * (reference - reached)
+    labels = [label for _, label, _ in validation]
+    record = {
+        "metric": "image AUROC (image_score), mean over classes",
+        "fp32": round(100 * reference, 4),
+        "int8": round(100 * reached, 4),
+        "drop": round(drop, 4),
+        "max_drop": max_drop,
+        "images": {"normal": labels.count(0), "abnormal": labels.count(1)},
+    }
+    logger.info(
+        "accuracy control: image AUROC fp32 %.2f, int8 %.2f (drop %.2f points, bound %.2f)",
+        100 * reference,
+        100 * reached,
+        drop,
+        max_drop,
+    )
+    if drop > max_drop:
+        raise ConfigError(
+            f"int8 with accuracy control still loses {drop:.2f} points of image AUROC on "
+            f"--validation_dir (bound {max_drop:g}): export fp32 or bf16, or raise --max_auroc_drop"
+        )
+    return controlled, record
 
 
 def export(
@@ -181,13 +287,14 @@ def export(
     info: dict[str, Any],
     memories: Sequence[Any] | None = None,
     precision: str = "fp32",
-    quantization: Callable[[Any], Any] | None = None,
+    quantization: Callable[[Any], tuple[Any, dict[str, Any] | None]] | None = None,
 ) -> dict[str, Path]:
     """Write `<out_dir>/model.onnx` and/or `model.xml` + `model.bin` (one trace for all
     `formats`) and `model.json` for the predictor's model, domain and preprocessing scoring
     `class_names` (prompt names; `memories` per class a k-shot memory); returns {format: graph
-    path}. int8 needs `quantization(openvino model) -> quantized model`. `info`
-    (model name, config, checkpoint, classes, support, calibration) goes into the JSON."""
+    path}. int8 needs `quantization(openvino model) -> (quantized model, accuracy control
+    record or None)`. `info` (model name, config, checkpoint, classes, support, calibration)
+    goes into the JSON."""
     unknown = sorted(set(formats) - set(FORMATS))
     if unknown or not formats:
         raise ConfigError(f"unknown --format {unknown}; use {' and/or '.join(FORMATS)}")
@@ -211,12 +318,12 @@ def export(
             model.img_size,
         )
         inputs = _onnx(graph, model.img_size, letterbox, onnx_path)
-        written = {}
+        written, control = {}, None
         if "openvino" in targets:
             openvino = require("openvino", "OpenVINO export")
             converted = openvino.convert_model(onnx_path)
             if precision == "int8":
-                converted = quantization(converted)
+                converted, control = quantization(converted)
             xml = Path(scratch) / "model.xml"
             # float32 weights: the parity the backends are tested to; int8 keeps its own. The
             # IR is written apart and moved into place whole, never over a file in use.
@@ -237,6 +344,7 @@ def export(
         "export_id": hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest(),
         "opset": OPSET,
         "precision": precision,
+        **({"accuracy_control": control} if control is not None else {}),
         "preprocessing": predictor.preprocessing.to_dict(),
         "domain": domain,
         **info,
@@ -310,7 +418,7 @@ class ExportedPredictor:
             path = Path(model_dir) / graphs["onnx"]
             session = runtime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
             self.inputs = [node.name for node in session.get_inputs()]
-            self._run = lambda feed: session.run(["anomaly_map", "image_score"], feed)
+            self._run = lambda feed: session.run(list(OUTPUTS), feed)
         elif backend == "openvino":
             path = Path(model_dir) / graphs.get("openvino", graphs.get("onnx"))  # reads ONNX too
             if self.precision == "bf16" and not native_bf16(torch.device("cpu")):
@@ -324,7 +432,7 @@ class ExportedPredictor:
             hint = {"INFERENCE_PRECISION_HINT": OPENVINO_HINTS[self.precision]}
             compiled = openvino.Core().compile_model(str(path), "CPU", hint)
             self.inputs = [node.get_any_name() for node in compiled.inputs]
-            outputs = [compiled.output("anomaly_map"), compiled.output("image_score")]
+            outputs = [compiled.output(name) for name in OUTPUTS]
 
             def run(feed: dict[str, np.ndarray]) -> list[np.ndarray]:
                 result = compiled(feed)

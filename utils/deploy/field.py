@@ -58,6 +58,7 @@ from utils.deploy.export import (
     check_precision,
     open_export,
     quantize,
+    quantize_with_accuracy_control,
     record_calibrations,
 )
 from utils.deploy.export import export as export_graph
@@ -238,6 +239,19 @@ class ExportConfig(FieldConfig, Thresholds):
         "default subset size)",
         kind=RUN,
         minimum=1,
+    )
+    validation_dir: Path | None = setting(
+        None,
+        "int8 with accuracy control: labelled images, <dir>/normal/ and <dir>/abnormal/ "
+        "(<dir>/<class>/normal/ ... with several classes); NNCF returns operations to float "
+        "until image AUROC is within --max_auroc_drop of the fp32 graph's",
+        kind=RUN,
+    )
+    max_auroc_drop: float = setting(
+        0.5,
+        "int8 with --validation_dir: the most image AUROC (points) the int8 graph may lose",
+        kind=RUN,
+        minimum=0.0,
     )
     calibration: Path | None = setting(
         None,
@@ -586,14 +600,33 @@ def _feeds(
 
 def _quantization(config: ExportConfig, preprocessing: Preprocessing, several: bool) -> Any:
     """int8: the quantization an export runs on its OpenVINO model (calibration feeds from
-    --calibration_dir)."""
-    feeds = []
+    --calibration_dir; with --validation_dir, under accuracy control)."""
+    feeds, validation = [], []
     for index, name in enumerate(config.class_name or []):
         folder = _class_folder(config.calibration_dir, name, several, "--calibration_dir")
         for feed in _feeds(folder, preprocessing, config.calibration_size):
             # the backbone's activations: each image under its own class
-            feeds.append({**feed, "class_index": np.array([index])} if several else feed)
-    return lambda model: quantize(model, feeds, config.calibration_size)
+            feeds.append(_with_class(feed, index, several))
+        if config.validation_dir is not None:
+            labelled = _class_folder(config.validation_dir, name, several, "--validation_dir")
+            for label, kind in enumerate(("normal", "abnormal")):
+                if not (labelled / kind).is_dir():
+                    raise DataError(
+                        f"--validation_dir {labelled} has no {kind}/ folder; it holds normal/ "
+                        "and abnormal/ images"
+                    )
+                for feed in _feeds(labelled / kind, preprocessing):
+                    validation.append((_with_class(feed, index, several), label, index))
+    if config.validation_dir is None:
+        return lambda model: (quantize(model, feeds, config.calibration_size), None)
+    return lambda model: quantize_with_accuracy_control(
+        model, feeds, config.calibration_size, validation, config.max_auroc_drop
+    )
+
+
+def _with_class(feed: dict[str, np.ndarray], index: int, several: bool) -> dict[str, np.ndarray]:
+    """A feed of a several-class graph names its class."""
+    return {**feed, "class_index": np.array([index])} if several else feed
 
 
 def export(config: ExportConfig, overrides: dict[str, Any]) -> dict[str, Path]:
@@ -605,6 +638,11 @@ def export(config: ExportConfig, overrides: dict[str, Any]) -> dict[str, Path]:
         raise ConfigError(
             "--precision int8 quantizes on normal images: pass --calibration_dir (the folder "
             "predict.py calibrate reads)"
+        )
+    if config.validation_dir is not None and config.precision != "int8":
+        raise ConfigError(
+            f"--validation_dir controls int8's accuracy; --precision {config.precision} is not "
+            "quantized: drop it, or export --precision int8"
         )
     check_writable(config.out, "--out")
     calibration_file = config.calibration or calib.calibration_path(config.checkpoint)
