@@ -29,7 +29,8 @@ class DatasetInfo:
     classes: tuple[str, ...]  # the original's class order, used for test loops and logs
     real_names: dict[str, str]
     layout: str  # the builder in datasets.metadata: "mvtec", "visa", "btad", "dagm", ...
-    options: tuple[tuple[str, str], ...] = ()  # the Folder layout's folders (folder_info)
+    # the Folder layout's folders (folder_info), MVTec AD 2's split (mvtec_ad2_info)
+    options: tuple[tuple[str, str], ...] = ()
 
 
 _MVTEC = {
@@ -111,6 +112,22 @@ _DTD = {
 }
 # DAGM 2007: ten synthetic texture classes; the papers prompt with the class name.
 _DAGM = {f"Class{index}": f"Class{index}" for index in range(1, 11)}
+# MVTec AD 2 (Heckler-Kram et al. 2025), the publisher's class order. No CLIP-AD original
+# prompts for it exist; these names are ours, short descriptions as for MPDD.
+_MVTEC_AD2 = {
+    "can": "metal can",
+    "fabric": "woven fabric",
+    "fruit_jelly": "fruit jelly cup",
+    "rice": "rice grains",
+    "sheet_metal": "sheet metal part",
+    "vial": "glass vial",
+    "wallplugs": "plastic wall plugs",
+    "walnuts": "walnuts",
+}
+# Its splits: test_public has labels and masks; validation holds normal images (thresholds);
+# the private splits are unlabelled, scored only by the publisher's server.
+MVTEC_AD2_SPLITS = ("test_public", "validation", "test_private", "test_private_mixed")
+MVTEC_AD2_PRIVATE_SPLITS = ("test_private", "test_private_mixed")
 
 
 def _info(name: str, domain: str, real_names: dict[str, str], layout: str) -> DatasetInfo:
@@ -147,6 +164,16 @@ def folder_info(
     )
 
 
+def mvtec_ad2_info(split: str = MVTEC_AD2_SPLITS[0]) -> DatasetInfo:
+    """MVTec AD 2 reading one split (`--split`); the catalog keeps test_public."""
+    if split not in MVTEC_AD2_SPLITS:
+        raise ConfigError(
+            f"--split {split} is unknown; choose one of {', '.join(MVTEC_AD2_SPLITS)}"
+        )
+    info = _info("MVTecAD2", "Industrial", _MVTEC_AD2, "mvtec_ad2")
+    return dataclasses.replace(info, options=(("split", split),))
+
+
 CATALOG: dict[str, DatasetInfo] = {
     info.name: info
     for info in (
@@ -154,6 +181,7 @@ CATALOG: dict[str, DatasetInfo] = {
         _info("VisA", "Industrial", _VISA, "visa"),
         _info("BTAD", "Industrial", _BTAD, "btad"),
         _info("MPDD", "Industrial", _MPDD, "mvtec"),
+        mvtec_ad2_info(),
         _info("Brain", "Medical", {"Brain": "scan"}, "bmad"),
         _info("Liver", "Medical", {"Liver": "scan"}, "bmad"),
         _info("Retina", "Medical", {"Retina": "scan"}, "bmad"),
@@ -236,6 +264,14 @@ class DataConfig:
     records_csv: str | None = setting(
         None, "--dataset Folder: a CSV image,label,mask under the data root instead", kind=RUN
     )
+    split: str = setting(
+        MVTEC_AD2_SPLITS[0],
+        "--dataset MVTecAD2: the split read; test_public (labels, masks), validation (normal "
+        "images, for thresholds), test_private / test_private_mixed (unlabelled, for the "
+        "benchmark server's submission only)",
+        kind=RUN,
+        choices=MVTEC_AD2_SPLITS,
+    )
     resize_masks: bool = setting(
         False,
         "resize a mask whose size differs from its image to the model input, as the original "
@@ -244,11 +280,14 @@ class DataConfig:
     )
 
     def dataset_info(self) -> DatasetInfo:
-        """The data set these settings name (a Folder one with its class and folders)."""
+        """The data set these settings name (a Folder one with its class and folders, MVTec AD 2
+        with its split)."""
         if self.dataset == "Folder":
             return folder_info(
                 self.class_name, self.normal_dir, self.abnormal_dir, self.mask_dir, self.records_csv
             )
+        if self.dataset == "MVTecAD2":
+            return mvtec_ad2_info(self.split)
         return get_dataset_info(self.dataset)
 
     def root(self) -> Path:

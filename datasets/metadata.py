@@ -3,6 +3,8 @@
 Paths are relative to the data set root; `mask_path` is "" for normal images. Every on-disk
 layout has one builder into this format. The "full-shot" records are the data set's TEST split,
 as in AA-CLIP (spec §12.2): AA-CLIP trains on one data set's test split and tests on another's.
+MVTec AD 2's private test splits are records with label UNLABELLED (-1): they are predicted for
+the benchmark server and never trained on, sampled or scored (`require_labelled`).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from datasets.catalog import DatasetInfo, get_dataset_info
+from datasets.catalog import MVTEC_AD2_PRIVATE_SPLITS, DatasetInfo, get_dataset_info
 from utils.core.checkpoint import atomic_write
 from utils.core.errors import ConfigError, DataError
 
@@ -26,6 +28,9 @@ logger = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")  # any case
 FULL_SHOT_FILE = "full-shot.jsonl"
 TRAINING_MODES = ("few_shot", "full_shot")
+# The label of an image whose label the publisher withholds (MVTec AD 2's test_private and
+# test_private_mixed): an int, so jsonl files and the test loader's int64 labels take it.
+UNLABELLED = -1
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -320,6 +325,47 @@ def _build_folder(info: DatasetInfo, root: Path) -> list[dict]:
     return _sorted(records)
 
 
+def _build_mvtec_ad2(info: DatasetInfo, root: Path) -> list[dict]:
+    """MVTec AD 2, the split of `info.options`: test_public `<class>/test_public/{good,bad}/*`,
+    masks `test_public/ground_truth/bad/<stem>_mask.*` (good and bad reuse stems: a record is
+    its path, never its stem); validation `<class>/validation/good/*`, all normal; test_private
+    and test_private_mixed `<class>/<split>/*`, UNLABELLED and without masks. `train/` and the
+    root's license.txt and readme.txt are not records."""
+    split = dict(info.options)["split"]
+    present = [name for name in info.classes if (root / name).is_dir()]
+    if not present:
+        raise DataError(
+            f"{root} has no {info.name} layout: expected <class>/{split}/ for the classes "
+            f"{', '.join(info.classes)}; pass --data_root"
+        )
+    for name in info.classes:
+        if name not in present:
+            logger.warning("%s: class folder %s missing, skipping it", info.name, root / name)
+    records = []
+    for name in present:
+        folder = root / name / split
+        if split in MVTEC_AD2_PRIVATE_SPLITS:
+            class_records = [
+                _record(root, image, UNLABELLED, name, None) for image in _images(folder)
+            ]
+        else:
+            class_records = [
+                _record(root, image, 0, name, None) for image in _images(folder / "good")
+            ]
+        if split == "test_public":
+            masks = _Masks(folder / "ground_truth" / "bad", "_mask")
+            class_records += [
+                _record(root, image, 1, name, masks.of(image)) for image in _images(folder / "bad")
+            ]
+        if not class_records:
+            raise DataError(
+                f"{folder} holds no images; restore {name}'s {split} split from the MVTec AD 2 "
+                "download or pass --data_root"
+            )
+        records += _sorted(class_records)
+    return records
+
+
 _BUILDERS: dict[str, Callable[[DatasetInfo, Path], list[dict]]] = {
     "mvtec": _build_mvtec,
     "visa": _build_visa,
@@ -331,6 +377,7 @@ _BUILDERS: dict[str, Callable[[DatasetInfo, Path], list[dict]]] = {
     "headct": _build_headct,
     "isic": _build_isic,
     "folder": _build_folder,
+    "mvtec_ad2": _build_mvtec_ad2,
 }
 
 
@@ -388,6 +435,18 @@ def log_resized_masks(records: list[dict], root: Path) -> int:
     return resized
 
 
+def require_labelled(records: list[dict], purpose: str) -> None:
+    """Refuse records of an unlabelled split (MVTec AD 2's private test splits) for `purpose`
+    (training, k-shot sampling, a threshold): one-line ConfigError naming the first one."""
+    unlabelled = [record for record in records if record["label"] == UNLABELLED]
+    if unlabelled:
+        raise ConfigError(
+            f"{purpose} needs labelled images, but {len(unlabelled)} records are of an unlabelled "
+            f"split (e.g. {unlabelled[0]['image_path']}); use --split test_public, or validation "
+            "for thresholds"
+        )
+
+
 def sample_k_shot(records: list[dict], k: int, seed: int) -> list[dict]:
     """k records per class: k // 2 normal and k - k // 2 anomalous (spec aaclip.md §12.3).
 
@@ -398,6 +457,7 @@ def sample_k_shot(records: list[dict], k: int, seed: int) -> list[dict]:
     """
     if k < 1:
         raise ConfigError(f"--shot {k} must be at least 1 (or 0 for full shot)")
+    require_labelled(records, f"--shot {k} sampling")
     rng = random.Random(seed)
     by_class: dict[str, list[dict]] = {}
     for record in records:
@@ -446,14 +506,24 @@ def _load_or_write(
     return records
 
 
+def records_file(dataset: str | DatasetInfo) -> str:
+    """The jsonl file name of a data set's test records: full-shot.jsonl, or `<split>.jsonl`
+    for an MVTec AD 2 split other than test_public (each split keeps its own file)."""
+    info = get_dataset_info(dataset)
+    split = dict(info.options).get("split")
+    if info.layout == "mvtec_ad2" and split != "test_public":
+        return f"{split}.jsonl"
+    return FULL_SHOT_FILE
+
+
 def load_test_records(
     dataset: str | DatasetInfo, root: Path, metadata_dir: Path | None = None
 ) -> list[dict]:
-    """The full-shot records from `<metadata_dir>/full-shot.jsonl`, built there if missing."""
+    """The full-shot records from `<metadata_dir>/<records_file>`, built there if missing."""
     root = Path(root)
     folder = Path(metadata_dir) if metadata_dir is not None else root
     return _load_or_write(
-        dataset, root, folder / FULL_SHOT_FILE, lambda: build_records(dataset, root)
+        dataset, root, folder / records_file(dataset), lambda: build_records(dataset, root)
     )
 
 
@@ -468,14 +538,23 @@ def ensure_training_records(
     """Training records: full shot, or `{shot}-shot.jsonl` sampled from it (`shot` 0 = full).
 
     An existing `{shot}-shot.jsonl` is reused whatever `seed` is; delete it to resample.
+    MVTec AD 2 trains on test_public only: its validation split is for thresholds and its
+    private splits are unlabelled.
     """
     if training_mode not in TRAINING_MODES:
         raise ConfigError(
             f"--training_mode {training_mode} is unknown; choose one of {', '.join(TRAINING_MODES)}"
         )
+    if records_file(dataset) != FULL_SHOT_FILE:
+        split = dict(get_dataset_info(dataset).options)["split"]
+        raise ConfigError(
+            f"training reads MVTec AD 2's test_public split, not --split {split} (validation is "
+            "for thresholds, the private splits are unlabelled); use --split test_public"
+        )
     root = Path(root)
     folder = Path(metadata_dir) if metadata_dir is not None else root
     full = load_test_records(dataset, root, folder)
+    require_labelled(full, "training")
     if training_mode == "full_shot" or shot == 0:
         return full
     return _load_or_write(

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from datasets.synthetic import generate as generate_synthetic
+from datasets.synthetic_mvtec_ad2 import generate as generate_mvtec_ad2
 from models.backbone import tiny_clip as build_tiny_clip
 from tests.forkserver import ForkServer
 
@@ -28,6 +29,14 @@ def tiny_clip():
 def synthetic_root(tmp_path_factory):
     """The synthetic MVTec-layout data set (3 classes, real masks), written once per run."""
     return generate_synthetic(tmp_path_factory.mktemp("data") / "Synthetic")
+
+
+@pytest.fixture(scope="session")
+def mvtec_ad2_root(tmp_path_factory):
+    """A miniature MVTec AD 2 tree (3 classes of 1000-2500 px images, every split, real masks,
+    the publisher's naming), written once per run (a few seconds). Tests that build records
+    pass a `metadata_dir` of their own, so the shared tree stays as generated."""
+    return generate_mvtec_ad2(tmp_path_factory.mktemp("data") / "MVTecAD2")
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,7 @@ from utils.core.errors import ConfigError
 
 def test_catalog_keys():
     assert list(CATALOG) == [
-        "MVTec", "VisA", "BTAD", "MPDD", "Brain", "Liver", "Retina",
+        "MVTec", "VisA", "BTAD", "MPDD", "MVTecAD2", "Brain", "Liver", "Retina",
         "Colon_clinicDB", "Colon_colonDB", "Colon_cvc300", "Colon_Kvasir", "DTD-Synthetic",
         "DAGM", "BrainMRI", "Br35H", "HeadCT", "ISIC", "Synthetic", "Folder",
     ]  # fmt: skip

@@ -5,11 +5,16 @@ positives are grouped by distinct score, and binary searches give the false posi
 positive score. The results equal sklearn's `roc_auc_score`, `average_precision_score` and
 PR-curve F1-max (ties included), and the MVTec AD official AUPRO, without a full argsort.
 Undefined metrics (one label only) are NaN plus one logged warning; sklearn is never called.
+
+MVTec AD 2 (Heckler-Kram et al. 2025) adds two columns: AUPRO integrated to FPR 0.05 (its
+limit, beside the usual 0.3) and SegF1, the pooled pixel F1 of maps binarised at one threshold
+per class chosen without test labels (`ValidationThreshold`, from validation/good maps).
 """
 
 from __future__ import annotations
 
 import logging
+from fractions import Fraction
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -21,9 +26,27 @@ logger = logging.getLogger(__name__)
 
 COLUMNS_FULL = ["P-AUROC", "P-AP", "P-F1max", "AUPRO", "I-AUROC", "I-AP", "I-F1max"]
 COLUMNS_OFFICIAL = ["P-AUROC", "P-AP", "I-AUROC", "I-AP"]
+# MVTec AD 2's table. "SegF1-oracle" is the F1 at the best threshold on the test maps themselves
+# (the value of P-F1max): analysis only, it bounds what a label-free threshold could reach.
+COLUMNS_MVTEC_AD2 = ["SegF1", "AUPRO@0.05", "AUPRO", "P-AUROC", "I-AUROC", "SegF1-oracle"]
 PRO_VARIANTS = ("exact", "anomalyclip", "sowa")
+MVTEC_AD2_FPR_LIMIT = 0.05
+# SegF1's threshold: the 99.9th percentile of a class's validation/good pixel scores, so at most
+# 0.1 % of normal pixels score above it. The maximum would rest on one pixel of one image (a
+# glint or a hair on a single validation image sets the class's threshold), while 0.1 % of
+# ~10^8 validation pixels is a tail of ~10^5 pixels, stable from run to run; yet the budget is
+# small next to MVTec AD 2's defects, which cover well under 1 % of an image.
+DEFAULT_SEG_PERCENTILE = 99.9
 
-_PIXEL_KEYS = {"P-AUROC": "auroc", "P-AP": "ap", "P-F1max": "f1_max", "AUPRO": "aupro"}
+_PIXEL_KEYS = {
+    "P-AUROC": "auroc",
+    "P-AP": "ap",
+    "P-F1max": "f1_max",
+    "AUPRO": "aupro",
+    f"AUPRO@{MVTEC_AD2_FPR_LIMIT:g}": f"aupro@{MVTEC_AD2_FPR_LIMIT:g}",
+    "SegF1-oracle": "f1_max",
+}
+_VALID_COLUMNS = list(dict.fromkeys(COLUMNS_FULL + COLUMNS_MVTEC_AD2))
 _IMAGE_KEYS = {"I-AUROC": "auroc", "I-AP": "ap", "I-F1max": "f1_max"}
 # 8-connected regions as in the MVTec official code; scipy's default structure is 4-connected
 _EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
@@ -58,6 +81,24 @@ def _as_binary(x: Any, name: str) -> np.ndarray:
             raise ValueError(f"{name} must be bool or 0/1; binarise them before evaluation")
         arr = arr.astype(bool)
     return arr
+
+
+def _pixel_batch(
+    maps: Any, masks: Any, valid: Any
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Checked maps [B, H, W] (float), masks [B, H, W] bool and valid [B, H, W] bool or None;
+    a mask may not mark pixels outside the valid region."""
+    maps = _as_scores(maps, "maps")
+    masks = _as_binary(masks, "masks")
+    if maps.ndim != 3 or maps.shape != masks.shape:
+        raise ValueError(f"maps {maps.shape} and masks {masks.shape} must both be [B, H, W]")
+    if valid is not None:
+        valid = _as_binary(valid, "valid")
+        if valid.shape != masks.shape:
+            raise ValueError(f"valid {valid.shape} must match masks {masks.shape}")
+        if (masks & ~valid).any():
+            raise ValueError("a mask marks defect pixels outside the valid region")
+    return maps, masks, valid
 
 
 def _check_limit(fpr_limit: float) -> None:
@@ -217,6 +258,8 @@ class PixelAccumulator:
     region id). With `capacity` (the class's total pixel count) negatives go into one
     preallocated buffer instead of a list of chunks that is concatenated at the end.
     `pro_variant="sowa"` keeps a second, per-image sorted copy of the negatives.
+    `extra_limits` (with `with_pro`): AUPRO at these limits too, as "aupro@<limit>" (MVTec AD 2's
+    0.05), from the same curve.
     """
 
     def __init__(
@@ -226,10 +269,19 @@ class PixelAccumulator:
         with_pro: bool = True,
         capacity: int | None = None,
         name: str = "pixel",
+        extra_limits: tuple[float, ...] = (),
     ) -> None:
         _check_limit(fpr_limit)
         _check_variant(pro_variant)
+        for limit in extra_limits:
+            _check_limit(limit)
         self.fpr_limit = fpr_limit
+        # result key -> FPR limit of each AUPRO computed
+        self._aupro_limits = (
+            {"aupro": fpr_limit, **{f"aupro@{limit:g}": limit for limit in extra_limits}}
+            if with_pro
+            else {}
+        )
         self.pro_variant = pro_variant
         self.with_pro = with_pro
         self.capacity = capacity
@@ -246,17 +298,9 @@ class PixelAccumulator:
     def update(self, maps: Any, masks: Any, valid: Any = None) -> None:
         """maps: [B, H, W] float32; masks: [B, H, W] bool; valid: [B, H, W] bool or None (all):
         pixels outside it (letterbox padding) are not scored, and no defect lies there."""
-        maps = _as_scores(maps, "maps")
-        masks = _as_binary(masks, "masks")
-        if maps.ndim != 3 or maps.shape != masks.shape:
-            raise ValueError(f"maps {maps.shape} and masks {masks.shape} must both be [B, H, W]")
+        maps, masks, valid = _pixel_batch(maps, masks, valid)
         negative = ~masks
         if valid is not None:
-            valid = _as_binary(valid, "valid")
-            if valid.shape != masks.shape:
-                raise ValueError(f"valid {valid.shape} must match masks {masks.shape}")
-            if (masks & ~valid).any():
-                raise ValueError("a mask marks defect pixels outside the valid region")
             negative &= valid
         self._append_negatives(maps[negative])
         if self.with_pro and self.pro_variant == "sowa":
@@ -294,8 +338,9 @@ class PixelAccumulator:
         return np.concatenate(self._neg_chunks) if self._neg_chunks else np.empty(0, np.float32)
 
     def compute(self) -> dict[str, float]:
-        """-> {"auroc", "ap", "f1_max", "aupro"} ("aupro" only with with_pro); NaN if undefined."""
-        keys = ["auroc", "ap", "f1_max"] + (["aupro"] if self.with_pro else [])
+        """-> {"auroc", "ap", "f1_max", "aupro"} ("aupro" only with with_pro) plus
+        "aupro@<limit>" per extra limit; NaN if undefined."""
+        keys = ["auroc", "ap", "f1_max", *self._aupro_limits]
         neg = self._negatives()
         neg.sort()  # in place: the accumulator owns this copy
         pos = np.concatenate(self._pos_chunks) if self._pos_chunks else np.empty(0, neg.dtype)
@@ -312,12 +357,12 @@ class PixelAccumulator:
             "ap": _curve_ap(curve),
             "f1_max": _curve_f1_max(curve),
         }
-        if self.with_pro:
+        per_image = self._image_negatives if self.pro_variant == "sowa" else None
+        for key, limit in self._aupro_limits.items():
             if self.pro_variant == "exact":
-                result["aupro"] = _curve_aupro(curve, self.fpr_limit)
+                result[key] = _curve_aupro(curve, limit)
             else:
-                per_image = self._image_negatives if self.pro_variant == "sowa" else None
-                result["aupro"] = _curve_aupro_anomalyclip(curve, neg, self.fpr_limit, per_image)
+                result[key] = _curve_aupro_anomalyclip(curve, neg, limit, per_image)
         return result
 
 
@@ -341,6 +386,114 @@ def aupro(maps: Any, masks: Any, fpr_limit: float = 0.3, variant: str = "exact")
     "sowa": the same with SOWA's mean over images of the per-image FPR (sowa.md §7).
     """
     return pixel_metrics(maps, masks, fpr_limit, variant)["aupro"]
+
+
+class ValidationThreshold:
+    """SegF1's threshold of one class from its normal maps (validation/good), streamed batch by
+    batch: the `percentile`-th percentile of their pixel scores, i.e. the smallest score t with at
+    most (100 - percentile) % of the pixels above it (`map > t` is a defect; 100: the maximum).
+
+    Memory: 4 B per pixel; with `capacity` (the pixel count to come) only the pixels that can
+    still become the threshold are kept, (100 - percentile) % of them plus one.
+    """
+
+    def __init__(
+        self, percentile: float = DEFAULT_SEG_PERCENTILE, capacity: int | None = None
+    ) -> None:
+        if not 0.0 < percentile <= 100.0:
+            raise ConfigError(f"the SegF1 percentile must be in (0, 100], got {percentile}")
+        # the decimal the user wrote (99.9 is 999/10, not the binary float just above it)
+        self._share_above = (100 - Fraction(repr(float(percentile)))) / 100
+        self.capacity = capacity
+        self._keep = None if capacity is None else self._num_above(capacity) + 1
+        self._count = 0
+        self._chunks: list[np.ndarray] = []
+
+    def _num_above(self, count: int) -> int:
+        """How many of `count` pixels may score above the threshold (rounded down)."""
+        return int(self._share_above * count)
+
+    def update(self, maps: Any, valid: Any = None) -> None:
+        """maps: [B, H, W] of normal images; valid: [B, H, W] bool, the pixels to use (None:
+        all)."""
+        maps = _as_scores(maps, "maps")
+        if maps.ndim != 3:
+            raise ValueError(f"maps {maps.shape} must be [B, H, W]")
+        if valid is None:
+            scores = maps.reshape(-1).copy()
+        else:
+            valid = _as_binary(valid, "valid")
+            if valid.shape != maps.shape:
+                raise ValueError(f"valid {valid.shape} must match maps {maps.shape}")
+            scores = maps[valid]
+        self._count += scores.size
+        if self._keep is None:
+            self._chunks.append(scores)
+            return
+        if self._count > self.capacity:
+            raise ValueError(f"ValidationThreshold capacity {self.capacity} exceeded")
+        kept = np.concatenate([*self._chunks, scores])
+        if kept.size > self._keep:
+            kept = np.partition(kept, kept.size - self._keep)[kept.size - self._keep :]
+        self._chunks = [kept]
+
+    def compute(self) -> float:
+        """The threshold t (a score of one of the pixels)."""
+        if self._count == 0:
+            raise ValueError("no normal map was given; predict the class's validation/good images")
+        scores = np.concatenate(self._chunks)
+        index = scores.size - 1 - self._num_above(self._count)  # the (num_above + 1)-th largest
+        return float(np.partition(scores, index)[index])
+
+
+def seg_threshold(normal_maps: Any, percentile: float = DEFAULT_SEG_PERCENTILE) -> float:
+    """SegF1's threshold from one class's normal maps held whole (`ValidationThreshold` in one
+    update). normal_maps: [N, H, W]."""
+    threshold = ValidationThreshold(percentile)
+    threshold.update(normal_maps)
+    return threshold.compute()
+
+
+class SegF1Accumulator:
+    """SegF1 of one class, streamed batch by batch: the pixel F1 2TP / (2TP + FP + FN) of the
+    maps binarised as `map > threshold`, pooled over every test pixel of the class (normal
+    images included); three counts, no map is held. NaN (and a warning) without defect pixels."""
+
+    def __init__(self, threshold: float, name: str = "SegF1") -> None:
+        if not np.isfinite(threshold):
+            raise ConfigError(f"the SegF1 threshold must be a finite number, got {threshold}")
+        self.threshold = threshold
+        self.name = name
+        self.true_positives = 0
+        self.false_positives = 0
+        self.false_negatives = 0
+
+    def update(self, maps: Any, masks: Any, valid: Any = None) -> None:
+        """maps: [B, H, W] float; masks: [B, H, W] bool; valid: [B, H, W] bool or None (all):
+        pixels outside it are not scored."""
+        maps, masks, valid = _pixel_batch(maps, masks, valid)
+        predicted = maps > self.threshold
+        if valid is not None:
+            predicted &= valid
+        self.true_positives += int(np.count_nonzero(predicted & masks))
+        self.false_positives += int(np.count_nonzero(predicted & ~masks))
+        self.false_negatives += int(np.count_nonzero(~predicted & masks))
+
+    def compute(self) -> float:
+        """SegF1 in [0, 1], NaN when the class has no defect pixel."""
+        positives = self.true_positives + self.false_negatives
+        if positives == 0:
+            logger.warning("%s undefined (no defect pixel); returning NaN", self.name)
+            return float("nan")
+        true_positives = self.true_positives
+        return 2 * true_positives / (true_positives + self.false_positives + positives)
+
+
+def seg_f1(maps: Any, masks: Any, threshold: float) -> float:
+    """SegF1 of one class held whole. maps: [N, H, W]; masks: [N, H, W] bool."""
+    accumulator = SegF1Accumulator(threshold)
+    accumulator.update(maps, masks)
+    return accumulator.compute()
 
 
 def _binary_curve(scores: Any, labels: Any, what: str) -> _Curve | None:
@@ -388,7 +541,9 @@ class ClassEvaluator:
     full-size map is held (the evaluation loop).
 
     `capacity` (the class's pixel count) preallocates the accumulator's buffer; `compute`
-    takes the image scores and labels at the end. Columns are names from COLUMNS_FULL.
+    takes the image scores and labels at the end. Columns are names from COLUMNS_FULL or
+    COLUMNS_MVTEC_AD2; "SegF1" needs `seg_threshold` (`ValidationThreshold` on the class's
+    validation/good maps, never the test maps).
     """
 
     def __init__(
@@ -398,30 +553,46 @@ class ClassEvaluator:
         pro_variant: str = "exact",
         capacity: int | None = None,
         class_name: str = "",
+        seg_threshold: float | None = None,
     ) -> None:
-        unknown = [column for column in columns if column not in COLUMNS_FULL]
+        unknown = [column for column in columns if column not in _VALID_COLUMNS]
         if unknown:
-            msg = f"unknown metric columns {unknown}; valid: {', '.join(COLUMNS_FULL)}"
+            msg = f"unknown metric columns {unknown}; valid: {', '.join(_VALID_COLUMNS)}"
             raise ConfigError(msg)
         self.columns = columns
         self.prefix = f"{class_name} " if class_name else ""
         self.pixel: PixelAccumulator | None = None
         if any(column in _PIXEL_KEYS for column in columns):
+            mvtec_ad2_aupro = f"AUPRO@{MVTEC_AD2_FPR_LIMIT:g}" in columns
             self.pixel = PixelAccumulator(
                 fpr_limit,
                 pro_variant,
-                with_pro="AUPRO" in columns,
+                with_pro="AUPRO" in columns or mvtec_ad2_aupro,
                 capacity=capacity,
                 name=f"{self.prefix}pixel",
+                extra_limits=(MVTEC_AD2_FPR_LIMIT,) if mvtec_ad2_aupro else (),
             )
+        self.seg: SegF1Accumulator | None = None
+        if "SegF1" in columns:
+            if seg_threshold is None:
+                raise ConfigError(
+                    "the SegF1 column needs a threshold: ValidationThreshold on the class's "
+                    "validation/good maps"
+                )
+            self.seg = SegF1Accumulator(seg_threshold, name=f"{self.prefix}SegF1")
 
     def update(self, maps: Any, masks: Any, valid: Any = None) -> None:
         """maps: [B, H, W] float; masks: [B, H, W] bool (may be None without pixel columns);
         valid: [B, H, W] bool, the pixels to score (None: all)."""
+        if self.pixel is None and self.seg is None:
+            return
+        if masks is None:
+            raise ValueError("pixel columns need maps and masks")
+        maps = _to_numpy(maps)
         if self.pixel is not None:
-            if masks is None:
-                raise ValueError("pixel columns need maps and masks")
-            self.pixel.update(_to_numpy(maps), masks, valid)
+            self.pixel.update(maps, masks, valid)
+        if self.seg is not None:
+            self.seg.update(maps, masks, valid)
 
     def compute(self, image_scores: Any, labels: Any) -> dict[str, float]:
         """The requested columns, values in [0, 1] or NaN; image_scores/labels: [N] (may be
@@ -430,6 +601,8 @@ class ClassEvaluator:
         if self.pixel is not None:
             pixel = self.pixel.compute()
             values.update({col: pixel[key] for col, key in _PIXEL_KEYS.items() if key in pixel})
+        if self.seg is not None:
+            values["SegF1"] = self.seg.compute()
         if any(column in _IMAGE_KEYS for column in self.columns):
             if image_scores is None or labels is None:
                 raise ValueError("image columns need image scores and labels")
@@ -447,15 +620,18 @@ def evaluate_class(
     fpr_limit: float = 0.3,
     pro_variant: str = "exact",
     class_name: str = "",
+    seg_threshold: float | None = None,
 ) -> dict[str, float]:
-    """Requested `columns` (names from COLUMNS_FULL) of one class held whole, values in [0, 1]
-    or NaN (`ClassEvaluator` in one update).
+    """Requested `columns` (names from COLUMNS_FULL or COLUMNS_MVTEC_AD2) of one class held
+    whole, values in [0, 1] or NaN (`ClassEvaluator` in one update).
 
     maps/masks: [N, H, W] (may be None when no pixel column is asked);
     image_scores/labels: [N] (may be None when no image column is asked).
     """
-    evaluator = ClassEvaluator(columns, fpr_limit, pro_variant, class_name=class_name)
-    if evaluator.pixel is not None:
+    evaluator = ClassEvaluator(
+        columns, fpr_limit, pro_variant, class_name=class_name, seg_threshold=seg_threshold
+    )
+    if evaluator.pixel is not None or evaluator.seg is not None:
         if maps is None or masks is None:
             raise ValueError("pixel columns need maps and masks")
         evaluator.update(maps, masks)
