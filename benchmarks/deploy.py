@@ -1,7 +1,9 @@
-"""Deployment on this CPU: the same models in torch and as exported graphs (onnxruntime fp32,
-OpenVINO fp32/bf16/int8), one table per CPU kind: batch-1 latency, batch-8 images/s, peak
-memory, graph size, achieved GFLOP/s against a GEMM of the same precision timed in the same run,
-and with `--accuracy` what each precision costs in image and pixel AUROC.
+"""Prints a deployment table per model: torch against its ONNX and OpenVINO exports on this CPU.
+
+The same models in torch and as exported graphs (onnxruntime fp32, OpenVINO fp32/bf16/int8), one
+table per CPU kind: batch-1 latency, batch-8 images/s, peak memory, graph size, achieved GFLOP/s
+against a GEMM of the same precision timed in the same run, and with `--accuracy` what each
+precision costs in image and pixel AUROC.
 
     python benchmarks/deploy.py                                   # tiny backbone: a minute
     python benchmarks/deploy.py --model_name ViT-L-14-336         # paper sizes, random weights
@@ -42,6 +44,7 @@ from datasets.synthetic import ensure_synthetic  # noqa: E402
 from models.predictor import AnomalyPredictor  # noqa: E402
 from models.registry import load_trained_model, model_class  # noqa: E402
 from utils.core.checkpoint import save_checkpoint  # noqa: E402
+from utils.core.config import HelpFormatter  # noqa: E402
 from utils.core.runtime import cpu_kind, native_bf16  # noqa: E402
 from utils.deploy import field  # noqa: E402
 from utils.deploy.export import ExportedPredictor  # noqa: E402
@@ -291,13 +294,39 @@ def accuracy_table(scratch: Path, data_root: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--models", nargs="+", default=["aaclip", "feclip", "sowa"])
-    parser.add_argument("--model_name", default="tiny", help="tiny, or e.g. ViT-L-14-336")
-    parser.add_argument("--img_size", type=int, default=None, help="default: each model's")
-    parser.add_argument("--repeats", type=int, default=3, help="timed batch-1 calls per row")
-    parser.add_argument("--accuracy", action="store_true", help="also AUROC per precision")
-    parser.add_argument("--no-speed", dest="speed", action="store_false", help="skip speed")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=HelpFormatter
+    )
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        default=["aaclip", "feclip", "sowa"],
+        help="registered models to measure, one speed table each",
+    )
+    parser.add_argument(
+        "--model_name", default="tiny", help="backbone: tiny (about a minute) or e.g. ViT-L-14-336"
+    )
+    parser.add_argument(
+        "--img_size",
+        type=int,
+        default=None,
+        help="input side in pixels (default: each model's paper size on this backbone; ViT-L: "
+        "AA-CLIP 518, FE-CLIP and SOWA 336)",
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="timed batch-1 calls per row, after one warm-up"
+    )
+    parser.add_argument(
+        "--accuracy",
+        action="store_true",
+        help="also train the tiny AA-CLIP and print each precision's image and pixel AUROC",
+    )
+    parser.add_argument(
+        "--no-speed",
+        dest="speed",
+        action="store_false",
+        help="leave out the speed tables (default: they are printed)",
+    )
     parser.add_argument("--row", default=None, help=argparse.SUPPRESS)  # one row's process
     args = parser.parse_args(argv)
     if args.row is not None:

@@ -1,4 +1,6 @@
-"""One device's numbers in one Markdown table: test-time throughput of the four models at their
+"""Prints one Markdown table of a device's throughput, memory, MFU and training step per model.
+
+One device's numbers in one Markdown table: test-time throughput of the four models at their
 paper resolution in fp32 and bf16 at batch 1, 8 and 32 with peak memory and MFU, and one
 training step per model. benchmarks/device.sh runs it with the CUDA tests and the evaluation path.
 
@@ -42,6 +44,7 @@ from throughput import (  # noqa: E402
 )
 
 from models.registry import MODELS, model_class  # noqa: E402
+from utils.core.config import HelpFormatter  # noqa: E402
 from utils.core.runtime import cpu_kind, resolve_device  # noqa: E402
 
 # Dense peak TFLOP/s (fp32 non-tensor, bf16 tensor) by a part of the device's name.
@@ -135,16 +138,51 @@ def compile_rows(args: argparse.Namespace, device: torch.device, modes: list[str
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--model_name", default="ViT-L-14-336")
-    parser.add_argument("--img_size", type=int, default=None, help="default: each paper's")
-    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
-    parser.add_argument("--train_batch", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--peak_tflops", type=float, default=None, help="the device's peak")
-    parser.add_argument("--out", type=Path, default=None, help="also write the table here")
-    parser.add_argument("--compile_models", nargs="*", default=["aaclip"], choices=tuple(MODELS))
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=HelpFormatter
+    )
+    parser.add_argument(
+        "--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ..."
+    )
+    parser.add_argument(
+        "--model_name", default="ViT-L-14-336", help="backbone, or tiny for a quick check on a CPU"
+    )
+    parser.add_argument(
+        "--img_size",
+        type=int,
+        default=None,
+        help="input side in pixels (default: each model's paper resolution on this backbone)",
+    )
+    parser.add_argument(
+        "--batches", type=int, nargs="+", default=[1, 8, 32], help="test-time batch sizes to time"
+    )
+    parser.add_argument(
+        "--train_batch", type=int, default=8, help="batch size of the timed training step"
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="timed calls per row (their median), after a warm-up"
+    )
+    parser.add_argument(
+        "--peak_tflops",
+        type=float,
+        default=None,
+        help="the device's peak TFLOP/s for MFU (default: the known dense peak of the GPU; on a "
+        "CPU none, and MFU prints n/a)",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="also write the table to this file (default: only print it)",
+    )
+    parser.add_argument(
+        "--compile_models",
+        nargs="*",
+        default=["aaclip"],
+        choices=tuple(MODELS),
+        metavar="MODEL",
+        help="models whose compiled test-time forward is timed in the last table, of %(choices)s",
+    )
     parser.add_argument(
         "--compile_modes",
         nargs="*",

@@ -1,4 +1,6 @@
-"""test.py's whole path in images/s and its share per stage (load, forward + maps, metrics,
+"""Prints the evaluation-path table: test.py's images/s and time per stage, workers off and on.
+
+test.py's whole path in images/s and its share per stage (load, forward + maps, metrics,
 files), on a generated MVTec-sized set, with the loader's workers off and on in one run.
 
     python benchmarks/evaluate.py                        # tiny backbone, CPU: the loading share
@@ -38,6 +40,7 @@ from metrics import MVTEC_TEST  # noqa: E402  (MVTec AD's classes and test-split
 
 from datasets.synthetic import ensure_synthetic  # noqa: E402
 from models.predictor import AnomalyPredictor  # noqa: E402
+from utils.core.config import HelpFormatter  # noqa: E402
 from utils.core.runtime import cpu_kind  # noqa: E402
 from utils.engine import job  # noqa: E402
 from utils.evaluation import evaluate as evaluation  # noqa: E402
@@ -162,17 +165,46 @@ def measure(config: evaluation.EvalConfig, workers: int) -> tuple[float, dict[st
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--root", type=Path, default=Path("data/MVTecSized"))
-    parser.add_argument("--size", type=int, default=900, help="image side of the generated set")
-    parser.add_argument("--save_path", type=Path, default=None, help="a trained run to evaluate")
-    parser.add_argument(
-        "--model_name", default="tiny", help="without --save_path: the backbone to train briefly"
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=HelpFormatter
     )
-    parser.add_argument("--img_size", type=int, default=None, help="with --model_name")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--num_workers", type=int, default=2, help="the second row's workers")
-    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument(
+        "--root",
+        type=Path,
+        default=Path("data/MVTecSized"),
+        help="where the MVTec-sized set is generated once (about 1 GB) and reused",
+    )
+    parser.add_argument(
+        "--size", type=int, default=900, help="image side in pixels of the generated set"
+    )
+    parser.add_argument(
+        "--save_path",
+        type=Path,
+        default=None,
+        help="a trained run to evaluate (default: train an AA-CLIP on --model_name for one "
+        "epoch per stage first)",
+    )
+    parser.add_argument(
+        "--model_name",
+        default="tiny",
+        help="backbone of the briefly trained AA-CLIP when no --save_path is given",
+    )
+    parser.add_argument(
+        "--img_size",
+        type=int,
+        default=None,
+        help="input side of the briefly trained AA-CLIP (default: its default for --model_name)",
+    )
+    parser.add_argument(
+        "--device", default="cpu", help="device of training and evaluation: cpu, cuda, cuda:1, ..."
+    )
+    parser.add_argument(
+        "--num_workers",
+        type=int,
+        default=2,
+        help="DataLoader workers of the second row; the first row uses none",
+    )
+    parser.add_argument("--batch_size", type=int, default=8, help="images per evaluation batch")
     args = parser.parse_args(argv)
 
     started = time.perf_counter()

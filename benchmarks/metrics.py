@@ -1,4 +1,6 @@
-"""Time the pixel metrics of utils/evaluation/metrics.py against straightforward implementations.
+"""Prints a table timing our pixel metrics (AUPRO, AUROC, AP) against straightforward code.
+
+Times the pixel metrics of utils/evaluation/metrics.py against straightforward implementations.
 
 Default mode: one synthetic class (smooth random maps, elliptic defects that raise the map, some
 normal images; by default 200 maps of 500x500 = 50 M pixels, the size of one VisA class) and a
@@ -54,6 +56,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models.aaclip import aaclip_image_scores  # noqa: E402
 from models.base import MapExtrema  # noqa: E402
+from utils.core.config import HelpFormatter  # noqa: E402
 from utils.evaluation.metrics import (  # noqa: E402
     COLUMNS_FULL,
     ClassEvaluator,
@@ -252,14 +255,36 @@ class Row:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--images", type=int, default=200, help="test images in the class")
-    parser.add_argument("--size", type=int, default=None, help="map side (500; --mvtec: 518)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=200, help="per-threshold loop thresholds")
-    parser.add_argument("--mvtec", action="store_true", help="MVTec-AD-sized run, 15 classes")
-    parser.add_argument("--stream", action="store_true", help="held vs streamed class")
-    parser.add_argument("--batch_size", type=int, default=32, help="--stream: maps per batch")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=HelpFormatter
+    )
+    parser.add_argument(
+        "--images",
+        type=int,
+        default=200,
+        help="test images of the synthetic class; --mvtec uses MVTec AD's counts",
+    )
+    parser.add_argument(
+        "--size",
+        type=int,
+        default=None,
+        help="map side in pixels (default: 500; with --mvtec or --stream 518)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic maps and masks")
+    parser.add_argument(
+        "--steps", type=int, default=200, help="thresholds of the per-threshold reference loops"
+    )
+    parser.add_argument(
+        "--mvtec",
+        action="store_true",
+        help="run the MVTec-AD-sized evaluation (15 classes) and check its peak memory instead",
+    )
+    parser.add_argument(
+        "--stream",
+        action="store_true",
+        help="compare a class held whole with the streaming evaluator instead",
+    )
+    parser.add_argument("--batch_size", type=int, default=32, help="maps per batch with --stream")
     return parser.parse_args(argv)
 
 

@@ -1,5 +1,7 @@
-"""Throughput: test-time images/s and seconds per training step, AA-CLIP ours vs the original, and
-the sibling models (FE-CLIP, SOWA) in fp32 and under autocast.
+"""Prints the throughput table: images/s and s/step of AA-CLIP (ours vs original) and siblings.
+
+Test-time images/s and seconds per training step, AA-CLIP ours vs the original, and the sibling
+models (FE-CLIP, SOWA) in fp32 and under autocast.
 
     python benchmarks/throughput.py                                   # ViT-L-14-336 at 224 px, CPU
     python benchmarks/throughput.py --model_name tiny --img_size 64   # seconds
@@ -45,6 +47,7 @@ from models.forward_utils import (  # noqa: E402
 )
 from models.predictor import AnomalyPredictor  # noqa: E402
 from models.registry import model_class  # noqa: E402
+from utils.core.config import HelpFormatter  # noqa: E402
 from utils.core.runtime import cpu_kind, grad_scaler, resolve_device  # noqa: E402
 from utils.engine.training import StageForward, training_step  # noqa: E402
 
@@ -315,17 +318,45 @@ def run_in_subprocess(task: list[str], args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model_name", default="ViT-L-14-336")
-    parser.add_argument("--img_size", type=int, default=224)
-    parser.add_argument("--batch_size", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=2, help="timed calls per row (+1 warm-up)")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--amp", default="bf16", choices=("bf16", "fp16"))
-    parser.add_argument("--metric_images", type=int, default=8, help="per synthetic class")
-    parser.add_argument("--synthetic_root", default="data/Synthetic")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=HelpFormatter
+    )
     parser.add_argument(
-        "--rows", nargs="+", default=None, choices=list(ROWS), help="only these rows (default: all)"
+        "--model_name", default="ViT-L-14-336", help="backbone, e.g. tiny for a check in seconds"
+    )
+    parser.add_argument("--img_size", type=int, default=224, help="input side in pixels")
+    parser.add_argument("--batch_size", type=int, default=2, help="images per timed call")
+    parser.add_argument(
+        "--steps", type=int, default=2, help="timed calls per row, after one warm-up call"
+    )
+    parser.add_argument(
+        "--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ..."
+    )
+    parser.add_argument(
+        "--amp",
+        default="bf16",
+        choices=("bf16", "fp16"),
+        help="autocast precision of the '+amp' rows",
+    )
+    parser.add_argument(
+        "--metric_images",
+        type=int,
+        default=8,
+        help="images per synthetic class in the metric-shift line; 0 leaves it out",
+    )
+    parser.add_argument(
+        "--synthetic_root",
+        default="data/Synthetic",
+        help="the synthetic set of the metric-shift line, generated there when missing",
+    )
+    parser.add_argument(
+        "--rows",
+        nargs="+",
+        default=None,
+        choices=list(ROWS),
+        metavar="ROW",
+        help="time only these rows and leave out the metric-shift line, of: %(choices)s "
+        "(default: all rows)",
     )
     parser.add_argument("--row", choices=sorted(ROWS), help=argparse.SUPPRESS)
     parser.add_argument("--metric_shift", action="store_true", help=argparse.SUPPRESS)

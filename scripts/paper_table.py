@@ -9,8 +9,10 @@ For each data set and metric the paper reports, the table prints the paper's num
 where published), ours (the macro mean over classes, as the papers average), the difference and
 where the paper's number comes from. The numbers live in scripts/reproduce/paper_numbers.yaml,
 each with its source and the spec section it was copied from. Data sets the paper reports but the
-run did not evaluate show as "not run"; runs made with SUBSTITUTE (e.g. the synthetic smoke test)
-say so in their heading, since their numbers are not comparable.
+run did not evaluate show as "not run". A data set that ran on other data (the run's SUBSTITUTE,
+e.g. the synthetic smoke test, or a results file naming another data set than its folder) shows
+ours but "—†" for the difference, with a footnote naming what ran instead: the numbers are not
+comparable, so no difference is printed to be misread.
 """
 
 from __future__ import annotations
@@ -91,6 +93,13 @@ def ours(results: dict[str, dict], test: str, metric: str) -> float | None:
     return None if value is None else 100 * float(value)
 
 
+def substitute(manifest: dict, results: dict[str, dict], test: str) -> str | None:
+    """The data set that ran in place of the paper's `test` (the run's SUBSTITUTE, or the one its
+    results file names when that is not `test`), or None when `test` itself ran."""
+    evaluated = results[test].get("meta", {}).get("dataset", test)
+    return manifest.get("substitute") or (evaluated if evaluated != test else None)
+
+
 def format_run(manifest: dict, results: dict[str, dict], rows: list[dict]) -> str:
     """Markdown heading and table of one run."""
     heading = (
@@ -108,6 +117,7 @@ def format_run(manifest: dict, results: dict[str, dict], rows: list[dict]) -> st
         "| data set | metric | paper | ours | ours − paper | paper source |",
         "|---|---|---:|---:|---:|---|",
     ]
+    substituted = {}  # paper's data set -> the one that ran instead
     for row in rows:
         paper = f"{row['paper']:.2f}" + (f" ± {row['std']:.1f}" if row["std"] is not None else "")
         value = ours(results, row["test"], row["metric"])
@@ -115,6 +125,9 @@ def format_run(manifest: dict, results: dict[str, dict], rows: list[dict]) -> st
             mine, difference = "not run", ""
         elif value is None or math.isnan(value):
             mine, difference = "n/a", ""
+        elif replacement := substitute(manifest, results, row["test"]):
+            substituted[row["test"]] = replacement
+            mine, difference = f"{value:.2f}", "—†"
         else:
             mine, difference = f"{value:.2f}", f"{value - row['paper']:+.2f}"
         lines.append(
@@ -124,6 +137,12 @@ def format_run(manifest: dict, results: dict[str, dict], rows: list[dict]) -> st
     if not rows:
         lines.append(
             f"| — | — | no published number for this setting in {PAPER_NUMBERS.name} | | | |"
+        )
+    if substituted:
+        ran = ", ".join(f"{test} ran on {data}" for test, data in substituted.items())
+        lines.append(
+            f"\n† No difference: {ran}, not on the paper's data, so ours is not comparable "
+            "with the paper's number."
         )
     extra = sorted(set(results) - {row["test"] for row in rows})
     if extra:

@@ -1,6 +1,13 @@
-"""Shared fixtures: a tiny random CLIP and a generated synthetic data set, built once per run."""
+"""Shared fixtures: a tiny random CLIP and a generated synthetic data set, built once per run;
+and a reaper that ends every process the tests started when pytest ends."""
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,6 +16,31 @@ from datasets.synthetic import generate as generate_synthetic
 from datasets.synthetic_mvtec_ad2 import generate as generate_mvtec_ad2
 from models.backbone import tiny_clip as build_tiny_clip
 from tests.forkserver import ForkServer
+
+RUN_MARK = "CLIP_AD_PYTEST_RUN"
+_REAPER = pytest.StashKey[subprocess.Popen]()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Mark every process the tests start (by an environment variable they all inherit) and
+    start tests/reaper.py, which ends the marked processes once pytest is gone: killed by SIGTERM,
+    they would otherwise run on under PID 1. Linux only: the reaper reads /proc."""
+    if not Path("/proc/self/environ").is_file():
+        return
+    os.environ[RUN_MARK] = f"{os.getpid()}-{uuid.uuid4().hex}"
+    config.stash[_REAPER] = subprocess.Popen(  # held, so that no warning says it still runs
+        [
+            sys.executable,
+            "-S",
+            str(Path(__file__).with_name("reaper.py")),
+            str(os.getpid()),
+            f"{RUN_MARK}={os.environ[RUN_MARK]}",
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # Ctrl-C at the terminal reaches pytest, not the reaper
+    )
 
 
 @pytest.fixture(autouse=True)

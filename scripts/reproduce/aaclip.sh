@@ -6,8 +6,8 @@
 # the published runs used it: epoch 15 for full shot (the authors' released log), epoch 20 (the
 # last) for few shot. Seed 111, the original's default. Extra settings:
 #   EPOCH        evaluated epoch (default: 15 full shot, 20 few shot)
-#   VISA_TESTS   data sets the VisA-trained model is tested on (empty: none)
-#   MVTEC_TESTS  data sets the MVTec-trained model is tested on (empty: none)
+#   VISA_TESTS   data sets the VisA-trained model is tested on (empty: that model is not trained)
+#   MVTEC_TESTS  data sets the MVTec-trained model is tested on (empty: that model is not trained)
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 SEED="${SEED:-111}"
@@ -41,9 +41,7 @@ aaclip_direction() {
 
 # aaclip_tables SHOT: both directions of the paper's tables at SHOT.
 aaclip_tables() {
-    local shot="$1" tests
-    read -ra tests <<< "$VISA_TESTS"
-    aaclip_direction "$shot" VisA "${tests[@]}"
-    read -ra tests <<< "$MVTEC_TESTS"
-    aaclip_direction "$shot" MVTec "${tests[@]}"
+    local shot="$1"
+    if test_sets VISA_TESTS VisA; then aaclip_direction "$shot" VisA "${TESTS[@]}"; fi
+    if test_sets MVTEC_TESTS MVTec; then aaclip_direction "$shot" MVTec "${TESTS[@]}"; fi
 }

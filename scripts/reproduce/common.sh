@@ -28,6 +28,22 @@ BACKBONE=(--model_name "$MODEL_NAME" --pretrained "$PRETRAINED" --device "$DEVIC
 # test.py rebuilds the model from its checkpoint; only where the weights are read from may change.
 TEST_BACKBONE=(--pretrained "$PRETRAINED" --device "$DEVICE")
 
+# log MESSAGE: one line on stderr, in the Python scripts' log format.
+log() {
+    echo "$(date '+%Y-%m-%d %H:%M:%S') INFO reproduce: $*" >&2
+}
+
+# test_sets VARIABLE TRAIN: sets TESTS to the data sets listed in $VARIABLE. When it lists none,
+# logs that the model trained on TRAIN is skipped and returns 1: a model tested nowhere is not
+# trained.
+test_sets() {
+    read -ra TESTS <<< "${!1}"
+    if [ "${#TESTS[@]}" -eq 0 ]; then
+        log "$1 is empty: skipping the model trained on $2 (no training, no evaluation)"
+        return 1
+    fi
+}
+
 # data_flags NAME: sets DATA to the flags of the paper's data set NAME (or of SUBSTITUTE).
 data_flags() {
     local name="${SUBSTITUTE:-$1}"

@@ -4,8 +4,8 @@
 # lowest training loss (feclip_best.pth, the fork's choice) is evaluated; PRO is AnomalyCLIP's
 # 200-step variant, as the paper follows AnomalyCLIP.
 # Settings: common.sh, and
-#   MVTEC_TESTS  data sets the MVTec-trained model is tested on (empty: none)
-#   VISA_TESTS   data sets the VisA-trained model is tested on (empty: none)
+#   MVTEC_TESTS  data sets the MVTec-trained model is tested on (empty: that model is not trained)
+#   VISA_TESTS   data sets the VisA-trained model is tested on (empty: that model is not trained)
 source "$(dirname "$0")/common.sh"
 
 SEED="${SEED:-42}"
@@ -26,7 +26,5 @@ feclip_direction() {
     done
 }
 
-read -ra tests <<< "$MVTEC_TESTS"
-feclip_direction MVTec "${tests[@]}"
-read -ra tests <<< "$VISA_TESTS"
-feclip_direction VisA "${tests[@]}"
+if test_sets MVTEC_TESTS MVTec; then feclip_direction MVTec "${TESTS[@]}"; fi
+if test_sets VISA_TESTS VisA; then feclip_direction VisA "${TESTS[@]}"; fi

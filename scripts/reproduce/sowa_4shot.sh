@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # SOWA 4-shot tables (spec sowa.md §5, §6, §9): train one epoch on VisA's test split and test on
-# MVTec, train on MVTec's test split and test on VisA and BTAD; at test a memory of K = 4 normal
-# images per class from the test data set's train split (drawn with SUPPORT_SEED; the original
-# drew without a seed). AUPRO is SOWA's own variant. The README reports mean ± std over runs:
-# repeat with several SEED values and compare with scripts/compare_runs.py.
+# MVTec, train on MVTec's test split and test on VisA, BTAD, DAGM and DTD-Synthetic (README Table
+# A's rows); at test a memory of K = 4 normal images per class from the test data set's train
+# split (drawn with SUPPORT_SEED; the original drew without a seed). AUPRO is SOWA's own variant.
+# The README reports mean ± std over runs: repeat with several SEED values and compare with
+# scripts/compare_runs.py.
 # Settings: common.sh, and
 #   K_SHOT        support images per class (default 4)
 #   SUPPORT_SEED  seed of the support draw (default 42)
-#   VISA_TESTS    data sets the VisA-trained model is tested on (empty: none)
-#   MVTEC_TESTS   data sets the MVTec-trained model is tested on (empty: none)
+#   VISA_TESTS    data sets the VisA-trained model is tested on (empty: that model is not trained)
+#   MVTEC_TESTS   data sets the MVTec-trained model is tested on (empty: that model is not trained)
 source "$(dirname "$0")/common.sh"
 
 SEED="${SEED:-2025}"
@@ -32,7 +33,5 @@ sowa_direction() {
     done
 }
 
-read -ra tests <<< "$VISA_TESTS"
-sowa_direction VisA "${tests[@]}"
-read -ra tests <<< "$MVTEC_TESTS"
-sowa_direction MVTec "${tests[@]}"
+if test_sets VISA_TESTS VisA; then sowa_direction VisA "${TESTS[@]}"; fi
+if test_sets MVTEC_TESTS MVTec; then sowa_direction MVTec "${TESTS[@]}"; fi
