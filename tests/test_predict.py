@@ -6,9 +6,11 @@ import csv
 import html
 import json
 import logging
+import math
 import re
 import shutil
 import subprocess
+from pathlib import Path
 from urllib.parse import unquote
 
 import numpy as np
@@ -22,8 +24,10 @@ from datasets.folder import ImageFolder
 from datasets.preprocessing import Preprocessing
 from models.predictor import AnomalyPredictor
 from models.registry import load_trained_model
+from tests.utils.deploy.test_review import ReviewPage
 from utils.deploy import calibration as calib
 from utils.deploy.field import score_images
+from utils.deploy.review import THUMBNAIL_SIDE
 from utils.evaluation.metrics import auroc
 
 CLASS = "tile"
@@ -114,7 +118,7 @@ def test_end_to_end_report_auroc_equals_the_shared_metric(calibrated, tmp_path, 
     assert matrix["tp"] == int((decided & (truth == 1)).sum())
     assert matrix["fp"] == int((decided & (truth == 0)).sum())
     assert (out / "report.md").is_file()
-    overlay = Image.open(out / "overlays" / f"{files[0]}.png")
+    overlay = Image.open(out / "overlays" / files[0].replace(".png", "_overlay.png"))
     assert overlay.size == Image.open(test_dir / files[0]).size
 
 
@@ -149,9 +153,8 @@ def test_bad_files_are_reported_and_the_rest_scored(calibrated, tmp_path):
     for name, row in rows.items():
         if name != "e_corrupt.png":
             assert row["error"] == "" and np.isfinite(float(row["image_score"])), name
-            assert (
-                Image.open(out / "overlays" / f"{name}.png").size == Image.open(folder / name).size
-            )
+            overlay = out / "overlays" / f"{name.rsplit('.', 1)[0]}_overlay.png"
+            assert Image.open(overlay).size == Image.open(folder / name).size
     # the 16-bit copy is the 8-bit grayscale scaled by 257: it reads back as the same picture
     assert rows["c_16bit.png"]["image_score"] == rows["b_gray.png"]["image_score"]
 
@@ -248,64 +251,248 @@ def test_valid_mask_goes_to_the_model_for_letterboxed_images_only(tmp_path):
         assert np.isfinite(result["max"])
 
 
+NASTY = '=1+2 "q" <b> & @x.png'  # quotes, markup, a spreadsheet formula's first character
+
+
 @pytest.fixture(scope="module")
 def reviewed(calibrated, tmp_path_factory):
-    """A scored folder with labels and one unreadable file, and its review page."""
+    """A scored folder with labels and its review page: an unreadable file, a 400 x 200 image,
+    two files of one stem (`good/000.jpg`, unlabelled, and `good/000.png`) and a name to escape.
+    Returns the output folder, scores.csv's rows and the labels."""
     data_root, save_path, _ = calibrated
     folder = tmp_path_factory.mktemp("review") / "incoming"
     shutil.copytree(data_root / CLASS / "test", folder)
     (folder / "good" / "zz & broken.png").write_bytes(b"not an image")
+    normal = _normal_image(data_root)
+    normal.resize((400, 200)).save(folder / "good" / "wide.png")
+    normal.save(folder / "good" / "000.jpg")
+    normal.save(folder / NASTY)
     files = sorted(path.relative_to(folder).as_posix() for path in folder.rglob("*.png"))
-    labels = folder.parent / "labels.csv"
-    labels.write_text(
-        "file,label\n" + "".join(f"{name},{int(not name.startswith('good/'))}\n" for name in files)
-    )
+    labels = {name: int(not name.startswith("good/")) for name in files}
+    labels_file = folder.parent / "labels.csv"
+    with open(labels_file, "w", newline="") as handle:
+        csv.writer(handle).writerows([("file", "label"), *labels.items()])
     out = folder.parent / "out"
     argv = ["score", "--checkpoint", str(save_path), "--input", str(folder), "--out", str(out)]
-    assert predict.main([*argv, "--labels", str(labels), "--device", "cpu"]) == 0
-    return out, _read_scores(out / "scores.csv")
+    assert predict.main([*argv, "--labels", str(labels_file), "--device", "cpu"]) == 0
+    return out, _read_scores(out / "scores.csv"), labels
+
+
+def _files(page: ReviewPage) -> list[str]:
+    return [row["attrs"]["data-file"] for row in page.rows]
 
 
 def test_the_review_page_lists_every_scored_file_and_is_self_contained(calibrated, reviewed):
-    out, rows = reviewed
-    page = (out / "index.html").read_text()
-    body = page.split("<tbody>")[1].split("</tbody>")[0]
-    cells = re.findall(r'<tr class="(\w+)"><td>(.*?)</td><td>(.*?)</td>', body)
-    assert [html.unescape(file) for _, _, file in cells] == [row["file"] for row in rows]
-    kinds = {html.unescape(file): kind for kind, _, file in cells}
+    out, rows, _ = reviewed
+    text = (out / "index.html").read_text()
+    page = ReviewPage(text)
+    assert sorted(_files(page)) == sorted(row["file"] for row in rows)
+    kinds = {row["attrs"]["data-file"]: row["attrs"]["class"] for row in page.rows}
     for row in rows:
         assert kinds[row["file"]] == ("error" if row["error"] else row["decision"])
     assert kinds["good/zz & broken.png"] == "error"
-    for source in re.findall(r'(?:src|href)="([^"]+)"', page):  # every picture is a file here
+    for source in page.links:  # every picture is a file here
         assert (out / unquote(source)).is_file(), source
-    assert "http://" not in page and "https://" not in page and "<link" not in page
+    assert "http://" not in text and "https://" not in text and "<link" not in text
+    assert not page.misnested and len(page.scripts) == 1
     calibration = calib.load_calibration(calibrated[1] / "calibration.json")
-    assert f"{calibration['thresholds']['image']:.6g}" in page
-    assert page.count("<svg") == 2 and "AUROC" in page and "TP " in page
+    assert f"{calibration['thresholds']['image']:.6g}" in text
+    assert set(page.svgs) == {"heat colour scale", "ROC curves", "confusion matrix"}
+    assert "AUROC" in "".join(page.svgs["ROC curves"])
+    assert "TP " in "".join(page.svgs["confusion matrix"])
+    details = [attrs for tag, attrs in page.elements if tag == "details"]
+    assert len(details) == 1 and "open" not in details[0]  # the charts start folded away
 
 
-@pytest.mark.skipif(shutil.which("chromium") is None, reason="needs chromium on PATH")
-def test_the_review_page_renders_in_chromium(reviewed, tmp_path):
-    out, rows = reviewed
-    url = (out / "index.html").as_uri()
+def test_the_review_page_is_worst_first_with_each_margin_to_its_threshold(calibrated, reviewed):
+    out, rows, _ = reviewed
+    calibration = calib.load_calibration(calibrated[1] / "calibration.json")
+    thresholds, stats = calibration["thresholds"], calibration["stats"]
+    rule, reduction = calibration["rule"], calibration["reduction"]
+    expected = {}
+    for row in rows:
+        if row["error"]:
+            continue
+        image = float(row["image_score"]) - thresholds["image"]
+        pixel = float(row["map_score"]) - thresholds[reduction]
+        scaled = [
+            margin / (stats[name]["std"] if stats[name]["std"] > 0 else 1.0)
+            for margin, name in ((image, "image"), (pixel, reduction))
+        ]
+        decisive = {"image": scaled[0], "pixel": scaled[1], "either": max(scaled)}
+        decisive["both"] = min(scaled)
+        expected[row["file"]] = (image, pixel, decisive[rule])
+        assert (expected[row["file"]][2] > 0) == (row["decision"] == "anomalous"), row
+    order = sorted(expected, key=lambda file: -expected[file][2])  # ties keep scores.csv's order
+    order += [row["file"] for row in rows if row["error"]]
+
+    page = ReviewPage((out / "index.html").read_text())
+    assert _files(page) == order
+    for position, name in enumerate(("image margin", "map margin", "decision margin (σ)")):
+        for file, value in zip(order, page.values(name), strict=True):
+            if file not in expected:
+                assert value == "", (name, file)
+                continue
+            assert float(value) == pytest.approx(expected[file][position], rel=1e-9, abs=1e-12)
+    header = page.headers[page.column("decision margin (σ)")]
+    assert header["attrs"]["aria-sort"] == "descending" and "▼" in header["text"]
+    assert sum("▼" in cell["text"] or "▲" in cell["text"] for cell in page.headers) == 1
+
+
+def test_the_review_page_marks_each_labelled_row_tp_fp_fn_tn(reviewed):
+    out, rows, labels = reviewed
+    text = (out / "index.html").read_text()
+    page = ReviewPage(text)
+    by_file = {row["file"]: row for row in rows}
+    names = {(1, True): "TP", (0, True): "FP", (1, False): "FN", (0, False): "TN"}
+    marks, label_texts = [], []
+    for file in _files(page):
+        row, label = by_file[file], labels.get(file)
+        if row["error"] or label is None:
+            marks.append("")
+            label_texts.append("")
+            continue
+        marks.append(names[label, row["decision"] == "anomalous"])
+        label_texts.append(("normal", "anomalous")[label])
+    assert page.values("mark") == marks and page.values("label") == label_texts
+    assert marks[_files(page).index("good/000.jpg")] == ""  # not in labels.csv
+    report = json.loads((out / "report.json").read_text())["at_thresholds"]
+    buttons = re.findall(r'data-mark-filter="(\w+)" aria-pressed="\w+">(\w+) \((\d+)\)', text)
+    assert [(key, name, int(count)) for key, name, count in buttons] == [
+        (key, key.upper(), report[key]) for key in ("tp", "fp", "fn", "tn")
+    ]
+    assert sum(map(bool, marks)) == sum(report[key] for key in ("tp", "fp", "fn", "tn"))
+
+
+def test_the_review_pictures_are_bounded_named_by_stem_and_every_name_escaped(reviewed):
+    out, rows, _ = reviewed
+    text = (out / "index.html").read_text()
+    page = ReviewPage(text)
+    written = [path.relative_to(out).as_posix() for path in out.rglob("*") if path.is_file()]
+    assert not [path for path in written + page.links if ".png.png" in path]
+    for path in out.glob("thumbnails/**/*.png"):
+        assert max(Image.open(path).size) <= THUMBNAIL_SIDE, path
+    for picture in ("thumbnails/good/wide.png", "thumbnails/good/wide_overlay.png"):
+        assert Image.open(out / picture).size == (THUMBNAIL_SIDE, THUMBNAIL_SIDE // 2)
+    assert Image.open(out / "overlays/good/wide_overlay.png").size == (400, 200)
+
+    pictures = {
+        row["attrs"]["data-file"]: [unquote(link) for link in row["links"]] for row in page.rows
+    }
+    assert pictures["good/zz & broken.png"] == []
+    bases = {}
+    for file, links in pictures.items():
+        if not links:
+            continue
+        link, thumbnail, link_again, heat = links
+        base = thumbnail.removeprefix("thumbnails/").removesuffix(".png")
+        assert link == link_again == f"overlays/{base}_overlay.png"
+        assert heat == f"thumbnails/{base}_overlay.png"
+        bases[file] = base
+    assert bases["good/000.jpg"] == "good/000" and bases["good/000.png"] == "good/000_png"
+    assert bases[NASTY] == NASTY.removesuffix(".png") and bases["blob/000.png"] == "blob/000"
+    assert len({base.lower() for base in bases.values()}) == len(bases) == len(rows) - 1
+
+    assert NASTY in _files(page) and html.escape(NASTY) in text and "<b>" not in text
+    assert f'aria-label="verdict on {html.escape(NASTY)}"' in text
+
+
+def _chromium(*args: str) -> subprocess.CompletedProcess:
     browser = ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars"]
-    shot = tmp_path / "review.png"
-    subprocess.run(
-        [*browser, "--window-size=1280,1400", f"--screenshot={shot}", url],
-        capture_output=True,
-        timeout=120,
-        check=True,
-    )
-    picture = np.asarray(Image.open(shot).convert("L"), dtype=np.float32)
-    assert picture.shape == (1400, 1280) and picture.std() > 20  # drawn, not a blank page
-    dom = subprocess.run(
-        [*browser, "--dump-dom", f"{url}#filter=anomalous"],
+    return subprocess.run(
+        [*browser, "--window-size=1400,1000", *args],
         capture_output=True,
         text=True,
         timeout=120,
         check=True,
-    ).stdout
-    hidden = len(re.findall(r'<tr class="(?:normal|error)" hidden', dom))
-    shown = len(re.findall(r'<tr class="anomalous">', dom))
-    assert shown == sum(row["decision"] == "anomalous" for row in rows)
-    assert hidden == len(rows) - shown
+    )
+
+
+def _variant(page: Path, to: Path, head: str = "", end: str = "") -> Path:
+    """A copy of the page at `to` that finds its pictures beside `page`, with `head` added to its
+    head and `end` before </body>."""
+    base = f'<head><base href="{page.parent.as_uri()}/">{head}'
+    text = page.read_text().replace("<head>", base, 1).replace("</body>", f"{end}</body>", 1)
+    to.write_text(text)
+    return to
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="needs chromium on PATH")
+def test_the_review_page_shows_its_first_rows_above_the_fold_in_chromium(
+    calibrated, reviewed, tmp_path
+):
+    """At 1400 x 1000, with labels and without: the screenshot is drawn, it differs from the
+    same page with its rows hidden from a line in the upper half on, and the first three rows end
+    above the bottom edge."""
+    out, _, _ = reviewed
+    plain = tmp_path / "plain"
+    argv = ["score", "--checkpoint", str(calibrated[1]), "--input", str(out.parent / "incoming")]
+    assert predict.main([*argv, "--out", str(plain), "--device", "cpu", "--no_overlays"]) == 0
+    hide_rows = "<style>#rows tbody { visibility: hidden; }</style>"
+    probe = (
+        "<script>document.body.dataset.bottoms = Array.from(document.querySelectorAll("
+        "'#rows tbody tr'), row => row.getBoundingClientRect().bottom).slice(0, 3).join(' ');"
+        "</script>"
+    )
+    for name, page in (("labelled", out / "index.html"), ("plain", plain / "index.html")):
+        shots = {}
+        for variant, head in (("full", ""), ("summary", hide_rows)):
+            shot = tmp_path / f"{name}_{variant}.png"
+            _chromium(
+                f"--screenshot={shot}",
+                _variant(page, tmp_path / f"{shot.stem}.html", head).as_uri(),
+            )
+            shots[variant] = np.asarray(Image.open(shot).convert("L"), dtype=np.float32)
+        full, summary = shots["full"], shots["summary"]
+        assert full.shape == (1000, 1400) and full.std() > 20, name  # drawn, not a blank page
+        differs = np.flatnonzero(np.abs(full - summary).max(axis=1) > 40)  # lines showing rows
+        assert differs.size > 200 and differs[0] < 500, (name, differs[:1], differs.size)
+        copy = _variant(page, tmp_path / f"{name}_probe.html", end=probe)
+        body = next(
+            a
+            for tag, a in ReviewPage(_chromium("--dump-dom", copy.as_uri()).stdout).elements
+            if tag == "body"
+        )
+        bottoms = [float(value) for value in body["data-bottoms"].split()]
+        assert len(bottoms) == 3 and max(bottoms) < 1000, (name, bottoms)
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="needs chromium on PATH")
+def test_the_review_page_follows_its_hash_and_falls_back_on_a_malformed_one_in_chromium(
+    reviewed, tmp_path
+):
+    out, rows, labels = reviewed
+    url = (out / "index.html").as_uri()
+    order = _files(ReviewPage((out / "index.html").read_text()))
+
+    def view(address: str) -> tuple[ReviewPage, str]:
+        result = _chromium("--enable-logging=stderr", "--v=0", "--dump-dom", address)
+        assert "Uncaught" not in result.stderr, result.stderr
+        return ReviewPage(result.stdout), result.stdout
+
+    def shown(page: ReviewPage) -> list[str]:
+        return [row["attrs"]["data-file"] for row in page.rows if "hidden" not in row["attrs"]]
+
+    malformed = ["", "#sort=abc", "#sort=99&order=sideways", "#sort=0", "#sort=1e3&filter=%3Cb%3E"]
+    for fragment in (*malformed, "#mark=%E0%A4%A&filter=", "#%%=&&sort"):
+        page, _ = view(url + fragment)
+        assert _files(page) == order and shown(page) == order, fragment
+    page, _ = view(url + "#sort=2&order=asc")
+    scores = [float(value) if value else -math.inf for value in page.values("image score")]
+    assert scores == sorted(scores)
+    assert page.headers[2]["attrs"]["aria-sort"] == "ascending" and "▲" in page.headers[2]["text"]
+    page, _ = view(url + "#filter=anomalous")
+    decided = {row["file"]: row["decision"] for row in rows}
+    assert shown(page) == [file for file in order if decided[file] == "anomalous"]
+    page, _ = view(url + "#mark=fp")
+    false_alarms = [f for f in order if decided[f] == "anomalous" and labels.get(f) == 0]
+    assert shown(page) == false_alarms
+
+    run = next(a["data-run"] for tag, a in page.elements if a.get("id") == "rows")
+    key = json.dumps(json.dumps(["anomaly-review", run, NASTY], separators=(",", ":")))
+    seed = (
+        f'<script>localStorage.setItem({key}, \'{{"verdict": "override", "at": "t"}}\');</script>'
+    )
+    page, dumped = view(_variant(out / "index.html", tmp_path / "seeded.html", seed).as_uri())
+    verdicts = {row["attrs"]["data-file"]: row["attrs"].get("data-verdict") for row in page.rows}
+    assert verdicts[NASTY] == "override" and '<span id="verdicts">1</span>' in dumped
