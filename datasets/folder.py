@@ -63,6 +63,8 @@ class ImageFolder(Dataset):
     `preprocessing` (the predictor's).
 
     `file` is the path relative to `root` in POSIX form (the key of scores.csv and labels.csv).
+    `native` (tiled inference): no input is prepared; the item holds the image as read
+    (`original`) and a geometry that places a map at the image's own resolution.
     """
 
     def __init__(
@@ -71,11 +73,13 @@ class ImageFolder(Dataset):
         preprocessing: Preprocessing,
         keep_original: bool = False,
         files: list[Path] | None = None,
+        native: bool = False,
     ) -> None:
         self.root = Path(root)
         self.files = list_images(self.root) if files is None else files
         self.preprocessing = preprocessing
-        self.keep_original = keep_original
+        self.keep_original = keep_original or native
+        self.native = native
 
     def __len__(self) -> int:
         return len(self.files)
@@ -90,7 +94,10 @@ class ImageFolder(Dataset):
         except DataError as error:
             item.error = str(error)
             return item
-        item.image, item.valid_mask, item.geometry = self.preprocessing(rgb)
+        if self.native:
+            item.geometry = Geometry.native(*rgb.size)
+        else:
+            item.image, item.valid_mask, item.geometry = self.preprocessing(rgb)
         if self.keep_original:
             item.original = np.asarray(rgb, dtype=np.uint8)
         return item

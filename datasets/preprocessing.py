@@ -134,6 +134,12 @@ class Geometry:
     content_width: int
     crop: tuple[int, int, int, int]
 
+    @classmethod
+    def native(cls, width: int, height: int) -> Geometry:
+        """A map already at the image's own resolution `[H, W]` (tiled inference): its content
+        is all of it (`size` is the longer side)."""
+        return cls(height, width, max(height, width), 0, 0, height, width, (0, 0, width, height))
+
     def valid_mask(self) -> torch.Tensor:
         """-> [S, S] bool, True inside the content rectangle."""
         mask = torch.zeros(self.size, self.size, dtype=torch.bool)
@@ -319,12 +325,7 @@ class Preprocessing:
         `[1, S, S]` float in {0, 1}, on the image's geometry."""
         if mask is None:
             return torch.zeros(1, self.size, self.size)
-        if mask.size != tuple(image_size) and not self.resize_masks:
-            raise DataError(
-                f"a mask is {mask.size[0]}x{mask.size[1]} but its image is "
-                f"{image_size[0]}x{image_size[1]}; masks must match their image: fix it, or "
-                "pass --resize_masks to resize it to the input as the original code does"
-            )
+        self._check_mask_size(mask, image_size)
         # Each geometry resizes a mask of another size (--resize_masks) onto its image's place.
         geometry = self.geometry_of(*image_size)
         binary = mask.point(lambda value: 255 if value else 0)
@@ -344,6 +345,37 @@ class Preprocessing:
             return self.mask(read_mask(path), image_size)
         except DataError as error:
             raise DataError(f"{path}: {error}") from None
+
+    def native_mask(self, mask: Image.Image, image_size: tuple[int, int]) -> Image.Image:
+        """A mask at its image's own resolution (tiles, training crops): binary L (0 or 255);
+        one of another size is resized to the image with `mask_resize` and thresholded as in
+        `mask` (`resize_masks`), or refused."""
+        self._check_mask_size(mask, image_size)
+        binary = mask.point(lambda value: 255 if value else 0)
+        if binary.size == tuple(image_size):
+            return binary
+        resized = binary.resize(tuple(image_size), _PIL_RESAMPLE[self.mask_resize])
+        cut = self.mask_threshold * 255
+        return resized.point(lambda value: 255 if value > cut else 0)
+
+    def load_native_mask(
+        self, path: Path | str | None, image_size: tuple[int, int]
+    ) -> Image.Image | None:
+        """`native_mask` of a mask file (None or empty: None, no defect)."""
+        if not path:
+            return None
+        try:
+            return self.native_mask(read_mask(path), image_size)
+        except DataError as error:
+            raise DataError(f"{path}: {error}") from None
+
+    def _check_mask_size(self, mask: Image.Image, image_size: tuple[int, int]) -> None:
+        if mask.size != tuple(image_size) and not self.resize_masks:
+            raise DataError(
+                f"a mask is {mask.size[0]}x{mask.size[1]} but its image is "
+                f"{image_size[0]}x{image_size[1]}; masks must match their image: fix it, or "
+                "pass --resize_masks to resize it to the input as the original code does"
+            )
 
     # -----------------------------------------------------------------------------------------
     # The two backends

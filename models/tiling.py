@@ -1,0 +1,107 @@
+"""Tiled inference at native resolution: any predictor (`AnomalyPredictor`, or an export's
+`ExportedPredictor`, both running the model at its input size) scores the tiles of an image in
+batches through its one `predict`, and the tiles' maps are blended into one map at the image's
+own resolution (`datasets.tiling`: grid, window, stitcher; one image's map at a time).
+
+Scores of a tiled image:
+* the image score (`predict`'s, the field score that calibrate and score threshold) is the
+  maximum over the image's tiles of their image scores (`tile_image_score`): a defect seen by
+  one tile makes the image anomalous, as the map's maximum does;
+* the paper-table score (test.py) is each model's own rule (`table_image_scores`) applied to the
+  stitched maps' extrema and these image scores, as for whole images.
+
+A k-shot memory (SOWA) is built from the tiles of the support images at the same scale
+(`support_tiles`), so support and test patches are seen at one resolution.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from PIL import Image
+
+from datasets.preprocessing import Preprocessing, read_image
+from datasets.tiling import Stitcher, TileConfig, Tiler, resize_map
+from models.base import MapExtrema
+from models.predictor import Predictor
+
+
+class TiledOutput(NamedTuple):
+    """One image's tiled prediction."""
+
+    anomaly_map: np.ndarray  # [H, W] float32, the image's own resolution
+    image_score: float
+
+
+def tile_image_score(scores: torch.Tensor) -> float:
+    """The image score of a tiled image from its tiles' image scores `[T]`: their maximum."""
+    return float(scores.max())
+
+
+class TiledPredictor:
+    """Scores whole images at native resolution through `predictor`, `batch_size` tiles per
+    `predict`; its preprocessing, domain, amp, device and paper-table rule are the predictor's."""
+
+    def __init__(self, predictor: Predictor, tiling: TileConfig, batch_size: int) -> None:
+        self.predictor = predictor
+        self.tiler = Tiler(predictor.preprocessing, tiling)
+        self.tiling = tiling.tiling()
+        self.batch_size = batch_size
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        return self.predictor.preprocessing
+
+    @property
+    def domain(self) -> str:
+        return self.predictor.domain
+
+    @property
+    def amp(self) -> str:
+        return self.predictor.amp
+
+    @property
+    def device(self) -> torch.device:
+        return self.predictor.device
+
+    def support_tiles(self, paths: list[Path]) -> torch.Tensor:
+        """Every tile of the support images, as the test images are tiled: `[N, 3, S, S]`."""
+        pad_color = self.preprocessing.pad_color
+        return torch.cat([self.tiler.tiles(read_image(path, pad_color)) for path in paths])
+
+    def set_support(self, images: torch.Tensor | None) -> None:
+        """The k-shot memory from support tiles `[N, 3, S, S]` (`support_tiles`; None clears)."""
+        self.predictor.set_support(images)
+
+    @torch.no_grad()
+    def predict_image(self, image: Image.Image, class_name: str) -> TiledOutput:
+        """An RGB image of any size -> its map `[H, W]` at its own resolution (the tiles'
+        blend) and its image score (`tile_image_score`)."""
+        scaled = self.tiler.scaled(image)
+        stitcher = Stitcher(scaled.height, scaled.width, self.tiler.size)
+        scores = []
+        for batch in self.tiler.batches(scaled, self.batch_size):
+            names = [class_name] * len(batch.positions)
+            output = self.predictor.predict(batch.images, names, batch.valid_mask)
+            for tile_map, (top, left) in zip(
+                self.tiler.to_tile(output.anomaly_map), batch.positions, strict=True
+            ):
+                stitcher.add(tile_map, top, left)
+            scores.append(output.image_score.float().cpu())
+        anomaly_map = stitcher.result()
+        if scaled.size != image.size:
+            anomaly_map = resize_map(anomaly_map, image.height, image.width)
+        return TiledOutput(anomaly_map, tile_image_score(torch.cat(scores)))
+
+    def table_image_scores(self, extrema: MapExtrema, scores: np.ndarray) -> np.ndarray:
+        """The model's paper-table rule on the stitched maps' extrema `[N]` and the tiled image
+        scores `[N]`."""
+        return self.predictor.table_image_scores(extrema, scores)
+
+
+def tiled(predictor: Predictor, tiling: TileConfig, batch_size: int) -> Predictor | TiledPredictor:
+    """`predictor` over tiles when `tiling.tile` is set, else `predictor` itself."""
+    return TiledPredictor(predictor, tiling, batch_size) if tiling.tile else predictor
