@@ -2,8 +2,14 @@
 through the model's one `datasets.preprocessing.Preprocessing`.
 
 An item is a dict: `image` [3, S, S] (normalised), `mask` [1, S, S] in {0, 1}, `valid_mask`
-[S, S] bool (False on letterbox padding), `label` (int64 scalar), `file_name` (the record's
-relative path) and `class_name`.
+[S, S] bool (False on letterbox padding), `label` (int64 scalar), `mask_known` (bool scalar:
+False for an anomalous image without a mask, whose defect pixels nobody marked; a normal
+image's all-zero mask is known), `file_name` (the record's relative path) and `class_name`.
+
+At native resolution (`datasets.tiling`): a training set with `tile` S takes the same random
+S x S crop of an image and of its mask (one holding a defect pixel when the mask has any), then
+prepares the crop as a whole image; a `native` test set hands the image as read, `image`
+`[H, W, 3]` uint8, and its mask `[1, H, W]` bool at the image's resolution (tiled inference).
 """
 
 from __future__ import annotations
@@ -12,11 +18,13 @@ import logging
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 from torchvision import transforms
 
 from datasets.preprocessing import Preprocessing, read_image
+from datasets.tiling import random_crop
 
 logger = logging.getLogger(__name__)
 
@@ -61,13 +69,17 @@ class _RecordDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def _load(self, index: int, jitter: bool) -> dict:
+    def _load(self, index: int, jitter: bool, tile: int = 0) -> dict:
         record = self.records[index]
         image = read_image(self.root / record["image_path"], self.preprocessing.pad_color)
         mask_path = record.get("mask_path") or ""
-        mask = self.preprocessing.load_mask(
-            self.root / mask_path if mask_path else None, image.size
-        )
+        mask_file = self.root / mask_path if mask_path else None
+        if tile:  # --train_tile: one random crop of image and mask at native resolution
+            native_mask = self.preprocessing.load_native_mask(mask_file, image.size)
+            image, native_mask = random_crop(image, native_mask, tile, self.preprocessing.pad_color)
+            mask = self.preprocessing.mask(native_mask, image.size)
+        else:
+            mask = self.preprocessing.load_mask(mask_file, image.size)
         if jitter:
             image = _COLOR_JITTER(image)
         prepared = self.preprocessing(image)
@@ -76,6 +88,7 @@ class _RecordDataset(Dataset):
             "mask": mask,
             "valid_mask": prepared.valid_mask,
             "label": torch.tensor(int(record["label"]), dtype=torch.int64),
+            "mask_known": torch.tensor(bool(mask_path) or int(record["label"]) == 0),
             "file_name": record["image_path"],
             "class_name": record["class_name"],
         }
@@ -83,7 +96,9 @@ class _RecordDataset(Dataset):
 
 class TrainDataset(_RecordDataset):
     """The training set: with `augment`, joint geometric augmentation and, with `color_jitter`,
-    colour jitter first (AA-CLIP stage 2 and the single-stage models; stage 1 has none)."""
+    colour jitter first (AA-CLIP stage 2 and the single-stage models; stage 1 has none).
+    `pixel_loss` False marks every mask unknown: image labels alone train. `tile` S > 0: a
+    random S x S crop at native resolution instead of the whole image (`--train_tile`)."""
 
     def __init__(
         self,
@@ -92,13 +107,19 @@ class TrainDataset(_RecordDataset):
         preprocessing: Preprocessing,
         color_jitter: bool = True,
         augment: bool = True,
+        pixel_loss: bool = True,
+        tile: int = 0,
     ) -> None:
         super().__init__(records, root, preprocessing)
         self.color_jitter = color_jitter
         self.augment = augment
+        self.pixel_loss = pixel_loss
+        self.tile = tile
 
     def __getitem__(self, index: int) -> dict:
-        item = self._load(index, jitter=self.augment and self.color_jitter)
+        item = self._load(index, jitter=self.augment and self.color_jitter, tile=self.tile)
+        if not self.pixel_loss:
+            item["mask_known"] = torch.tensor(False)
         del item["valid_mask"]  # training uses no padding mask (augmentation would move it)
         if self.augment:
             item["image"], item["mask"] = joint_augment(item["image"], item["mask"])
@@ -106,24 +127,53 @@ class TrainDataset(_RecordDataset):
 
 
 class TestDataset(_RecordDataset):
-    """One class's test images, no augmentation; items add `image_path` (absolute)."""
+    """One class's test images, no augmentation; items add `image_path` (absolute). `native`:
+    the image and mask at their own resolution (tiled inference)."""
 
     __test__ = False  # not a pytest test class despite the name
 
+    def __init__(
+        self,
+        records: list[dict],
+        root: Path | str,
+        preprocessing: Preprocessing,
+        native: bool = False,
+    ) -> None:
+        super().__init__(records, root, preprocessing)
+        self.native = native
+
     def __getitem__(self, index: int) -> dict:
-        item = self._load(index, jitter=False)
+        item = self._load_native(index) if self.native else self._load(index, jitter=False)
         item["image_path"] = os.path.abspath(self.root / self.records[index]["image_path"])
         return item
 
+    def _load_native(self, index: int) -> dict:
+        """`image` `[H, W, 3]` uint8 as read, `mask` `[1, H, W]` bool at its resolution."""
+        record = self.records[index]
+        image = read_image(self.root / record["image_path"], self.preprocessing.pad_color)
+        mask_path = record.get("mask_path") or ""
+        mask = self.preprocessing.load_native_mask(
+            self.root / mask_path if mask_path else None, image.size
+        )
+        defect = np.zeros((image.height, image.width), bool) if mask is None else np.asarray(mask)
+        return {
+            "image": torch.from_numpy(np.array(image)),
+            "mask": torch.from_numpy(defect > 0)[None],
+            "label": torch.tensor(int(record["label"]), dtype=torch.int64),
+            "file_name": record["image_path"],
+            "class_name": record["class_name"],
+        }
+
 
 def build_test_datasets(
-    records: list[dict], root: Path | str, preprocessing: Preprocessing
+    records: list[dict], root: Path | str, preprocessing: Preprocessing, native: bool = False
 ) -> dict[str, TestDataset]:
-    """One `TestDataset` per class, in the records' first-appearance order."""
+    """One `TestDataset` per class, in the records' first-appearance order (`native`: images
+    and masks at their own resolution, for tiled inference)."""
     by_class: dict[str, list[dict]] = {}
     for record in records:
         by_class.setdefault(record["class_name"], []).append(record)
     return {
-        name: TestDataset(class_records, root, preprocessing)
+        name: TestDataset(class_records, root, preprocessing, native)
         for name, class_records in by_class.items()
     }

@@ -19,6 +19,12 @@ Quirks of the original reproduced here by default, each with the setting that co
 Resume follows the corrected rule (train while epoch < total, optimizer, scheduler and RNG states
 restored); the original skipped a stage-1 epoch and restarted the scheduler (§13).
 
+Image labels alone: stage 2 has an image-level loss (cross-entropy on the detection token), so an
+anomalous image without a mask trains it from its label while the segmentation terms skip it
+(per sample). Stage 1 has none by default (the original trains the text adapters on masks only):
+records without any defect mask are refused in one line unless `stage1_cls_loss` adds the
+paper's L_cls.
+
 Unlike the original, one CLIP instance serves both the adapted path and the stage-1 surgery path:
 the walker swaps the attention rule per call, and the blocks before the first surgery block are
 computed once for both the clean CLS and the surgery features.
@@ -46,8 +52,10 @@ from models.forward_utils import (
     calculate_similarity_map,
     get_adapted_single_class_text_embedding,
     get_adapted_text_embedding,
+    known_masks,
     minmax_normalize,
     orthogonal_loss,
+    pixel_loss,
 )
 from utils.core.checkpoint import load_checkpoint
 from utils.core.config import ARCH, redefault, setting
@@ -167,17 +175,21 @@ def stage1_loss(
     epoch_text_feature: torch.Tensor,
     text_norm_weight: float,
     mode: str = "last_level",
+    known: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Stage-1 loss: per-level train maps `[B, 2, S, S]`, mask `[B, 1, S, S]`, anchors `[B, D, 2]`.
+    """Stage-1 loss: per-level train maps `[B, 2, S, S]`, mask `[B, 1, S, S]`, anchors `[B, D, 2]`;
+    `known` `[B]` bool: the images whose mask is known (the segmentation terms skip the others).
 
     `last_level` (faithful): the original reassigns the loss per level, so only the last map
     counts; `sum_levels`: every level's segmentation loss. One orthogonal term either way.
     """
     orthogonal = text_norm_weight * orthogonal_loss(epoch_text_feature)
+    known = known_masks({"mask": mask}) if known is None else known
     if mode == "last_level":
-        return calculate_seg_loss(level_maps[-1], mask) + orthogonal
+        return pixel_loss(calculate_seg_loss, known, level_maps[-1], mask) + orthogonal
     if mode == "sum_levels":
-        return sum(calculate_seg_loss(level_map, mask) for level_map in level_maps) + orthogonal
+        seg = sum(pixel_loss(calculate_seg_loss, known, level, mask) for level in level_maps)
+        return seg + orthogonal
     raise ConfigError(f"unknown --stage1_loss {mode!r}; use last_level or sum_levels")
 
 
@@ -441,6 +453,8 @@ class AAClip(FrozenCLIPModel):
                 log_prefix="text ",
                 lr_flag="--text_lr",
                 title="train_text_adapter: the text adapters against frozen surgery features",
+                image_loss=config.stage1_cls_loss,
+                image_loss_flag="--stage1_cls_loss (the paper's L_cls, absent from the original)",
             ),
             Stage(
                 "image",
@@ -554,6 +568,7 @@ class AAClip(FrozenCLIPModel):
                     epoch_text_feature,
                     config.text_norm_weight,
                     config.stage1_loss,
+                    known_masks(batch),
                 )
                 if config.stage1_cls_loss:
                     logits = class_logits(
@@ -568,9 +583,10 @@ class AAClip(FrozenCLIPModel):
                 output.det_token.float(), epoch_text_feature, config.cls_logit_scale
             )
             loss = F.cross_entropy(logits, batch["label"])
+            known = known_masks(batch)
             for tokens in output.seg_tokens:
                 level_map = calculate_similarity_map(tokens, epoch_text_feature, self.img_size)
-                loss = loss + calculate_seg_loss(level_map, mask)
+                loss = loss + pixel_loss(calculate_seg_loss, known, level_map, mask)
             return {"loss": loss}
 
     # ---------------------------------------------------------------------------------------

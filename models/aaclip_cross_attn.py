@@ -1,5 +1,6 @@
 """AA-CLIP + cross-attention: the user's fork (wei-paul/AA-CLIP, branch cross_attention_feedback
-@ 5722abf). Spec: specs/cross_attention.md.
+@ 5722abf). Spec: specs/cross_attention.md. Its losses are AA-CLIP's, and so is what it learns
+from image labels alone (models/aaclip.py).
 
 Two modules join AA-CLIP, both inserted after block 0 of their tower, before adapter 0, through the
 walker hook: `text_cross_attn` (text tokens attend to an image context, stage 1) and

@@ -9,11 +9,16 @@ tokens are `[B, L, D]` everywhere (the original AA-CLIP code was sequence-first,
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
+import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
+from urllib.parse import urlparse
 
+import huggingface_hub
 import open_clip
 import torch
 import torch.nn.functional as F
@@ -82,6 +87,7 @@ def load_clip(
             raise ConfigError(msg)
         if pretrained and Path(pretrained).suffix and not Path(pretrained).is_file():
             raise ConfigError(f"--pretrained file {pretrained} does not exist")
+        check_weights(model_name, pretrained)
         logger.info("loading %s (%s) at %s px", model_name, pretrained or "random", img_size)
 
         # open_clip logs its own error on the root logger before raising; ours is the one line.
@@ -104,6 +110,27 @@ def load_clip(
     return model.to(device)
 
 
+def check_weights(model_name: str, pretrained: str | None, timeout: float = 3.0) -> None:
+    """Before a run writes anything: the weights `load_clip` will need can be had, from a local
+    file, the Hugging Face cache, or the network (one connection attempt of `timeout` s);
+    otherwise the one-line hint at once, not after a minute of download retries."""
+    if model_name == TINY or not pretrained or Path(pretrained).suffix:
+        return  # no weights, or a local file (load_clip checks it)
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", ""):
+        return  # the user promises a cache; open_clip reads it without the network
+    config = open_clip.get_pretrained_cfg(model_name, pretrained) or {}
+    repo = (config.get("hf_hub") or "").strip("/")
+    if repo:
+        for name in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"):
+            if isinstance(huggingface_hub.try_to_load_from_cache(repo, name), str):
+                return
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+    except OSError as error:
+        raise ConfigError(_weights_hint(model_name, pretrained, error)) from None
+
+
 def _weights_hint(model_name: str, pretrained: str | None, error: Exception) -> str:
     """One sentence on a failed weight load that says how to place the weights."""
     kind = type(error).__name__
@@ -124,9 +151,20 @@ def freeze(model: nn.Module) -> nn.Module:
     return model
 
 
+@functools.cache
 def get_tokenizer() -> Callable[[list[str]], torch.Tensor]:
-    """OpenAI CLIP's BPE tokenizer: list of N strings -> `[N, 77]` int64 ids."""
-    return open_clip.get_tokenizer(TOKENIZER_NAME)
+    """OpenAI CLIP's BPE tokenizer: list of N strings -> `[N, 77]` int64 ids (built once; its
+    factory's INFO lines about the ViT-L-14-336 config it reads are not ours to log)."""
+    factory = logging.getLogger()
+
+    def quiet(record: logging.LogRecord) -> bool:
+        return "open_clip" not in record.pathname
+
+    factory.addFilter(quiet)
+    try:
+        return open_clip.get_tokenizer(TOKENIZER_NAME)
+    finally:
+        factory.removeFilter(quiet)
 
 
 def vision_width(clip: CLIP) -> int:

@@ -58,7 +58,7 @@ class ClipConfig:
         "Synthetic, else ViT-L-14-336",
         kind=ARCH,
     )
-    pretrained: str = setting(
+    pretrained: str | None = setting(
         "openai",
         "open_clip weight tag or a local weights file such as ViT-L-14-336px.pt (unused for tiny)",
         kind=TEST,
@@ -122,8 +122,14 @@ class ClipConfig:
         """Fill `model_name`/`img_size` left unset: tiny at 64 px for Synthetic, the paper's
         ViT-L-14-336 at `paper_img_size` (AA-CLIP 518, FE-CLIP and SOWA 336) otherwise."""
         model_name = self.model_name or ("tiny" if dataset == "Synthetic" else PAPER_MODEL)
-        paper = TINY_IMG_SIZE if model_name == backbone.TINY else self.paper_img_size
-        return dataclasses.replace(self, model_name=model_name, img_size=self.img_size or paper)
+        tiny = model_name == backbone.TINY
+        paper = TINY_IMG_SIZE if tiny else self.paper_img_size
+        return dataclasses.replace(
+            self,
+            model_name=model_name,
+            img_size=self.img_size or paper,
+            pretrained=None if tiny else self.pretrained,  # random weights: records say so
+        )
 
     def check(self) -> None:
         """Settings that depend on each other, beyond each field's own range (a one-line
@@ -214,6 +220,10 @@ class Stage:
     log_prefix: str = ""  # "text " logs "text epoch 1/5: loss ..."
     lr_flag: str = "--lr"  # the flag of this stage's learning rate (named in divergence errors)
     keep: str = "last"  # "lowest_loss" also keeps the lowest-training-loss epoch as <stem>_best
+    # Whether the stage has an image-level loss, so images without masks teach it (from their
+    # label); without one, `image_loss_flag` names the setting that adds the paper's term.
+    image_loss: bool = True
+    image_loss_flag: str = ""
 
 
 def stack_texts(texts: list[Any]) -> Any:

@@ -12,6 +12,8 @@ the CLS token with CLIP's frozen projection and maps the fused patches through a
 Training is one stage (spec §10, the paper's Eq. 4/5): BCE on each tap's image logit plus focal
 and dice on each tap's anomaly probability map upsampled to the input, averaged over taps; Adam,
 no scheduler. Checkpoints `feclip.pth` / `feclip_<epoch>.pth` hold the trainable weights.
+Image labels alone: the BCE terms train on every image; focal and dice skip, per sample, the
+anomalous images without a mask (`--pixel_loss off` skips every mask).
 
 Choices where the paper is silent, following the user's fork by default (spec §15), each with the
 setting that changes it:
@@ -49,7 +51,14 @@ from models.base import (
     SingleStageConfig,
     Stage,
 )
-from models.forward_utils import binary_focal_loss, dice_loss, gaussian_smooth, token_valid_mask
+from models.forward_utils import (
+    binary_focal_loss,
+    dice_loss,
+    gaussian_smooth,
+    known_masks,
+    pixel_loss,
+    token_valid_mask,
+)
 from utils.core.config import ARCH, TEST, redefault, setting
 from utils.core.errors import ConfigError
 from utils.core.runtime import float32_island
@@ -523,15 +532,20 @@ class FEClip(FrozenCLIPModel):
             cls_loss = F.binary_cross_entropy_with_logits(image_logits, targets)
             ground_truth = (mask > 0.5).float()  # [B, 1, S, S]
             probs = torch.sigmoid(output.patch_logits.float())  # [N, B, g, g]
+            known = known_masks(batch)
+
+            def tap_loss(upsampled: torch.Tensor, ground_truth: torch.Tensor) -> torch.Tensor:
+                focal = binary_focal_loss(
+                    upsampled, ground_truth, config.focal_gamma, config.focal_alpha
+                )
+                return focal + dice_loss(upsampled, ground_truth, config.dice_smooth)
+
             mask_loss = mask.new_zeros(())
             for tap_probs in probs:
                 upsampled = F.interpolate(
                     tap_probs[:, None], size=mask.shape[-2:], mode="bilinear", align_corners=False
                 )  # [B, 1, S, S]
-                mask_loss = mask_loss + binary_focal_loss(
-                    upsampled, ground_truth, config.focal_gamma, config.focal_alpha
-                )
-                mask_loss = mask_loss + dice_loss(upsampled, ground_truth, config.dice_smooth)
+                mask_loss = mask_loss + pixel_loss(tap_loss, known, upsampled, ground_truth)
             mask_loss = mask_loss / taps
             total = config.w_cls * cls_loss + config.w_mask * mask_loss
             return {"loss": total, "cls": cls_loss, "mask": mask_loss}

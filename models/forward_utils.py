@@ -7,6 +7,7 @@ Every model imports these; none copies them. Names and argument order are the or
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -167,6 +168,28 @@ def dice_loss(probs: torch.Tensor, target: torch.Tensor, smooth: float = 1.0) ->
     target = target.flatten(1)
     dice = (2 * (probs * target).sum(1) + smooth) / (probs.sum(1) + target.sum(1) + smooth)
     return 1 - dice.mean()
+
+
+def known_masks(batch: dict[str, Any]) -> torch.Tensor:
+    """`[B]` bool: the images whose mask is known (`mask_known`; an anomalous image without a
+    mask has none). Every image when the batch does not say."""
+    mask = batch["mask"]
+    known = batch.get("mask_known")
+    if known is None:
+        return torch.ones(mask.shape[0], dtype=torch.bool, device=mask.device)
+    return known.to(device=mask.device, dtype=torch.bool)
+
+
+def pixel_loss(
+    loss: Callable[..., torch.Tensor], known: torch.Tensor, *tensors: torch.Tensor
+) -> torch.Tensor:
+    """`loss(*tensors)` on the rows `known` `[B]` only (pixel losses skip images whose mask is
+    unknown, per sample); a zero that keeps the graph when no row is known."""
+    if not bool(known.any()):
+        return tensors[0].sum() * 0
+    if bool(known.all()):
+        return loss(*tensors)
+    return loss(*(tensor[known] for tensor in tensors))
 
 
 def calculate_seg_loss(patch_preds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,8 @@ without feeding back into CLIP, through one window-attention adapter per stage (
 block's own frozen attention weights; the adapted tokens are projected into the joint space and
 compared with learnable-context prompts ("X X ... object." / "X X ... damaged object."). Stage maps
 are summed and smoothed; with a k-shot memory the nearest-neighbour distance of each patch to the
-support images' patches is added.
+support images' patches is added. Image labels alone: the image CE trains on every image; the
+stages' focal + dice skip, per sample, the anomalous images without a mask.
 
 Quirks of the original reproduced by default (spec §12), each with the setting that corrects it:
 * Every stage has its own adapter, whatever `share_weight` says (§12.1): nothing to set.
@@ -64,7 +65,9 @@ from models.forward_utils import (
     calculate_seg_loss,
     calculate_similarity_map,
     gaussian_smooth,
+    known_masks,
     minmax_normalize,
+    pixel_loss,
 )
 from utils.core.config import ARCH, TEST, redefault, setting
 from utils.core.errors import ConfigError, DataError
@@ -776,7 +779,9 @@ class SOWA(FrozenCLIPModel):
             )
             ce_loss = F.cross_entropy(image_input.float(), label.long())
             target = (mask > 0).float()
+            known = known_masks(batch)
             seg_loss = sum(
-                calculate_seg_loss(probs.float(), target) for probs in output.stage_probs
+                pixel_loss(calculate_seg_loss, known, probs.float(), target)
+                for probs in output.stage_probs
             )
             return {"loss": ce_loss + seg_loss, "ce": ce_loss, "seg": seg_loss}

@@ -115,8 +115,11 @@ def test_levels_alias_counts_from_one_and_the_stored_config_keeps_both_names():
 def test_the_single_stage_models_train_on_the_whole_test_split_as_their_originals(name):
     job = training_job.parse_args([], name)
     assert job.run.training_mode == "full_shot"
+    # a shot given alone means few-shot; with --training_mode full_shot it has no effect
+    few = training_job.parse_args(["--shot", "8"], name).run
+    assert (few.training_mode, few.shot) == ("few_shot", 8)
     with pytest.raises(Exception, match="--shot 8 has no effect in full_shot mode"):
-        training_job.parse_args(["--shot", "8"], name)
+        training_job.parse_args(["--shot", "8", "--training_mode", "full_shot"], name)
     assert (
         training_job.parse_args(["--training_mode", "few_shot", "--shot", "8"], name).run.shot == 8
     )

@@ -54,8 +54,8 @@ def test_k_shot_evaluation_writes_results(trained, capsys):
     argv += ["--device", "cpu", "--k_shot", "2", "--support_seed", "3", "--pro_variant", "sowa"]
     assert test_script.main(argv) == 0
     for suffix in ("json", "csv", "md"):
-        assert (save_path / f"results_Synthetic.{suffix}").is_file()
-    meta = json.loads((save_path / "results_Synthetic.json").read_text())["meta"]
+        assert (save_path / f"results_Synthetic_2shot.{suffix}").is_file()
+    meta = json.loads((save_path / "results_Synthetic_2shot.json").read_text())["meta"]
     assert meta["model"] == "sowa" and meta["k_shot"] == 2 and meta["support_seed"] == 3
     assert set(meta["support"]) == {"tile", "stripes", "dots"}
     assert all(

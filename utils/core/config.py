@@ -206,7 +206,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         text = action.help or ""
         if action.required:
             return f"{text} (required)"
-        return text if "default" in text else super()._get_help_string(action)
+        return text if "(default" in text else super()._get_help_string(action)
 
 
 def add_settings(

@@ -8,10 +8,11 @@ a checkpoint file): thresholds, normal-score statistics, the model, its exact pr
 class, domain and overrides, and the data it saw (utils/deploy/calibration.py). `score` reuses the
 calibration's class, domain and overrides unless flags override them, and writes `scores.csv`,
 one heat-map overlay per image over the region the model saw, at the image's resolution
-(`overlays/<file>.png`, padding cropped away), with `--labels` `report.json` / `report.md`, and the
-review page `index.html` (utils/deploy/review.py). An unreadable file becomes a row with an error,
-not a stopped run. `export` writes a graph (utils/deploy/export.py); `score --backend
-onnxruntime|openvino` scores with it, through the preprocessing its model.json records.
+(`overlays/<folder>/<stem>_overlay.png`, padding cropped away), with `--labels` `report.json` /
+`report.md`, and the review page `index.html` with its thumbnails (utils/deploy/review.py). An
+unreadable file becomes a row with an error, not a stopped run. `export` writes a graph
+(utils/deploy/export.py); `score --backend onnxruntime|openvino` scores with it, through the
+preprocessing its model.json records.
 """
 
 from __future__ import annotations
@@ -36,15 +37,18 @@ from datasets.catalog import (
     DEFAULT_DOMAIN,
     DOMAINS,
     default_data_root,
+    folder_info,
     get_dataset_info,
     real_name,
 )
 from datasets.folder import FieldImage, ImageFolder, collate, list_images
 from datasets.preprocessing import Preprocessing
 from datasets.support import draw_support, load_images
+from datasets.tiling import TileConfig
 from models.base import FrozenCLIPModel
 from models.predictor import AnomalyPredictor
 from models.registry import MODELS, find_checkpoint, load_trained_model
+from models.tiling import TiledPredictor, tiled
 from utils.core.checkpoint import atomic_write, check_writable, file_sha256
 from utils.core.config import RUN, setting
 from utils.core.errors import ConfigError, DataError
@@ -62,7 +66,13 @@ from utils.deploy.export import (
     record_calibrations,
 )
 from utils.deploy.export import export as export_graph
-from utils.deploy.review import save_thumbnail, write_review
+from utils.deploy.review import (
+    Pictures,
+    picture_names,
+    save_heat_thumbnail,
+    save_thumbnail,
+    write_review,
+)
 from utils.evaluation.visualize import overlay
 
 logger = logging.getLogger("predict")
@@ -105,7 +115,10 @@ class FieldConfig(RuntimeConfig):
     )
     batch_size: int = setting(8, "images per forward", kind=RUN, minimum=1)
     class_name: str | None = setting(
-        None, "prompt name of the object (default: the calibration's, else object)", kind=RUN
+        None,
+        "prompt name of the object (default: the calibration's, else the class the "
+        "checkpoint's run trained, else 'object')",
+        kind=RUN,
     )
     domain: str | None = setting(
         None,
@@ -127,11 +140,17 @@ class Thresholds:
     top_fraction: float = setting(
         0.01, "topk_mean: fraction of the valid pixels", kind=RUN, above=0, maximum=1
     )
-    rule: str = setting("image", "default decision rule", kind=RUN, choices=calib.RULES)
+    rule: str = setting(
+        "image",
+        "the decision rule the calibration keeps for score: image score, pixel (map) score, "
+        "either or both above their thresholds",
+        kind=RUN,
+        choices=calib.RULES,
+    )
 
 
 @dataclasses.dataclass
-class CalibrateConfig(FieldConfig, Thresholds):
+class CalibrateConfig(TileConfig, FieldConfig, Thresholds):
     """`predict.py calibrate`: thresholds from a folder of normal images."""
 
     normal_dir: Path = setting(None, "folder of normal images", kind=RUN, required=True)
@@ -148,7 +167,7 @@ class CalibrateConfig(FieldConfig, Thresholds):
 
 
 @dataclasses.dataclass
-class ScoreConfig(FieldConfig):
+class ScoreConfig(TileConfig, FieldConfig):
     """`predict.py score`: score a folder of images with a calibration."""
 
     input: Path = setting(None, "folder of images to score", kind=RUN, required=True)
@@ -195,7 +214,8 @@ class ExportConfig(FieldConfig, Thresholds):
     class_name: list[str] | None = setting(
         None,
         "the classes (prompt names) the graph scores, chosen per image by its class_index input "
-        "when several (default: the calibration's, else object)",
+        "when several (default: the calibration's, else the class the checkpoint's run trained, "
+        "else 'object')",
         kind=RUN,
     )
     dataset: str | None = setting(
@@ -266,7 +286,7 @@ class ExportConfig(FieldConfig, Thresholds):
 
 
 def score_images(
-    predictor: AnomalyPredictor | ExportedPredictor,
+    predictor: AnomalyPredictor | ExportedPredictor | TiledPredictor,
     dataset: ImageFolder,
     class_name: str,
     batch_size: int = 8,
@@ -276,7 +296,13 @@ def score_images(
 ) -> Iterator[tuple[FieldImage, dict[str, Any] | None]]:
     """Yield (item, result) per file in order; result is None for an unreadable file, else
     {"image_score", "max", "topk_mean", "mean", "anomaly_map" [S, S]} (reductions over valid
-    pixels only). Letterboxed images hand their valid mask to the model (FE-CLIP's masked LFS)."""
+    pixels only). Letterboxed images hand their valid mask to the model (FE-CLIP's masked LFS).
+    A `TiledPredictor` scores a `native` folder image by image: maps `[H, W]`."""
+    if isinstance(predictor, TiledPredictor):
+        yield from _score_tiled(
+            predictor, dataset, class_name, num_workers, top_fraction, show_progress
+        )
+        return
     workers = loader_workers(num_workers, predictor.device, evaluation=True)
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate)
     for batch in progress(loader, show_progress, desc="scoring", unit="batch", leave=False):
@@ -301,10 +327,70 @@ def score_images(
             yield item, results.get(id(item))
 
 
+def _score_tiled(
+    predictor: TiledPredictor,
+    dataset: ImageFolder,
+    class_name: str,
+    num_workers: int | None,
+    top_fraction: float,
+    show_progress: bool = True,
+) -> Iterator[tuple[FieldImage, dict[str, Any] | None]]:
+    """`score_images` by tiles, one image at a time: its map `[H, W]` at its own resolution,
+    reduced over all of it (tiles leave no padding in it)."""
+    workers = loader_workers(num_workers, predictor.device, evaluation=True)
+    loader = DataLoader(dataset, batch_size=1, num_workers=workers, collate_fn=collate)
+    for (item,) in progress(loader, show_progress, desc="scoring", unit="image", leave=False):
+        if item.error:
+            yield item, None
+            continue
+        output = predictor.predict_image(Image.fromarray(item.original), class_name)
+        anomaly_map = torch.from_numpy(output.anomaly_map)[None]  # [1, H, W]
+        valid = torch.ones(anomaly_map.shape, dtype=torch.bool)
+        reductions = calib.reduce_maps(anomaly_map, valid, top_fraction)
+        result = {name: float(values[0]) for name, values in reductions.items()}
+        yield item, {"image_score": output.image_score, **result, "anomaly_map": output.anomaly_map}
+
+
 def training_domain(payload: dict[str, Any]) -> str:
     """The domain of the data set a checkpoint was trained on (Industrial when unknown)."""
     dataset = (payload.get("config") or {}).get("dataset")
     return CATALOG[dataset].domain if dataset in CATALOG else DEFAULT_DOMAIN
+
+
+def trained_class(payload: dict[str, Any]) -> tuple[str | None, str]:
+    """(the prompt name a checkpoint's run trained one class under, or None; what the run
+    trained on): a Folder run's `--class_name`, or a data set of one class."""
+    run = payload.get("config") or {}
+    dataset = run.get("dataset")
+    if dataset == "Folder":
+        name = run.get("class_name") or "object"
+        return real_name(folder_info(name), name), f"its Folder run's --class_name {name}"
+    if dataset in CATALOG:
+        info = CATALOG[dataset]
+        if len(info.classes) == 1:
+            return real_name(info, info.classes[0]), f"its {dataset} run"
+        return None, f"its run trained on the {len(info.classes)} classes of {dataset}"
+    return None, "its run names no data set"
+
+
+def field_class(
+    class_name: str | None, payload: dict[str, Any], recorded: str | None = None
+) -> str:
+    """The class (prompt name) a field command scores: --class_name, else the calibration's
+    (`recorded`), else the class the checkpoint's run trained, else the generic 'object'; logs
+    where it came from."""
+    if class_name:
+        logger.info("class %r (--class_name)", class_name)
+        return class_name
+    if recorded:
+        logger.info("class %r: the calibration's (--class_name overrides)", recorded)
+        return recorded
+    trained, source = trained_class(payload)
+    if trained is not None:
+        logger.info("class %r: the checkpoint's, %s (--class_name overrides)", trained, source)
+        return trained
+    logger.info("class 'object', the generic prompt: %s; --class_name names yours", source)
+    return "object"
 
 
 def _load(
@@ -329,7 +415,7 @@ def _provenance(name: str, file: Path, payload: dict[str, Any]) -> dict[str, Any
 
 
 def calibrate_on(
-    predictor: AnomalyPredictor | ExportedPredictor,
+    predictor: AnomalyPredictor | ExportedPredictor | TiledPredictor,
     folder: Path,
     class_name: str,
     thresholds: Thresholds,
@@ -340,7 +426,8 @@ def calibrate_on(
     """Score a folder of normal images with `predictor` -> the calibration's thresholds,
     statistics and the data it saw (the caller adds what produced the scores)."""
     calib.check_settings(thresholds.percentile, thresholds.reduction, thresholds.rule)
-    dataset = ImageFolder(folder, predictor.preprocessing)
+    is_tiled = isinstance(predictor, TiledPredictor)
+    dataset = ImageFolder(folder, predictor.preprocessing, native=is_tiled)
     image_scores: list[float] = []
     reductions: dict[str, list[float]] = {key: [] for key in ("max", "topk_mean", "mean")}
     used: list[str] = []
@@ -386,6 +473,7 @@ def calibrate_on(
         {
             "created": calib.now(),
             "preprocessing": predictor.preprocessing.to_dict(),
+            "tiling": predictor.tiling if is_tiled else None,
             "class_name": class_name,
             "domain": predictor.domain,
             "amp": predictor.amp,
@@ -433,14 +521,14 @@ def calibrate(config: CalibrateConfig, overrides: dict[str, Any]) -> Path:
             model, config.domain or training_domain(payload), config.amp
         )
         provenance, graph = _provenance(name, file, payload), {"backend": "torch"}
-        class_name = config.class_name or "object"
+        class_name = field_class(config.class_name, payload)
     else:
         predictor = open_export(config.checkpoint, config.backend, overrides)
         provenance, graph = predictor.info["model"], graph_record(predictor)
         class_name = config.class_name or predictor.classes[0]["prompt"]
         _check_export(predictor, class_name, config.domain or predictor.domain)
     calibration = calibrate_on(
-        predictor,
+        tiled(predictor, config, config.batch_size),
         config.normal_dir,
         class_name,
         config,
@@ -515,10 +603,14 @@ def _check_export(exported: ExportedPredictor, class_name: str, domain: str) -> 
         )
 
 
-def _classes(config: ExportConfig, recorded: dict[str, Any]) -> list[dict[str, str]]:
-    """The export's classes: names, and the prompts their texts are made of."""
+def _classes(
+    config: ExportConfig, recorded: dict[str, Any], payload: dict[str, Any]
+) -> list[dict[str, str]]:
+    """The export's classes: names, and the prompts their texts are made of (without
+    --class_name or --dataset, `field_class`'s)."""
     if config.dataset is None:
-        names = config.class_name or [recorded.get("class_name", "object")]
+        given = config.class_name or [None]
+        names = [field_class(name, payload, recorded.get("class_name")) for name in given]
         return [{"name": name, "prompt": name} for name in names]
     info = get_dataset_info(config.dataset)
     names = config.class_name or list(info.classes)
@@ -651,7 +743,7 @@ def export(config: ExportConfig, overrides: dict[str, Any]) -> dict[str, Path]:
         recorded = calib.load_calibration(calibration_file)
     overrides = {**recorded.get("overrides", {}), **overrides}
     name, file, model, payload = _load(config, overrides, torch.device("cpu"))
-    classes = _classes(config, recorded)
+    classes = _classes(config, recorded, payload)
     domain = config.domain or recorded.get("domain") or training_domain(payload)
     predictor = AnomalyPredictor(model, domain)
     several = len(classes) > 1
@@ -749,6 +841,25 @@ def _check_calibration(
         )
 
 
+def _tiling_flags(tiling: dict[str, Any] | None) -> str:
+    if tiling is None:
+        return "on whole images (no --tile)"
+    return (
+        f"with --tile {tiling['tile']} --tile_overlap {tiling['overlap']:g} "
+        f"--tile_scale {tiling['scale']:g}"
+    )
+
+
+def _check_tiling(calibration: dict[str, Any], path: Path, tiling: dict[str, Any] | None) -> None:
+    """Thresholds fit the maps they were calibrated on: whole images, or the same tiles."""
+    calibrated = calibration.get("tiling")
+    if calibrated != tiling:
+        raise ConfigError(
+            f"{path} was calibrated {_tiling_flags(calibrated)}, not {_tiling_flags(tiling)}: "
+            "thresholds move with the tiling; score with the calibration's flags or recalibrate"
+        )
+
+
 def _check_graph(
     calibration: dict[str, Any], path: Path, predictor: AnomalyPredictor | ExportedPredictor
 ) -> None:
@@ -817,6 +928,7 @@ def score(config: ScoreConfig, overrides: dict[str, Any]) -> dict[str, Any]:
             calibration["amp"],
         )
     _check_calibration(calibration, calibration_file, name, predictor.preprocessing)
+    _check_tiling(calibration, calibration_file, config.tiling())
     if checkpoint_sha256 != calibration["model"].get("checkpoint_sha256"):
         logger.warning(
             "%s was calibrated with another checkpoint file; thresholds may not fit", file
@@ -840,10 +952,13 @@ def score(config: ScoreConfig, overrides: dict[str, Any]) -> dict[str, Any]:
         preprocessing,
         keep_original=True,  # thumbnails for the review page, overlays
         files=files,
+        native=config.tile > 0,
     )
+    predictor = tiled(predictor, config, config.batch_size)
     stats = calibration["stats"]
     rows: list[dict[str, Any]] = []
-    thumbnails: dict[str, str] = {}
+    names = picture_names([dataset.relative_name(index) for index in range(len(dataset))])
+    pictures: dict[str, Pictures] = {}
     scored: list[tuple[int, float, float]] = []  # (row index, image score, map score)
     for item, result in score_images(
         predictor,
@@ -877,11 +992,18 @@ def score(config: ScoreConfig, overrides: dict[str, Any]) -> dict[str, Any]:
             }
         )
         scored.append((len(rows) - 1, image_score, map_score))
-        thumbnails[item.file] = f"thumbnails/{item.file}.png"
-        save_thumbnail(config.out / thumbnails[item.file], item.original)
+        pictures[item.file] = picture = names[item.file]
+        save_thumbnail(config.out / picture.thumbnail, item.original)
+        save_heat_thumbnail(
+            config.out / picture.heat,
+            item.original,
+            result["anomaly_map"],
+            item.geometry,
+            calibration,
+        )
         if config.overlays:
             _save_overlay(
-                config.out / "overlays" / f"{item.file}.png",
+                config.out / picture.overlay,
                 item,
                 result["anomaly_map"],
                 calibration,
@@ -895,17 +1017,17 @@ def score(config: ScoreConfig, overrides: dict[str, Any]) -> dict[str, Any]:
     )
     report, labelled = None, None
     if config.labels is not None:
-        report, curves = _report(
+        report, curves, labels = _report(
             config, calibration_file, rows, scored, rule, reduction, calibration
         )
-        labelled = {"report": report, "curves": curves}
+        labelled = {"report": report, "curves": curves, "labels": labels}
     review = {"backend": config.backend, "rule": rule, "reduction": reduction}
     review |= {
         "class_name": class_name,
         "domain": domain,
         "preprocessing": f"{preprocessing.geometry} ({preprocessing.backend} resize)",
     }
-    page = write_review(config.out, rows, calibration, review, thumbnails, labelled)
+    page = write_review(config.out, rows, calibration, review, pictures, labelled)
     logger.info("review page: %s", page)
     return {"rows": rows, "report": report}
 
@@ -918,8 +1040,9 @@ def _report(
     rule: str,
     reduction: str,
     calibration: dict,
-) -> tuple[dict[str, Any], dict[str, tuple[np.ndarray, np.ndarray, float]]]:
-    """report.json / report.md; returns the report and the review page's ROC curves."""
+) -> tuple[dict[str, Any], dict[str, tuple[np.ndarray, np.ndarray, float]], dict[str, int]]:
+    """report.json / report.md; returns the report, the review page's ROC curves and the
+    scored files' labels."""
     labels = read_labels(config.labels, [rows[index]["file"] for index, _, _ in scored])
     labelled = [(index, s, m) for index, s, m in scored if rows[index]["file"] in labels]
     if not labelled:
@@ -951,4 +1074,4 @@ def _report(
             ("map score", "map_score", map_scores),
         )
     }
-    return report, curves
+    return report, curves, labels

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from models.backbone import check_weights
 from models.base import ClipConfig, FrozenCLIPModel
 from models.registry import MODELS, model_class
 from utils.core.checkpoint import load_checkpoint
@@ -156,6 +157,17 @@ def parse_args(argv: list[str] | None = None, model: str = "aaclip") -> Training
     inherited_from = None
     if model_type.config_class.base_checkpoints:
         inherited_from = inherit_base_settings(model_type, args, argv)
+    if args.training_mode == "full_shot" and args.shot:
+        explicit = explicit_settings(model_type, argv)
+        if "shot" in explicit and "training_mode" not in explicit:
+            # a shot given to a model whose default mode is full shot asks for few-shot
+            args.training_mode = "few_shot"
+            logger.info(
+                "--shot %d: few-shot training (%s's default is full shot; --training_mode "
+                "full_shot with --shot 0 trains on the whole test split)",
+                args.shot,
+                model,
+            )
     return job_from_args(model_type, args, inherited_from)
 
 
@@ -165,6 +177,8 @@ def run(job: TrainingJob, dist: Distributed) -> None:
     seed_everything(settings.seed)
     if job.inherited_from:
         logger.info("settings not given on the command line come from %s", job.inherited_from)
+    if Path(settings.data_root).is_dir():  # (a missing one is the records' one-line error)
+        check_weights(job.config.model_name, job.config.pretrained)  # before records are written
     records = training_records(settings, dist)
     logger.info(
         "training %s on %s (%d records) with %s at %d px on %s x %d, amp %s",

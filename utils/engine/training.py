@@ -90,6 +90,22 @@ class RunConfig(RuntimeConfig, DataConfig):
         32, "k images per class (k/2 normal, k/2 anomalous); 0 means full shot", kind=RUN
     )
     augment: bool = setting(True, "random geometric (and colour) augmentation", kind=RUN)
+    train_tile: int = setting(
+        0,
+        "train on a random S x S crop of each image at native resolution (and the same crop of "
+        "its mask; a masked anomalous image's crop holds a defect), resized to the model input "
+        "when S differs, so fine-tuning sees defects at the scale test.py --tile scores them "
+        "(0: the whole image resized)",
+        kind=RUN,
+        minimum=0,
+    )
+    pixel_loss: str = setting(
+        "on",
+        "on: pixel losses on every image whose mask is known (an anomalous image without a mask "
+        "has none and trains image losses only); off: image labels only, every mask ignored",
+        kind=RUN,
+        choices=("on", "off"),
+    )
 
     def resolve(self) -> RunConfig:
         """Checked settings with the data root filled in (`--shot 0` means full shot)."""
@@ -253,7 +269,7 @@ def save_stage(
 
 
 # Run settings that make a resumed run another run (its provenance: results record them).
-RESUME_FIXED = ("seed", "dataset", "training_mode", "shot", "augment")
+RESUME_FIXED = ("seed", "dataset", "training_mode", "shot", "augment", "train_tile")
 
 
 def check_same_run(path: Path, saved: dict | None, model: FrozenCLIPModel, run: RunConfig) -> None:
@@ -475,6 +491,40 @@ def fit(
             )
 
 
+def check_targets(stage: Stage, records: list[dict], pixel: bool) -> None:
+    """Log what each loss trains on: pixel losses on the images whose mask is known (all but
+    anomalous images without a mask; none with `pixel` False), image losses on every image when
+    the stage has them. A stage without an image-level loss and without one known defect mask
+    would only learn "no defect anywhere": refused in one line."""
+    anomalous = sum(1 for record in records if int(record["label"]) == 1)
+    masked = sum(1 for record in records if int(record["label"]) == 1 and record.get("mask_path"))
+    known = len(records) - anomalous + masked if pixel else 0
+    name = stage.title.split(":")[0] or stage.name
+    if not stage.image_loss and anomalous and (masked == 0 or not pixel):
+        why = f"none of its {anomalous} anomalous images has a mask"
+        why = why if pixel else "--pixel_loss off"
+        fix = f"pass {stage.image_loss_flag}" if stage.image_loss_flag else "train another model"
+        raise ConfigError(
+            f"{name} learns from defect masks only (it has no image-level loss) and {why}: give "
+            f"masks (--mask_dir), or {fix}"
+        )
+    logger.info(
+        "%s: pixel losses on %d of %d images (%d anomalous without a mask%s), image losses on %d",
+        name,
+        known,
+        len(records),
+        anomalous - masked,
+        "; --pixel_loss off" if not pixel else "",
+        len(records) if stage.image_loss else 0,
+    )
+    if pixel and not stage.image_loss and masked < anomalous:
+        logger.warning(
+            "%s has no image-level loss: its %d anomalous images without a mask teach it nothing",
+            name,
+            anomalous - masked,
+        )
+
+
 def train_stage(
     model: FrozenCLIPModel,
     stage: Stage,
@@ -494,6 +544,7 @@ def train_stage(
     if path.is_file():
         start, best_loss = resume(model, stage, path, optimizer, scheduler, dist, run)
     if start < stage.epochs:
+        check_targets(stage, records, run.pixel_loss == "on")
         write_run_config(model, run, dist)
         dataset = TrainDataset(
             records,
@@ -501,6 +552,8 @@ def train_stage(
             model.preprocessing(train=True, resize_masks=run.resize_masks),
             color_jitter=stage.color_jitter,
             augment=run.augment,
+            pixel_loss=run.pixel_loss == "on",
+            tile=run.train_tile,
         )
         loader = build_train_loader(dataset, stage.batch_size, run, dist)
         fit(model, stage, loader, optimizer, scheduler, run, dist, start, best_loss)

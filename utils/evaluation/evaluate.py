@@ -9,7 +9,9 @@ and detection scores, image score `0.5 * map max + 0.5 * det` (industrial) or th
 
 Classes stream through one loader: a class's maps go batch by batch into its metrics, so no
 full-size map of a class is held unless panels are asked for; with several checkpoints
-(`--all_epochs`) a class is decoded once and scored by each of them.
+(`--all_epochs`) a class is decoded once and scored by each of them. With `--tile` the images
+and masks are read at their own resolution and each image is scored by tiles
+(`models.tiling`): its stitched map streams into the metrics against the full-resolution mask.
 """
 
 from __future__ import annotations
@@ -33,9 +35,11 @@ from datasets.metadata import load_test_records, log_resized_masks
 from datasets.preprocessing import read_image
 from datasets.support import draw_support, load_images
 from datasets.synthetic import ensure_synthetic
+from datasets.tiling import TileConfig
 from models.base import MapExtrema
 from models.predictor import AnomalyPredictor, Predictor
 from models.registry import MODELS, checkpoint_stem, find_checkpoint, load_trained_model
+from models.tiling import TiledPredictor, tiled
 from utils.core.config import RUN, TEST, setting, settings_of, to_mapping
 from utils.core.errors import CheckpointError, ConfigError
 from utils.core.runtime import (
@@ -53,7 +57,7 @@ logger = logging.getLogger("test")
 
 
 @dataclasses.dataclass
-class EvalConfig(RuntimeConfig, DataConfig):
+class EvalConfig(TileConfig, RuntimeConfig, DataConfig):
     """test.py: which checkpoints, on which data, with which metrics and outputs."""
 
     save_path: Path = setting(
@@ -144,6 +148,11 @@ class EvalConfig(RuntimeConfig, DataConfig):
 
     def resolve(self) -> EvalConfig:
         """The settings left unset filled in: data root, undefined-metric rule, decimals."""
+        if self.tile and self.visualize:
+            raise ConfigError(
+                "--visualize draws panels at the model input; with --tile the maps are at each "
+                "image's resolution: leave one of them out"
+            )
         official = self.metrics == "official"
         return dataclasses.replace(
             self,
@@ -292,8 +301,38 @@ def predict_class(
     )
 
 
+@torch.no_grad()
+def predict_class_tiled(
+    predictor: TiledPredictor,
+    batches: Iterable[dict],
+    prompt_name: str,
+    evaluator: ClassEvaluator,
+    show_progress: bool = True,
+) -> ClassOutputs:
+    """`predict_class` by tiles: each native image `[H, W, 3]` becomes its stitched map
+    `[H, W]`, which streams into `evaluator` against its full-resolution mask and is dropped."""
+    scores, labels, paths, file_names, extrema = [], [], [], [], []
+    for batch in progress(batches, show_progress, desc="images", leave=False):
+        for pixels, mask in zip(batch["image"], batch["mask"], strict=True):
+            output = predictor.predict_image(Image.fromarray(pixels.numpy()), prompt_name)
+            maps = output.anomaly_map[None]  # [1, H, W]
+            evaluator.update(maps, mask[None].numpy())
+            extrema.append(MapExtrema.of(maps))
+            scores.append(output.image_score)
+        labels.append(batch["label"].numpy())
+        paths.extend(batch["image_path"])
+        file_names.extend(batch["file_name"])
+    return ClassOutputs(
+        det_scores=np.asarray(scores, dtype=np.float32),
+        labels=np.concatenate(labels).astype(np.int64),
+        extrema=MapExtrema.concatenate(extrema),
+        paths=paths,
+        file_names=file_names,
+    )
+
+
 def class_metrics(
-    predictor: Predictor,
+    predictor: Predictor | TiledPredictor,
     batches: Iterable[dict],
     class_name: str,
     size: int,
@@ -308,17 +347,23 @@ def class_metrics(
     With `--k_shot` > 0 the predictor's support set holds k normal train-split images of the
     class while it is predicted and scored; their paths go into `support`.
     """
-    pixels_per_map = predictor.preprocessing.size**2
+    is_tiled = isinstance(predictor, TiledPredictor)
+    capacity = None if is_tiled else size * predictor.preprocessing.size**2  # tiled: any sizes
     evaluator = ClassEvaluator(
-        config.columns, config.fpr_limit, config.pro_variant, size * pixels_per_map, class_name
+        config.columns, config.fpr_limit, config.pro_variant, capacity, class_name
     )
     if config.k_shot > 0:
         set_support(predictor, class_name, config, info, support)
     try:
         prompt_name = real_name(info, class_name)
-        outputs = predict_class(
-            predictor, batches, prompt_name, evaluator, panels, show_progress=config.progress
-        )
+        if is_tiled:
+            outputs = predict_class_tiled(
+                predictor, batches, prompt_name, evaluator, show_progress=config.progress
+            )
+        else:
+            outputs = predict_class(
+                predictor, batches, prompt_name, evaluator, panels, show_progress=config.progress
+            )
         image_scores = predictor.table_image_scores(outputs.extrema, outputs.det_scores)
     finally:
         if config.k_shot > 0:
@@ -336,19 +381,22 @@ def class_metrics(
 
 
 def set_support(
-    predictor: AnomalyPredictor,
+    predictor: AnomalyPredictor | TiledPredictor,
     class_name: str,
     config: EvalConfig,
     info: DatasetInfo,
     support: dict[str, list[str]] | None,
 ) -> None:
     """Draw the class's k-shot support set (seeded) and hand it to the predictor, prepared as
-    the test images are."""
+    the test images are (tiled: every tile of each support image)."""
     root = config.data_root
     paths = draw_support(info, root, class_name, config.k_shot, config.support_seed)
     if support is not None:
         support[class_name] = [Path(path).relative_to(root).as_posix() for path in paths]
-    predictor.set_support(load_images(paths, predictor.preprocessing))
+    if isinstance(predictor, TiledPredictor):
+        predictor.set_support(predictor.support_tiles(paths))
+    else:
+        predictor.set_support(load_images(paths, predictor.preprocessing))
 
 
 def write_panels(
@@ -374,12 +422,30 @@ def write_panels(
         save_panels(folder / name, picture, heat[index], mask=mask)
 
 
-def results_stem(dataset: str, checkpoint: Path, model: str) -> str:
+def variant(config: EvalConfig, k_shot: int, backend: str = "torch") -> dict[str, str]:
+    """What tells one evaluation of a checkpoint on a data set from another: MVTec AD 2's split
+    (other than test_public), the k-shot memory, tiling, the backend. {file-name tag: what it
+    means}; empty for the zero-shot, whole-image torch evaluation."""
+    tags = {}
+    if config.dataset == "MVTecAD2" and config.split != "test_public":
+        tags[config.split] = f"split {config.split}"
+    if k_shot:
+        tags[f"{k_shot}shot"] = f"{k_shot}-shot"
+    if config.tile:
+        tags[f"tile{config.tile}"] = f"tiles of {config.tile} px"
+    if backend != "torch":
+        tags[backend] = f"backend {backend}"
+    return tags
+
+
+def results_stem(dataset: str, checkpoint: Path, model: str, tags: Iterable[str] = ()) -> str:
     """`results_<dataset>` for the evaluated checkpoint of a run (`<stem>.pth`, or the kept
-    `<stem>_best.pth`), else with the file's stem appended."""
-    if checkpoint.stem in (checkpoint_stem(model), f"{checkpoint_stem(model)}_best"):
-        return f"results_{dataset}"
-    return f"results_{dataset}_{checkpoint.stem}"
+    `<stem>_best.pth`), else with the file's stem appended; then the `variant` tags, so a k-shot,
+    tiled or exported evaluation never overwrites the zero-shot table."""
+    parts = [f"results_{dataset}"]
+    if checkpoint.stem not in (checkpoint_stem(model), f"{checkpoint_stem(model)}_best"):
+        parts.append(checkpoint.stem)
+    return "_".join([*parts, *tags])
 
 
 def evaluate(config: EvalConfig, overrides: dict[str, Any]) -> list[EvaluatedFile]:
@@ -398,7 +464,7 @@ def evaluate(config: EvalConfig, overrides: dict[str, Any]) -> list[EvaluatedFil
     sources = {files[0]: model.weight_sources}
     predictor = AnomalyPredictor(model, info.domain, config.amp, config.k_shot)
     preprocessing = dataclasses.replace(predictor.preprocessing, resize_masks=config.resize_masks)
-    datasets = build_test_datasets(records, config.data_root, preprocessing)
+    datasets = build_test_datasets(records, config.data_root, preprocessing, config.tile > 0)
     workers = loader_workers(config.num_workers, device, evaluation=True)
     # Several checkpoints: class by class, each class decoded once and scored by every one.
     cache = len(files) > 1
@@ -411,7 +477,8 @@ def evaluate(config: EvalConfig, overrides: dict[str, Any]) -> list[EvaluatedFil
     )
     per_file: dict[Path, dict[str, ClassResult]] = {path: {} for path in files}
     supports: dict[Path, dict[str, list[str]]] = {path: {} for path in files}
-    groups = class_batches(datasets, config.batch_size, workers, device)
+    # tiled: one native image per loader batch, --batch_size tiles per forward
+    groups = class_batches(datasets, 1 if config.tile else config.batch_size, workers, device)
     bars = config.progress
     for class_name, batches in progress(groups, bars, total=len(datasets), desc="classes"):
         if cache:  # decoded once, scored by every file
@@ -422,7 +489,7 @@ def evaluate(config: EvalConfig, overrides: dict[str, Any]) -> list[EvaluatedFil
                 sources[path] = model.weight_sources
             predictor = AnomalyPredictor(model, info.domain, config.amp, config.k_shot)
             per_file[path][class_name] = class_metrics(
-                predictor,
+                tiled(predictor, config, config.batch_size),
                 batches,
                 class_name,
                 len(datasets[class_name]),
@@ -433,6 +500,7 @@ def evaluate(config: EvalConfig, overrides: dict[str, Any]) -> list[EvaluatedFil
             )
         del batches
     settings = to_mapping(model.config)
+    tags = variant(config, config.k_shot)
     results = []
     for path in files:
         payload, support = payloads[path], supports[path]
@@ -455,9 +523,10 @@ def evaluate(config: EvalConfig, overrides: dict[str, Any]) -> list[EvaluatedFil
             "k_shot": config.k_shot,
             "support_seed": config.support_seed if config.k_shot > 0 else None,
             "support": support,
+            "variant": ", ".join(tags.values()) or "zero-shot, whole image, torch",
         }
         result = EvaluatedFile(path, payload.get("epoch"), per_class, images, meta)
-        write_evaluated(config, results_stem(config.dataset, path, model_name), result)
+        write_evaluated(config, results_stem(config.dataset, path, model_name, tags), result)
         results.append(result)
     return results
 
@@ -469,9 +538,9 @@ def scoring_meta(config: EvalConfig, predictor: Predictor, preprocessing: Any) -
         "amp": predictor.amp,
         "resolution": preprocessing.size,
         "preprocessing": preprocessing.to_dict(),
+        "tiling": config.tiling(),
         "pro_variant": config.pro_variant,
         "fpr_limit": config.fpr_limit,
-        "undefined_metric": config.undefined_metric,
         "config": to_mapping(config),
     }
 
@@ -523,7 +592,7 @@ def evaluate_export(config: EvalConfig, predictor: Any) -> EvaluatedFile:
         [real_name(info, name) for name in dict.fromkeys(r["class_name"] for r in records)]
     )
     preprocessing = dataclasses.replace(predictor.preprocessing, resize_masks=config.resize_masks)
-    datasets = build_test_datasets(records, config.data_root, preprocessing)
+    datasets = build_test_datasets(records, config.data_root, preprocessing, config.tile > 0)
     workers = loader_workers(config.num_workers, predictor.device, evaluation=True)
     logger.info(
         "evaluating the %s %s export %s on %s with %s",
@@ -535,12 +604,14 @@ def evaluate_export(config: EvalConfig, predictor: Any) -> EvaluatedFile:
     )
     scoring = dataclasses.replace(config, k_shot=0)  # the memory is in the graph
     per_class, images = {}, {}
-    groups = class_batches(datasets, config.batch_size, workers, predictor.device)
+    groups = class_batches(
+        datasets, 1 if config.tile else config.batch_size, workers, predictor.device
+    )
     for class_name, batches in progress(
         groups, config.progress, total=len(datasets), desc="classes"
     ):
         result = class_metrics(
-            predictor,
+            tiled(predictor, config, config.batch_size),
             batches,
             class_name,
             len(datasets[class_name]),
@@ -564,7 +635,9 @@ def evaluate_export(config: EvalConfig, predictor: Any) -> EvaluatedFile:
         "k_shot": predictor.k_shot,
         "support": exported.get("support"),
     }
+    tags = variant(config, predictor.k_shot, config.backend)
+    meta["variant"] = ", ".join(tags.values())
     epoch = exported["model"].get("epoch")
     result = EvaluatedFile(Path(config.export), epoch, per_class, images, meta)
-    write_evaluated(config, f"results_{config.dataset}_{config.backend}", result)
+    write_evaluated(config, "_".join([f"results_{config.dataset}", *tags]), result)
     return result
