@@ -45,6 +45,16 @@ class ClipConfig:
 
     name: ClassVar[str] = ""
     paper_img_size: ClassVar[int] = 518
+    # The settings `preprocessing()` turns into a Preprocessing: records keep them there, once.
+    preprocessing_settings: ClassVar[tuple[str, ...]] = (
+        "img_size",
+        "preprocess",
+        "resize_backend",
+        "pad_color",
+        "mask_resize",
+        "train_mask_threshold",
+        "test_mask_threshold",
+    )
     # Defaults of the run settings (utils.engine.training.RunConfig) that differ for this model.
     run_defaults: ClassVar[dict[str, Any]] = {}
     # A fine-tuning model's base checkpoints (the names of its path settings) and the config

@@ -357,6 +357,21 @@ def training_domain(payload: dict[str, Any]) -> str:
     return CATALOG[dataset].domain if dataset in CATALOG else DEFAULT_DOMAIN
 
 
+def field_domain(domain: str | None, payload: dict[str, Any], recorded: str | None = None) -> str:
+    """The domain a field command scores in: --domain, else the calibration's, else the
+    training data set's; logs where it came from."""
+    if domain:
+        logger.info("domain %s (--domain)", domain)
+        return domain
+    if recorded:
+        logger.info("domain %s: the calibration's (--domain overrides)", recorded)
+        return recorded
+    trained = training_domain(payload)
+    dataset = (payload.get("config") or {}).get("dataset")
+    logger.info("domain %s: the training data set's (%s; --domain overrides)", trained, dataset)
+    return trained
+
+
 def trained_class(payload: dict[str, Any]) -> tuple[str | None, str]:
     """(the prompt name a checkpoint's run trained one class under, or None; what the run
     trained on): a Folder run's `--class_name`, or a data set of one class."""
@@ -518,7 +533,7 @@ def calibrate(config: CalibrateConfig, overrides: dict[str, Any]) -> Path:
     if config.backend == "torch":
         name, file, model, payload = _load(config, overrides, resolve_device(config.device))
         predictor: AnomalyPredictor | ExportedPredictor = AnomalyPredictor(
-            model, config.domain or training_domain(payload), config.amp
+            model, field_domain(config.domain, payload), config.amp
         )
         provenance, graph = _provenance(name, file, payload), {"backend": "torch"}
         class_name = field_class(config.class_name, payload)
@@ -744,7 +759,7 @@ def export(config: ExportConfig, overrides: dict[str, Any]) -> dict[str, Path]:
     overrides = {**recorded.get("overrides", {}), **overrides}
     name, file, model, payload = _load(config, overrides, torch.device("cpu"))
     classes = _classes(config, recorded, payload)
-    domain = config.domain or recorded.get("domain") or training_domain(payload)
+    domain = field_domain(config.domain, payload, recorded.get("domain"))
     predictor = AnomalyPredictor(model, domain)
     several = len(classes) > 1
     if config.calibration_dir is not None:  # every class's folder, before the long trace
@@ -897,10 +912,10 @@ def score(config: ScoreConfig, overrides: dict[str, Any]) -> dict[str, Any]:
     Returns {"rows": [...], "report": dict | None}."""
     calibration_file = config.calibration or calib.calibration_path(config.checkpoint)
     calibration = calib.load_calibration(calibration_file)
-    class_name = config.class_name or calibration["class_name"]
+    class_name = field_class(config.class_name, {}, calibration["class_name"])
     rule = config.rule or calibration["rule"]
     reduction = config.reduction or calibration["reduction"]
-    domain = config.domain or calibration["domain"]
+    domain = field_domain(config.domain, {}, calibration["domain"])
     if domain != calibration["domain"]:
         logger.warning(
             "scoring as %s but the thresholds come from %s maps", domain, calibration["domain"]
