@@ -392,10 +392,12 @@ def roc_svg(curves: dict[str, tuple[np.ndarray, np.ndarray, float]], plot: int =
     """Inline SVG of ROC curves {name: (scores [N], labels [N] in {0, 1}, AUROC)}, with ticks
     and tick labels at 0, 0.2, ..., 1 and axis titles."""
     left, top, bottom = 50, 10, 40
-    width, height = left + plot + 12, top + plot + bottom + 15 * len(curves)
+    # wide enough for the legend ("image score: AUROC 0.1234") under the plot
+    width, height = left + plot + 60, top + plot + bottom + 15 * len(curves)
     colors = ("#1f77b4", "#d62728")
     parts = [
-        f'<svg width="{width}" height="{height}" role="img" aria-label="ROC curves">',
+        f'<svg width="{width}" height="{height}" font-size="11" role="img" '
+        'aria-label="ROC curves">',
         *_axis_ticks(left, top, plot),
         f'<rect x="{left}" y="{top}" width="{plot}" height="{plot}" fill="none" stroke="#999"/>',
         f'<line x1="{left}" y1="{top + plot}" x2="{left + plot}" y2="{top}" stroke="#ccc" '
@@ -425,17 +427,17 @@ def roc_svg(curves: dict[str, tuple[np.ndarray, np.ndarray, float]], plot: int =
 
 def confusion_svg(counts: dict[str, int]) -> str:
     """Inline SVG of the confusion matrix {tp, fp, tn, fn} of the calibrated decisions."""
-    cell, left, top = 70, 80, 40
+    cell, left, top = 70, 120, 40  # room for the row labels left of the cells
     cells = (("tn", 0, 0), ("fp", 1, 0), ("fn", 0, 1), ("tp", 1, 1))
     total = max(1, sum(counts[key] for key, _, _ in cells))
     parts = [
-        f'<svg width="{left + 2 * cell + 10}" height="{top + 2 * cell + 30}" role="img" '
-        'aria-label="confusion matrix">',
+        f'<svg width="{left + 2 * cell + 10}" height="{top + 2 * cell + 30}" font-size="11" '
+        'role="img" aria-label="confusion matrix">',
         f'<text x="{left + cell}" y="14" text-anchor="middle">decision</text>',
         f'<text x="{left + cell / 2}" y="{top - 6}" text-anchor="middle">normal</text>',
         f'<text x="{left + 1.5 * cell}" y="{top - 6}" text-anchor="middle">anomalous</text>',
         f'<text x="{left - 8}" y="{top + cell / 2}" text-anchor="end">label normal</text>',
-        f'<text x="{left - 8}" y="{top + 1.5 * cell}" text-anchor="end">anomalous</text>',
+        f'<text x="{left - 8}" y="{top + 1.5 * cell}" text-anchor="end">label anomalous</text>',
     ]
     for key, column, row in cells:
         shade = int(255 - 150 * counts[key] / total)
@@ -464,15 +466,16 @@ def colour_bar_svg(calibration: dict[str, Any], width: int = 200) -> str:
     ticks = "".join(
         f'<line x1="{left + at * bar}" y1="4" x2="{left + at * bar}" y2="20" stroke="{color}" '
         f'stroke-width="{2 if at == 0.5 else 1}"/>'
-        f'<text x="{left + at * bar}" y="32" text-anchor="middle">{_number(value, 4)}</text>'
-        for at, value, color in (
-            (0.0, low, "#333"),
-            (0.5, threshold, f"rgb{CONTOUR_COLOR}"),
-            (1.0, high, "#333"),
+        f'<text x="{left + at * bar}" y="32" text-anchor="{anchor}">{_number(value, 4)}</text>'
+        for at, value, color, anchor in (  # the end labels stay inside the bar's width
+            (0.0, low, "#333", "start"),
+            (0.5, threshold, f"rgb{CONTOUR_COLOR}", "middle"),
+            (1.0, high, "#333", "end"),
         )
     )
     return (
-        f'<svg width="{width}" height="36" role="img" aria-label="heat colour scale">'
+        f'<svg width="{width}" height="36" font-size="11" role="img" '
+        'aria-label="heat colour scale">'
         f'<defs><linearGradient id="turbo-scale">{stops}</linearGradient></defs>'
         f'<rect x="{left}" y="6" width="{bar}" height="12" fill="url(#turbo-scale)"/>'
         f"{ticks}</svg>"
