@@ -26,7 +26,6 @@ from utils.core.config import (
     HelpFormatter,
     add_overrides,
     add_settings,
-    keys_of,
     parse_config,
 )
 from utils.core.runtime import run_script, setup_logging
@@ -71,8 +70,7 @@ def parse_args(argv: list[str] | None) -> tuple[str, field.FieldConfig, dict]:
     known = top.parse_args(argv)
     config_class, _ = COMMANDS[known.command]
     parser = build_parser(known.command)
-    keys = keys_of(config_class, *config_classes())
-    config, overrides = parse_config(parser, known.flags, config_class, keys, config_classes())
+    config, overrides = parse_config(parser, known.flags, config_class, config_classes())
     return known.command, config, overrides
 
 

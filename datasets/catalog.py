@@ -13,6 +13,7 @@ from pathlib import Path
 
 from utils.core.config import RUN, setting
 from utils.core.errors import ConfigError
+from utils.core.names import did_you_mean
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +32,7 @@ class DatasetInfo:
     layout: str  # the builder in datasets.metadata: "mvtec", "visa", "btad", "dagm", ...
     # the Folder layout's folders (folder_info), MVTec AD 2's split (mvtec_ad2_info)
     options: tuple[tuple[str, str], ...] = ()
+    allow_outside_root: bool = False  # records may name files outside the data root
 
 
 _MVTEC = {
@@ -216,7 +218,8 @@ def get_dataset_info(dataset: str | DatasetInfo) -> DatasetInfo:
     if isinstance(dataset, DatasetInfo):
         return dataset
     if dataset not in CATALOG:
-        raise ConfigError(f"unknown data set '{dataset}'; choose one of {', '.join(CATALOG)}")
+        hint = did_you_mean(dataset, CATALOG)
+        raise ConfigError(f"unknown data set '{dataset}'; choose one of {', '.join(CATALOG)}{hint}")
     return CATALOG[dataset]
 
 
@@ -272,6 +275,12 @@ class DataConfig:
         kind=RUN,
         choices=MVTEC_AD2_SPLITS,
     )
+    allow_outside_root: bool = setting(
+        False,
+        "accept records whose image or mask lies outside the data root (`..`, an absolute path, "
+        "a symlink out); off: such a record is an error",
+        kind=RUN,
+    )
     resize_masks: bool = setting(
         False,
         "resize a mask whose size differs from its image to the model input, as the original "
@@ -283,12 +292,14 @@ class DataConfig:
         """The data set these settings name (a Folder one with its class and folders, MVTec AD 2
         with its split)."""
         if self.dataset == "Folder":
-            return folder_info(
+            info = folder_info(
                 self.class_name, self.normal_dir, self.abnormal_dir, self.mask_dir, self.records_csv
             )
-        if self.dataset == "MVTecAD2":
-            return mvtec_ad2_info(self.split)
-        return get_dataset_info(self.dataset)
+        elif self.dataset == "MVTecAD2":
+            info = mvtec_ad2_info(self.split)
+        else:
+            info = get_dataset_info(self.dataset)
+        return dataclasses.replace(info, allow_outside_root=self.allow_outside_root)
 
     def root(self) -> Path:
         """The data root: `--data_root`, else `data/<dataset>`."""

@@ -33,28 +33,68 @@ TRAINING_MODES = ("few_shot", "full_shot")
 UNLABELLED = -1
 
 
+LABELS = (0, 1)
+# The records files whose records may be UNLABELLED: MVTec AD 2's private splits (records_file).
+UNLABELLED_FILES = tuple(f"{split}.jsonl" for split in MVTEC_AD2_PRIVATE_SPLITS)
+
+
+def _record_of(raw: object, labels: tuple[int, ...]) -> dict:
+    """A normalised record (int label, `mask_path` "" when absent or null) of a parsed jsonl
+    line; ValueError saying what is wrong."""
+    if not isinstance(raw, dict):
+        raise ValueError(f"a {type(raw).__name__}, not an object")
+    missing = [key for key in ("image_path", "label", "class_name") if key not in raw]
+    if missing:
+        raise ValueError(f"no {', '.join(missing)}")
+    for key in ("image_path", "class_name"):
+        if not isinstance(raw[key], str) or not raw[key]:
+            raise ValueError(f"{key} {raw[key]!r} is not a non-empty string")
+    mask = raw.get("mask_path") or ""
+    if not isinstance(mask, str):
+        raise ValueError(f"mask_path {mask!r} is not a string")
+    label = raw["label"]
+    # the originals write 1.0 / 0.0; a bool or a fraction is no label
+    if isinstance(label, bool) or not isinstance(label, int | float) or label not in labels:
+        raise ValueError(f"label {label!r} is not one of {', '.join(map(str, labels))}")
+    return {
+        "image_path": raw["image_path"],
+        "label": int(label),
+        "class_name": raw["class_name"],
+        "mask_path": mask,
+    }
+
+
 def read_jsonl(path: Path) -> list[dict]:
-    """Records of a jsonl file, normalised: int labels, `mask_path` "" when absent."""
+    """Records of a jsonl file, each checked and normalised (`_record_of`): keys and types,
+    label 0 or 1 (or UNLABELLED in an UNLABELLED_FILES file), each image once. A bad line or
+    a duplicate raises DataError naming the file and the line(s)."""
+    path = Path(path)
+    labels = (*LABELS, UNLABELLED) if path.name in UNLABELLED_FILES else LABELS
     records = []
+    first_line: dict[str, int] = {}
     with open(path, encoding="utf-8") as file:
-        for line_number, line in enumerate(file, start=1):
-            if not line.strip():
-                continue
-            try:
-                raw = json.loads(line)
-                records.append(
-                    {
-                        "image_path": str(raw["image_path"]),
-                        "label": int(float(raw["label"])),
-                        "class_name": str(raw["class_name"]),
-                        "mask_path": str(raw.get("mask_path") or ""),
-                    }
-                )
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
-                raise DataError(
-                    f"{path} line {line_number} is not a metadata record ({error!r}); "
-                    "delete the file to rebuild it"
-                ) from error
+        try:
+            lines = list(file)
+        except UnicodeDecodeError as error:
+            raise DataError(f"{path} is not UTF-8 text; delete the file to rebuild it") from error
+    for line_number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = _record_of(json.loads(line), labels)
+        except ValueError as error:  # json.JSONDecodeError is one
+            raise DataError(
+                f"{path} line {line_number} is not a metadata record ({error}); fix the line or "
+                "delete the file to rebuild it"
+            ) from error
+        image = record["image_path"]
+        if image in first_line:
+            raise DataError(
+                f"{path} lists {image} twice (lines {first_line[image]} and {line_number}); "
+                "delete one of the lines"
+            )
+        first_line[image] = line_number
+        records.append(record)
     return records
 
 
@@ -301,6 +341,9 @@ def _build_folder(info: DatasetInfo, root: Path) -> list[dict]:
             if not {"image", "label"} <= set(reader.fieldnames or ()):
                 raise DataError(f"{table} needs a header with columns image,label[,mask]")
             rows = list(reader)
+        for row_number, row in enumerate(rows, start=2):
+            if (row["label"] or "").strip() not in ("0", "1"):
+                raise DataError(f"{table} line {row_number}: label {row['label']!r} is not 0 or 1")
         return [
             {
                 "image_path": Path(row["image"]).as_posix(),
@@ -311,6 +354,9 @@ def _build_folder(info: DatasetInfo, root: Path) -> list[dict]:
             for row in rows
         ]
     normal, abnormal = root / options["normal_dir"], root / options["abnormal_dir"]
+    for flag, folder in (("--normal_dir", normal), ("--abnormal_dir", abnormal)):
+        if folder.exists() and not folder.is_dir():
+            raise DataError(f"{folder} is a file, not a folder of images; pass {flag} a folder")
     if not _images(normal) and not _images(abnormal):
         raise DataError(
             f"{root} has no images in {normal.name}/ or {abnormal.name}/; pass --normal_dir, "
@@ -399,9 +445,12 @@ def build_records(dataset: str | DatasetInfo, root: Path) -> list[dict]:
 
 
 def validate_records(dataset: str | DatasetInfo, root: Path, records: list[dict]) -> None:
-    """Unknown class -> `ConfigError`; image or mask missing under `root` -> `DataError`."""
+    """Unknown class -> `ConfigError`; image or mask missing under `root`, or (unless the data
+    set's `allow_outside_root`) resolving outside it (`..`, absolute, a symlink out) ->
+    `DataError`."""
     info = get_dataset_info(dataset)
     classes = info.classes
+    resolved_root = Path(root).resolve()
     for record in records:
         if record["class_name"] not in classes:
             raise ConfigError(
@@ -409,6 +458,13 @@ def validate_records(dataset: str | DatasetInfo, root: Path, records: list[dict]
                 f"valid classes: {', '.join(classes)}"
             )
         for key in ("image_path", "mask_path"):
+            if record[key] and not info.allow_outside_root:
+                target = (root / record[key]).resolve()
+                if not target.is_relative_to(resolved_root):
+                    raise DataError(
+                        f"the {key} {record[key]} resolves to {target}, outside the data root "
+                        f"{root}; move it under the root or pass --allow_outside_root"
+                    )
             if record[key] and not (root / record[key]).is_file():
                 raise DataError(
                     f"{root / record[key]} is listed in the metadata but missing; "

@@ -26,6 +26,7 @@ from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
 from torch import nn
 
 from utils.core.errors import ConfigError
+from utils.core.names import did_you_mean
 
 logger = logging.getLogger(__name__)
 
@@ -81,10 +82,7 @@ def load_clip(
     if model_name == TINY:
         model = tiny_clip(img_size=img_size or 64, quick_gelu=quick_gelu)
     else:
-        available = open_clip.list_models()
-        if model_name not in available:
-            msg = f"unknown --model_name {model_name!r}; use 'tiny' or one of {available}"
-            raise ConfigError(msg)
+        check_model_name(model_name)
         if pretrained and Path(pretrained).suffix and not Path(pretrained).is_file():
             raise ConfigError(f"--pretrained file {pretrained} does not exist")
         check_weights(model_name, pretrained)
@@ -110,10 +108,19 @@ def load_clip(
     return model.to(device)
 
 
+def check_model_name(model_name: str) -> None:
+    """`tiny` or an open_clip model; else one line with the three closest names."""
+    available = open_clip.list_models()
+    if model_name != TINY and model_name not in available:
+        hint = did_you_mean(model_name, [TINY, *available], "open_clip.list_models() lists all")
+        raise ConfigError(f"unknown --model_name {model_name!r}{hint}")
+
+
 def check_weights(model_name: str, pretrained: str | None, timeout: float = 3.0) -> None:
     """Before a run writes anything: the weights `load_clip` will need can be had, from a local
     file, the Hugging Face cache, or the network (one connection attempt of `timeout` s);
     otherwise the one-line hint at once, not after a minute of download retries."""
+    check_model_name(model_name)
     if model_name == TINY or not pretrained or Path(pretrained).suffix:
         return  # no weights, or a local file (load_clip checks it)
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", ""):

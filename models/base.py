@@ -502,7 +502,8 @@ class FrozenCLIPModel(nn.Module):
                 f"{path} was trained with model={model!r} but this run has "
                 f"model={config_class.name!r}; pass its own save path or --model {model}"
             )
-        check_architecture(path, from_mapping(config_class, saved), self.config)
+        stored = from_mapping(config_class, saved, f"{path}'s stored config")
+        check_architecture(path, stored, self.config)
 
     # ---------------------------------------------------------------------------------------
     # Checkpoints for inference
@@ -525,7 +526,7 @@ class FrozenCLIPModel(nn.Module):
         if not saved:
             inferred = cls.original_settings(path, payload, trust)
             settings = {**cls.original_defaults, **inferred, **overrides}
-            config = from_mapping(cls.config_class, settings).resolve(dataset)
+            config = from_mapping(cls.config_class, settings, str(path)).resolve(dataset)
             logger.warning(
                 "%s is a file of the original %s code: settings from the file %s, from its "
                 "documented defaults %s, from the command line %s",
@@ -541,7 +542,8 @@ class FrozenCLIPModel(nn.Module):
             raise CheckpointError(
                 f"{path} is not a {cls.config_class.name} checkpoint (model={model!r})"
             )
-        return override(from_mapping(cls.config_class, saved), overrides, path)
+        stored = from_mapping(cls.config_class, saved, f"{path}'s stored config")
+        return override(stored, overrides, path)
 
     @classmethod
     def from_checkpoint(

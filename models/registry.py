@@ -18,6 +18,7 @@ from models.feclip import FEClip
 from models.sowa import SOWA
 from utils.core.checkpoint import load_checkpoint
 from utils.core.errors import CheckpointError, ConfigError
+from utils.core.names import did_you_mean
 
 # A model is registered by its class here (one import above): its config's `name` is its key,
 # and models/<name>.py, configs/<name>.yaml and its class (the name without underscores, any
@@ -31,7 +32,8 @@ MODELS: dict[str, type[FrozenCLIPModel]] = {model.config_class.name: model for m
 def model_class(name: str) -> type[FrozenCLIPModel]:
     """The model class registered as `name`."""
     if name not in MODELS:
-        raise ConfigError(f"unknown --model {name!r}; choose one of {', '.join(MODELS)}")
+        hint = did_you_mean(name, MODELS)
+        raise ConfigError(f"unknown --model {name!r}; choose one of {', '.join(MODELS)}{hint}")
     return MODELS[name]
 
 

@@ -84,8 +84,12 @@ def test_load_clip_tiny_is_frozen_and_deterministic():
     assert_close(first.visual.proj, second.visual.proj)
 
 
-def test_load_clip_unknown_name_lists_choices():
+def test_load_clip_unknown_name_suggests_the_closest():
     from utils.core.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="unknown --model_name 'ViT-Q'.*ViT-L-14-336"):
+    with pytest.raises(
+        ConfigError, match="unknown --model_name 'ViT-L-14-33'; did you mean ViT-L-14-336"
+    ):
+        backbone.load_clip("ViT-L-14-33")
+    with pytest.raises(ConfigError, match=r"open_clip.list_models\(\) lists all"):
         backbone.load_clip("ViT-Q")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import shlex
 import types
 import typing
@@ -31,6 +32,9 @@ import yaml
 
 from utils.core.checkpoint import atomic_write
 from utils.core.errors import CheckpointError, ConfigError
+from utils.core.names import did_you_mean
+
+logger = logging.getLogger(__name__)
 
 ARCH, TEST, TRAIN, RUN = "arch", "test", "train", "run"
 KINDS = (ARCH, TEST, TRAIN, RUN)
@@ -51,6 +55,7 @@ def setting(
     above: float | None = None,
     metavar: str | tuple[str, ...] | None = None,
     required: bool = False,
+    command_line_only: bool = False,
 ) -> Any:
     """A dataclass field that is a setting.
 
@@ -64,6 +69,8 @@ def setting(
         minimum / maximum / above: the value must be >= `minimum`, <= `maximum`, > `above`
             (checked by `validate`).
         required: the flag must be given (its default only types the field).
+        command_line_only: a switch of trust (pickle loading) that a YAML file may not set; a
+            run that sets it logs a warning.
     """
     assert kind in KINDS, kind
     metadata = {
@@ -78,6 +85,7 @@ def setting(
         "above": above,
         "metavar": metavar,
         "required": required,
+        "command_line_only": command_line_only,
     }
     if isinstance(default, list):
         return dataclasses.field(default_factory=lambda: list(default), metadata=metadata)
@@ -117,6 +125,63 @@ def field_type(config_class: type, field: dataclasses.Field) -> tuple[type, bool
     return annotation, False
 
 
+def _is_optional(config_class: type, field: dataclasses.Field) -> bool:
+    annotation = typing.get_type_hints(config_class)[field.name]
+    return type(None) in typing.get_args(annotation)
+
+
+def _has_type(value: Any, scalar: type) -> bool:
+    """A YAML or stored value of a scalar setting type (no bool for a number, str for a path)."""
+    if scalar is bool:
+        return isinstance(value, bool)
+    if isinstance(value, bool):
+        return False
+    if scalar is float:
+        return isinstance(value, int | float)
+    if scalar is Path:
+        return isinstance(value, str | Path)
+    return isinstance(value, scalar)
+
+
+def type_name(config_class: type, field: dataclasses.Field) -> str:
+    """How a setting's type reads in a message: `int`, `list of int`, `path or null`."""
+    scalar, is_list = field_type(config_class, field)
+    name = "path" if scalar is Path else getattr(scalar, "__name__", str(scalar))
+    count = field.metadata["nargs"] if isinstance(field.metadata["nargs"], int) else ""
+    name = f"list of {count} {name}".replace("  ", " ") if is_list else name
+    return f"{name} or null" if _is_optional(config_class, field) else name
+
+
+def has_setting_type(config_class: type, field: dataclasses.Field, value: Any) -> bool:
+    """Whether `value` fits the field's declared type (int, float, str, bool, Path, a list of
+    one of them, optionally None)."""
+    if value is None:
+        return _is_optional(config_class, field)
+    scalar, is_list = field_type(config_class, field)
+    if is_list:
+        count = field.metadata["nargs"]
+        if isinstance(count, int) and (not isinstance(value, list | tuple) or len(value) != count):
+            return False
+        return isinstance(value, list | tuple) and all(_has_type(item, scalar) for item in value)
+    return _has_type(value, scalar)
+
+
+def check_types(source: str, mapping: dict[str, Any], config_classes: Iterable[type]) -> None:
+    """Refuse a value of `mapping` (keys: field names or aliases) whose type is not its
+    setting's; one line naming `source`, the key, the value and the expected type."""
+    declared: dict[str, list[tuple[type, dataclasses.Field]]] = {}
+    for config_class in config_classes:
+        for field in dataclasses.fields(config_class):
+            for key in (field.name, *field.metadata["aliases"]):
+                declared.setdefault(key, []).append((config_class, field))
+    for key, value in mapping.items():
+        fields = declared.get(key)
+        if fields and not any(has_setting_type(cls, field, value) for cls, field in fields):
+            expected = type_name(*fields[0])
+            msg = f"{source}: {key} is {value!r}, expected a value of type {expected}; fix it there"
+            raise ConfigError(msg)
+
+
 def _shift(value: Any, offset: int) -> Any:
     if offset == 0 or value is None:
         return value
@@ -135,9 +200,13 @@ def keys_of(*config_classes: type) -> set[str]:
     return keys
 
 
-def from_mapping(config_class: type, mapping: dict[str, Any]) -> Any:
+def from_mapping(
+    config_class: type, mapping: dict[str, Any], source: str = "the stored config"
+) -> Any:
     """An instance from a mapping of field names or aliases (other keys are ignored, missing
-    fields take their defaults): how a checkpoint's stored config is read back."""
+    fields take their defaults): how a checkpoint's stored config is read back. A value of the
+    wrong type raises ConfigError naming `source` (`check_types`)."""
+    check_types(source, mapping, [config_class])
     values = {}
     for field in dataclasses.fields(config_class):
         if field.name in mapping:
@@ -185,8 +254,10 @@ def validate(config: Any) -> None:
             continue
         values = value if isinstance(value, list) else [value]
         if meta["choices"] is not None and any(item not in meta["choices"] for item in values):
+            wrong = next(item for item in values if item not in meta["choices"])
+            hint = did_you_mean(str(wrong), [str(choice) for choice in meta["choices"]])
             choices = ", ".join(str(choice) for choice in meta["choices"])
-            raise ConfigError(f"--{field.name} {value} is not one of {choices}")
+            raise ConfigError(f"--{field.name} {value} is not one of {choices}{hint}")
         if meta["minimum"] is not None and any(item < meta["minimum"] for item in values):
             raise ConfigError(f"--{field.name} {value} must be >= {meta['minimum']:g}")
         if meta["maximum"] is not None and any(item > meta["maximum"] for item in values):
@@ -252,8 +323,10 @@ def add_settings(
                 kwargs["action"] = argparse.BooleanOptionalAction
             else:
                 kwargs.update(type=scalar, nargs=nargs)
-                if meta["choices"] is not None:
-                    kwargs["choices"] = meta["choices"]
+                if meta["choices"] is not None and "metavar" not in kwargs:
+                    # checked by `validate` (a near miss gets a "did you mean"), shown as argparse
+                    # shows choices
+                    kwargs["metavar"] = "{" + ",".join(str(item) for item in meta["choices"]) + "}"
             parser.add_argument(f"--{field.name}", **kwargs)
         for alias, offset in meta["aliases"].items():
             if alias in seen:
@@ -360,7 +433,11 @@ def override(config: Any, overrides: dict[str, Any], path: Path) -> Any:
                 raise CheckpointError(msg)
             continue
         changes[key] = value
-    return dataclasses.replace(config, **changes) if changes else config
+    if not changes:
+        return config
+    changed = dataclasses.replace(config, **changes)
+    validate(changed)  # the flags' choices and bounds, as for the script's own settings
+    return changed
 
 
 # ---------------------------------------------------------------------------------------------
@@ -370,46 +447,80 @@ def override(config: Any, overrides: dict[str, Any], path: Path) -> Any:
 def parse_with_config(
     parser: argparse.ArgumentParser,
     argv: list[str] | None,
-    known: set[str],
+    config_classes: Iterable[type],
     ignore: set[str] | frozenset[str] = frozenset(),
     model: str | None = None,
 ) -> argparse.Namespace:
     """Parse `argv` over the defaults of `--config FILE` (if given).
 
-    A YAML key outside `known` (the settings of the script's config classes and their aliases)
-    is an error, since a typo would otherwise be ignored; keys the parser has no flag for, and
-    keys in `ignore` (test.py: a training run's architecture and recipe, which the checkpoint
-    holds), are accepted and left out. A file whose `model` is not `model` is refused.
+    A YAML key that is no setting of `config_classes` (nor an alias) is an error, since a typo
+    would otherwise be ignored, and so is a value of the wrong type or a `command_line_only`
+    key; keys the parser has no flag for, and keys in `ignore` (test.py: a training run's
+    architecture and recipe, which the checkpoint holds), are accepted and left out. A file
+    whose `model` is not `model` is refused.
     """
+    config_classes = tuple(config_classes)
+    known = keys_of(*config_classes)
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config", type=Path, default=None)
     config_file = pre.parse_known_args(argv)[0].config
     if config_file is not None:
         defaults = load_yaml(config_file)
+        if not isinstance(defaults.get("model", ""), str):
+            raise ConfigError(f"{config_file}: model: {defaults['model']!r} is not a model name")
         if model is not None and defaults.get("model", model) != model:
             msg = f"{config_file} configures {defaults['model']}; pass --model {defaults['model']}"
             raise ConfigError(f"{msg} or a {model} file")
         unknown = sorted(set(defaults) - known - {"model"})
         if unknown:
             raise ConfigError(f"{config_file} has unknown keys {unknown}; valid: {sorted(known)}")
+        for key in sorted(set(defaults) & command_line_only(config_classes)):
+            msg = f"{config_file} sets {key}, which only the command line may: remove it there"
+            raise ConfigError(f"{msg} and pass --{key} if you mean it")
+        check_types(str(config_file), defaults, config_classes)
         applied = {key: value for key, value in defaults.items() if key not in ignore}
         parser.set_defaults(**parser_defaults(parser, applied))
     args = parser.parse_args(argv)
     args.config = config_file
+    for key in sorted(command_line_only(config_classes)):
+        if getattr(args, key, False):
+            logger.warning("--%s is on: %s", key, _help_of(config_classes, key))
     return args
+
+
+def command_line_only(config_classes: Iterable[type]) -> set[str]:
+    """Names and aliases of the `command_line_only` settings of the classes."""
+    return {
+        key
+        for config_class in config_classes
+        for field in dataclasses.fields(config_class)
+        if field.metadata["command_line_only"]
+        for key in (field.name, *field.metadata["aliases"])
+    }
+
+
+def _help_of(config_classes: Iterable[type], name: str) -> str:
+    for config_class in config_classes:
+        for field in dataclasses.fields(config_class):
+            if field.name == name:
+                return field.metadata["help"]
+    return ""
 
 
 def parse_config(
     parser: argparse.ArgumentParser,
     argv: list[str] | None,
     config_class: type,
-    known: set[str],
     override_classes: Iterable[type] = (),
     ignore: set[str] | frozenset[str] = frozenset(),
+    also_known: Iterable[type] = (),
 ) -> tuple[Any, dict[str, Any]]:
     """A script's settings: `argv` over `--config` defaults (`parse_with_config`) -> (a checked
-    `config_class` instance, the `add_overrides` settings given for `override_classes`)."""
-    args = parse_with_config(parser, argv, known, ignore)
+    `config_class` instance, the `add_overrides` settings given for `override_classes`).
+    `also_known`: other classes whose keys a `--config` file may hold (and `ignore`)."""
+    override_classes = tuple(override_classes)
+    classes = (config_class, *override_classes, *also_known)
+    args = parse_with_config(parser, argv, classes, ignore)
     config = from_namespace(config_class, args)
     validate(config)
     return config, given_overrides(args, override_classes)
@@ -435,16 +546,27 @@ def parser_defaults(parser: argparse.ArgumentParser, values: dict[str, Any]) -> 
 
 
 def load_yaml(path: Path) -> dict[str, Any]:
-    """A YAML mapping; a missing or malformed file raises ConfigError."""
+    """A YAML mapping of setting names; a missing, non-UTF-8 or malformed file raises a
+    one-line ConfigError (the file, line and column, and the parser's problem)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as error:
+        msg = f"config file {path} is not UTF-8 text (byte {error.start}); save it as UTF-8"
+        raise ConfigError(msg) from error
     except yaml.YAMLError as error:
-        raise ConfigError(f"config file {path} is not valid YAML: {error}") from error
+        mark = getattr(error, "problem_mark", None)
+        where = f" line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
+        problem = " ".join(str(getattr(error, "problem", None) or error).split())
+        msg = f"config file {path}{where} is not valid YAML ({problem}); fix it there"
+        raise ConfigError(msg) from error
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping of settings")
+    if any(not isinstance(key, str) for key in data):
+        bad = next(key for key in data if not isinstance(key, str))
+        raise ConfigError(f"config file {path} has a key {bad!r} that is no setting name")
     return data
 
 

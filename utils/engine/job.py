@@ -31,7 +31,6 @@ from utils.core.config import (
     add_settings,
     from_mapping,
     from_namespace,
-    keys_of,
     load_yaml,
     parse_with_config,
     parser_defaults,
@@ -152,8 +151,7 @@ def parse_args(argv: list[str] | None = None, model: str = "aaclip") -> Training
     """A training command line of `model` -> its checked job."""
     model_type = model_class(model)
     parser = build_parser(model_type)
-    known = keys_of(RunConfig, model_type.config_class)
-    args = parse_with_config(parser, argv, known, model=model)
+    args = parse_with_config(parser, argv, (RunConfig, model_type.config_class), model=model)
     inherited_from = None
     if model_type.config_class.base_checkpoints:
         inherited_from = inherit_base_settings(model_type, args, argv)
