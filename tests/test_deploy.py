@@ -24,8 +24,8 @@ import train
 from datasets.folder import ImageFolder, collate
 from models.predictor import AnomalyPredictor
 from models.registry import load_trained_model
-from utils.core.errors import ConfigError
-from utils.deploy import export
+from utils.core.errors import CheckpointError, ConfigError
+from utils.deploy import export, field
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["--device", "cpu", "--training_mode", "few_shot", "--shot", "4"]
@@ -229,3 +229,134 @@ def test_cross_attention_both_and_missing_packages_are_one_line(tiny_clip, monke
     monkeypatch.setattr(importlib, "import_module", without_onnxruntime)
     with pytest.raises(ConfigError, match="pip install -r requirements-deploy.txt"):
         export.require("onnxruntime", "--backend onnxruntime")
+
+
+def _copy_export(folders, tmp_path) -> Path:
+    folder = tmp_path / "export"
+    shutil.copytree(folders["aaclip"], folder)
+    return folder
+
+
+def _edit_info(folder: Path, edit) -> None:
+    info = json.loads((folder / "model.json").read_text())
+    edit(info)
+    (folder / "model.json").write_text(json.dumps(info))
+
+
+def _outside(tmp_path: Path) -> Path:
+    target = tmp_path / "elsewhere.onnx"
+    target.write_bytes(b"x")
+    return target
+
+
+@pytest.mark.parametrize(
+    ("tamper", "named"),
+    [
+        (
+            lambda f, t: (f / "model.json").write_text((f / "model.json").read_text()[:300]),
+            "model.json cannot be read",
+        ),
+        (lambda f, t: _edit_info(f, lambda i: i.pop("classes")), "has no value for classes"),
+        (lambda f, t: _edit_info(f, lambda i: i.update(k_shot="0")), "has a str for k_shot"),
+        (
+            lambda f, t: _edit_info(f, lambda i: i["graphs"].update(onnx="../x/model.onnx")),
+            "inside its folder only",
+        ),
+        (
+            lambda f, t: _edit_info(f, lambda i: i["graphs"].update(onnx=str(_outside(t)))),
+            "inside its folder only",
+        ),
+        (
+            lambda f, t: ((f / "model.onnx").unlink(), (f / "model.onnx").symlink_to(_outside(t))),
+            "a link out of its folder",
+        ),
+        (
+            lambda f, t: (f / "model.onnx").write_bytes((f / "model.onnx").read_bytes() + b"\0"),
+            "model.onnx is not the file model.json records",
+        ),
+        (
+            lambda f, t: _edit_info(f, lambda i: i["files"].update({"model.onnx": "0" * 64})),
+            "export_id that is not the hash of its files",
+        ),
+        (
+            lambda f, t: _edit_info(f, lambda i: i["preprocessing"].update(size=96)),
+            "preprocesses to 96 px; the graph takes [64, 64]",
+        ),
+        (
+            lambda f, t: _edit_info(f, lambda i: i["preprocessing"].update(geometry="letterbox")),
+            "the graph takes no valid mask",
+        ),
+    ],
+)
+def test_an_export_proves_it_is_what_it_says(
+    exports, tmp_path, one_line_error, monkeypatch, tamper, named
+):
+    data_root, _, folders = exports
+    folder = _copy_export(folders, tmp_path)
+    tamper(folder, tmp_path)
+    monkeypatch.setattr(ImageFolder, "__getitem__", lambda *args: pytest.fail("image read"))
+    argv = ["score", "--checkpoint", str(folder), "--backend", BACKENDS[0], "--no_overlays"]
+    argv += ["--input", str(data_root / CLASS / "test"), "--out", str(tmp_path / "out")]
+    assert predict.main(argv) == 2
+    message = one_line_error()
+    assert named in message, message
+    assert [file.name for file in (tmp_path / "out").iterdir()] == ["predict.log"]
+
+
+def test_skip_hash_check_opens_an_edited_graph_and_says_so(exports, tmp_path, caplog):
+    import onnx
+
+    _, _, folders = exports
+    folder = _copy_export(folders, tmp_path)
+    graph = onnx.load(str(folder / "model.onnx"))
+    graph.doc_string = "edited on purpose"
+    onnx.save(graph, str(folder / "model.onnx"))
+    with pytest.raises(CheckpointError, match="--skip_hash_check"):
+        export.ExportedPredictor(folder, BACKENDS[0])
+    export.ExportedPredictor(folder, BACKENDS[0], skip_hash_check=True)
+    assert "--skip_hash_check: the files of" in caplog.text
+    argv = ["score", "--checkpoint", str(folder), "--input", "x", "--out", "y", "--skip_hash_check"]
+    assert predict.parse_args(argv)[1].skip_hash_check
+
+
+def test_a_changed_mean_in_model_json_is_applied(exports, tmp_path):
+    _, _, folders = exports
+    folder = _copy_export(folders, tmp_path)
+    _edit_info(folder, lambda info: info["preprocessing"].update(mean=[0.5, 0.5, 0.5]))
+    assert export.ExportedPredictor(folder, BACKENDS[0]).preprocessing.mean == (0.5, 0.5, 0.5)
+
+
+def test_an_export_replaces_its_folder_whole(
+    exports, tmp_path, caplog, one_line_error, monkeypatch
+):
+    _, runs, folders = exports
+    out = _copy_export(folders, tmp_path)  # export A: tile, with its calibration
+    assert (out / "calibration.json").is_file()
+    run = tmp_path / "run_b"  # the same weights without a calibration
+    shutil.copytree(runs["aaclip"], run)
+    (run / "calibration.json").unlink()
+    argv = ["export", "--checkpoint", str(run), "--out", str(out), "--class_name", "wood"]
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    before = {path.name: path.read_bytes() for path in out.iterdir()}
+    monkeypatch.setattr(field, "export_graph", interrupted)
+    assert predict.main(argv) == 130  # interrupted: A stays whole, no temporary folder left
+    assert {path.name: path.read_bytes() for path in out.iterdir()} == before
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["export", "run_b"]
+    monkeypatch.undo()
+
+    assert predict.main(argv) == 0  # export B into A's folder
+    info = json.loads((out / "model.json").read_text())
+    assert info["classes"] == [{"name": "wood", "prompt": "wood"}] and info["calibrations"] == {}
+    assert sorted(path.name for path in out.iterdir()) == ["model.json", "model.onnx"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["export", "run_b"]
+
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "mine.txt").write_text("keep")
+    argv[argv.index(str(out))] = str(tmp_path / "notes")
+    caplog.clear()
+    assert predict.main(argv) == 2
+    assert "is not an export" in one_line_error()
+    assert [path.name for path in (tmp_path / "notes").iterdir()] == ["mine.txt"]

@@ -55,8 +55,13 @@ def calibrated(checkpoint):
 
 
 def _read_scores(path):
+    """scores.csv's rows, with the `'` that guards a formula-like name taken off again."""
     with open(path, newline="") as handle:
-        return list(csv.DictReader(handle))
+        rows = list(csv.DictReader(handle))
+    for row in rows:
+        if row["file"][:2] in {"'" + start for start in "=+-@\t\r"}:
+            row["file"] = row["file"][1:]
+    return rows
 
 
 def test_calibration_thresholds_are_numpy_percentiles_of_the_normal_scores(calibrated):
@@ -496,3 +501,82 @@ def test_the_review_page_follows_its_hash_and_falls_back_on_a_malformed_one_in_c
     page, dumped = view(_variant(out / "index.html", tmp_path / "seeded.html", seed).as_uri())
     verdicts = {row["attrs"]["data-file"]: row["attrs"].get("data-verdict") for row in page.rows}
     assert verdicts[NASTY] == "override" and '<span id="verdicts">1</span>' in dumped
+
+
+def _no_nan(name: str) -> None:
+    raise AssertionError(f"bare {name} in a JSON file")
+
+
+def test_formula_like_names_are_quoted_in_the_csv_and_the_report_has_no_nan(calibrated, tmp_path):
+    data_root, save_path, _ = calibrated
+    folder = tmp_path / "incoming"
+    folder.mkdir()
+    names = ["=HYPERLINK(1).png", "+1.png", "-cmd.png", "@sum.png", "plain.png"]
+    for name in names:
+        _normal_image(data_root).save(folder / name)
+    labels = tmp_path / "labels.csv"
+    labels.write_text("file,label\n" + "".join(f"{name},0\n" for name in names))  # one class
+    out = tmp_path / "out"
+    argv = ["score", "--checkpoint", str(save_path), "--input", str(folder), "--out", str(out)]
+    assert predict.main([*argv, "--labels", str(labels), "--device", "cpu"]) == 0
+    with open(out / "scores.csv", newline="") as handle:
+        cells = {row["file"]: row for row in csv.DictReader(handle)}
+    assert sorted(cells) == sorted(f"'{name}" if name[0] in "=+-@" else name for name in names)
+    assert all(
+        row["image_z"] == "" or float(row["image_z"]) == float(row["image_z"])
+        for row in cells.values()
+    )  # numbers, negative ones too, stay numbers
+    report = json.loads((out / "report.json").read_text(), parse_constant=_no_nan)
+    assert report["ranking"]["image_score"]["auroc"] is None  # undefined with one label: null
+
+
+@pytest.mark.parametrize(
+    ("edit", "named"),
+    [
+        (lambda c: c["thresholds"].update(image=float("nan")), "thresholds.image is nan"),
+        (lambda c: c["thresholds"].update(image=float("inf")), "thresholds.image is inf"),
+        (lambda c: c["thresholds"].update(image="0.5"), "thresholds.image is '0.5'"),
+        (lambda c: c.pop("stats"), "stats.image.mean is missing"),
+        (lambda c: c.update(rule="majority"), "rule is 'majority'"),
+    ],
+)
+def test_a_calibration_that_cannot_decide_is_one_line_before_any_image(
+    calibrated, tmp_path, monkeypatch, one_line_error, edit, named
+):
+    data_root, save_path, _ = calibrated
+    calibration = json.loads((save_path / "calibration.json").read_text())
+    edit(calibration)
+    path = tmp_path / "edited.json"
+    path.write_text(json.dumps(calibration))
+    monkeypatch.setattr(ImageFolder, "__getitem__", lambda *args: pytest.fail("image read"))
+    argv = ["score", "--checkpoint", str(save_path), "--calibration", str(path), "--device", "cpu"]
+    out = tmp_path / "out"
+    assert predict.main([*argv, "--input", str(data_root / CLASS / "test"), "--out", str(out)]) == 2
+    message = one_line_error()
+    assert named in message and "recalibrate" in message
+    assert [file.name for file in out.iterdir()] == ["predict.log"]  # the run's log only
+    assert sorted(file.name for file in tmp_path.iterdir()) == ["edited.json", "out"]
+
+
+@pytest.mark.parametrize(
+    ("content", "named"),
+    [
+        (None, "does not exist"),
+        ("name,value\ngood/000.png,0\n", "header with columns file,label"),
+        ("file,label\ngood/000.png,2\n", "is not 0 or 1"),
+        ("file,label\nelsewhere/x.png,1\n", "has a label in"),
+    ],
+)
+def test_labels_are_checked_before_any_image(
+    calibrated, tmp_path, monkeypatch, one_line_error, content, named
+):
+    data_root, save_path, _ = calibrated
+    labels = tmp_path / "labels.csv"
+    if content is not None:
+        labels.write_text(content)
+    monkeypatch.setattr(ImageFolder, "__getitem__", lambda *args: pytest.fail("image read"))
+    out = tmp_path / "out"
+    argv = ["score", "--checkpoint", str(save_path), "--labels", str(labels), "--device", "cpu"]
+    assert predict.main([*argv, "--input", str(data_root / CLASS / "test"), "--out", str(out)]) == 2
+    assert named in one_line_error()
+    assert [file.name for file in out.iterdir()] == ["predict.log"]

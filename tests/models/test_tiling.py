@@ -148,7 +148,7 @@ def test_an_export_scores_tiles_as_the_checkpoint_does(tmp_path):
     torch.manual_seed(0)
     predictor = AnomalyPredictor(tiny_model("feclip", preprocess="letterbox"))  # valid masks in
     info = {
-        "model": {"name": "feclip"},
+        "model": {"name": "feclip", "checkpoint_sha256": "0" * 64},
         "classes": [{"name": "object", "prompt": "object"}],
         "k_shot": 0,
     }

@@ -18,6 +18,7 @@ import hashlib
 import logging
 import os
 import pickle
+import shutil
 import signal
 import tempfile
 import threading
@@ -114,6 +115,49 @@ def _atomic_write(path: Path, write: Any, mode: str) -> None:
         if _is_write_failure(error):
             raise _storage_error(path, error) from error
         raise
+
+
+@contextlib.contextmanager
+def replaced_folder(folder: Path) -> Iterator[Path]:
+    """A new temporary folder beside `folder` to fill; when the block ends without error it
+    becomes `folder` whole (the previous one renamed aside, the new one renamed in, the old one
+    removed), so no file of the previous contents stays beside the new ones. An error or an
+    interruption removes the temporary folder and leaves `folder` as it was."""
+    folder = Path(folder)
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(
+            tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent)
+        )
+        staging.chmod(0o777 & ~_umask())  # mkdtemp's 0700 would hide the folder from the group
+    except OSError as error:
+        raise _storage_error(folder, error) from error
+    try:
+        yield staging
+        with _signals_deferred():
+            try:
+                _swap(staging, folder)
+            except OSError as error:
+                raise _storage_error(folder, error) from error
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _swap(staging: Path, folder: Path) -> None:
+    """Rename `folder` aside, `staging` in its place, remove the old one; on a failed rename
+    the old one goes back."""
+    aside = None
+    if folder.exists():
+        aside = staging.with_name(f"{staging.name.removesuffix('.tmp')}.old.tmp")
+        os.rename(folder, aside)
+    try:
+        os.rename(staging, folder)
+    except OSError:
+        if aside is not None:
+            os.rename(aside, folder)
+        raise
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
 
 
 def _non_finite(value: Any, key: str = "") -> str:

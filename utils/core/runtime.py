@@ -53,6 +53,7 @@ class RuntimeConfig:
         False,
         "allow loading checkpoints that need pickle (the original code's; pickle can run code)",
         kind=RUN,
+        command_line_only=True,
     )
     progress: bool = setting(
         True,
@@ -66,6 +67,19 @@ class RuntimeConfig:
         "where the device computes it natively, else fp32); maps and losses stay float32",
         kind=RUN,
         choices=AMP_CHOICES,
+    )
+
+
+@dataclasses.dataclass
+class ExportReadConfig:
+    """How a script opens an export folder (predict.py calibrate/score, test.py --export)."""
+
+    skip_hash_check: bool = setting(
+        False,
+        "open an export whose graph files differ from the SHA-256 its model.json records (for a "
+        "graph edited on purpose; a warning is logged)",
+        kind=RUN,
+        command_line_only=True,
     )
 
 

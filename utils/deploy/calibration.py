@@ -22,11 +22,12 @@ import logging
 import math
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
 
+from datasets.preprocessing import Preprocessing
 from utils.core.checkpoint import atomic_write
 from utils.core.errors import CheckpointError, ConfigError, DataError
 from utils.evaluation.metrics import auroc, average_precision
@@ -197,19 +198,112 @@ def save_calibration(path: Path | str, calibration: dict[str, Any]) -> Path:
 
 
 def load_calibration(path: Path | str) -> dict[str, Any]:
-    """Read a calibration JSON written by `save_calibration`."""
+    """Read a calibration JSON written by `save_calibration`, checked whole (`check_calibration`)
+    before any image is scored."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no calibration at {path}; run `predict.py calibrate` first")
     try:
         calibration = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise CheckpointError(f"{path} is not a calibration JSON ({error}); recalibrate") from error
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise CheckpointError(f"{path} is not a calibration JSON ({reason}); recalibrate") from None
     if not isinstance(calibration, dict) or calibration.get("format") != FORMAT_VERSION:
         raise CheckpointError(
             f"{path} is not a calibration of format {FORMAT_VERSION}; recalibrate"
         )
+    check_calibration(calibration, path)
+    try:
+        json.dumps(calibration, allow_nan=False)
+    except ValueError:
+        raise CheckpointError(f"{path} holds NaN or Infinity; recalibrate") from None
     return calibration
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_calibration(calibration: dict[str, Any], path: Path | str) -> None:
+    """Every key `score` and `export` read, with its type: finite thresholds and statistics,
+    known rule, reduction and percentile, the preprocessing, tiling, model and graph records.
+    A CheckpointError names the first key that is wrong."""
+
+    def fail(key: str, expected: str) -> NoReturn:
+        raise CheckpointError(
+            f"{path}: {key} is {_shown(calibration, key)}, not {expected}; recalibrate with "
+            "predict.py calibrate (a hand-edited calibration cannot decide)"
+        )
+
+    def need(key: str, valid: Any, expected: str, optional: bool = False) -> None:
+        try:
+            value = _at(calibration, key)
+        except (KeyError, TypeError):
+            if optional:  # written before the key was recorded: read as None
+                return
+            fail(key, expected)
+        if not valid(value):
+            fail(key, expected)
+
+    number = "a finite number"
+    need("percentile", lambda v: _finite(v) and 0 <= v <= 100, "a number in [0, 100]")
+    need("rule", lambda v: v in RULES, f"one of {', '.join(RULES)}")
+    need("reduction", lambda v: v in REDUCTIONS, f"one of {', '.join(REDUCTIONS)}")
+    need("top_fraction", lambda v: _finite(v) and 0 < v <= 1, "a number in (0, 1]")
+    for name in ("image", *REDUCTIONS):
+        need(f"thresholds.{name}", _finite, number)
+    for name in ("image", *REDUCTIONS, "mean"):
+        for key in ("mean", "median"):
+            need(f"stats.{name}.{key}", _finite, number)
+        need(f"stats.{name}.std", lambda v: _finite(v) and v >= 0, "a finite number >= 0")
+    need("class_name", lambda v: isinstance(v, str) and v, "a class name")
+    need("domain", lambda v: isinstance(v, str), "a domain name")
+    need("amp", lambda v: isinstance(v, str), "an autocast name")
+    need("overrides", lambda v: isinstance(v, dict), "a dict of model settings")
+    need("model.name", lambda v: isinstance(v, str), "a model name")
+    need("model.checkpoint_sha256", lambda v: v is None or isinstance(v, str), "a SHA-256")
+    need("tiling", lambda v: v is None or _is_tiling(v), "null or {tile, overlap, scale}", True)
+    need("graph", lambda v: v is None or _is_graph(v), "a graph record (backend, export_id)", True)
+    try:
+        Preprocessing.from_dict(calibration.get("preprocessing"), str(path))
+    except ConfigError as error:
+        raise CheckpointError(f"{error}; recalibrate") from None
+
+
+def _at(record: dict[str, Any], key: str) -> Any:
+    """`record["a"]["b"]` for key "a.b"."""
+    value: Any = record
+    for part in key.split("."):
+        value = value[part]
+    return value
+
+
+def _shown(record: dict[str, Any], key: str) -> str:
+    try:
+        return repr(_at(record, key))[:60]
+    except (KeyError, TypeError):
+        return "missing"
+
+
+def _is_tiling(value: Any) -> bool:
+    return (
+        isinstance(value, dict)
+        and isinstance(value.get("tile"), int)
+        and all(_finite(value.get(key)) for key in ("overlap", "scale"))
+    )
+
+
+def _is_graph(value: Any) -> bool:
+    if not isinstance(value, dict) or value.get("backend") not in (
+        "torch",
+        "onnxruntime",
+        "openvino",
+    ):
+        return False
+    exported = value["backend"] != "torch"
+    return not exported or all(
+        isinstance(value.get(key), str) for key in ("export_id", "precision")
+    )
 
 
 def tpr_at_fpr(scores: np.ndarray, labels: np.ndarray, fpr: float) -> float:

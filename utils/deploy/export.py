@@ -11,7 +11,8 @@ runtime needs to feed it and to decide: the predictor's exact preprocessing
 the classes (name and prompt), the domain, the k-shot support, the precision, the model settings
 given, the calibration when there is one, the SHA-256 of every graph file and what produced it
 (model name and config, checkpoint hash). `ExportedPredictor` rebuilds that preprocessing from
-model.json and applies exactly it.
+model.json and applies exactly it; opening a folder (`read_info`) checks model.json whole, its
+file names (inside the folder), `export_id` against `files` and each file against its SHA-256.
 
 Precisions (`--precision`, OpenVINO graphs): fp32; bf16, OpenVINO's inference precision hint,
 only where the CPU computes bf16 natively (AMX, AVX512-bf16); int8, NNCF's post-training
@@ -341,7 +342,7 @@ def export(
         "inputs": inputs,
         "outputs": {"anomaly_map": "[B, S, S] float32", "image_score": "[B] float32"},
         "files": files,
-        "export_id": hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest(),
+        "export_id": export_id(files),
         "opset": OPSET,
         "precision": precision,
         **({"accuracy_control": control} if control is not None else {}),
@@ -352,6 +353,19 @@ def export(
     text = json.dumps(description, indent=2, default=str) + "\n"
     atomic_write(out_dir / INFO_FILE, lambda file: file.write(text), mode="w")
     return targets
+
+
+def check_out(out_dir: Path) -> None:
+    """`--out` is new, empty or an export (an export is replaced whole); another folder with
+    files is refused, so no file of it ends up beside a graph."""
+    out_dir = Path(out_dir)
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir() or (any(out_dir.iterdir()) and not (out_dir / INFO_FILE).is_file()):
+        raise ConfigError(
+            f"--out {out_dir} holds files but no {INFO_FILE}, so it is not an export; an export "
+            "replaces its whole folder: choose a new or empty one"
+        )
 
 
 def record_calibrations(model_dir: Path, calibrations: dict[str, dict[str, Any]]) -> None:
@@ -373,15 +387,122 @@ def record_calibrations(model_dir: Path, calibrations: dict[str, dict[str, Any]]
     atomic_write(Path(model_dir) / INFO_FILE, lambda file: file.write(text), mode="w")
 
 
-def read_info(model_dir: Path) -> dict[str, Any]:
-    """The `model.json` of an export folder, or a one-line error."""
+def _fail(path: Path, what: str) -> CheckpointError:
+    return CheckpointError(f"{path} {what}; export it again with predict.py export")
+
+
+def _inside(model_dir: Path, name: Any, key: str) -> Path:
+    """`model_dir / name` for a file name model.json lists: relative, and inside the folder
+    once symlinks are followed; otherwise a CheckpointError."""
+    info = Path(model_dir) / INFO_FILE
+    if (
+        not isinstance(name, str)
+        or not name
+        or Path(name).is_absolute()
+        or ".." in Path(name).parts
+    ):
+        raise _fail(info, f"lists {key} {name!r}: an export names files inside its folder only")
+    path = Path(model_dir) / name
+    if not path.resolve().is_relative_to(Path(model_dir).resolve()):
+        raise _fail(info, f"lists {key} {name!r}, a link out of its folder {model_dir}")
+    if not path.is_file():
+        raise CheckpointError(
+            f"{model_dir} lacks {name}, which its {INFO_FILE} lists; copy the whole export folder"
+        )
+    return path
+
+
+INFO_TYPES = {
+    "graphs": dict,
+    "inputs": list,
+    "files": dict,
+    "export_id": str,
+    "precision": str,
+    "preprocessing": dict,
+    "domain": str,
+    "model": dict,
+    "classes": list,
+    "k_shot": int,
+}
+
+
+def _check_info(info: Any, model_dir: Path) -> None:
+    """model.json's keys and types, and its graphs' and files' names (see `_inside`)."""
     path = Path(model_dir) / INFO_FILE
+    if not isinstance(info, dict):
+        raise _fail(path, f"holds a {type(info).__name__}, not an export's description")
+    for key, kind in INFO_TYPES.items():
+        value = info.get(key)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            shown = "no value" if key not in info else f"a {type(value).__name__}"
+            raise _fail(path, f"has {shown} for {key}, not a {kind.__name__}")
+    checks = {
+        "precision": info["precision"] in PRECISIONS,
+        "k_shot": info["k_shot"] >= 0,
+        "model": isinstance(info["model"].get("name"), str)
+        and isinstance(info["model"].get("checkpoint_sha256"), str),
+        "classes": bool(info["classes"])
+        and all(
+            isinstance(entry, dict)
+            and all(isinstance(entry.get(k), str) for k in ("name", "prompt"))
+            for entry in info["classes"]
+        ),
+        "inputs": info["inputs"][:1] == ["image"]
+        and set(info["inputs"]) <= {"image", "valid_mask", "class_index"},
+        "graphs": bool(info["graphs"]) and set(info["graphs"]) <= set(FORMATS),
+        "files": all(
+            isinstance(digest, str) and len(digest) == 64 for digest in info["files"].values()
+        ),
+    }
+    for key, valid in checks.items():
+        if not valid:
+            raise _fail(path, f"has a malformed {key} ({str(info[key])[:80]})")
+    for fmt, name in info["graphs"].items():
+        _inside(model_dir, name, f"graph {fmt}")
+        needed = [name, *([str(Path(name).with_suffix(".bin"))] if fmt == "openvino" else [])]
+        for file in needed:
+            if file not in info["files"]:
+                raise _fail(path, f"records no SHA-256 of {file}")
+    for name in info["files"]:
+        _inside(model_dir, name, "file")
+
+
+def read_info(model_dir: Path, skip_hash_check: bool = False) -> dict[str, Any]:
+    """The `model.json` of an export folder, checked: every key with its type, graph and file
+    names inside the folder, `export_id` the hash of `files`, and each file's SHA-256 the one
+    `files` records (unless `skip_hash_check`: a warning). Otherwise a one-line error."""
+    model_dir = Path(model_dir)
+    path = model_dir / INFO_FILE
     if not path.is_file():
         raise CheckpointError(
             f"{model_dir} holds no {INFO_FILE}; with --backend onnxruntime or openvino pass the "
             "folder `predict.py export --out` wrote"
         )
-    return json.loads(path.read_text())
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise _fail(path, f"cannot be read ({reason})") from None
+    _check_info(info, model_dir)
+    if info["export_id"] != export_id(info["files"]):
+        raise _fail(path, "has an export_id that is not the hash of its files: it was edited")
+    if skip_hash_check:
+        logger.warning(
+            "--skip_hash_check: the files of %s are not checked against %s", model_dir, INFO_FILE
+        )
+        return info
+    for name, digest in info["files"].items():
+        if file_sha256(model_dir / name) != digest:
+            raise CheckpointError(
+                f"{model_dir / name} is not the file {INFO_FILE} records (its SHA-256 differs): "
+                "export again, or pass --skip_hash_check if you changed it on purpose"
+            )
+    return info
+
+
+def export_id(files: dict[str, str]) -> str:
+    """An export's identity: the SHA-256 of its files' names and hashes."""
+    return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
 
 
 class ExportedPredictor:
@@ -393,8 +514,8 @@ class ExportedPredictor:
 
     amp = "none"  # graphs are float32 (bf16 and int8 inside OpenVINO)
 
-    def __init__(self, model_dir: Path, backend: str) -> None:
-        self.info = read_info(model_dir)
+    def __init__(self, model_dir: Path, backend: str, skip_hash_check: bool = False) -> None:
+        self.info = read_info(model_dir, skip_hash_check)
         self.backend = backend
         self.preprocessing = Preprocessing.from_dict(
             self.info.get("preprocessing"), f"{Path(model_dir) / INFO_FILE}"
@@ -418,6 +539,7 @@ class ExportedPredictor:
             path = Path(model_dir) / graphs["onnx"]
             session = runtime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
             self.inputs = [node.name for node in session.get_inputs()]
+            side = [dim if isinstance(dim, int) else None for dim in session.get_inputs()[0].shape]
             self._run = lambda feed: session.run(list(OUTPUTS), feed)
         elif backend == "openvino":
             path = Path(model_dir) / graphs.get("openvino", graphs.get("onnx"))  # reads ONNX too
@@ -432,6 +554,8 @@ class ExportedPredictor:
             hint = {"INFERENCE_PRECISION_HINT": OPENVINO_HINTS[self.precision]}
             compiled = openvino.Core().compile_model(str(path), "CPU", hint)
             self.inputs = [node.get_any_name() for node in compiled.inputs]
+            shape = compiled.inputs[0].get_partial_shape()
+            side = [dim.get_length() if dim.is_static else None for dim in shape]
             outputs = [compiled.output(name) for name in OUTPUTS]
 
             def run(feed: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -441,6 +565,22 @@ class ExportedPredictor:
             self._run = run
         else:
             raise ConfigError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS[1:])}")
+        self._check_graph_inputs(Path(model_dir) / INFO_FILE, side[-2:])
+
+    def _check_graph_inputs(self, info_path: Path, side: list[int | None]) -> None:
+        """model.json's inputs and preprocessing are the graph's: its input names, its image
+        side, and the valid mask exactly when the preprocessing pads (never ignored)."""
+        size, pads = self.preprocessing.size, self.preprocessing.pads
+        if sorted(self.inputs) != sorted(self.info["inputs"]):  # fed by name
+            raise _fail(info_path, f"lists inputs {self.info['inputs']}, the graph {self.inputs}")
+        if side != [size, size]:
+            raise _fail(info_path, f"preprocesses to {size} px; the graph takes {side} images")
+        if pads != ("valid_mask" in self.inputs):
+            graph = "takes a valid mask" if not pads else "takes no valid mask"
+            raise _fail(
+                info_path,
+                f"preprocesses with geometry {self.preprocessing.geometry}; the graph {graph}",
+            )
 
     @property
     def device(self) -> torch.device:
@@ -484,10 +624,14 @@ class ExportedPredictor:
 
 
 def open_export(
-    model_dir: Path | None, backend: str, overrides: dict[str, Any]
+    model_dir: Path | None,
+    backend: str,
+    overrides: dict[str, Any],
+    skip_hash_check: bool = False,
 ) -> ExportedPredictor:
     """An export folder's predictor for a command that was given `overrides` (model settings):
-    none may change an export, whose model and preprocessing are fixed."""
+    none may change an export, whose model and preprocessing are fixed. `skip_hash_check`:
+    `--skip_hash_check` (see `read_info`)."""
     if model_dir is None:
         raise ConfigError(f"--backend {backend} scores an export: pass its folder")
     if overrides:
@@ -495,4 +639,4 @@ def open_export(
             f"an export's model and preprocessing are fixed; {sorted(overrides)} cannot change "
             "them: export again with those flags"
         )
-    return ExportedPredictor(model_dir, backend)
+    return ExportedPredictor(model_dir, backend, skip_hash_check)

@@ -9,8 +9,9 @@ class, domain and overrides, and the data it saw (utils/deploy/calibration.py). 
 calibration's class, domain and overrides unless flags override them, and writes `scores.csv`,
 one heat-map overlay per image over the region the model saw, at the image's resolution
 (`overlays/<folder>/<stem>_overlay.png`, padding cropped away), with `--labels` `report.json` /
-`report.md`, and the review page `index.html` with its thumbnails (utils/deploy/review.py). An
-unreadable file becomes a row with an error, not a stopped run. `export` writes a graph
+`report.md` (no bare NaN: `null`), and the review page `index.html` with its thumbnails
+(utils/deploy/review.py). An unreadable file becomes a row with an error, not a stopped run; a
+scores.csv cell a spreadsheet would run as a formula gets a leading `'`. `export` writes a graph
 (utils/deploy/export.py); `score --backend onnxruntime|openvino` scores with it, through the
 preprocessing its model.json records.
 """
@@ -49,16 +50,24 @@ from models.base import FrozenCLIPModel
 from models.predictor import AnomalyPredictor
 from models.registry import MODELS, find_checkpoint, load_trained_model
 from models.tiling import TiledPredictor, tiled
-from utils.core.checkpoint import atomic_write, check_writable, file_sha256
+from utils.core.checkpoint import atomic_write, check_writable, file_sha256, replaced_folder
 from utils.core.config import RUN, setting
 from utils.core.errors import ConfigError, DataError
-from utils.core.runtime import RuntimeConfig, loader_workers, progress, resolve_device
+from utils.core.names import safe_name
+from utils.core.runtime import (
+    ExportReadConfig,
+    RuntimeConfig,
+    loader_workers,
+    progress,
+    resolve_device,
+)
 from utils.deploy import calibration as calib
 from utils.deploy.export import (
     BACKENDS,
     FORMATS,
     PRECISIONS,
     ExportedPredictor,
+    check_out,
     check_precision,
     open_export,
     quantize,
@@ -87,6 +96,7 @@ SCORE_COLUMNS = (
     "fired",
     "error",
 )
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")  # what spreadsheets read as a formula
 # Original-code files store no backbone: in the field they default to the paper's (ViT-L-14-336).
 FIELD_DATASET = "Folder"
 
@@ -96,7 +106,7 @@ FIELD_DATASET = "Folder"
 
 
 @dataclasses.dataclass
-class FieldConfig(RuntimeConfig):
+class FieldConfig(ExportReadConfig, RuntimeConfig):
     """What every predict.py command reads: the trained model, the class and domain it scores."""
 
     unused: ClassVar[tuple[str, ...]] = ("seed",)  # RuntimeConfig flags a command has no use for
@@ -202,7 +212,8 @@ class ScoreConfig(TileConfig, FieldConfig):
 class ExportConfig(FieldConfig, Thresholds):
     """`predict.py export`: a graph that runs without this code (traced on the CPU)."""
 
-    unused: ClassVar[tuple[str, ...]] = ("seed", "device", "num_workers", "amp")
+    # skip_hash_check: the export opened here is the one just written
+    unused: ClassVar[tuple[str, ...]] = ("seed", "device", "num_workers", "amp", "skip_hash_check")
 
     format: list[str] = setting(
         ["onnx"],
@@ -538,7 +549,9 @@ def calibrate(config: CalibrateConfig, overrides: dict[str, Any]) -> Path:
         provenance, graph = _provenance(name, file, payload), {"backend": "torch"}
         class_name = field_class(config.class_name, payload)
     else:
-        predictor = open_export(config.checkpoint, config.backend, overrides)
+        predictor = open_export(
+            config.checkpoint, config.backend, overrides, config.skip_hash_check
+        )
         provenance, graph = predictor.info["model"], graph_record(predictor)
         class_name = config.class_name or predictor.classes[0]["prompt"]
         _check_export(predictor, class_name, config.domain or predictor.domain)
@@ -591,11 +604,22 @@ def read_labels(path: Path, files: list[str]) -> dict[str, int]:
     return labels
 
 
+def _csv_cell(value: Any) -> Any:
+    """A text cell a spreadsheet would run as a formula (=, +, -, @, tab, CR first) gets a
+    leading `'`; numbers stay numbers."""
+    if isinstance(value, str) and value[:1] in FORMULA_STARTS:
+        try:
+            float(value)
+        except ValueError:
+            return "'" + value
+    return value
+
+
 def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=SCORE_COLUMNS, lineterminator="\n")
     writer.writeheader()
-    writer.writerows(rows)
+    writer.writerows({key: _csv_cell(value) for key, value in row.items()} for row in rows)
     atomic_write(path, lambda file: file.write(buffer.getvalue()), mode="w")
 
 
@@ -737,7 +761,17 @@ def _with_class(feed: dict[str, np.ndarray], index: int, several: bool) -> dict[
 
 
 def export(config: ExportConfig, overrides: dict[str, Any]) -> dict[str, Path]:
-    """Write the export folder; returns {format: graph path}. The calibration's class, domain
+    """Write the export folder whole; returns {format: graph path}. It is written into a
+    temporary folder beside --out that then replaces --out (an export, or a new or empty
+    folder): a failed or interrupted export leaves the previous one intact, and no calibration
+    or graph of the previous one stays beside the new graph."""
+    check_out(config.out)
+    with replaced_folder(config.out) as folder:
+        return _export_into(config, overrides, folder)
+
+
+def _export_into(config: ExportConfig, overrides: dict[str, Any], folder: Path) -> dict[str, Path]:
+    """`export` writing into `folder`, which becomes --out. The calibration's class, domain
     and model overrides are the defaults; flags win. With --calibration_dir the thresholds are
     calibrated on the exported graph itself (one calibration per class)."""
     check_precision(config.precision, config.format)
@@ -785,7 +819,7 @@ def export(config: ExportConfig, overrides: dict[str, Any]) -> dict[str, Path]:
     }
     targets = export_graph(
         predictor,
-        config.out,
+        folder,
         config.format,
         [entry["prompt"] for entry in classes],
         info,
@@ -793,19 +827,20 @@ def export(config: ExportConfig, overrides: dict[str, Any]) -> dict[str, Path]:
         config.precision,
         quantization,
     )
+    targets = {fmt: Path(config.out) / path.name for fmt, path in targets.items()}
     paths = ", ".join(str(path) for path in targets.values())
     names = ", ".join(repr(entry["name"]) for entry in classes)
     print(f"exported {name} ({config.precision}) for {names} ({domain}) -> {paths}")
     shipped: dict[str, tuple[str, dict[str, Any]]] = {}
     if config.calibration_dir is not None:
         backend = "openvino" if "openvino" in config.format else "onnxruntime"
-        exported = ExportedPredictor(config.out, backend)
+        exported = ExportedPredictor(folder, backend)
         for entry in classes:
-            folder = _class_folder(
+            normal = _class_folder(
                 config.calibration_dir, entry["name"], several, "--calibration_dir"
             )
             calibration = calibrate_on(
-                exported, folder, entry["prompt"], config, config.batch_size, None, config.progress
+                exported, normal, entry["prompt"], config, config.batch_size, None, config.progress
             )
             calibration.update(
                 {
@@ -814,14 +849,20 @@ def export(config: ExportConfig, overrides: dict[str, Any]) -> dict[str, Path]:
                     "overrides": overrides,
                 }
             )
-            stem = f"calibration_{entry['name']}" if several else "calibration"
-            path = calib.save_calibration(config.out / f"{stem}.json", calibration)
+            stem = safe_name(f"calibration_{entry['name']}") if several else "calibration"
+            path = calib.save_calibration(folder / f"{stem}.json", calibration)
             _report_calibration(calibration, path)
             shipped[entry["name"]] = (path.name, calibration)
-    elif recorded and config.precision == "fp32" and not several:
-        # an fp32 graph scores as the checkpoint does (tested to 1e-6): its thresholds fit
+    elif (
+        recorded
+        and config.precision == "fp32"
+        and not several
+        and recorded["class_name"] in (classes[0]["name"], classes[0]["prompt"])
+    ):
+        # an fp32 graph scores as the checkpoint does (tested to 1e-6): its thresholds fit,
+        # for the class they were calibrated on
         _check_calibration(recorded, calibration_file, name, predictor.preprocessing)
-        calib.save_calibration(config.out / "calibration.json", recorded)
+        calib.save_calibration(folder / "calibration.json", recorded)
         shipped[classes[0]["name"]] = ("calibration.json", recorded)
     else:
         logger.warning(
@@ -829,7 +870,7 @@ def export(config: ExportConfig, overrides: dict[str, Any]) -> dict[str, Path]:
             "--backend openvino --checkpoint %s --normal_dir DIR",
             config.out,
         )
-    record_calibrations(config.out, shipped)
+    record_calibrations(folder, shipped)
     return targets
 
 
@@ -921,6 +962,16 @@ def score(config: ScoreConfig, overrides: dict[str, Any]) -> dict[str, Any]:
             "scoring as %s but the thresholds come from %s maps", domain, calibration["domain"]
         )
     files = list_images(config.input)  # an empty folder fails before model loading
+    known_labels: dict[str, int] = {}
+    if config.labels is not None:  # a wrong labels file fails before any image is scored
+        known_labels = read_labels(
+            config.labels, [path.relative_to(config.input).as_posix() for path in files]
+        )
+        if not known_labels:
+            raise DataError(
+                f"no image under {config.input} has a label in {config.labels}; its file column "
+                "holds paths relative to --input (or unique base names)"
+            )
     if config.backend == "torch":
         overrides = {**calibration["overrides"], **overrides}
         name, file, model, _ = _load(config, overrides, resolve_device(config.device))
@@ -930,7 +981,9 @@ def score(config: ScoreConfig, overrides: dict[str, Any]) -> dict[str, Any]:
         checkpoint_sha256 = file_sha256(file)
         scoring_amp = predictor.amp
     else:
-        predictor = open_export(config.checkpoint, config.backend, overrides)
+        predictor = open_export(
+            config.checkpoint, config.backend, overrides, config.skip_hash_check
+        )
         file, exported = config.checkpoint, predictor.info
         name, checkpoint_sha256 = exported["model"]["name"], exported["model"]["checkpoint_sha256"]
         _check_export(predictor, class_name, domain)
@@ -1033,7 +1086,7 @@ def score(config: ScoreConfig, overrides: dict[str, Any]) -> dict[str, Any]:
     report, labelled = None, None
     if config.labels is not None:
         report, curves, labels = _report(
-            config, calibration_file, rows, scored, rule, reduction, calibration
+            config, calibration_file, rows, scored, rule, reduction, calibration, known_labels
         )
         labelled = {"report": report, "curves": curves, "labels": labels}
     review = {"backend": config.backend, "rule": rule, "reduction": reduction}
@@ -1047,6 +1100,17 @@ def score(config: ScoreConfig, overrides: dict[str, Any]) -> dict[str, Any]:
     return {"rows": rows, "report": report}
 
 
+def _null_nan(value: Any) -> Any:
+    """NaN and inf (an AUROC with one label only) as None: JSON has no NaN, `null` it has."""
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _null_nan(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_null_nan(item) for item in value]
+    return value
+
+
 def _report(
     config: ScoreConfig,
     calibration_file: Path,
@@ -1055,10 +1119,12 @@ def _report(
     rule: str,
     reduction: str,
     calibration: dict,
+    known_labels: dict[str, int],
 ) -> tuple[dict[str, Any], dict[str, tuple[np.ndarray, np.ndarray, float]], dict[str, int]]:
-    """report.json / report.md; returns the report, the review page's ROC curves and the
-    scored files' labels."""
-    labels = read_labels(config.labels, [rows[index]["file"] for index, _, _ in scored])
+    """report.json / report.md from `known_labels` (`read_labels` of the input's files); returns
+    the report, the review page's ROC curves and the scored files' labels."""
+    scored_files = {rows[index]["file"] for index, _, _ in scored}
+    labels = {file: label for file, label in known_labels.items() if file in scored_files}
     labelled = [(index, s, m) for index, s, m in scored if rows[index]["file"] in labels]
     if not labelled:
         raise DataError(f"no scored file has a label in {config.labels}; check its file column")
@@ -1078,7 +1144,7 @@ def _report(
         "unlabelled_scored": len(scored) - len(labelled),
     }
     text = calib.format_report(report)
-    body = json.dumps(report, indent=2, default=str) + "\n"
+    body = json.dumps(_null_nan(report), indent=2, default=str, allow_nan=False) + "\n"
     atomic_write(config.out / "report.json", lambda file: file.write(body), mode="w")
     atomic_write(config.out / "report.md", lambda file: file.write(text + "\n"), mode="w")
     print(text)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from datasets.preprocessing import Preprocessing
 from utils.core.errors import CheckpointError, ConfigError
 from utils.deploy import calibration as calib
 from utils.evaluation.metrics import auroc, average_precision
@@ -135,8 +136,23 @@ def test_label_report_uses_the_shared_metrics_and_counts_the_confusion_matrix():
     assert "| image_score |" in text and "TPR@FPR1%" in text and "TPR@FPR5%" in text
 
 
+def _complete(percentile: float = 99.5) -> dict:
+    """A calibration with every key `calibrate` writes beside the numbers."""
+    return {
+        **_calibration(percentile),
+        "preprocessing": Preprocessing(64).to_dict(),
+        "tiling": None,
+        "class_name": "object",
+        "domain": "Industrial",
+        "amp": "none",
+        "model": {"name": "aaclip", "checkpoint_sha256": "0" * 64},
+        "graph": {"backend": "torch"},
+        "overrides": {},
+    }
+
+
 def test_calibration_file_round_trip(tmp_path):
-    calibration = _calibration(99.9)
+    calibration = _complete(99.9)
     (tmp_path / "save").mkdir()
     assert calib.calibration_path(tmp_path / "save") == tmp_path / "save" / "calibration.json"
     assert calib.calibration_path(tmp_path / "run" / "feclip.pth").name == "feclip.calibration.json"
@@ -152,3 +168,43 @@ def test_calibration_file_round_trip(tmp_path):
     path.write_text(json.dumps({"format": 99}))
     with pytest.raises(CheckpointError, match="recalibrate"):
         calib.load_calibration(path)
+
+
+@pytest.mark.parametrize(
+    ("edit", "named"),
+    [
+        (lambda c: c["thresholds"].update(image=float("nan")), "thresholds.image is nan"),
+        (lambda c: c["thresholds"].update(max=float("inf")), "thresholds.max is inf"),
+        (lambda c: c["stats"]["image"]["percentiles"].update(x=float("nan")), "NaN or Infinity"),
+        (lambda c: c["thresholds"].update(image="0.5"), "thresholds.image is '0.5'"),
+        (lambda c: c.pop("stats"), "stats.image.mean is missing"),
+        (lambda c: c["stats"]["max"].update(std=-1.0), "stats.max.std"),
+        (lambda c: c.update(rule="majority"), "rule is 'majority'"),
+        (lambda c: c.update(reduction="p99"), "reduction is 'p99'"),
+        (lambda c: c.update(percentile=101), "percentile is 101"),
+        (lambda c: c.update(percentile=True), "percentile is True"),
+        (lambda c: c.update(top_fraction=0), "top_fraction is 0"),
+        (lambda c: c.update(class_name=None), "class_name is None"),
+        (lambda c: c.update(overrides=[]), "overrides is []"),
+        (lambda c: c["model"].pop("name"), "model.name is missing"),
+        (lambda c: c.update(tiling={"tile": "336"}), "tiling"),
+        (lambda c: c.update(graph={"backend": "onnxruntime"}), "graph"),
+        (lambda c: c["preprocessing"].pop("mean"), "preprocessing"),
+    ],
+)
+def test_a_calibration_that_cannot_decide_is_refused_when_loaded(tmp_path, edit, named):
+    calibration = _complete()
+    edit(calibration)
+    path = tmp_path / "calibration.json"
+    path.write_text(json.dumps({"format": calib.FORMAT_VERSION, **calibration}))
+    with pytest.raises(CheckpointError, match="recalibrate") as raised:
+        calib.load_calibration(path)
+    assert named in str(raised.value) and "\n" not in str(raised.value)
+
+
+def test_a_truncated_calibration_is_one_line(tmp_path):
+    path = calib.save_calibration(tmp_path / "calibration.json", _complete())
+    path.write_text(path.read_text()[:200])
+    with pytest.raises(CheckpointError, match="is not a calibration JSON") as raised:
+        calib.load_calibration(path)
+    assert "\n" not in str(raised.value)
