@@ -6,6 +6,10 @@
 
     python test.py --backend openvino --export deploy/x --dataset MVTec   # an exported graph
 
+    python test.py --save_path ckpt/x --dataset MVTecAD2 --tile 336       # SegF1, AUPRO@0.05, ...
+    python test.py --save_path ckpt/x --dataset MVTecAD2 --tile 336 --split test_private \
+        --submission sub/                        # then --split test_private_mixed into sub/ too
+
 Every flag is a setting of `utils.evaluation.evaluate.EvalConfig` or a model's test-time or
 architectural setting (default: the checkpoint's); the loop is `utils.evaluation.evaluate`.
 """
@@ -55,13 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: list[str] | None = None) -> tuple[EvalConfig, dict]:
     """(checked evaluation settings, the model settings given)."""
-    known = keys_of(RunConfig, EvalConfig, *config_classes())
     # A training YAML's recipe and architecture describe its run: the checkpoint holds them.
     training_only = (keys_of(RunConfig) - keys_of(EvalConfig)) | setting_names(
         config_classes(), (ARCH, TRAIN)
     )
     return parse_config(
-        build_parser(), argv, EvalConfig, known, config_classes(), ignore=training_only
+        build_parser(), argv, EvalConfig, config_classes(), training_only, also_known=(RunConfig,)
     )
 
 
@@ -77,9 +80,9 @@ def main(argv: list[str] | None = None) -> int:
         if config.backend == "torch":
             results = evaluate(config, overrides)
         else:  # an export's graph
-            exported = open_export(config.export, config.backend, overrides)
+            exported = open_export(config.export, config.backend, overrides, config.skip_hash_check)
             results = [evaluate_export(config, exported)]
-        for result in results:
+        for result in results if config.columns else []:  # unlabelled: the maps are the output
             print(f"\n{config.dataset} | {result.path.name} (epoch {result.epoch})\n")
             table = format_table(
                 result.per_class,

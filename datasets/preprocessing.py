@@ -163,6 +163,18 @@ class Geometry:
         )
         return resized[0, 0].numpy()
 
+    def to_image(self, anomaly_map: np.ndarray) -> np.ndarray:
+        """anomaly_map `[S, S]` -> `[H, W]` at the image's full resolution: the seen region as
+        `to_original` gives it; pixels the model never saw (outside `short_side_crop`'s centre
+        square) take the map's minimum, so no threshold flags them."""
+        seen = self.to_original(anomaly_map)
+        if seen.shape == (self.height, self.width):
+            return seen
+        left, top, right, bottom = self.crop
+        full = np.full((self.height, self.width), seen.min(), dtype=np.float32)
+        full[top:bottom, left:right] = seen
+        return full
+
 
 class Prepared(NamedTuple):
     """One image as the model takes it."""

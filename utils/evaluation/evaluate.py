@@ -12,6 +12,16 @@ full-size map of a class is held unless panels are asked for; with several check
 (`--all_epochs`) a class is decoded once and scored by each of them. With `--tile` the images
 and masks are read at their own resolution and each image is scored by tiles
 (`models.tiling`): its stitched map streams into the metrics against the full-resolution mask.
+
+MVTec AD 2 (`--metrics mvtec_ad2`, its default): before a class's test images, its
+validation/good images are predicted by exactly the same predictor, preprocessing, tiling and
+k-shot memory, and their maps stream into `ValidationThreshold`, SegF1's threshold (the test
+labels are never read for it); the thresholds go into the results' meta. Its private splits are
+unlabelled: no metric, each image's map is written at full resolution into `--submission` with
+the class's threshold, image by image, and the tree is checked at the end. Without `--tile` a
+full-resolution map is the model-size map resized bilinearly over the region the model saw
+(`Geometry.to_image`); with `--tile` it is the stitched map itself. `--save_maps` writes the same
+full-resolution maps of a labelled split as float16 TIFFs.
 """
 
 from __future__ import annotations
@@ -20,7 +30,7 @@ import dataclasses
 import itertools
 import logging
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +40,13 @@ from PIL import Image
 from torch.utils.data import ConcatDataset, DataLoader, default_collate
 
 from datasets.anomaly import TestDataset, build_test_datasets
-from datasets.catalog import DataConfig, DatasetInfo, real_name
+from datasets.catalog import (
+    MVTEC_AD2_PRIVATE_SPLITS,
+    DataConfig,
+    DatasetInfo,
+    mvtec_ad2_info,
+    real_name,
+)
 from datasets.metadata import load_test_records, log_resized_masks
 from datasets.preprocessing import read_image
 from datasets.support import draw_support, load_images
@@ -41,23 +57,38 @@ from models.predictor import AnomalyPredictor, Predictor
 from models.registry import MODELS, checkpoint_stem, find_checkpoint, load_trained_model
 from models.tiling import TiledPredictor, tiled
 from utils.core.config import RUN, TEST, setting, settings_of, to_mapping
-from utils.core.errors import CheckpointError, ConfigError
+from utils.core.errors import CheckpointError, ConfigError, DataError
+from utils.core.names import safe_name, safe_relative
 from utils.core.runtime import (
+    ExportReadConfig,
     RuntimeConfig,
     loader_workers,
     progress,
     resolve_device,
     seed_everything,
 )
-from utils.evaluation.metrics import COLUMNS_FULL, COLUMNS_OFFICIAL, PRO_VARIANTS, ClassEvaluator
+from utils.evaluation.metrics import (
+    COLUMNS_FULL,
+    COLUMNS_MVTEC_AD2,
+    COLUMNS_OFFICIAL,
+    DEFAULT_SEG_PERCENTILE,
+    PRO_VARIANTS,
+    ClassEvaluator,
+    ValidationThreshold,
+)
 from utils.evaluation.report import write_results
+from utils.evaluation.submission import check_submission, write_anomaly_map, write_float16_tiff
 from utils.evaluation.visualize import save_panels
 
 logger = logging.getLogger("test")
 
+METRIC_SETS = {"full": COLUMNS_FULL, "official": COLUMNS_OFFICIAL, "mvtec_ad2": COLUMNS_MVTEC_AD2}
+# A map at an image's full resolution, handed over image by image: (record path, map [H, W]).
+MapSink = Callable[[str, np.ndarray], None]
+
 
 @dataclasses.dataclass
-class EvalConfig(TileConfig, RuntimeConfig, DataConfig):
+class EvalConfig(TileConfig, ExportReadConfig, RuntimeConfig, DataConfig):
     """test.py: which checkpoints, on which data, with which metrics and outputs."""
 
     save_path: Path = setting(
@@ -90,12 +121,14 @@ class EvalConfig(TileConfig, RuntimeConfig, DataConfig):
     batch_size: int = setting(
         32, "images per forward", kind=RUN, minimum=1, aliases={"test_batch_size": 0}
     )
-    metrics: str = setting(
-        "full",
+    metrics: str | None = setting(
+        None,
         "full: 7 columns; official: AA-CLIP's 4 columns, undefined as 0, 2 decimals of rounded "
-        "values",
+        "values; mvtec_ad2: MVTec AD 2's SegF1, AUPRO@0.05, AUPRO, P-AUROC, I-AUROC and "
+        "SegF1-oracle (the best test threshold, analysis only), SegF1 thresholded per class on "
+        "its validation/good maps; unset: mvtec_ad2 for --dataset MVTecAD2, else full",
         kind=RUN,
-        choices=("full", "official"),
+        choices=tuple(METRIC_SETS),
     )
     pro_variant: str = setting(
         "exact",
@@ -145,6 +178,19 @@ class EvalConfig(TileConfig, RuntimeConfig, DataConfig):
     export: Path | None = setting(
         None, "with --backend onnxruntime|openvino: a `predict.py export` folder", kind=RUN
     )
+    submission: Path | None = setting(
+        None,
+        "--dataset MVTecAD2 --split test_private|test_private_mixed: write the benchmark "
+        "server's submission tree into this folder (full-resolution maps, binarised with each "
+        "class's validation threshold) and check it; run both splits into the same folder",
+        kind=RUN,
+    )
+    save_maps: Path | None = setting(
+        None,
+        "write each test image's full-resolution map as a float16 TIFF, DIR/<record path>.tiff "
+        "(MVTec AD 2: DIR/<class>/test_public/{good,bad}/<stem>.tiff)",
+        kind=RUN,
+    )
 
     def resolve(self) -> EvalConfig:
         """The settings left unset filled in: data root, undefined-metric rule, decimals."""
@@ -153,17 +199,57 @@ class EvalConfig(TileConfig, RuntimeConfig, DataConfig):
                 "--visualize draws panels at the model input; with --tile the maps are at each "
                 "image's resolution: leave one of them out"
             )
-        official = self.metrics == "official"
+        metrics = self.metric_set()
+        if metrics == "mvtec_ad2" and self.dataset != "MVTecAD2":
+            raise ConfigError(
+                "--metrics mvtec_ad2 thresholds SegF1 on MVTec AD 2's validation/good images; "
+                "use it with --dataset MVTecAD2"
+            )
+        if self.unlabelled and self.submission is None:
+            raise ConfigError(
+                f"--split {self.split} is unlabelled: test.py computes no metric on it and only "
+                "writes the benchmark server's submission; pass --submission DIR"
+            )
+        if self.submission is not None and not self.unlabelled:
+            raise ConfigError(
+                "--submission holds MVTec AD 2's private splits; use it with --dataset MVTecAD2 "
+                f"--split {' or '.join(MVTEC_AD2_PRIVATE_SPLITS)}"
+            )
+        for flag, value in (("--submission", self.submission), ("--save_maps", self.save_maps)):
+            if value is not None and self.all_epochs:
+                raise ConfigError(
+                    f"{flag} writes the maps of one checkpoint; pass --checkpoint FILE instead "
+                    "of --all_epochs"
+                )
+        official = metrics == "official"
         return dataclasses.replace(
             self,
+            metrics=metrics,
             data_root=self.root(),
             undefined_metric=self.undefined_metric or ("zero" if official else "nan"),
             decimals=self.decimals if self.decimals is not None else (2 if official else 1),
         )
 
     @property
+    def unlabelled(self) -> bool:
+        """Whether the split read has no labels (MVTec AD 2's private splits): no metric."""
+        return self.dataset == "MVTecAD2" and self.split in MVTEC_AD2_PRIVATE_SPLITS
+
+    @property
     def columns(self) -> list[str]:
-        return COLUMNS_OFFICIAL if self.metrics == "official" else COLUMNS_FULL
+        """The table's columns (none on an unlabelled split)."""
+        if self.unlabelled:
+            return []
+        return METRIC_SETS[self.metric_set()]
+
+    def metric_set(self) -> str:
+        """`--metrics`, else mvtec_ad2 for MVTec AD 2 and full for every other data set."""
+        return self.metrics or ("mvtec_ad2" if self.dataset == "MVTecAD2" else "full")
+
+    @property
+    def needs_threshold(self) -> bool:
+        """Whether each class needs its SegF1 threshold from its validation/good maps."""
+        return "SegF1" in self.columns or self.submission is not None
 
     def output_folder(self) -> Path:
         """Where results, panels and test.log go: --results_dir, else the checkpoint's folder."""
@@ -195,6 +281,7 @@ class ClassResult:
 
     metrics: dict[str, float]
     images: list[dict[str, Any]]
+    threshold: float | None = None  # SegF1's, from the class's validation/good maps
 
 
 def checkpoint_files(config: EvalConfig) -> tuple[str, list[Path]]:
@@ -262,18 +349,67 @@ def class_batches(
     return itertools.groupby(loader, key=lambda batch: batch["class_name"][0])
 
 
+def full_resolution(preprocessing: Any, anomaly_map: np.ndarray, image_path: str) -> np.ndarray:
+    """A model-size map `[S, S]` -> `[H, W]` at the full resolution of the image file (its size
+    from the header): resized bilinearly over the region the model saw (`Geometry.to_image`)."""
+    with Image.open(image_path) as image:
+        geometry = preprocessing.geometry_of(*image.size)
+    return geometry.to_image(anomaly_map)
+
+
+class NormalMaps:
+    """Takes a class's validation/good maps where `predict_class` streams test maps into a
+    `ClassEvaluator`, and feeds them to a `ValidationThreshold` (every pixel is normal)."""
+
+    def __init__(self, threshold: ValidationThreshold) -> None:
+        self.threshold = threshold
+
+    def update(self, maps: np.ndarray, masks: np.ndarray, valid: np.ndarray | None = None) -> None:
+        """maps: [B, H, W]; masks: unused (normal images); valid: [B, H, W] bool or None."""
+        self.threshold.update(maps, valid)
+
+
+def validation_threshold(
+    predictor: Predictor | TiledPredictor,
+    dataset: TestDataset,
+    batches: Iterable[dict],
+    prompt_name: str,
+    show_progress: bool = True,
+) -> float:
+    """SegF1's threshold of a class: its validation/good images (`dataset`, as `batches`)
+    predicted exactly as its test images are (this predictor, preprocessing, tiling and k-shot
+    memory), their maps streamed into `ValidationThreshold`."""
+    if isinstance(predictor, TiledPredictor):  # stitched maps at each image's resolution
+        capacity = 0
+        for record in dataset.records:
+            with Image.open(dataset.root / record["image_path"]) as image:
+                capacity += image.width * image.height
+        threshold = ValidationThreshold(DEFAULT_SEG_PERCENTILE, capacity)
+        predict_class_tiled(
+            predictor, batches, prompt_name, NormalMaps(threshold), show_progress=show_progress
+        )
+    else:
+        capacity = len(dataset) * predictor.preprocessing.size**2
+        threshold = ValidationThreshold(DEFAULT_SEG_PERCENTILE, capacity)
+        predict_class(
+            predictor, batches, prompt_name, NormalMaps(threshold), show_progress=show_progress
+        )
+    return threshold.compute()
+
+
 @torch.no_grad()
 def predict_class(
     predictor: Predictor,
     batches: Iterable[dict],
     prompt_name: str,
-    evaluator: ClassEvaluator,
+    evaluator: ClassEvaluator | NormalMaps,
     keep_maps: bool = False,
     show_progress: bool = True,
+    sink: MapSink | None = None,
 ) -> ClassOutputs:
     """Predict a class batch by batch, streaming maps `[B, S, S]`, masks and valid masks into
     `evaluator` (letterbox padding is never scored); with `keep_maps` the maps, masks and
-    pixels are also kept (panels)."""
+    pixels are also kept (panels); `sink` gets each map at its image's full resolution."""
     kept: dict[str, list[np.ndarray]] = {"maps": [], "masks": [], "pixels": []}
     scores, labels, paths, file_names, extrema = [], [], [], [], []
     for batch in progress(batches, show_progress, desc="batches", leave=False):
@@ -283,6 +419,11 @@ def predict_class(
         masks = batch["mask"].numpy()
         evaluator.update(maps, masks, valid.numpy() if predictor.preprocessing.pads else None)
         extrema.append(MapExtrema.of(maps))
+        if sink is not None:
+            for anomaly_map, path, name in zip(
+                maps, batch["image_path"], batch["file_name"], strict=True
+            ):
+                sink(name, full_resolution(predictor.preprocessing, anomaly_map, path))
         if keep_maps:
             kept["maps"].append(maps)
             kept["masks"].append(masks)
@@ -306,18 +447,24 @@ def predict_class_tiled(
     predictor: TiledPredictor,
     batches: Iterable[dict],
     prompt_name: str,
-    evaluator: ClassEvaluator,
+    evaluator: ClassEvaluator | NormalMaps,
     show_progress: bool = True,
+    sink: MapSink | None = None,
 ) -> ClassOutputs:
     """`predict_class` by tiles: each native image `[H, W, 3]` becomes its stitched map
-    `[H, W]`, which streams into `evaluator` against its full-resolution mask and is dropped."""
+    `[H, W]`, which streams into `evaluator` against its full-resolution mask (and `sink`) and
+    is dropped."""
     scores, labels, paths, file_names, extrema = [], [], [], [], []
     for batch in progress(batches, show_progress, desc="images", leave=False):
-        for pixels, mask in zip(batch["image"], batch["mask"], strict=True):
+        for pixels, mask, name in zip(
+            batch["image"], batch["mask"], batch["file_name"], strict=True
+        ):
             output = predictor.predict_image(Image.fromarray(pixels.numpy()), prompt_name)
             maps = output.anomaly_map[None]  # [1, H, W]
             evaluator.update(maps, mask[None].numpy())
             extrema.append(MapExtrema.of(maps))
+            if sink is not None:
+                sink(name, output.anomaly_map)
             scores.append(output.image_score)
         labels.append(batch["label"].numpy())
         paths.extend(batch["image_path"])
@@ -340,29 +487,38 @@ def class_metrics(
     info: DatasetInfo,
     panels: bool = False,
     support: dict[str, list[str]] | None = None,
+    normal: tuple[TestDataset, Iterable[dict]] | None = None,
 ) -> ClassResult:
     """One class's metrics and image scores under one trained model (`size` test images);
     with `panels`, its panels are written.
 
     With `--k_shot` > 0 the predictor's support set holds k normal train-split images of the
-    class while it is predicted and scored; their paths go into `support`.
+    class while it is predicted and scored; their paths go into `support`. `normal` (MVTec AD
+    2: the class's validation/good images and their batches) gives SegF1's threshold first,
+    which also binarises the `--submission` maps; `--submission` and `--save_maps` get each
+    full-resolution map as it is predicted.
     """
     is_tiled = isinstance(predictor, TiledPredictor)
     capacity = None if is_tiled else size * predictor.preprocessing.size**2  # tiled: any sizes
-    evaluator = ClassEvaluator(
-        config.columns, config.fpr_limit, config.pro_variant, capacity, class_name
-    )
     if config.k_shot > 0:
         set_support(predictor, class_name, config, info, support)
     try:
         prompt_name = real_name(info, class_name)
+        threshold = None
+        if normal is not None:
+            threshold = validation_threshold(predictor, *normal, prompt_name, config.progress)
+            logger.info("%s: SegF1 threshold %.6g from validation/good", class_name, threshold)
+        evaluator = ClassEvaluator(
+            config.columns, config.fpr_limit, config.pro_variant, capacity, class_name, threshold
+        )
+        sink = map_sink(config, threshold)
         if is_tiled:
             outputs = predict_class_tiled(
-                predictor, batches, prompt_name, evaluator, show_progress=config.progress
+                predictor, batches, prompt_name, evaluator, config.progress, sink
             )
         else:
             outputs = predict_class(
-                predictor, batches, prompt_name, evaluator, panels, show_progress=config.progress
+                predictor, batches, prompt_name, evaluator, panels, config.progress, sink
             )
         image_scores = predictor.table_image_scores(outputs.extrema, outputs.det_scores)
     finally:
@@ -377,7 +533,23 @@ def class_metrics(
             outputs.file_names, outputs.labels, outputs.det_scores, image_scores, strict=True
         )
     ]
-    return ClassResult(metrics, images)
+    return ClassResult(metrics, images, threshold)
+
+
+def map_sink(config: EvalConfig, threshold: float | None) -> MapSink | None:
+    """Where full-resolution maps go: the submission (binarised at `threshold`), the
+    `--save_maps` folder, or nowhere."""
+    if config.submission is not None:
+        root, folder = config.data_root, config.submission
+        return lambda path, anomaly_map: write_anomaly_map(
+            folder, root, path, anomaly_map, threshold
+        )
+    if config.save_maps is not None:
+        folder = config.save_maps
+        return lambda path, anomaly_map: write_float16_tiff(
+            folder / safe_relative(path).with_suffix(".tiff"), anomaly_map, path
+        )
+    return None
 
 
 def set_support(
@@ -408,7 +580,8 @@ def write_panels(
     maps = outputs.maps
     low, high = float(outputs.extrema.minima.min()), float(outputs.extrema.maxima.max())
     heat = (maps - low) / (high - low) if high > low else np.zeros_like(maps)
-    folder = config.output_folder() / "visualization" / config.dataset / class_name
+    folder = config.output_folder() / "visualization" / safe_name(config.dataset)
+    folder = folder / safe_name(class_name)
     preprocessing = predictor.preprocessing
     for index, (path, file_name) in enumerate(zip(outputs.paths, outputs.file_names, strict=True)):
         mask = outputs.masks[index]
@@ -418,7 +591,7 @@ def write_panels(
             image = preprocessing.seen_region(read_image(path, preprocessing.pad_color))
             mask = np.asarray(Image.fromarray(mask).resize(image.size, Image.Resampling.NEAREST))
             picture = np.asarray(image)
-        name = Path(file_name).with_suffix("").as_posix().replace("/", "_") + ".png"
+        name = safe_name(Path(file_name).with_suffix("").as_posix() + ".png")
         save_panels(folder / name, picture, heat[index], mask=mask)
 
 
@@ -465,7 +638,9 @@ def evaluate(config: EvalConfig, overrides: dict[str, Any]) -> list[EvaluatedFil
     predictor = AnomalyPredictor(model, info.domain, config.amp, config.k_shot)
     preprocessing = dataclasses.replace(predictor.preprocessing, resize_masks=config.resize_masks)
     datasets = build_test_datasets(records, config.data_root, preprocessing, config.tile > 0)
+    normal_sets = validation_datasets(config, preprocessing, datasets)
     workers = loader_workers(config.num_workers, device, evaluation=True)
+    log_outputs(config)
     # Several checkpoints: class by class, each class decoded once and scored by every one.
     cache = len(files) > 1
     logger.info(
@@ -481,6 +656,7 @@ def evaluate(config: EvalConfig, overrides: dict[str, Any]) -> list[EvaluatedFil
     groups = class_batches(datasets, 1 if config.tile else config.batch_size, workers, device)
     bars = config.progress
     for class_name, batches in progress(groups, bars, total=len(datasets), desc="classes"):
+        normal = normal_images(normal_sets, class_name, config, workers, cache)
         if cache:  # decoded once, scored by every file
             batches = list(progress(batches, bars, desc="loading", leave=False))
         for path in files:
@@ -497,8 +673,9 @@ def evaluate(config: EvalConfig, overrides: dict[str, Any]) -> list[EvaluatedFil
                 info,
                 panels=config.visualize and path == files[-1],
                 support=supports[path],
+                normal=normal,
             )
-        del batches
+        del batches, normal
     settings = to_mapping(model.config)
     tags = variant(config, config.k_shot)
     results = []
@@ -516,6 +693,7 @@ def evaluate(config: EvalConfig, overrides: dict[str, Any]) -> list[EvaluatedFil
             **{
                 field.name: settings[field.name]
                 for field in settings_of(type(model.config), (TEST,))
+                if field.name not in model.config.preprocessing_settings  # in "preprocessing"
             },
             "model_settings": settings,
             "smoothing": model.smoothing,
@@ -524,11 +702,93 @@ def evaluate(config: EvalConfig, overrides: dict[str, Any]) -> list[EvaluatedFil
             "support_seed": config.support_seed if config.k_shot > 0 else None,
             "support": support,
             "variant": ", ".join(tags.values()) or "zero-shot, whole image, torch",
+            **threshold_meta(config, per_file[path]),
         }
         result = EvaluatedFile(path, payload.get("epoch"), per_class, images, meta)
         write_evaluated(config, results_stem(config.dataset, path, model_name, tags), result)
         results.append(result)
+    report_submission(config)
     return results
+
+
+def validation_datasets(
+    config: EvalConfig, preprocessing: Any, datasets: dict[str, TestDataset]
+) -> dict[str, TestDataset]:
+    """Per class of the test `datasets`, its MVTec AD 2 validation/good images read as the test
+    images are (SegF1's threshold, the submission's binarisation); empty when not needed."""
+    if not config.needs_threshold:
+        return {}
+    info = mvtec_ad2_info("validation")
+    records = load_test_records(info, config.data_root, config.metadata_dir)
+    normal = build_test_datasets(records, config.data_root, preprocessing, config.tile > 0)
+    missing = [name for name in datasets if name not in normal]
+    if missing:
+        raise DataError(
+            f"{config.data_root} has no validation/good images of {', '.join(missing)}; SegF1's "
+            "threshold comes from them: restore the validation split of the MVTec AD 2 download"
+        )
+    return normal
+
+
+def normal_images(
+    normal_sets: dict[str, TestDataset],
+    class_name: str,
+    config: EvalConfig,
+    workers: int,
+    cache: bool = False,
+) -> tuple[TestDataset, Iterable[dict]] | None:
+    """A class's validation/good images and their batches (as the test images are batched;
+    held with `cache`, for several checkpoints); None without thresholds."""
+    if class_name not in normal_sets:
+        return None
+    dataset = normal_sets[class_name]
+    loader = DataLoader(
+        dataset,
+        batch_size=1 if config.tile else config.batch_size,
+        num_workers=workers,
+        collate_fn=collate_test,
+    )
+    return dataset, list(loader) if cache else loader
+
+
+def log_outputs(config: EvalConfig) -> None:
+    """Say up front what an unlabelled split yields: maps, no metric."""
+    if config.unlabelled:
+        logger.info(
+            "--split %s is unlabelled: no metric is computed; each image's full-resolution map "
+            "goes into the submission %s",
+            config.split,
+            config.submission,
+        )
+
+
+def threshold_meta(config: EvalConfig, per_class: dict[str, ClassResult]) -> dict[str, Any]:
+    """What a results file records of SegF1's thresholds and the maps written."""
+    meta: dict[str, Any] = {}
+    if config.needs_threshold:
+        meta["seg_thresholds"] = {name: result.threshold for name, result in per_class.items()}
+        meta["seg_threshold_rule"] = (
+            f"percentile {DEFAULT_SEG_PERCENTILE:g} of each class's validation/good pixel scores"
+        )
+    if config.submission is not None:
+        meta["submission"] = str(config.submission)
+    if config.save_maps is not None:
+        meta["save_maps"] = str(config.save_maps)
+    return meta
+
+
+def report_submission(config: EvalConfig) -> None:
+    """Check the submission tree once this split's maps are written: the image count when both
+    private splits are there, else the one-line reason (typically the other split, still to be
+    run into the same folder)."""
+    if config.submission is None:
+        return
+    try:
+        count = check_submission(config.submission, config.data_root)
+    except DataError as error:
+        logger.warning("submission not complete yet: %s", error)
+        return
+    logger.info("submission %s checked: %d images, ready for upload", config.submission, count)
 
 
 def scoring_meta(config: EvalConfig, predictor: Predictor, preprocessing: Any) -> dict[str, Any]:
@@ -593,7 +853,9 @@ def evaluate_export(config: EvalConfig, predictor: Any) -> EvaluatedFile:
     )
     preprocessing = dataclasses.replace(predictor.preprocessing, resize_masks=config.resize_masks)
     datasets = build_test_datasets(records, config.data_root, preprocessing, config.tile > 0)
+    normal_sets = validation_datasets(config, preprocessing, datasets)
     workers = loader_workers(config.num_workers, predictor.device, evaluation=True)
+    log_outputs(config)
     logger.info(
         "evaluating the %s %s export %s on %s with %s",
         predictor.precision,
@@ -603,7 +865,7 @@ def evaluate_export(config: EvalConfig, predictor: Any) -> EvaluatedFile:
         config.backend,
     )
     scoring = dataclasses.replace(config, k_shot=0)  # the memory is in the graph
-    per_class, images = {}, {}
+    per_class, images, results = {}, {}, {}
     groups = class_batches(
         datasets, 1 if config.tile else config.batch_size, workers, predictor.device
     )
@@ -618,8 +880,10 @@ def evaluate_export(config: EvalConfig, predictor: Any) -> EvaluatedFile:
             scoring,
             info,
             panels=config.visualize,
+            normal=normal_images(normal_sets, class_name, config, workers),
         )
         per_class[class_name], images[class_name] = result.metrics, result.images
+        results[class_name] = result
     exported = predictor.info
     meta = {
         "dataset": config.dataset,
@@ -634,10 +898,12 @@ def evaluate_export(config: EvalConfig, predictor: Any) -> EvaluatedFile:
         **scoring_meta(config, predictor, preprocessing),
         "k_shot": predictor.k_shot,
         "support": exported.get("support"),
+        **threshold_meta(config, results),
     }
     tags = variant(config, predictor.k_shot, config.backend)
     meta["variant"] = ", ".join(tags.values())
     epoch = exported["model"].get("epoch")
     result = EvaluatedFile(Path(config.export), epoch, per_class, images, meta)
     write_evaluated(config, "_".join([f"results_{config.dataset}", *tags]), result)
+    report_submission(config)
     return result

@@ -86,18 +86,24 @@ def write_anomaly_map(
             f"the map of {image_path} has shape {anomaly_map.shape} but its image is "
             f"{height} x {width} (H x W); write maps at the image's full resolution"
         )
+    write_float16_tiff(continuous_path, anomaly_map, image_path)
+    binary = np.where(anomaly_map > threshold, 255, 0).astype(np.uint8)
+    atomic_write(thresholded_path, lambda file: Image.fromarray(binary).save(file, format="PNG"))
+
+
+def write_float16_tiff(path: Path, anomaly_map: np.ndarray, image_path: str) -> None:
+    """Write a map `[H, W]` as a single-channel float16 TIFF (zlib), atomically; `image_path`
+    names its image in the error for a map float16 cannot hold."""
     with np.errstate(over="ignore"):  # an overflow becomes inf, refused just below
-        half = anomaly_map.astype(np.float16)
+        half = np.asarray(anomaly_map, dtype=np.float32).astype(np.float16)
     if not np.isfinite(half).all():
         raise DataError(
             f"the map of {image_path} holds NaN or values beyond float16's range (65504); "
             "rescale the map before writing it"
         )
-    binary = np.where(anomaly_map > threshold, 255, 0).astype(np.uint8)
     encoded = io.BytesIO()  # tifffile wants a named file; the atomic write's is a bare handle
     tifffile.imwrite(encoded, half, compression="zlib")
-    atomic_write(continuous_path, lambda file: file.write(encoded.getbuffer()))
-    atomic_write(thresholded_path, lambda file: Image.fromarray(binary).save(file, format="PNG"))
+    atomic_write(Path(path), lambda file: file.write(encoded.getbuffer()))
 
 
 def _names(names: list[str]) -> str:

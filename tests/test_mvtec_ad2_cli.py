@@ -1,0 +1,127 @@
+"""MVTec AD 2 through test.py on the tiny backbone and the miniature tree: test_public with its
+columns and SegF1 thresholds from validation/good, the private splits' submission, and what
+stays refused on unlabelled records."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+from PIL import Image
+
+import test as test_script
+import train
+from datasets.anomaly import TestDataset
+from datasets.catalog import mvtec_ad2_info
+from datasets.metadata import build_records
+from datasets.preprocessing import read_image
+from models.predictor import AnomalyPredictor
+from models.registry import load_trained_model
+from models.tiling import TiledPredictor
+from utils.evaluation.evaluate import EvalConfig
+from utils.evaluation.metrics import COLUMNS_MVTEC_AD2, ValidationThreshold
+from utils.evaluation.submission import check_submission
+
+# A few tiles per image: 64 px tiles of the images shrunk to 5 % (the tree's are 1000-2232 px).
+TILE = ["--tile", "64", "--tile_scale", "0.05"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, mvtec_ad2_root):
+    """An FE-CLIP trained one epoch on test_public (records in a folder of its own)."""
+    folder = tmp_path_factory.mktemp("mvtec_ad2_cli")
+    common = ["--dataset", "MVTecAD2", "--data_root", str(mvtec_ad2_root), "--device", "cpu"]
+    common += ["--metadata_dir", str(folder / "meta")]
+    argv = ["--model", "feclip", "--save_path", str(folder / "run"), "--epochs", "1"]
+    assert train.main([*common, *argv, "--batch_size", "8", "--model_name", "tiny"]) == 0
+    return folder, [*common, "--save_path", str(folder / "run")]
+
+
+def validation_maps(checkpoint, root, tiled: bool) -> list[np.ndarray]:
+    """Each validation/good map as test.py's predictor gives it, computed here directly."""
+    _, model, _ = load_trained_model(checkpoint)
+    predictor = AnomalyPredictor(model)
+    maps = []
+    records = build_records(mvtec_ad2_info("validation"), root)
+    for record in records:
+        name = mvtec_ad2_info().real_names[record["class_name"]]
+        if tiled:
+            config = EvalConfig(tile=64, tile_scale=0.05)
+            image = read_image(root / record["image_path"], predictor.preprocessing.pad_color)
+            maps.append(TiledPredictor(predictor, config, 32).predict_image(image, name)[0])
+        else:  # a class's images in one batch, as test.py's loader batches them
+            same = [other for other in records if other["class_name"] == record["class_name"]]
+            items = TestDataset(same, root, predictor.preprocessing)
+            images = torch.stack([item["image"] for item in items])
+            output = predictor.predict(images, [name] * len(same))
+            maps.append(output.anomaly_map[same.index(record)].numpy())
+    return maps
+
+
+@pytest.mark.parametrize("tiled", [False, True], ids=["whole", "tiled"])
+def test_test_public_has_mvtec_ad2_columns_and_validation_thresholds(
+    run, mvtec_ad2_root, tmp_path, tiled
+):
+    folder, argv = run
+    extra = [*TILE] if tiled else ["--save_maps", str(tmp_path / "maps")]
+    assert test_script.main([*argv, "--results_dir", str(tmp_path), *extra]) == 0
+    (path,) = tmp_path.glob("results_MVTecAD2*.json")
+    results = json.loads(path.read_text())
+    assert results["columns"] == COLUMNS_MVTEC_AD2
+    assert results["meta"]["config"]["metrics"] == "mvtec_ad2"  # the default for MVTecAD2
+    thresholds = results["meta"]["seg_thresholds"]
+    assert set(thresholds) == {"can", "fabric", "vial"}
+    records = build_records(mvtec_ad2_info("validation"), mvtec_ad2_root)
+    maps = validation_maps(folder / "run", mvtec_ad2_root, tiled)
+    for class_name, expected in thresholds.items():
+        threshold = ValidationThreshold()
+        for record, anomaly_map in zip(records, maps, strict=True):
+            if record["class_name"] == class_name:
+                threshold.update(anomaly_map[None])
+        assert threshold.compute() == expected
+    if not tiled:  # full-resolution float16 maps, good and bad apart
+        saved = tifffile.imread(tmp_path / "maps" / "vial" / "test_public" / "bad" / "001.tiff")
+        image = Image.open(mvtec_ad2_root / "vial" / "test_public" / "bad" / "001.png")
+        assert saved.dtype == np.float16 and saved.shape == image.size[::-1]
+        assert len(list((tmp_path / "maps").rglob("*.tiff"))) == 12
+
+
+def test_private_splits_write_a_submission_that_passes_the_check(
+    run, mvtec_ad2_root, tmp_path, caplog
+):
+    _, argv = run
+    submission = tmp_path / "submission"
+    argv = [*argv, "--results_dir", str(tmp_path), "--submission", str(submission)]
+    with caplog.at_level(logging.INFO):
+        assert test_script.main([*argv, "--split", "test_private"]) == 0
+        assert "no metric is computed" in caplog.text
+        assert "submission not complete yet" in caplog.text  # test_private_mixed still to come
+        assert test_script.main([*argv, "--split", "test_private_mixed"]) == 0
+    assert "checked: 18 images, ready for upload" in caplog.text
+    assert check_submission(submission, mvtec_ad2_root) == 18
+    results = json.loads((tmp_path / "results_MVTecAD2_test_private_mixed.json").read_text())
+    assert results["columns"] == [] and set(results["meta"]["seg_thresholds"]) == {
+        "can",
+        "fabric",
+        "vial",
+    }
+
+
+def test_private_split_without_submission_is_a_one_line_error(run, tmp_path, one_line_error):
+    _, argv = run
+    argv = [*argv, "--results_dir", str(tmp_path), "--split", "test_private"]
+    assert test_script.main(argv) == 2
+    assert "--submission DIR" in one_line_error()
+
+
+@pytest.mark.parametrize("extra", [[], ["--training_mode", "few_shot", "--shot", "2"]])
+def test_training_on_a_private_split_stays_refused(mvtec_ad2_root, tmp_path, one_line_error, extra):
+    argv = ["--model", "feclip", "--dataset", "MVTecAD2", "--data_root", str(mvtec_ad2_root)]
+    argv += ["--split", "test_private", "--metadata_dir", str(tmp_path), "--device", "cpu"]
+    argv += ["--save_path", str(tmp_path / "run"), "--model_name", "tiny", *extra]
+    assert train.main(argv) == 2
+    assert "test_public" in one_line_error()
