@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
 
 from models.registry import config_classes
 from utils.core.checkpoint import check_writable
@@ -31,6 +32,7 @@ from utils.core.config import (
     parse_config,
     setting_names,
 )
+from utils.core.errors import ConfigError
 from utils.core.runtime import run_script, setup_logging
 from utils.deploy.export import open_export
 from utils.engine.training import RunConfig
@@ -68,11 +70,29 @@ def parse_args(argv: list[str] | None = None) -> tuple[EvalConfig, dict]:
     )
 
 
+def check_source(config: EvalConfig) -> None:
+    """What is evaluated exists, before its folder receives results and test.log (a missing
+    one is never created)."""
+    if config.backend != "torch":
+        source, flag = config.export, "--export"
+    elif config.checkpoint is not None:
+        source, flag = config.checkpoint, "--checkpoint"
+    else:
+        source, flag = config.save_path, "--save_path"
+    if source is not None and not Path(source).exists():
+        raise ConfigError(
+            f"{flag} {source} does not exist; train first, or pass the run folder or file that "
+            "holds the model"
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
 
     def body() -> None:
         config, overrides = parse_args(argv)
+        if config.results_dir is None:  # results go beside the model: it must be there
+            check_source(config)
         out_dir = config.output_folder()
         check_writable(out_dir, "--results_dir")  # before any work, not after an hour
         setup_logging(out_dir / "test.log", config.log_level)

@@ -221,3 +221,11 @@ def test_a_typo_gets_the_closest_names(flags, expected, tmp_path, one_line_error
     assert expected in error and len(error) < 400, error
     if flags[0] == "--model_name":
         assert "open_clip.list_models() lists all" in error
+
+
+def test_test_py_on_a_missing_save_path_creates_nothing(tmp_path, one_line_error):
+    missing = tmp_path / "never_trained"
+    assert test_script.main(["--save_path", str(missing), "--device", "cpu"]) == 2
+    message = one_line_error()
+    assert f"--save_path {missing} does not exist" in message and "train first" in message
+    assert not missing.exists()
