@@ -548,6 +548,18 @@ def calibrate(config: CalibrateConfig, overrides: dict[str, Any]) -> Path:
         )
         provenance, graph = _provenance(name, file, payload), {"backend": "torch"}
         class_name = field_class(config.class_name, payload)
+        pre = predictor.preprocessing
+        given = sorted(set(overrides) & set(model.config.preprocessing_settings))
+        logger.info(
+            "preprocessing %s (%s) at %d px, pad colour %s: %s",
+            pre.geometry,
+            pre.backend,
+            pre.size,
+            list(pre.pad_color),
+            f"--{', --'.join(given)} given, the rest the checkpoint's"
+            if given
+            else "the checkpoint's (--preprocess, --pad_color ... override)",
+        )
     else:
         predictor = open_export(
             config.checkpoint, config.backend, overrides, config.skip_hash_check
