@@ -120,26 +120,43 @@ def is_complete(root: Path) -> bool:
     return (Path(root) / COMPLETE_MARKER).is_file()
 
 
-def generate(root: Path, seed: int = 0, overwrite: bool = False) -> Path:
-    """Write the data set to `root` (in a temporary folder, renamed when done) and return it."""
+def write_whole(
+    root: Path,
+    what: str,
+    write: Callable[[Path, np.random.Generator], None],
+    seed: int = 0,
+    overwrite: bool = False,
+) -> Path:
+    """A generated data set at `root`: `write(folder, rng)` fills a temporary folder that is
+    marked complete and renamed into place, so a killed run never leaves half a data set. A
+    complete one is kept unless `overwrite`; another non-empty folder is refused (`what` names
+    the data set in that message)."""
     root = Path(root)
     if is_complete(root) and not overwrite:
         return root
     if root.exists() and not overwrite and any(root.iterdir()):
         raise DataError(
-            f"{root} exists but holds no complete synthetic data set; "
-            "pass --overwrite or choose another --root"
+            f"{root} exists but holds no complete {what}; pass --overwrite or choose another --root"
         )
     tmp_root = root.with_name(f".{root.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp_root, ignore_errors=True)
-    rng = np.random.default_rng(seed)
-    for class_name, texture in _TEXTURES.items():
-        _write_class(tmp_root / class_name, texture, rng)
+    tmp_root.mkdir(parents=True)
+    write(tmp_root, np.random.default_rng(seed))
     (tmp_root / COMPLETE_MARKER).write_text(f"seed {seed}\n")
     if root.exists():
         shutil.rmtree(root)
     os.replace(tmp_root, root)
     return root
+
+
+def generate(root: Path, seed: int = 0, overwrite: bool = False) -> Path:
+    """Write the data set to `root` (in a temporary folder, renamed when done) and return it."""
+
+    def write(folder: Path, rng: np.random.Generator) -> None:
+        for class_name, texture in _TEXTURES.items():
+            _write_class(folder / class_name, texture, rng)
+
+    return write_whole(root, "synthetic data set", write, seed, overwrite)
 
 
 def ensure_synthetic(root: Path) -> Path:

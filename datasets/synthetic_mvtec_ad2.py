@@ -20,8 +20,6 @@ Textures are smooth plus 8 x 8-block noise and PNGs use compression level 1, so 
 
 from __future__ import annotations
 
-import os
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -29,8 +27,7 @@ import numpy as np
 from PIL import Image
 
 from datasets.catalog import CATALOG
-from datasets.synthetic import COMPLETE_MARKER, is_complete
-from utils.core.errors import DataError
+from datasets.synthetic import write_whole
 
 NUM_TRAIN = 2
 NUM_VALIDATION = 2
@@ -161,24 +158,11 @@ def _write_class(folder: Path, name: str, rng: np.random.Generator) -> None:
 def generate(root: Path, seed: int = 0, overwrite: bool = False) -> Path:
     """Write the miniature tree to `root` (in a temporary folder, renamed when done); return it.
     An existing complete tree is kept unless `overwrite`."""
-    root = Path(root)
-    if is_complete(root) and not overwrite:
-        return root
-    if root.exists() and not overwrite and any(root.iterdir()):
-        raise DataError(
-            f"{root} exists but holds no complete miniature MVTec AD 2 tree; "
-            "pass overwrite=True or choose another folder"
-        )
-    tmp_root = root.with_name(f".{root.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp_root, ignore_errors=True)
-    tmp_root.mkdir(parents=True)
-    (tmp_root / "license.txt").write_text("CC BY-NC-SA 4.0 (miniature for tests)\n")
-    (tmp_root / "readme.txt").write_text("MVTec AD 2 layout, generated\n")
-    rng = np.random.default_rng(seed)
-    for name in CLASSES:
-        _write_class(tmp_root / name, name, rng)
-    (tmp_root / COMPLETE_MARKER).write_text(f"seed {seed}\n")
-    if root.exists():
-        shutil.rmtree(root)
-    os.replace(tmp_root, root)
-    return root
+
+    def write(folder: Path, rng: np.random.Generator) -> None:
+        (folder / "license.txt").write_text("CC BY-NC-SA 4.0 (miniature for tests)\n")
+        (folder / "readme.txt").write_text("MVTec AD 2 layout, generated\n")
+        for name in CLASSES:
+            _write_class(folder / name, name, rng)
+
+    return write_whole(root, "miniature MVTec AD 2 tree", write, seed, overwrite)
