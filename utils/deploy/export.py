@@ -34,7 +34,7 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -195,12 +195,25 @@ def quantize(model: Any, feeds: list[dict[str, np.ndarray]], subset_size: int) -
     )
 
 
+def validate_graph(
+    compiled: Any, items: Iterable[tuple[dict[str, np.ndarray], int, int]]
+) -> tuple[float, list[list[np.ndarray]]]:
+    """A compiled OpenVINO graph on labelled feeds `(feed, label 0/1, class position)` -> (mean
+    over classes of the image AUROC of its `image_score`, 0.5 where no class has both labels;
+    each item's outputs). The outputs put NNCF's accuracy control in its "logits" mode: it ranks
+    operations by how far their quantization moves each image's map and score (AUROC needs both
+    labels, so it has no per-image value of its own)."""
+    items = list(items)
+    outputs = []
+    for feed, _, _ in items:
+        result = compiled(feed)
+        outputs.append([result[compiled.output(name)] for name in OUTPUTS])
+    return _mean_auroc([float(output[1][0]) for output in outputs], items), outputs
+
+
 def image_auroc(compiled: Any, items: Sequence[tuple[dict[str, np.ndarray], int, int]]) -> float:
-    """Mean over classes of the image AUROC of a compiled OpenVINO graph's `image_score` on
-    labelled feeds `(feed, label 0/1, class position)`; 0.5 where no class has both labels (NNCF
-    probes the function with one item)."""
-    scores = [float(compiled(feed)[compiled.output("image_score")][0]) for feed, _, _ in items]
-    return _mean_auroc(scores, items)
+    """`validate_graph`'s AUROC alone."""
+    return validate_graph(compiled, items)[0]
 
 
 def _mean_auroc(scores: Sequence[float], items: Sequence[tuple[Any, int, int]]) -> float:
@@ -228,22 +241,11 @@ def quantize_with_accuracy_control(
     openvino = require("openvino", "--precision int8 --validation_dir")
     from nncf.quantization.advanced_parameters import AdvancedAccuracyRestorerParameters
 
-    def validate(compiled: Any, items: Any) -> tuple[float, list[list[np.ndarray]]]:
-        # the outputs of each item put NNCF in its "logits" mode: it ranks operations by how
-        # far their quantization moves each image's map and score (AUROC needs both labels,
-        # so it has no per-image value of its own)
-        items = list(items)
-        outputs = []
-        for feed, _, _ in items:
-            result = compiled(feed)
-            outputs.append([result[compiled.output(name)] for name in OUTPUTS])
-        return _mean_auroc([float(output[1][0]) for output in outputs], items), outputs
-
     controlled = nncf.quantize_with_accuracy_control(
         model,
         nncf.Dataset(feeds),
         nncf.Dataset(validation, lambda item: item[0]),
-        validate,
+        validate_graph,
         max_drop=max_drop / 100,
         drop_type=nncf.DropType.ABSOLUTE,
         subset_size=subset_size,
