@@ -31,16 +31,8 @@ from datasets.metadata import (
 )
 from datasets.support import support_candidates
 from datasets.synthetic_mvtec_ad2 import CLASSES, generate
+from tests.datasets.test_layouts import r
 from utils.core.errors import ConfigError, DataError
-
-
-def r(image_path: str, label: int, class_name: str, mask_path: str = "") -> dict:
-    return {
-        "image_path": image_path,
-        "label": label,
-        "class_name": class_name,
-        "mask_path": mask_path,
-    }
 
 
 def image(path: Path, size: tuple[int, int] = (24, 16)) -> None:

@@ -5,7 +5,6 @@ the checkpoint does, and a 5000 px image holds a bounded number of full-resoluti
 
 from __future__ import annotations
 
-import importlib
 import tracemalloc
 
 import numpy as np
@@ -20,6 +19,7 @@ from models.base import AnomalyOutput
 from models.predictor import AnomalyPredictor
 from models.registry import MODELS
 from models.tiling import TiledPredictor
+from tests.test_deploy import installed
 
 SIDE = 64  # the tiny model's input
 
@@ -128,14 +128,6 @@ def test_a_5000_px_image_holds_a_few_full_resolution_maps():
         tracemalloc.stop()
     assert output.anomaly_map.shape == (5000, 5000)
     assert peak < 2.5 * full_map  # the weighted sum and the weights; tiles are small
-
-
-def installed(module: str) -> bool:
-    try:
-        importlib.import_module(module)
-    except ImportError:
-        return False
-    return True
 
 
 @pytest.mark.skipif(
