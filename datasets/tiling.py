@@ -28,6 +28,7 @@ resized back (bilinear) to the image's native resolution.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Iterator
 from typing import Any, NamedTuple
 
@@ -44,7 +45,8 @@ WINDOW_FLOOR = 0.01
 
 @dataclasses.dataclass
 class TileConfig:
-    """Tiled inference at native resolution (test.py, predict.py calibrate and score)."""
+    """Tiled inference at native resolution (test.py; predict.py calibrate, score, and export:
+    its k-shot memory and in-folder calibration)."""
 
     tile: int = setting(
         0,
@@ -73,6 +75,21 @@ class TileConfig:
         if not self.tile:
             return None
         return {"tile": self.tile, "overlap": self.tile_overlap, "scale": self.tile_scale}
+
+
+def is_tiling(value: Any) -> bool:
+    """Whether a record's value has the shape of `TileConfig.tiling()` (not None)."""
+    return (
+        isinstance(value, dict)
+        and isinstance(value.get("tile"), int)
+        and not isinstance(value.get("tile"), bool)
+        and all(
+            isinstance(value.get(key), (int, float))
+            and not isinstance(value.get(key), bool)
+            and math.isfinite(value[key])
+            for key in ("overlap", "scale")
+        )
+    )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,11 +17,14 @@ import predict
 import test as test_script
 import train
 from datasets.folder import ImageFolder, collate
+from datasets.preprocessing import read_image
 from datasets.support import draw_support, load_images
+from datasets.tiling import TileConfig, Tiler
 from models.predictor import AnomalyPredictor
 from models.registry import load_trained_model
+from models.tiling import TiledPredictor
 from utils.core.runtime import native_bf16
-from utils.deploy import export
+from utils.deploy import export, field
 
 for module in ("onnx", "onnxscript", "onnxruntime", "openvino", "nncf"):
     pytest.importorskip(module)
@@ -240,3 +243,60 @@ def test_sowa_deploys_its_k_shot_memory(runs, tmp_path):
     torch.testing.assert_close(got.image_score, expected.image_score, atol=1e-5, rtol=0)
     span = float(expected.anomaly_map.max() - expected.anomaly_map.min())
     torch.testing.assert_close(got.anomaly_map, expected.anomaly_map, atol=1e-5 * span, rtol=0)
+
+
+def test_a_tiled_k_shot_export_scores_as_tiled_torch_does(runs, tmp_path, one_line_error):
+    """`export --tile`: the memory is encoded from support tiles, the shipped thresholds are
+    calibrated on tiles of the graph, and scoring by other tiles (or none) is refused."""
+    data_root, folders = runs
+    normal = data_root / CLASS / "train" / "good"
+    out = tmp_path / "tiled"
+    tile = ["--tile", "48", "--tile_overlap", "0.25"]
+    argv = ["export", "--checkpoint", str(folders["sowa"]), "--out", str(out), "--dataset",
+            "Synthetic", "--data_root", str(data_root), "--class_name", CLASS, "--k_shot", "1",
+            "--calibration_dir", str(normal), *tile]  # fmt: skip
+    assert predict.main(argv) == 0
+    info = json.loads((out / "model.json").read_text())
+    tiling = {"tile": 48, "overlap": 0.25, "scale": 1.0}
+    assert info["support"]["tiling"] == tiling
+    assert json.loads((out / "calibration.json").read_text())["tiling"] == tiling
+    config = TileConfig(tile=48, tile_overlap=0.25)
+    _, model, _ = load_trained_model(folders["sowa"])
+    torch_tiles = TiledPredictor(AnomalyPredictor(model, k_shot=1), config, 4)
+    torch_tiles.set_support(
+        torch_tiles.support_tiles(draw_support("Synthetic", data_root, CLASS, 1, 42))
+    )
+    graph_tiles = TiledPredictor(export.ExportedPredictor(out, "onnxruntime"), config, 4)
+    image = read_image(sorted((data_root / CLASS / "test").rglob("*.png"))[-1])
+    expected = torch_tiles.predict_image(image, CLASS)
+    got = graph_tiles.predict_image(image, CLASS)
+    assert got.image_score == pytest.approx(expected.image_score, abs=1e-5)
+    span = float(expected.anomaly_map.max() - expected.anomaly_map.min())
+    np.testing.assert_allclose(got.anomaly_map, expected.anomaly_map, atol=1e-5 * span, rtol=0)
+    field = tmp_path / "field"
+    field.mkdir()
+    image.save(field / "a.png")
+    argv = ["score", "--checkpoint", str(out), "--backend", "onnxruntime", "--input", str(field)]
+    argv += ["--out", str(tmp_path / "scored"), "--device", "cpu"]
+    assert predict.main([*argv, *tile]) == 0
+    assert predict.main(argv) == 2  # the memory's patches are tiles: whole images are refused
+    assert "encoded with --tile 48 --tile_overlap 0.25" in one_line_error()
+
+
+def test_tiled_int8_feeds_are_tiles_and_accuracy_control_is_refused(runs, tmp_path, one_line_error):
+    data_root, folders = runs
+    normal = data_root / CLASS / "train" / "good"
+    _, model, _ = load_trained_model(folders["aaclip"])
+    preprocessing = AnomalyPredictor(model).preprocessing
+    tiler = Tiler(preprocessing, TileConfig(tile=48))
+    feeds = field._feeds(normal, preprocessing, 5, tiler)
+    assert len(feeds) == 5
+    assert all(
+        feed["image"].shape == (1, 3, preprocessing.size, preprocessing.size) for feed in feeds
+    )
+    argv = ["export", "--checkpoint", str(folders["aaclip"]), "--out", str(tmp_path / "x")]
+    argv += ["--format", "openvino", "--precision", "int8", "--calibration_dir", str(normal)]
+    argv += ["--validation_dir", str(tmp_path), "--tile", "48"]
+    assert predict.main(argv) == 2
+    assert "--validation_dir measures image AUROC on whole images" in one_line_error()
+    assert not (tmp_path / "x").exists()

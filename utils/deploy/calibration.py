@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from datasets.preprocessing import Preprocessing
+from datasets.tiling import is_tiling
 from utils.core.checkpoint import atomic_write
 from utils.core.errors import CheckpointError, ConfigError, DataError
 from utils.evaluation.metrics import auroc, average_precision
@@ -262,7 +263,7 @@ def check_calibration(calibration: dict[str, Any], path: Path | str) -> None:
     need("overrides", lambda v: isinstance(v, dict), "a dict of model settings")
     need("model.name", lambda v: isinstance(v, str), "a model name")
     need("model.checkpoint_sha256", lambda v: v is None or isinstance(v, str), "a SHA-256")
-    need("tiling", lambda v: v is None or _is_tiling(v), "null or {tile, overlap, scale}", True)
+    need("tiling", lambda v: v is None or is_tiling(v), "null or {tile, overlap, scale}", True)
     need("graph", lambda v: v is None or _is_graph(v), "a graph record (backend, export_id)", True)
     try:
         Preprocessing.from_dict(calibration.get("preprocessing"), str(path))
@@ -283,14 +284,6 @@ def _shown(record: dict[str, Any], key: str) -> str:
         return repr(_at(record, key))[:60]
     except (KeyError, TypeError):
         return "missing"
-
-
-def _is_tiling(value: Any) -> bool:
-    return (
-        isinstance(value, dict)
-        and isinstance(value.get("tile"), int)
-        and all(_finite(value.get(key)) for key in ("overlap", "scale"))
-    )
 
 
 def _is_graph(value: Any) -> bool:

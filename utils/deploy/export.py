@@ -8,7 +8,8 @@ the graph has no text tower and needs no tokenizer; so is SOWA's k-shot memory o
 (`memories`), so a k-shot SOWA deploys as k-shot. Beside the graph, `model.json` records what a
 runtime needs to feed it and to decide: the predictor's exact preprocessing
 (`Preprocessing.to_dict`: size, geometry, resize backend, interpolation, pad colour, mean, std),
-the classes (name and prompt), the domain, the k-shot support, the precision, the model settings
+the classes (name and prompt), the domain, the k-shot support (and the tiling its memory was
+encoded at), the precision, the model settings
 given, the calibration when there is one, the SHA-256 of every graph file and what produced it
 (model name and config, checkpoint hash). `ExportedPredictor` rebuilds that preprocessing from
 model.json and applies exactly it; opening a folder (`read_info`) checks model.json whole, its
@@ -44,6 +45,7 @@ from sklearn.metrics import roc_auc_score
 from torch import nn
 
 from datasets.preprocessing import Preprocessing
+from datasets.tiling import is_tiling
 from models.base import AnomalyOutput, FrozenCLIPModel, MapExtrema, select_texts, stack_texts
 from models.predictor import AnomalyPredictor
 from models.registry import model_class
@@ -455,10 +457,15 @@ def _check_info(info: Any, model_dir: Path) -> None:
         "files": all(
             isinstance(digest, str) and len(digest) == 64 for digest in info["files"].values()
         ),
+        "support": info.get("support") is None
+        or (
+            isinstance(info["support"], dict)
+            and (info["support"].get("tiling") is None or is_tiling(info["support"]["tiling"]))
+        ),
     }
     for key, valid in checks.items():
         if not valid:
-            raise _fail(path, f"has a malformed {key} ({str(info[key])[:80]})")
+            raise _fail(path, f"has a malformed {key} ({str(info.get(key))[:80]})")
     for fmt, name in info["graphs"].items():
         _inside(model_dir, name, f"graph {fmt}")
         needed = [name, *([str(Path(name).with_suffix(".bin"))] if fmt == "openvino" else [])]
@@ -527,6 +534,8 @@ class ExportedPredictor:
         self.precision = self.info["precision"]
         self.k_shot = self.info["k_shot"]
         self.classes = self.info["classes"]  # [{"name", "prompt"}], the class_index order
+        # the tiling the k-shot memory was encoded at (None: whole images, or zero-shot)
+        self.support_tiling = (self.info.get("support") or {}).get("tiling")
         self._index = {}
         for index, entry in enumerate(self.classes):
             self._index[entry["name"]] = self._index[entry["prompt"]] = index

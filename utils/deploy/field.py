@@ -43,9 +43,9 @@ from datasets.catalog import (
     real_name,
 )
 from datasets.folder import FieldImage, ImageFolder, collate, list_images
-from datasets.preprocessing import Preprocessing
+from datasets.preprocessing import Preprocessing, read_image
 from datasets.support import draw_support, load_images
-from datasets.tiling import TileConfig
+from datasets.tiling import TileConfig, Tiler, crop_tile
 from models.base import FrozenCLIPModel
 from models.predictor import AnomalyPredictor
 from models.registry import MODELS, find_checkpoint, load_trained_model
@@ -209,8 +209,11 @@ class ScoreConfig(TileConfig, FieldConfig):
 
 
 @dataclasses.dataclass
-class ExportConfig(FieldConfig, Thresholds):
-    """`predict.py export`: a graph that runs without this code (traced on the CPU)."""
+class ExportConfig(TileConfig, FieldConfig, Thresholds):
+    """`predict.py export`: a graph that runs without this code (traced on the CPU). The graph
+    scores one input-sized image; `--tile` sets the tiling its k-shot memory is encoded at and
+    its in-folder calibration (and int8 quantization) is made on, which `score --tile` then
+    uses."""
 
     # skip_hash_check: the export opened here is the one just written
     unused: ClassVar[tuple[str, ...]] = ("seed", "device", "num_workers", "amp", "skip_hash_check")
@@ -566,7 +569,7 @@ def calibrate(config: CalibrateConfig, overrides: dict[str, Any]) -> Path:
         )
         provenance, graph = predictor.info["model"], graph_record(predictor)
         class_name = config.class_name or predictor.classes[0]["prompt"]
-        _check_export(predictor, class_name, config.domain or predictor.domain)
+        _check_export(predictor, class_name, config.domain or predictor.domain, config.tiling())
     calibration = calibrate_on(
         tiled(predictor, config, config.batch_size),
         config.normal_dir,
@@ -644,13 +647,23 @@ def _save_overlay(path: Path, item: FieldImage, anomaly_map: np.ndarray, calibra
     atomic_write(path, lambda file: picture.save(file, format="PNG"))
 
 
-def _check_export(exported: ExportedPredictor, class_name: str, domain: str) -> None:
-    """An export scores the classes and domain it was traced for: refuse others."""
+def _check_export(
+    exported: ExportedPredictor, class_name: str, domain: str, tiling: dict[str, Any] | None
+) -> None:
+    """An export scores the classes and domain it was traced for, and a k-shot export the
+    tiling its memory was encoded at: refuse others."""
     exported.class_index([class_name])
     if exported.domain != domain:
         raise ConfigError(
             f"the export holds domain={exported.domain!r}, not {domain!r}; export again with "
             f"--domain {domain} or score with its own"
+        )
+    if exported.k_shot and exported.support_tiling != tiling:
+        raise ConfigError(
+            f"the export's k-shot memory was encoded {_tiling_flags(exported.support_tiling)}, "
+            f"and support and test patches must share a scale: score "
+            f"{_tiling_flags(exported.support_tiling)}, or export again "
+            f"{_tiling_flags(tiling)}"
         )
 
 
@@ -712,30 +725,54 @@ def _support(
         else:
             raise ConfigError("--k_shot needs --support_dir, or --dataset with its train split")
         files[name] = [str(path) for path in paths]
+        if config.tile:  # support patches at the scale of the tiles scored
+            images = TiledPredictor(predictor, config, config.batch_size).support_tiles(paths)
+        else:
+            images = load_images(paths, predictor.preprocessing)
         with torch.no_grad():
-            memories.append(model.encode_memory(load_images(paths, predictor.preprocessing)))
-    return memories, {"seed": config.support_seed, "files": files}
+            memories.append(model.encode_memory(images))
+    return memories, {"seed": config.support_seed, "files": files, "tiling": config.tiling()}
+
+
+def _spread(items: list[Any], limit: int | None) -> list[Any]:
+    """At most `limit` of `items`, evenly spaced over them."""
+    if limit is None or len(items) <= limit:
+        return items
+    step = len(items) / limit
+    return [items[int(index * step)] for index in range(limit)]
 
 
 def _feeds(
-    folder: Path, preprocessing: Preprocessing, limit: int | None = None
+    folder: Path,
+    preprocessing: Preprocessing,
+    limit: int | None = None,
+    tiling: Tiler | None = None,
 ) -> list[dict[str, np.ndarray]]:
-    """One graph feed per readable image of a folder (at most `limit`, spread over it)."""
-    files = list_images(folder)
-    if limit is not None and len(files) > limit:
-        step = len(files) / limit
-        files = [files[int(index * step)] for index in range(limit)]
+    """One graph feed per readable image of a folder (at most `limit`, spread over it); with
+    `tiling`, one per tile, at most `limit` in all (spread over the images and their tiles)."""
+    files = _spread(list_images(folder), limit)
     feeds = []
     for path in files:
         try:
-            prepared = preprocessing.load(path)
+            if tiling is None:
+                prepared = [preprocessing.load(path)[:2]]
+            else:
+                image = tiling.scaled(read_image(path, preprocessing.pad_color))
+                per_image = -(-(limit or len(files)) // len(files))
+                prepared = []
+                for top, left in _spread(tiling.positions(image), per_image):
+                    crop = crop_tile(image, top, left, tiling.size, preprocessing.pad_color)
+                    prepared.append(
+                        (preprocessing(crop).image, tiling.valid_mask(image, top, left))
+                    )
         except DataError as error:
             logger.warning("skipped: %s", error)
             continue
-        feed = {"image": prepared.image[None].numpy()}
-        if preprocessing.pads:
-            feed["valid_mask"] = prepared.valid_mask[None].numpy()
-        feeds.append(feed)
+        for pixels, valid_mask in prepared:
+            feed = {"image": pixels[None].numpy()}
+            if preprocessing.pads:
+                feed["valid_mask"] = valid_mask[None].numpy()
+            feeds.append(feed)
     if not feeds:
         raise DataError(f"no image under {folder} could be read")
     return feeds
@@ -745,9 +782,10 @@ def _quantization(config: ExportConfig, preprocessing: Preprocessing, several: b
     """int8: the quantization an export runs on its OpenVINO model (calibration feeds from
     --calibration_dir; with --validation_dir, under accuracy control)."""
     feeds, validation = [], []
+    tiling = Tiler(preprocessing, config) if config.tile else None
     for index, name in enumerate(config.class_name or []):
         folder = _class_folder(config.calibration_dir, name, several, "--calibration_dir")
-        for feed in _feeds(folder, preprocessing, config.calibration_size):
+        for feed in _feeds(folder, preprocessing, config.calibration_size, tiling):
             # the backbone's activations: each image under its own class
             feeds.append(_with_class(feed, index, several))
         if config.validation_dir is not None:
@@ -796,6 +834,12 @@ def _export_into(config: ExportConfig, overrides: dict[str, Any], folder: Path) 
         raise ConfigError(
             f"--validation_dir controls int8's accuracy; --precision {config.precision} is not "
             "quantized: drop it, or export --precision int8"
+        )
+    if config.validation_dir is not None and config.tile:
+        raise ConfigError(
+            "--validation_dir measures image AUROC on whole images, which a tiled export does "
+            "not score: drop --validation_dir (int8 is then quantized on tiles of "
+            "--calibration_dir without accuracy control), or export without --tile"
         )
     check_writable(config.out, "--out")
     calibration_file = config.calibration or calib.calibration_path(config.checkpoint)
@@ -852,7 +896,13 @@ def _export_into(config: ExportConfig, overrides: dict[str, Any], folder: Path) 
                 config.calibration_dir, entry["name"], several, "--calibration_dir"
             )
             calibration = calibrate_on(
-                exported, normal, entry["prompt"], config, config.batch_size, None, config.progress
+                tiled(exported, config, config.batch_size),
+                normal,
+                entry["prompt"],
+                config,
+                config.batch_size,
+                None,
+                config.progress,
             )
             calibration.update(
                 {
@@ -870,6 +920,7 @@ def _export_into(config: ExportConfig, overrides: dict[str, Any], folder: Path) 
         and config.precision == "fp32"
         and not several
         and recorded["class_name"] in (classes[0]["name"], classes[0]["prompt"])
+        and recorded.get("tiling") == config.tiling()
     ):
         # an fp32 graph scores as the checkpoint does (tested to 1e-6): its thresholds fit,
         # for the class they were calibrated on
@@ -877,10 +928,18 @@ def _export_into(config: ExportConfig, overrides: dict[str, Any], folder: Path) 
         calib.save_calibration(folder / "calibration.json", recorded)
         shipped[classes[0]["name"]] = ("calibration.json", recorded)
     else:
+        if recorded and recorded.get("tiling") != config.tiling():
+            logger.warning(
+                "%s was calibrated %s, not %s: not shipped",
+                calibration_file,
+                _tiling_flags(recorded.get("tiling")),
+                _tiling_flags(config.tiling()),
+            )
         logger.warning(
             "no calibration of this graph: pass --calibration_dir, or run predict.py calibrate "
-            "--backend openvino --checkpoint %s --normal_dir DIR",
+            "--backend openvino --checkpoint %s --normal_dir DIR%s",
             config.out,
+            "" if config.tiling() is None else " " + _tiling_flags(config.tiling())[5:],
         )
     record_calibrations(folder, shipped)
     return targets
@@ -998,7 +1057,7 @@ def score(config: ScoreConfig, overrides: dict[str, Any]) -> dict[str, Any]:
         )
         file, exported = config.checkpoint, predictor.info
         name, checkpoint_sha256 = exported["model"]["name"], exported["model"]["checkpoint_sha256"]
-        _check_export(predictor, class_name, domain)
+        _check_export(predictor, class_name, domain, config.tiling())
         scoring_amp = predictor.amp
     _check_graph(calibration, calibration_file, predictor)
     if scoring_amp != calibration["amp"]:
