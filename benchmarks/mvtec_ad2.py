@@ -47,34 +47,16 @@ from datasets.synthetic_mvtec_ad2 import generate  # noqa: E402
 from datasets.tiling import TileConfig  # noqa: E402
 from models.predictor import AnomalyPredictor  # noqa: E402
 from models.registry import load_trained_model, model_class  # noqa: E402
-from models.tiling import TiledOutput, TiledPredictor  # noqa: E402
+from models.tiling import NativePredictor, TiledPredictor  # noqa: E402
 from utils.core.config import HelpFormatter  # noqa: E402
 from utils.core.runtime import cpu_kind  # noqa: E402
 from utils.engine import job as training_job  # noqa: E402
-from utils.evaluation.evaluate import NormalMaps, collate_test, predict_class_tiled  # noqa: E402
+from utils.evaluation.evaluate import NormalMaps, collate_test, predict_class_native  # noqa: E402
 from utils.evaluation.metrics import ClassEvaluator, ValidationThreshold  # noqa: E402
 
 COLUMNS = ["P-AUROC", "AUPRO", "AUPRO@0.05", "SegF1"]
 OVERLAP = 0.25
 SPEED_IMAGE = (2448, 2048)  # width, height
-
-
-class WholeImage:
-    """The whole image resized to the model input, its map resized back to the image's full
-    resolution: `TiledPredictor.predict_image`'s interface, so one loop scores both modes."""
-
-    def __init__(self, predictor: AnomalyPredictor) -> None:
-        self.predictor = predictor
-
-    @torch.no_grad()
-    def predict_image(self, image: Image.Image, class_name: str) -> TiledOutput:
-        """An RGB image -> its map `[H, W]` (bilinear from `[S, S]`) and its image score."""
-        prepared = self.predictor.preprocessing(image)
-        output = self.predictor.predict(
-            prepared.image[None], [class_name], prepared.valid_mask[None]
-        )
-        anomaly_map = prepared.geometry.to_image(output.anomaly_map[0].float().cpu().numpy())
-        return TiledOutput(anomaly_map, float(output.image_score[0]))
 
 
 def class_loader(dataset) -> DataLoader:
@@ -88,7 +70,7 @@ def quality_rows(root: Path, checkpoint: Path) -> list[str]:
     predictor = AnomalyPredictor(model)
     size = predictor.preprocessing.size
     modes = {
-        "whole image": WholeImage(predictor),
+        "whole image": NativePredictor(predictor),
         f"tiled {size} px": TiledPredictor(predictor, TileConfig(size, OVERLAP), 32),
     }
     info = mvtec_ad2_info()
@@ -104,11 +86,11 @@ def quality_rows(root: Path, checkpoint: Path) -> list[str]:
         prompt = real_name(info, class_name)
         for mode, scorer in modes.items():
             threshold = ValidationThreshold()
-            predict_class_tiled(
+            predict_class_native(
                 scorer, class_loader(normals[class_name]), prompt, NormalMaps(threshold), False
             )
             evaluator = ClassEvaluator(COLUMNS, seg_threshold=threshold.compute())
-            predict_class_tiled(scorer, class_loader(dataset), prompt, evaluator, False)
+            predict_class_native(scorer, class_loader(dataset), prompt, evaluator, False)
             values = evaluator.compute(None, None)
             means[mode].append([values[column] for column in COLUMNS])
             cells = " | ".join(f"{100 * values[column]:.1f}" for column in COLUMNS)
@@ -137,7 +119,7 @@ def speed_row(args: dict, queue: multiprocessing.Queue) -> None:
         tiles = len(scorer.tiler.positions(image))
         warm_up = image.crop((0, 0, args["size"], args["size"]))  # one tile: texts cached
     else:
-        scorer, tiles, warm_up = WholeImage(predictor), 1, image
+        scorer, tiles, warm_up = NativePredictor(predictor), 1, image
     scorer.predict_image(warm_up, "can")
     start = time.perf_counter()
     output = scorer.predict_image(image, "can")

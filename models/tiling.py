@@ -1,7 +1,12 @@
-"""Tiled inference at native resolution: any predictor (`AnomalyPredictor`, or an export's
-`ExportedPredictor`, both running the model at its input size) scores the tiles of an image in
-batches through its one `predict`, and the tiles' maps are blended into one map at the image's
-own resolution (`datasets.tiling`: grid, window, stitcher; one image's map at a time).
+"""Maps at each image's own resolution from any predictor (`AnomalyPredictor`, or an export's
+`ExportedPredictor`, both running the model at its input size), one image at a time:
+
+* `NativePredictor`: the whole image resized to the input, its map resized back (bilinear)
+  over the region the model saw (`Geometry.to_image`): what test.py scores MVTec AD 2 with
+  without tiles (`--metric_resolution native`), against the full-resolution masks;
+* `TiledPredictor`: tiled inference at native resolution, the tiles of an image scored in
+  batches through the predictor's one `predict` and their maps blended into one map
+  (`datasets.tiling`: grid, window, stitcher).
 
 Scores of a tiled image:
 * the image score (`predict`'s, the field score that calibrate and score threshold) is the
@@ -10,27 +15,29 @@ Scores of a tiled image:
 * the paper-table score (test.py) is each model's own rule (`table_image_scores`) applied to the
   stitched maps' extrema and these image scores, as for whole images.
 
-A k-shot memory (SOWA) is built from the tiles of the support images at the same scale
-(`support_tiles`), so support and test patches are seen at one resolution.
+A k-shot memory (SOWA) is built from the support images as the test images are seen
+(`support_images`: whole, or their tiles at the same scale), so support and test patches share
+one resolution.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from PIL import Image
 
 from datasets.preprocessing import Preprocessing, read_image
+from datasets.support import load_images
 from datasets.tiling import Stitcher, TileConfig, Tiler, resize_map
 from models.base import MapExtrema
 from models.predictor import Predictor
 
 
 class TiledOutput(NamedTuple):
-    """One image's tiled prediction."""
+    """One image's prediction at its own resolution (whole or tiled)."""
 
     anomaly_map: np.ndarray  # [H, W] float32, the image's own resolution
     image_score: float
@@ -41,15 +48,15 @@ def tile_image_score(scores: torch.Tensor) -> float:
     return float(scores.max())
 
 
-class TiledPredictor:
-    """Scores whole images at native resolution through `predictor`, `batch_size` tiles per
-    `predict`; its preprocessing, domain, amp, device and paper-table rule are the predictor's."""
+class NativePredictor:
+    """Scores an image of any size through `predictor`, whole, its map at the image's own
+    resolution; its preprocessing, domain, amp, device and paper-table rule are the
+    predictor's."""
 
-    def __init__(self, predictor: Predictor, tiling: TileConfig, batch_size: int) -> None:
+    tiling: dict[str, Any] | None = None  # what a calibration or results file records
+
+    def __init__(self, predictor: Predictor) -> None:
         self.predictor = predictor
-        self.tiler = Tiler(predictor.preprocessing, tiling)
-        self.tiling = tiling.tiling()
-        self.batch_size = batch_size
 
     @property
     def preprocessing(self) -> Preprocessing:
@@ -67,14 +74,45 @@ class TiledPredictor:
     def device(self) -> torch.device:
         return self.predictor.device
 
-    def support_tiles(self, paths: list[Path]) -> torch.Tensor:
+    def support_images(self, paths: list[Path]) -> torch.Tensor:
+        """The support images as the model sees test images: `[N, 3, S, S]`."""
+        return load_images(paths, self.preprocessing)
+
+    def set_support(self, images: torch.Tensor | None) -> None:
+        """The k-shot memory from `support_images` `[N, 3, S, S]` (None clears)."""
+        self.predictor.set_support(images)
+
+    @torch.no_grad()
+    def predict_image(self, image: Image.Image, class_name: str) -> TiledOutput:
+        """An RGB image of any size -> its map `[H, W]` (the input-size map resized bilinearly
+        over the region the model saw) and its image score."""
+        prepared = self.preprocessing(image)
+        output = self.predictor.predict(
+            prepared.image[None], [class_name], prepared.valid_mask[None]
+        )
+        anomaly_map = prepared.geometry.to_image(output.anomaly_map[0].float().cpu().numpy())
+        return TiledOutput(anomaly_map, float(output.image_score[0]))
+
+    def table_image_scores(self, extrema: MapExtrema, scores: np.ndarray) -> np.ndarray:
+        """The model's paper-table rule on the full-resolution maps' extrema `[N]` and the image
+        scores `[N]`."""
+        return self.predictor.table_image_scores(extrema, scores)
+
+
+class TiledPredictor(NativePredictor):
+    """Scores whole images at native resolution through `predictor` by tiles, `batch_size`
+    tiles per `predict`."""
+
+    def __init__(self, predictor: Predictor, tiling: TileConfig, batch_size: int) -> None:
+        super().__init__(predictor)
+        self.tiler = Tiler(predictor.preprocessing, tiling)
+        self.tiling = tiling.tiling()
+        self.batch_size = batch_size
+
+    def support_images(self, paths: list[Path]) -> torch.Tensor:
         """Every tile of the support images, as the test images are tiled: `[N, 3, S, S]`."""
         pad_color = self.preprocessing.pad_color
         return torch.cat([self.tiler.tiles(read_image(path, pad_color)) for path in paths])
-
-    def set_support(self, images: torch.Tensor | None) -> None:
-        """The k-shot memory from support tiles `[N, 3, S, S]` (`support_tiles`; None clears)."""
-        self.predictor.set_support(images)
 
     @torch.no_grad()
     def predict_image(self, image: Image.Image, class_name: str) -> TiledOutput:
@@ -96,12 +134,17 @@ class TiledPredictor:
             anomaly_map = resize_map(anomaly_map, image.height, image.width)
         return TiledOutput(anomaly_map, tile_image_score(torch.cat(scores)))
 
-    def table_image_scores(self, extrema: MapExtrema, scores: np.ndarray) -> np.ndarray:
-        """The model's paper-table rule on the stitched maps' extrema `[N]` and the tiled image
-        scores `[N]`."""
-        return self.predictor.table_image_scores(extrema, scores)
-
 
 def tiled(predictor: Predictor, tiling: TileConfig, batch_size: int) -> Predictor | TiledPredictor:
     """`predictor` over tiles when `tiling.tile` is set, else `predictor` itself."""
     return TiledPredictor(predictor, tiling, batch_size) if tiling.tile else predictor
+
+
+def at_resolution(
+    predictor: Predictor, tiling: TileConfig, batch_size: int, native: bool
+) -> Predictor | NativePredictor:
+    """`predictor` over tiles when `tiling.tile` is set, else with maps at each image's own
+    resolution when `native`, else `predictor` itself (maps at the model input)."""
+    if tiling.tile:
+        return TiledPredictor(predictor, tiling, batch_size)
+    return NativePredictor(predictor) if native else predictor

@@ -264,7 +264,7 @@ def test_a_tiled_k_shot_export_scores_as_tiled_torch_does(runs, tmp_path, one_li
     _, model, _ = load_trained_model(folders["sowa"])
     torch_tiles = TiledPredictor(AnomalyPredictor(model, k_shot=1), config, 4)
     torch_tiles.set_support(
-        torch_tiles.support_tiles(draw_support("Synthetic", data_root, CLASS, 1, 42))
+        torch_tiles.support_images(draw_support("Synthetic", data_root, CLASS, 1, 42))
     )
     graph_tiles = TiledPredictor(export.ExportedPredictor(out, "onnxruntime"), config, 4)
     image = read_image(sorted((data_root / CLASS / "test").rglob("*.png"))[-1])

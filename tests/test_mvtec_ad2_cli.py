@@ -10,20 +10,18 @@ import logging
 import numpy as np
 import pytest
 import tifffile
-import torch
 from PIL import Image
 
 import test as test_script
 import train
-from datasets.anomaly import TestDataset
 from datasets.catalog import mvtec_ad2_info
 from datasets.metadata import build_records
 from datasets.preprocessing import read_image
 from models.predictor import AnomalyPredictor
 from models.registry import load_trained_model
-from models.tiling import TiledPredictor
+from models.tiling import NativePredictor, TiledPredictor
 from utils.evaluation.evaluate import EvalConfig
-from utils.evaluation.metrics import COLUMNS_MVTEC_AD2, ValidationThreshold
+from utils.evaluation.metrics import COLUMNS_MVTEC_AD2, ClassEvaluator, ValidationThreshold
 from utils.evaluation.submission import check_submission
 
 # A few tiles per image: 64 px tiles of the images shrunk to 5 % (the tree's are 1000-2232 px).
@@ -47,18 +45,13 @@ def validation_maps(checkpoint, root, tiled: bool) -> list[np.ndarray]:
     predictor = AnomalyPredictor(model)
     maps = []
     records = build_records(mvtec_ad2_info("validation"), root)
+    config = EvalConfig(tile=64, tile_scale=0.05)
+    # at each image's own resolution: stitched from tiles, or the whole image's map resized
+    native = TiledPredictor(predictor, config, 32) if tiled else NativePredictor(predictor)
     for record in records:
         name = mvtec_ad2_info().real_names[record["class_name"]]
-        if tiled:
-            config = EvalConfig(tile=64, tile_scale=0.05)
-            image = read_image(root / record["image_path"], predictor.preprocessing.pad_color)
-            maps.append(TiledPredictor(predictor, config, 32).predict_image(image, name)[0])
-        else:  # a class's images in one batch, as test.py's loader batches them
-            same = [other for other in records if other["class_name"] == record["class_name"]]
-            items = TestDataset(same, root, predictor.preprocessing)
-            images = torch.stack([item["image"] for item in items])
-            output = predictor.predict(images, [name] * len(same))
-            maps.append(output.anomaly_map[same.index(record)].numpy())
+        image = read_image(root / record["image_path"], predictor.preprocessing.pad_color)
+        maps.append(native.predict_image(image, name).anomaly_map)
     return maps
 
 
@@ -73,6 +66,7 @@ def test_test_public_has_mvtec_ad2_columns_and_validation_thresholds(
     results = json.loads(path.read_text())
     assert results["columns"] == COLUMNS_MVTEC_AD2
     assert results["meta"]["config"]["metrics"] == "mvtec_ad2"  # the default for MVTecAD2
+    assert results["meta"]["metric_resolution"] == "native"  # MVTec AD 2's protocol
     thresholds = results["meta"]["seg_thresholds"]
     assert set(thresholds) == {"can", "fabric", "vial"}
     records = build_records(mvtec_ad2_info("validation"), mvtec_ad2_root)
@@ -125,3 +119,33 @@ def test_training_on_a_private_split_stays_refused(mvtec_ad2_root, tmp_path, one
     argv += ["--save_path", str(tmp_path / "run"), "--model_name", "tiny", *extra]
     assert train.main(argv) == 2
     assert "test_public" in one_line_error()
+
+
+def test_whole_images_are_scored_at_native_resolution_unless_asked(
+    run, mvtec_ad2_root, tmp_path, monkeypatch, one_line_error
+):
+    """MVTec AD 2 without tiles: the map resized back to each image against its full-resolution
+    mask (every defect pixel counted); `--metric_resolution input` is the papers' protocol."""
+    _, argv = run
+    seen: list[tuple[tuple[int, ...], int]] = []
+    update = ClassEvaluator.update
+
+    def spy(self, maps, masks, valid=None):
+        seen.append((np.shape(masks)[1:], int(np.count_nonzero(masks))))
+        return update(self, maps, masks, valid)
+
+    monkeypatch.setattr(ClassEvaluator, "update", spy)
+    argv = [*argv, "--results_dir", str(tmp_path)]
+    assert test_script.main(argv) == 0
+    masks = sorted(mvtec_ad2_root.glob("*/test_public/ground_truth/bad/*_mask.png"))
+    defect_pixels = sum(int(np.count_nonzero(np.asarray(Image.open(path)))) for path in masks)
+    sizes = {Image.open(path).size[::-1] for path in masks}
+    assert {shape for shape, _ in seen} == sizes and sum(n for _, n in seen) == defect_pixels
+    seen.clear()
+    assert test_script.main([*argv, "--metric_resolution", "input"]) == 0
+    side = load_trained_model(run[0] / "run")[1].config.img_size
+    assert {shape for shape, _ in seen} == {(side, side)}
+    results = json.loads((tmp_path / "results_MVTecAD2_input.json").read_text())
+    assert results["meta"]["metric_resolution"] == "input"
+    assert test_script.main([*argv, "--metric_resolution", "input", *TILE]) == 2
+    assert "drop --metric_resolution input" in one_line_error()

@@ -102,7 +102,7 @@ def test_sowa_builds_its_k_shot_memory_from_support_tiles(tmp_path):
     for index, (height, width) in enumerate(((100, 90), (60, 48))):
         paths.append(tmp_path / f"good_{index}.png")
         noise(height, width, index).save(paths[-1])
-    tiles = predictor.support_tiles(paths)
+    tiles = predictor.support_images(paths)
     assert tiles.shape == (9 + 2, 3, SIDE, SIDE)  # 3 x 3 tiles, then 2 x 1
     predictor.set_support(tiles)
     grid = backbone.grid_size(model.clipmodel)

@@ -726,7 +726,7 @@ def _support(
             raise ConfigError("--k_shot needs --support_dir, or --dataset with its train split")
         files[name] = [str(path) for path in paths]
         if config.tile:  # support patches at the scale of the tiles scored
-            images = TiledPredictor(predictor, config, config.batch_size).support_tiles(paths)
+            images = TiledPredictor(predictor, config, config.batch_size).support_images(paths)
         else:
             images = load_images(paths, predictor.preprocessing)
         with torch.no_grad():

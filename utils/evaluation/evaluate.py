@@ -9,9 +9,11 @@ and detection scores, image score `0.5 * map max + 0.5 * det` (industrial) or th
 
 Classes stream through one loader: a class's maps go batch by batch into its metrics, so no
 full-size map of a class is held unless panels are asked for; with several checkpoints
-(`--all_epochs`) a class is decoded once and scored by each of them. With `--tile` the images
-and masks are read at their own resolution and each image is scored by tiles
-(`models.tiling`): its stitched map streams into the metrics against the full-resolution mask.
+(`--all_epochs`) a class is decoded once and scored by each of them. At native resolution
+(`--metric_resolution native`: MVTec AD 2's default, and `--tile`'s) the images and masks are
+read at their own resolution, one image per batch, and each image's map at that resolution
+(`models.tiling`: whole, resized back from the input; or stitched from tiles) streams into the
+metrics against the full-resolution mask.
 
 MVTec AD 2 (`--metrics mvtec_ad2`, its default): before a class's test images, its
 validation/good images are predicted by exactly the same predictor, preprocessing, tiling and
@@ -20,8 +22,8 @@ labels are never read for it); the thresholds go into the results' meta. Its pri
 unlabelled: no metric, each image's map is written at full resolution into `--submission` with
 the class's threshold, image by image, and the tree is checked at the end. Without `--tile` a
 full-resolution map is the model-size map resized bilinearly over the region the model saw
-(`Geometry.to_image`); with `--tile` it is the stitched map itself. `--save_maps` writes the same
-full-resolution maps of a labelled split as float16 TIFFs.
+(`Geometry.to_image`, `NativePredictor`); with `--tile` it is the stitched map itself.
+`--save_maps` writes the same full-resolution maps of a labelled split as float16 TIFFs.
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ from datasets.tiling import TileConfig
 from models.base import MapExtrema
 from models.predictor import AnomalyPredictor, Predictor
 from models.registry import MODELS, checkpoint_stem, find_checkpoint, load_trained_model
-from models.tiling import TiledPredictor, tiled
+from models.tiling import NativePredictor, at_resolution
 from utils.core.config import RUN, TEST, setting, settings_of, to_mapping
 from utils.core.errors import CheckpointError, ConfigError, DataError
 from utils.core.names import safe_name, safe_relative
@@ -191,13 +193,33 @@ class EvalConfig(TileConfig, ExportReadConfig, RuntimeConfig, DataConfig):
         "(MVTec AD 2: DIR/<class>/test_public/{good,bad}/<stem>.tiff)",
         kind=RUN,
     )
+    metric_resolution: str | None = setting(
+        None,
+        "input: pixel metrics at the model input, masks resized to it (the papers' protocol); "
+        "native: at each image's own resolution against its full-resolution mask, the map "
+        "resized back bilinearly (one image per forward; MVTec AD 2's protocol, where thin "
+        "defects vanish from resized masks); unset: native for --dataset MVTecAD2 and with "
+        "--tile, else input",
+        kind=RUN,
+        choices=("input", "native"),
+    )
 
     def resolve(self) -> EvalConfig:
         """The settings left unset filled in: data root, undefined-metric rule, decimals."""
-        if self.tile and self.visualize:
+        if self.tile and self.metric_resolution == "input":
             raise ConfigError(
-                "--visualize draws panels at the model input; with --tile the maps are at each "
-                "image's resolution: leave one of them out"
+                "--tile stitches maps at each image's own resolution: drop --metric_resolution "
+                "input, or --tile"
+            )
+        if self.native and self.visualize:
+            raise ConfigError(
+                "--visualize draws panels at the model input; "
+                + (
+                    "with --tile the maps are at each image's resolution: leave one of them out"
+                    if self.tile
+                    else "pass --metric_resolution input with it (MVTec AD 2 is scored at "
+                    "native resolution by default)"
+                )
             )
         metrics = self.metric_set()
         if metrics == "mvtec_ad2" and self.dataset != "MVTecAD2":
@@ -225,10 +247,19 @@ class EvalConfig(TileConfig, ExportReadConfig, RuntimeConfig, DataConfig):
         return dataclasses.replace(
             self,
             metrics=metrics,
+            metric_resolution="native" if self.native else "input",
             data_root=self.root(),
             undefined_metric=self.undefined_metric or ("zero" if official else "nan"),
             decimals=self.decimals if self.decimals is not None else (2 if official else 1),
         )
+
+    @property
+    def native(self) -> bool:
+        """Whether maps and masks are compared at each image's own resolution
+        (`--metric_resolution`)."""
+        if self.metric_resolution is not None:
+            return self.metric_resolution == "native"
+        return bool(self.tile) or self.dataset == "MVTecAD2"
 
     @property
     def unlabelled(self) -> bool:
@@ -370,7 +401,7 @@ class NormalMaps:
 
 
 def validation_threshold(
-    predictor: Predictor | TiledPredictor,
+    predictor: Predictor | NativePredictor,
     dataset: TestDataset,
     batches: Iterable[dict],
     prompt_name: str,
@@ -379,13 +410,13 @@ def validation_threshold(
     """SegF1's threshold of a class: its validation/good images (`dataset`, as `batches`)
     predicted exactly as its test images are (this predictor, preprocessing, tiling and k-shot
     memory), their maps streamed into `ValidationThreshold`."""
-    if isinstance(predictor, TiledPredictor):  # stitched maps at each image's resolution
+    if isinstance(predictor, NativePredictor):  # maps at each image's own resolution
         capacity = 0
         for record in dataset.records:
             with Image.open(dataset.root / record["image_path"]) as image:
                 capacity += image.width * image.height
         threshold = ValidationThreshold(DEFAULT_SEG_PERCENTILE, capacity)
-        predict_class_tiled(
+        predict_class_native(
             predictor, batches, prompt_name, NormalMaps(threshold), show_progress=show_progress
         )
     else:
@@ -443,17 +474,17 @@ def predict_class(
 
 
 @torch.no_grad()
-def predict_class_tiled(
-    predictor: TiledPredictor,
+def predict_class_native(
+    predictor: NativePredictor,
     batches: Iterable[dict],
     prompt_name: str,
     evaluator: ClassEvaluator | NormalMaps,
     show_progress: bool = True,
     sink: MapSink | None = None,
 ) -> ClassOutputs:
-    """`predict_class` by tiles: each native image `[H, W, 3]` becomes its stitched map
-    `[H, W]`, which streams into `evaluator` against its full-resolution mask (and `sink`) and
-    is dropped."""
+    """`predict_class` at native resolution: each native image `[H, W, 3]` becomes its map
+    `[H, W]` (stitched from tiles, or resized from the input's), which streams into `evaluator`
+    against its full-resolution mask (and `sink`) and is dropped."""
     scores, labels, paths, file_names, extrema = [], [], [], [], []
     for batch in progress(batches, show_progress, desc="images", leave=False):
         for pixels, mask, name in zip(
@@ -479,7 +510,7 @@ def predict_class_tiled(
 
 
 def class_metrics(
-    predictor: Predictor | TiledPredictor,
+    predictor: Predictor | NativePredictor,
     batches: Iterable[dict],
     class_name: str,
     size: int,
@@ -498,8 +529,8 @@ def class_metrics(
     which also binarises the `--submission` maps; `--submission` and `--save_maps` get each
     full-resolution map as it is predicted.
     """
-    is_tiled = isinstance(predictor, TiledPredictor)
-    capacity = None if is_tiled else size * predictor.preprocessing.size**2  # tiled: any sizes
+    is_native = isinstance(predictor, NativePredictor)
+    capacity = None if is_native else size * predictor.preprocessing.size**2  # native: any sizes
     if config.k_shot > 0:
         set_support(predictor, class_name, config, info, support)
     try:
@@ -512,8 +543,8 @@ def class_metrics(
             config.columns, config.fpr_limit, config.pro_variant, capacity, class_name, threshold
         )
         sink = map_sink(config, threshold)
-        if is_tiled:
-            outputs = predict_class_tiled(
+        if is_native:
+            outputs = predict_class_native(
                 predictor, batches, prompt_name, evaluator, config.progress, sink
             )
         else:
@@ -553,7 +584,7 @@ def map_sink(config: EvalConfig, threshold: float | None) -> MapSink | None:
 
 
 def set_support(
-    predictor: AnomalyPredictor | TiledPredictor,
+    predictor: AnomalyPredictor | NativePredictor,
     class_name: str,
     config: EvalConfig,
     info: DatasetInfo,
@@ -565,8 +596,8 @@ def set_support(
     paths = draw_support(info, root, class_name, config.k_shot, config.support_seed)
     if support is not None:
         support[class_name] = [Path(path).relative_to(root).as_posix() for path in paths]
-    if isinstance(predictor, TiledPredictor):
-        predictor.set_support(predictor.support_tiles(paths))
+    if isinstance(predictor, NativePredictor):
+        predictor.set_support(predictor.support_images(paths))
     else:
         predictor.set_support(load_images(paths, predictor.preprocessing))
 
@@ -606,6 +637,8 @@ def variant(config: EvalConfig, k_shot: int, backend: str = "torch") -> dict[str
         tags[f"{k_shot}shot"] = f"{k_shot}-shot"
     if config.tile:
         tags[f"tile{config.tile}"] = f"tiles of {config.tile} px"
+    elif config.native != (config.dataset == "MVTecAD2"):  # not the data set's default
+        tags[config.metric_resolution] = f"metrics at {config.metric_resolution} resolution"
     if backend != "torch":
         tags[backend] = f"backend {backend}"
     return tags
@@ -637,7 +670,7 @@ def evaluate(config: EvalConfig, overrides: dict[str, Any]) -> list[EvaluatedFil
     sources = {files[0]: model.weight_sources}
     predictor = AnomalyPredictor(model, info.domain, config.amp, config.k_shot)
     preprocessing = dataclasses.replace(predictor.preprocessing, resize_masks=config.resize_masks)
-    datasets = build_test_datasets(records, config.data_root, preprocessing, config.tile > 0)
+    datasets = build_test_datasets(records, config.data_root, preprocessing, config.native)
     normal_sets = validation_datasets(config, preprocessing, datasets)
     workers = loader_workers(config.num_workers, device, evaluation=True)
     log_outputs(config)
@@ -652,8 +685,8 @@ def evaluate(config: EvalConfig, overrides: dict[str, Any]) -> list[EvaluatedFil
     )
     per_file: dict[Path, dict[str, ClassResult]] = {path: {} for path in files}
     supports: dict[Path, dict[str, list[str]]] = {path: {} for path in files}
-    # tiled: one native image per loader batch, --batch_size tiles per forward
-    groups = class_batches(datasets, 1 if config.tile else config.batch_size, workers, device)
+    # native: one image per loader batch (tiled: --batch_size tiles per forward)
+    groups = class_batches(datasets, 1 if config.native else config.batch_size, workers, device)
     bars = config.progress
     for class_name, batches in progress(groups, bars, total=len(datasets), desc="classes"):
         normal = normal_images(normal_sets, class_name, config, workers, cache)
@@ -665,7 +698,7 @@ def evaluate(config: EvalConfig, overrides: dict[str, Any]) -> list[EvaluatedFil
                 sources[path] = model.weight_sources
             predictor = AnomalyPredictor(model, info.domain, config.amp, config.k_shot)
             per_file[path][class_name] = class_metrics(
-                tiled(predictor, config, config.batch_size),
+                at_resolution(predictor, config, config.batch_size, config.native),
                 batches,
                 class_name,
                 len(datasets[class_name]),
@@ -720,7 +753,7 @@ def validation_datasets(
         return {}
     info = mvtec_ad2_info("validation")
     records = load_test_records(info, config.data_root, config.metadata_dir)
-    normal = build_test_datasets(records, config.data_root, preprocessing, config.tile > 0)
+    normal = build_test_datasets(records, config.data_root, preprocessing, config.native)
     missing = [name for name in datasets if name not in normal]
     if missing:
         raise DataError(
@@ -744,7 +777,7 @@ def normal_images(
     dataset = normal_sets[class_name]
     loader = DataLoader(
         dataset,
-        batch_size=1 if config.tile else config.batch_size,
+        batch_size=1 if config.native else config.batch_size,
         num_workers=workers,
         collate_fn=collate_test,
     )
@@ -799,6 +832,7 @@ def scoring_meta(config: EvalConfig, predictor: Predictor, preprocessing: Any) -
         "resolution": preprocessing.size,
         "preprocessing": preprocessing.to_dict(),
         "tiling": config.tiling(),
+        "metric_resolution": config.metric_resolution,
         "pro_variant": config.pro_variant,
         "fpr_limit": config.fpr_limit,
         "config": to_mapping(config),
@@ -852,7 +886,7 @@ def evaluate_export(config: EvalConfig, predictor: Any) -> EvaluatedFile:
         [real_name(info, name) for name in dict.fromkeys(r["class_name"] for r in records)]
     )
     preprocessing = dataclasses.replace(predictor.preprocessing, resize_masks=config.resize_masks)
-    datasets = build_test_datasets(records, config.data_root, preprocessing, config.tile > 0)
+    datasets = build_test_datasets(records, config.data_root, preprocessing, config.native)
     normal_sets = validation_datasets(config, preprocessing, datasets)
     workers = loader_workers(config.num_workers, predictor.device, evaluation=True)
     log_outputs(config)
@@ -867,13 +901,13 @@ def evaluate_export(config: EvalConfig, predictor: Any) -> EvaluatedFile:
     scoring = dataclasses.replace(config, k_shot=0)  # the memory is in the graph
     per_class, images, results = {}, {}, {}
     groups = class_batches(
-        datasets, 1 if config.tile else config.batch_size, workers, predictor.device
+        datasets, 1 if config.native else config.batch_size, workers, predictor.device
     )
     for class_name, batches in progress(
         groups, config.progress, total=len(datasets), desc="classes"
     ):
         result = class_metrics(
-            tiled(predictor, config, config.batch_size),
+            at_resolution(predictor, config, config.batch_size, config.native),
             batches,
             class_name,
             len(datasets[class_name]),
