@@ -18,10 +18,11 @@ The work is in utils/deploy/field.py; every flag is a setting of its config data
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 
 from models.registry import config_classes
-from utils.core.checkpoint import check_writable
+from utils.core.checkpoint import check_writable, folder_lock
 from utils.core.config import (
     HelpFormatter,
     add_overrides,
@@ -32,6 +33,8 @@ from utils.core.runtime import run_script, setup_logging
 from utils.deploy import field
 
 logger = logging.getLogger("predict")
+
+SCORE_LOCK = "score.lock"  # held in --out while a score writes there
 
 COMMANDS = {
     "calibrate": (field.CalibrateConfig, field.calibrate),
@@ -79,12 +82,14 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> None:
         command, config, overrides = parse_args(argv)
-        log_file = None
-        if command == "score":
-            check_writable(config.out, "--out")  # before any work
-            log_file = config.out / "predict.log"
-        setup_logging(log_file, config.log_level)
-        COMMANDS[command][1](config, overrides)
+        with contextlib.ExitStack() as stack:
+            log_file = None
+            if command == "score":  # its files in --out are many: one run at a time writes them
+                check_writable(config.out, "--out")  # before any work
+                stack.enter_context(folder_lock(config.out, SCORE_LOCK, "scoring", "--out"))
+                log_file = config.out / "predict.log"
+            setup_logging(log_file, config.log_level)
+            COMMANDS[command][1](config, overrides)
 
     return run_script(body, logger)
 

@@ -20,6 +20,7 @@ import argparse
 import logging
 from pathlib import Path
 
+from datasets.synthetic import check_generatable
 from models.registry import config_classes
 from utils.core.checkpoint import check_writable
 from utils.core.config import (
@@ -93,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
         config, overrides = parse_args(argv)
         if config.results_dir is None:  # results go beside the model: it must be there
             check_source(config)
+        if config.dataset == "Synthetic":  # generated on first use: a writable data root
+            check_generatable(config.root())
         out_dir = config.output_folder()
         check_writable(out_dir, "--results_dir")  # before any work, not after an hour
         setup_logging(out_dir / "test.log", config.log_level)

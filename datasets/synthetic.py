@@ -19,7 +19,8 @@ import numpy as np
 from PIL import Image
 
 from datasets.catalog import CATALOG
-from utils.core.errors import DataError, UserError
+from utils.core.checkpoint import check_creatable
+from utils.core.errors import DataError, StorageError, UserError
 
 logger = logging.getLogger(__name__)
 
@@ -140,12 +141,20 @@ def write_whole(
         )
     tmp_root = root.with_name(f".{root.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp_root, ignore_errors=True)
-    tmp_root.mkdir(parents=True)
-    write(tmp_root, np.random.default_rng(seed))
-    (tmp_root / COMPLETE_MARKER).write_text(f"seed {seed}\n")
-    if root.exists():
-        shutil.rmtree(root)
-    os.replace(tmp_root, root)
+    try:
+        tmp_root.mkdir(parents=True)
+        write(tmp_root, np.random.default_rng(seed))
+        (tmp_root / COMPLETE_MARKER).write_text(f"seed {seed}\n")
+        if root.exists():
+            shutil.rmtree(root)
+        os.replace(tmp_root, root)
+    except OSError as error:  # a read-only folder, a full disk
+        shutil.rmtree(tmp_root, ignore_errors=True)
+        reason = os.strerror(error.errno) if error.errno else str(error)
+        raise StorageError(
+            f"cannot write the {what} to {root} ({reason}); choose a writable folder "
+            "(--data_root, or the generator's --root)"
+        ) from error
     return root
 
 
@@ -157,6 +166,14 @@ def generate(root: Path, seed: int = 0, overwrite: bool = False) -> Path:
             _write_class(folder / class_name, texture, rng)
 
     return write_whole(root, "synthetic data set", write, seed, overwrite)
+
+
+def check_generatable(root: Path) -> None:
+    """Before any work: a synthetic data set still to generate at `root` can be written there
+    (the folder above it takes the temporary folder it is written in), else one line naming
+    --data_root; nothing is created."""
+    if not is_complete(root):
+        check_creatable(root, "--data_root")
 
 
 def ensure_synthetic(root: Path) -> Path:

@@ -7,7 +7,8 @@ its temporary file. Every file the project writes holds only tensors and plain P
 it loads with `torch.load(weights_only=True)`; a file that needs pickle (a foreign checkpoint can
 run code when unpickled) is refused unless the caller passes `trust=True` (the scripts'
 `--trust_checkpoint`). A model's stored config is compared with the current one by
-`utils.core.config.check_architecture`, which names the flag that differs.
+`utils.core.config.check_architecture`, which names the flag that differs. A run that writes
+a folder holds a lock file there (`folder_lock`), so two runs never interleave their files.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import os
 import pickle
 import shutil
 import signal
+import socket
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -28,22 +30,51 @@ from typing import Any
 
 import torch
 
-from utils.core.errors import CheckpointError, StorageError
+from utils.core.errors import CheckpointError, ConfigError, StorageError
 
 logger = logging.getLogger(__name__)
 
 TEMPORARY_GLOB = ".*.tmp"  # atomic_write's temporary files: .<name>.<random>.tmp
+TRAIN_LOCK = "train.lock"  # the folder_lock a training holds in its save path
+
+
+OUT_OF_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # no later write can succeed either
+_HINTS = {
+    errno.ENOSPC: "free space on the disk or choose another folder",
+    errno.EDQUOT: "free space within your disk quota or choose another folder",
+    errno.EFBIG: "a file-size limit (ulimit -f) stops it: raise it or choose another folder",
+    errno.EACCES: "the folder is not writable: choose another one",
+    errno.EROFS: "the folder is not writable: choose another one",
+    errno.EPERM: "the folder is not writable: choose another one",
+    errno.ENAMETOOLONG: "a name in the path is too long for the file system: shorten it",
+}
 
 
 def _storage_error(path: Path, error: BaseException) -> StorageError:
+    """One line naming the cause; only a full disk or quota is told to free space."""
     if isinstance(error, OSError):
         reason = os.strerror(error.errno) if error.errno else str(error)
+        hint = _HINTS.get(error.errno, "fix that or choose another folder")
     else:  # torch's C++ writer reports only positions: say what makes a write stop short
         reason = "the write stopped short: a full disk or a file-size limit"
-    hint = "free space on the disk or choose another folder"
-    if getattr(error, "errno", None) in (errno.EACCES, errno.EROFS, errno.EPERM):
-        hint = "the folder is not writable: choose another one"
+        hint = _HINTS[errno.ENOSPC]
     return StorageError(f"cannot write {path} ({reason}); {hint} (the previous file is intact)")
+
+
+def storage_error(path: Path, error: BaseException) -> StorageError:
+    """The one-line StorageError for a failed write of `path`, as `atomic_write` raises it
+    (for files written otherwise, such as one appended row by row)."""
+    return _storage_error(path, error)
+
+
+def out_of_space(error: BaseException) -> bool:
+    """Whether a failed write (`atomic_write`'s StorageError, or the error itself) ran out of
+    space: a full disk, a quota, a file-size limit, or torch's writer stopping short. Every
+    later write would fail too; other failures (a name too long) concern one file."""
+    cause = error.__cause__ if isinstance(error, StorageError) else error
+    if isinstance(cause, OSError):
+        return cause.errno in OUT_OF_SPACE
+    return cause is not None and _is_write_failure(cause)
 
 
 def _is_write_failure(error: BaseException) -> bool:
@@ -104,7 +135,8 @@ def _atomic_write(path: Path, write: Any, mode: str) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         handle, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         os.fchmod(handle, _CREATE_MODE)  # mkstemp's 0600 would hide results from the group
-        with os.fdopen(handle, mode) as file:
+        text = {} if "b" in mode else {"encoding": "utf-8"}  # whatever the locale
+        with os.fdopen(handle, mode, **text) as file:
             write(file)
             file.flush()
             os.fsync(file.fileno())
@@ -184,7 +216,100 @@ def check_writable(folder: Path, flag: str) -> None:
             pass
     except OSError as error:
         reason = os.strerror(error.errno) if error.errno else str(error)
-        raise StorageError(f"cannot write to {folder} ({reason}); choose another {flag}") from error
+        where = f"{folder} (the working directory)" if folder == Path() else folder
+        raise StorageError(f"cannot write to {where} ({reason}); choose another {flag}") from error
+
+
+def check_creatable(path: Path, flag: str) -> None:
+    """`path` can be made (or replaced) later: the nearest existing folder above it takes a
+    probe file. A folder written only after other work (a generated data set) fails in one line
+    before any work, and nothing is created."""
+    path = Path(path)
+    above = next(folder for folder in path.parents if folder.exists())  # '.' always exists
+    try:
+        with tempfile.TemporaryFile(dir=above):
+            pass
+    except OSError as error:
+        reason = os.strerror(error.errno) if error.errno else str(error)
+        where = "the working directory" if above == Path() else str(above)
+        raise StorageError(
+            f"cannot create {path}: {where} is not writable ({reason}); pass {flag} to a "
+            "writable folder"
+        ) from error
+
+
+def lock_owner(path: Path) -> tuple[int | None, str | None] | None:
+    """Who holds the lock file `path` (a `folder_lock`): (PID, host), each None where the file
+    does not say (it is being written, or it is foreign); None when there is no lock."""
+    try:
+        fields = Path(path).read_text().split()
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError):
+        return None, None
+    pid = int(fields[0]) if fields and fields[0].isdigit() else None
+    return pid, fields[1] if len(fields) > 1 else None
+
+
+def held(path: Path) -> tuple[int | None, str | None] | None:
+    """The owner of the lock file `path` while it holds it, else None: no lock, or a stale one
+    (a PID on this host that no longer runs: its process was killed). A lock of another host,
+    or one whose owner it does not name, counts as held."""
+    owner = lock_owner(path)
+    return None if owner is None or _stale(owner) else owner
+
+
+def _stale(owner: tuple[int | None, str | None]) -> bool:
+    """Whether a lock's owner is a process of this host that no longer runs."""
+    pid, host = owner
+    return pid is not None and host == socket.gethostname() and not _alive(pid)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def folder_lock(folder: Path, name: str, what: str, flag: str) -> Iterator[Path]:
+    """Hold `<folder>/<name>` (PID and host) while a run (`what`: "training", "scoring")
+    writes to `folder`: a second run into it is refused in one line (ConfigError naming the
+    owner and `flag`, the way out); a stale lock (its process gone) is taken over; the lock is
+    removed on exit, however the run ends. Yields the lock file's path."""
+    path = Path(folder) / name
+    for _ in range(2):
+        try:
+            handle = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, _CREATE_MODE)
+            break
+        except FileExistsError:
+            owner = lock_owner(path)
+            if owner is None:  # released meanwhile
+                continue
+            pid, host = owner
+            if _stale(owner):
+                logger.warning("removing the stale lock %s of PID %d (gone)", path, pid)
+                path.unlink(missing_ok=True)
+                continue
+            where = f"PID {pid} on {host or '?'}" if pid is not None else "another run"
+            raise ConfigError(
+                f"another {what} ({where}) is writing to {folder}; wait for it, choose another "
+                f"{flag}, or delete {path} if that run is gone"
+            ) from None
+        except OSError as error:
+            raise _storage_error(path, error) from error
+    else:
+        raise ConfigError(f"cannot take the lock {path}; delete it if no {what} runs there")
+    with os.fdopen(handle, "w") as file:
+        file.write(f"{os.getpid()} {socket.gethostname()}\n")
+    try:
+        yield path
+    finally:
+        path.unlink(missing_ok=True)
 
 
 def remove_stale_temporaries(folder: Path) -> int:

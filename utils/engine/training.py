@@ -11,13 +11,10 @@ torchrun (global batch sizes), epoch seeding and rank-0-only outputs are the sam
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import math
-import os
-import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -29,9 +26,11 @@ from torch.utils.data import DataLoader, Dataset
 from datasets.anomaly import TrainDataset
 from datasets.catalog import DataConfig
 from datasets.metadata import ensure_training_records, log_resized_masks
-from datasets.synthetic import ensure_synthetic
+from datasets.synthetic import check_generatable, ensure_synthetic
 from utils.core.checkpoint import (
+    TRAIN_LOCK,
     check_writable,
+    folder_lock,
     load_checkpoint,
     remove_stale_temporaries,
     save_checkpoint,
@@ -328,49 +327,6 @@ def resume(
     return int(payload["epoch"]), payload.get("best_loss")
 
 
-@contextlib.contextmanager
-def run_lock(folder: Path) -> Iterator[None]:
-    """Hold `<folder>/train.lock` (PID and host) while a training writes there: a second
-    training into the same folder is refused in one line; a lock whose process is gone (killed)
-    is taken over; the lock is released on exit, however the run ends."""
-    path = Path(folder) / "train.lock"
-    host = socket.gethostname()
-    for _ in range(2):
-        try:
-            handle = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            break
-        except FileExistsError:
-            owner = path.read_text().split() if path.is_file() else []
-            pid = int(owner[0]) if owner and owner[0].isdigit() else None
-            if pid is not None and owner[1:] == [host] and not _alive(pid):
-                logger.warning("removing the stale lock %s of PID %d (gone)", path, pid)
-                path.unlink(missing_ok=True)
-                continue
-            where = f"PID {pid} on {owner[1] if owner[1:] else '?'}" if pid else "another run"
-            raise ConfigError(
-                f"another training ({where}) is writing to {folder}; wait for it, choose "
-                f"another --save_path, or delete {path} if that run is gone"
-            ) from None
-    else:
-        raise ConfigError(f"cannot take the lock {path}; delete it if no training runs there")
-    with os.fdopen(handle, "w") as file:
-        file.write(f"{os.getpid()} {host}\n")
-    try:
-        yield
-    finally:
-        path.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
-
-
 def write_run_config(model: FrozenCLIPModel, run: RunConfig, dist: Distributed) -> None:
     """config.yaml in the save path (rank 0), once training is about to change it."""
     if dist.is_main:
@@ -594,10 +550,12 @@ def run_main(
             execute(job, dist)
             return
         save_path = job.run.save_path
+        if job.run.dataset == "Synthetic":  # generated on first use: a writable data root
+            check_generatable(job.run.data_root)
         check_writable(save_path, "--save_path")  # before any work, not after an hour
         setup_logging(save_path / job.log_file, job.run.log_level)
         remove_stale_temporaries(save_path)
-        with run_lock(save_path):
+        with folder_lock(save_path, TRAIN_LOCK, "training", "--save_path"):
             execute(job, dist)
 
     try:

@@ -58,6 +58,7 @@ from models.base import MapExtrema
 from models.predictor import AnomalyPredictor, Predictor
 from models.registry import MODELS, checkpoint_stem, find_checkpoint, load_trained_model
 from models.tiling import NativePredictor, at_resolution
+from utils.core.checkpoint import TRAIN_LOCK, held
 from utils.core.config import RUN, TEST, setting, settings_of, to_mapping
 from utils.core.errors import CheckpointError, ConfigError, DataError
 from utils.core.names import safe_name, safe_relative
@@ -330,8 +331,25 @@ def checkpoint_files(config: EvalConfig) -> tuple[str, list[Path]]:
         epoch_file = re.compile(rf"{re.escape(checkpoint_stem(model))}_(\d+)\.pth")
         files = [p for p in config.save_path.glob("*.pth") if epoch_file.fullmatch(p.name)]
         if files:
+            _warn_if_training(config.save_path, len(files))
             return model, sorted(files, key=lambda path: int(epoch_file.fullmatch(path.name)[1]))
     raise CheckpointError(f"no per-epoch checkpoints in {config.save_path}; train first")
+
+
+def _warn_if_training(save_path: Path, count: int) -> None:
+    """One warning when a training still holds `save_path`: its later epochs are not evaluated
+    (each per-epoch file is written whole, so the ones there are complete)."""
+    owner = held(save_path / TRAIN_LOCK)
+    if owner is not None:
+        pid, host = owner
+        logger.warning(
+            "a training (PID %s on %s) is still writing to %s: only the epochs saved so far (%d) "
+            "are evaluated; run test.py again when it ends for the rest",
+            pid if pid is not None else "?",
+            host or "?",
+            save_path,
+            count,
+        )
 
 
 @dataclasses.dataclass
