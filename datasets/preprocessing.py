@@ -10,6 +10,16 @@ PNG's 16-bit loads) is scaled by `v * 255 / 65535` (rounded) instead of clipped 
 `convert` does; transparency is composited over the pad colour; the EXIF orientation is applied,
 so maps match what an image viewer shows. An unreadable file raises DataError.
 
+Large images (`read_image`'s `max_pixels`, the `--max_image_pixels` budget of predict.py): the
+size is read from the header before anything is decoded. A JPEG over the budget is decoded
+reduced by 1/2, 1/4 or 1/8 in the decoder (`Image.draft`) to within it; any other image over
+the budget is a DataError naming the flag (decoding it whole is what the budget forbids).
+`reduce_above` (predict.py's whole-image scoring) bounds the memory of an image within the
+budget: one of more pixels is reduced by the smallest integer factor that brings it under
+(`Image.reduce`, a box filter, in its own mode before the RGB conversion), which leaves at least
+a quarter of `reduce_above` pixels, several times any model input: PIL finds such a two-step
+resize (`reducing_gap` 3) nearly indistinguishable from a direct one.
+
 Geometries (`geometry`), each computing what its original computes:
 * `square`: bicubic to S x S, the aspect ratio not kept (AA-CLIP, SOWA);
 * `short_side_crop`: bicubic short side to S, then the centre S x S (CLIP's, the FE-CLIP fork's);
@@ -33,6 +43,9 @@ the same geometry (nearest or bilinear), and thresholded: defect where the resiz
 from __future__ import annotations
 
 import dataclasses
+import logging
+import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -45,7 +58,10 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 from torchvision.transforms.v2 import functional as TF2
 
+from utils.core.config import RUN, setting
 from utils.core.errors import ConfigError, DataError
+
+logger = logging.getLogger(__name__)
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -64,6 +80,9 @@ _TORCH_INTERPOLATION = {
     "bilinear": InterpolationMode.BILINEAR,
 }
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+# Above the 5-50 MP of common industrial cameras, far below PIL's own bomb limit (179 MP)
+DEFAULT_MAX_IMAGE_PIXELS = 64_000_000
+DRAFT_SCALES = (1, 2, 4, 8)  # the JPEG decoder's reductions (Image.draft)
 _READ_ERRORS = (
     UnidentifiedImageError,
     OSError,
@@ -77,12 +96,37 @@ _READ_ERRORS = (
 # Reading
 
 
+@dataclasses.dataclass
+class ReadConfig:
+    """How large an image predict.py calibrate and score decode."""
+
+    max_image_pixels: int = setting(
+        DEFAULT_MAX_IMAGE_PIXELS,
+        "pixel budget of one image, read from its header before decoding: a larger JPEG is "
+        "decoded reduced (1/2, 1/4, 1/8) to within it, any other larger file is refused (score: "
+        "an error row; calibrate: skipped); "
+        "the default is above common industrial cameras' 5-50 MP and far below PIL's 179 MP "
+        "bomb limit. Whole-image scoring holds at most a reduced copy; with --tile the whole "
+        "image and its full-resolution map are held, and this budget is what bounds them",
+        kind=RUN,
+        minimum=1,
+    )
+
+
+def _sixteen_bit_to_l(image: Image.Image) -> Image.Image:
+    """16-bit grayscale -> L by `v * 255 / 65535` rounded (integer arithmetic: never exactly
+    half, so it equals numpy's rounding), values clipped to 0-65535 first."""
+    values = np.clip(np.asarray(image), 0, 65535).astype(np.uint32)
+    values *= 255
+    values += 32767
+    values //= 65535
+    return Image.fromarray(values.astype(np.uint8), mode="L")
+
+
 def _to_8bit_rgb(image: Image.Image, pad_color: tuple[int, int, int]) -> Image.Image:
     """Any PIL mode -> RGB (16-bit scaled, transparency composited over `pad_color`)."""
     if image.mode in _SIXTEEN_BIT_MODES:
-        values = np.asarray(image, dtype=np.float64)
-        scaled = np.round(np.clip(values, 0, 65535) * (255.0 / 65535.0)).astype(np.uint8)
-        return Image.fromarray(scaled, mode="L").convert("RGB")
+        return _sixteen_bit_to_l(image).convert("RGB")
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
@@ -92,15 +136,83 @@ def _to_8bit_rgb(image: Image.Image, pad_color: tuple[int, int, int]) -> Image.I
     return image if image.mode == "RGB" else image.convert("RGB")  # convert would copy
 
 
+def _over_budget(path: Path | str, width: int, height: int, max_pixels: int) -> DataError:
+    return DataError(
+        f"{path} declares {width} x {height} pixels ({width * height / 1e6:.0f} MP), over the "
+        f"pixel budget of {max_pixels / 1e6:g} MP (--max_image_pixels); raise it if your camera "
+        "makes such images"
+    )
+
+
+def _draft(image: Image.Image, path: Path | str, limit: int) -> None:
+    """A JPEG of more than `limit` pixels: let the decoder reduce it by the smallest of 1/2,
+    1/4, 1/8 that brings it under (the largest when none does)."""
+    width, height = image.size
+    scale = next(
+        (s for s in DRAFT_SCALES if math.ceil(width / s) * math.ceil(height / s) <= limit),
+        DRAFT_SCALES[-1],
+    )
+    image.draft(image.mode, (math.ceil(width / scale), math.ceil(height / scale)))
+    logger.info(
+        "%s: %d x %d pixels decoded at 1/%d (%d x %d) to stay within %g MP",
+        path, width, height, scale, *image.size, limit / 1e6,
+    )  # fmt: skip
+
+
+def _reduced(image: Image.Image, limit: int) -> Image.Image:
+    """`image` reduced by the smallest integer factor that leaves at most `limit` pixels, in a
+    mode `Image.reduce` takes (16-bit scaled to L, 1-bit to L, palette expanded)."""
+    width, height = image.size
+    factor = max(2, math.ceil(math.sqrt(width * height / limit)))
+    while math.ceil(width / factor) * math.ceil(height / factor) > limit:
+        factor += 1
+    if image.mode in _SIXTEEN_BIT_MODES:
+        image = _sixteen_bit_to_l(image)
+    elif image.mode == "1":
+        image = image.convert("L")
+    elif image.mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    return image.reduce(factor)
+
+
 def read_image(
-    path: Path | str, pad_color: tuple[int, int, int] = DEFAULT_PAD_COLOR
+    path: Path | str,
+    pad_color: tuple[int, int, int] = DEFAULT_PAD_COLOR,
+    max_pixels: int | None = None,
+    reduce_above: int | None = None,
 ) -> Image.Image:
-    """Read any supported image as 8-bit RGB; an unreadable file raises DataError."""
+    """Read any supported image as 8-bit RGB; an unreadable file raises DataError.
+
+    max_pixels: the pixel budget, checked on the header (a JPEG is decoded reduced to within
+    it, another image over it raises DataError); reduce_above: an image of more pixels is
+    reduced by an integer factor to at most that many before its RGB conversion (see the module
+    docstring). None: no limit. PIL's bomb error (above 179 MP) applies either way; its warning
+    (above 89 MP) is left out under a budget, which is the check then.
+    """
     try:
-        with Image.open(path) as image:
+        with warnings.catch_warnings():
+            if max_pixels is not None:
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(path)
+        with image:
+            width, height = image.size
+            if max_pixels is not None and width * height > max_pixels and image.format != "JPEG":
+                raise _over_budget(path, width, height, max_pixels)
+            limit = min(max_pixels or math.inf, reduce_above or math.inf)
+            if image.format == "JPEG" and width * height > limit:
+                _draft(image, path, int(limit))
+                if max_pixels is not None and image.size[0] * image.size[1] > max_pixels:
+                    raise _over_budget(path, width, height, max_pixels)
             image.load()
             ImageOps.exif_transpose(image, in_place=True)  # no copy when there is no rotation
+            if reduce_above is not None and image.size[0] * image.size[1] > reduce_above:
+                image = _reduced(image, reduce_above)
             return _to_8bit_rgb(image, pad_color)
+    except FileNotFoundError as error:
+        raise DataError(
+            f"cannot read image {path}: it is gone (deleted or moved since it was listed); put "
+            "it back or leave it out"
+        ) from error
     except _READ_ERRORS as error:
         raise DataError(f"cannot read image {path}: {error}; remove or replace the file") from error
 
@@ -139,6 +251,15 @@ class Geometry:
         """A map already at the image's own resolution `[H, W]` (tiled inference): its content
         is all of it (`size` is the longer side)."""
         return cls(height, width, max(height, width), 0, 0, height, width, (0, 0, width, height))
+
+    def resized(self, width: int, height: int) -> Geometry:
+        """The same placement for a copy of the image resized to `width` x `height` (a
+        preview): `crop` scaled to it."""
+        x, y = width / self.width, height / self.height
+        left, top, right, bottom = self.crop
+        crop = (round(left * x), round(top * y), round(right * x), round(bottom * y))
+        crop = (*crop[:2], max(crop[2], crop[0] + 1), max(crop[3], crop[1] + 1))
+        return dataclasses.replace(self, height=height, width=width, crop=crop)
 
     def valid_mask(self) -> torch.Tensor:
         """-> [S, S] bool, True inside the content rectangle."""

@@ -3,12 +3,18 @@
 `safe_name` is the one place a name becomes part of a path the project writes: whatever a flag,
 a YAML file, a jsonl record or a folder on disk calls a thing, the file lands under the output
 folder. `did_you_mean` turns an unknown name into a hint of the closest known ones.
+
+File names that are not UTF-8 (on Linux `os.fsdecode` keeps their undecodable bytes as surrogate
+escapes, `'\\udcff'`) are written into text files as `printable` gives them: each such byte as
+`\\xNN`, so every CSV, JSON and HTML file the project writes is valid UTF-8. `short_stem` keeps a
+stem that derived names extend within the file system's 255 bytes.
 """
 
 from __future__ import annotations
 
 import difflib
 import hashlib
+import os
 import re
 import unicodedata
 from collections.abc import Iterable
@@ -35,6 +41,35 @@ def safe_name(name: str) -> str:
     suffix = re.search(r"\.[A-Za-z0-9]{1,8}$", text)
     tail = f"-{digest}{suffix.group() if suffix else ''}"
     head = encoded[: NAME_BYTES - len(tail)].decode("utf-8", errors="ignore")
+    return head + tail
+
+
+def printable(name: str) -> str:
+    """`name` as valid UTF-8 text: the bytes of a file name that were not UTF-8 (the surrogate
+    escapes of `os.fsdecode`) as `\\xNN`: the name of bytes `a 0xff b .png` reads `a\\xffb.png`;
+    other names unchanged."""
+    try:
+        raw = name.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a lone surrogate that no file name decodes to
+        return name.encode("utf-8", "backslashreplace").decode("utf-8")
+    return raw.decode("utf-8", "backslashreplace")
+
+
+def short_stem(stem: str, reserve: int) -> str:
+    """`stem` when it and `reserve` more bytes fit one file name (NAME_BYTES in the file
+    system's encoding), else its start and a hash of the whole: names derived from it by
+    appending at most `reserve` bytes stay legal and distinct."""
+    limit = NAME_BYTES - reserve
+    encoded = os.fsencode(stem)
+    if len(encoded) <= limit:
+        return stem
+    tail = "-" + hashlib.sha256(encoded).hexdigest()[:16]
+    head, size = "", len(tail)
+    for char in stem:  # whole characters: a multi-byte one is never cut in half
+        size += len(os.fsencode(char))
+        if size > limit:
+            break
+        head += char
     return head + tail
 
 

@@ -100,7 +100,9 @@ def setup_logging(log_file: Path | None = None, level: str = "INFO") -> None:
     if log_file is not None:
         try:
             Path(log_file).parent.mkdir(parents=True, exist_ok=True)
-            _own_handlers.append(logging.FileHandler(log_file))
+            # a file name that is not UTF-8 is logged with its odd bytes as \xNN
+            handler = logging.FileHandler(log_file, encoding="utf-8", errors="backslashreplace")
+            _own_handlers.append(handler)
         except OSError as error:
             reason = os.strerror(error.errno) if error.errno else str(error)
             msg = f"cannot write the log {log_file} ({reason}); choose another folder"

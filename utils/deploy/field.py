@@ -7,11 +7,15 @@ recorded). `calibrate` writes `<save path>/calibration.json` (or `<stem>.calibra
 a checkpoint file): thresholds, normal-score statistics, the model, its exact preprocessing, the
 class, domain and overrides, and the data it saw (utils/deploy/calibration.py). `score` reuses the
 calibration's class, domain and overrides unless flags override them, and writes `scores.csv`,
-one heat-map overlay per image over the region the model saw, at the image's resolution
-(`overlays/<folder>/<stem>_overlay.png`, padding cropped away), with `--labels` `report.json` /
-`report.md` (no bare NaN: `null`), and the review page `index.html` with its thumbnails
-(utils/deploy/review.py). An unreadable file becomes a row with an error, not a stopped run; a
-scores.csv cell a spreadsheet would run as a formula gets a leading `'`. `export` writes a graph
+one heat-map overlay per image over the region the model saw, at the image's resolution up to
+PREVIEW_SIDE px (`overlays/<folder>/<stem>_overlay.png`, padding cropped away), with `--labels`
+`report.json` / `report.md` (no bare NaN: `null`), and the review page `index.html` with its
+thumbnails (utils/deploy/review.py). An unreadable file (over the `--max_image_pixels` budget,
+deleted meanwhile, corrupt) or one whose pictures cannot be written becomes a row with an error,
+not a stopped run; rows reach `scores.partial.csv` as they are scored, so a run stopped by a full
+disk keeps them; a scores.csv cell a spreadsheet would run as a formula gets a leading `'`. Names
+that are not UTF-8 are written with their odd bytes as `\\xNN` (utils/core/names.py `printable`)
+in every output, and labels.csv may name them either way. `export` writes a graph
 (utils/deploy/export.py); `score --backend onnxruntime|openvino` scores with it, through the
 preprocessing its model.json records.
 """
@@ -20,9 +24,9 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import io
 import json
 import logging
+import os
 import random
 from collections.abc import Iterator
 from pathlib import Path
@@ -42,18 +46,37 @@ from datasets.catalog import (
     get_dataset_info,
     real_name,
 )
-from datasets.folder import FieldImage, ImageFolder, collate, list_images
-from datasets.preprocessing import Preprocessing, read_image
+from datasets.folder import (
+    PREVIEW_SIDE,
+    FieldImage,
+    ImageFolder,
+    collate,
+    list_images,
+    preview,
+)
+from datasets.preprocessing import (
+    DEFAULT_MAX_IMAGE_PIXELS,
+    Preprocessing,
+    ReadConfig,
+    read_image,
+)
 from datasets.support import draw_support, load_images
 from datasets.tiling import TileConfig, Tiler, crop_tile
 from models.base import FrozenCLIPModel
 from models.predictor import AnomalyPredictor
 from models.registry import MODELS, find_checkpoint, load_trained_model
 from models.tiling import TiledPredictor, tiled
-from utils.core.checkpoint import atomic_write, check_writable, file_sha256, replaced_folder
+from utils.core.checkpoint import (
+    atomic_write,
+    check_writable,
+    file_sha256,
+    out_of_space,
+    replaced_folder,
+    storage_error,
+)
 from utils.core.config import RUN, setting
-from utils.core.errors import ConfigError, DataError
-from utils.core.names import safe_name
+from utils.core.errors import ConfigError, DataError, StorageError
+from utils.core.names import printable, safe_name
 from utils.core.runtime import (
     ExportReadConfig,
     RuntimeConfig,
@@ -97,6 +120,7 @@ SCORE_COLUMNS = (
     "error",
 )
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")  # what spreadsheets read as a formula
+PARTIAL_SCORES = "scores.partial.csv"  # the rows so far, while score runs
 # Original-code files store no backbone: in the field they default to the paper's (ViT-L-14-336).
 FIELD_DATASET = "Folder"
 
@@ -160,7 +184,7 @@ class Thresholds:
 
 
 @dataclasses.dataclass
-class CalibrateConfig(TileConfig, FieldConfig, Thresholds):
+class CalibrateConfig(TileConfig, ReadConfig, FieldConfig, Thresholds):
     """`predict.py calibrate`: thresholds from a folder of normal images."""
 
     normal_dir: Path = setting(None, "folder of normal images", kind=RUN, required=True)
@@ -177,7 +201,7 @@ class CalibrateConfig(TileConfig, FieldConfig, Thresholds):
 
 
 @dataclasses.dataclass
-class ScoreConfig(TileConfig, FieldConfig):
+class ScoreConfig(TileConfig, ReadConfig, FieldConfig):
     """`predict.py score`: score a folder of images with a calibration."""
 
     input: Path = setting(None, "folder of images to score", kind=RUN, required=True)
@@ -199,7 +223,12 @@ class ScoreConfig(TileConfig, FieldConfig):
         minimum=0,
         maximum=1,
     )
-    overlays: bool = setting(True, "heat-map overlays", kind=RUN, aliases={"no_overlays": 0})
+    overlays: bool = setting(
+        True,
+        f"heat-map overlays at the image's resolution, up to {PREVIEW_SIDE} px on the long side",
+        kind=RUN,
+        aliases={"no_overlays": 0},
+    )
     backend: str = setting(
         "torch",
         "torch: the checkpoint; onnxruntime, openvino: a `predict.py export` folder",
@@ -350,14 +379,18 @@ def _score_tiled(
     show_progress: bool = True,
 ) -> Iterator[tuple[FieldImage, dict[str, Any] | None]]:
     """`score_images` by tiles, one image at a time: its map `[H, W]` at its own resolution,
-    reduced over all of it (tiles leave no padding in it)."""
+    reduced over all of it (tiles leave no padding in it). The item keeps a preview of the
+    image (`original`), not the image: the full one is freed once scored."""
     workers = loader_workers(num_workers, predictor.device, evaluation=True)
     loader = DataLoader(dataset, batch_size=1, num_workers=workers, collate_fn=collate)
     for (item,) in progress(loader, show_progress, desc="scoring", unit="image", leave=False):
         if item.error:
             yield item, None
             continue
-        output = predictor.predict_image(Image.fromarray(item.original), class_name)
+        image = Image.fromarray(item.original)
+        output = predictor.predict_image(image, class_name)
+        item.original = np.asarray(preview(image), dtype=np.uint8)
+        del image
         anomaly_map = torch.from_numpy(output.anomaly_map)[None]  # [1, H, W]
         valid = torch.ones(anomaly_map.shape, dtype=torch.bool)
         reductions = calib.reduce_maps(anomaly_map, valid, top_fraction)
@@ -451,12 +484,14 @@ def calibrate_on(
     batch_size: int = 8,
     num_workers: int | None = None,
     show_progress: bool = True,
+    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> dict[str, Any]:
     """Score a folder of normal images with `predictor` -> the calibration's thresholds,
-    statistics and the data it saw (the caller adds what produced the scores)."""
+    statistics and the data it saw (the caller adds what produced the scores). `max_pixels`:
+    the pixel budget of one image (`--max_image_pixels`)."""
     calib.check_settings(thresholds.percentile, thresholds.reduction, thresholds.rule)
     is_tiled = isinstance(predictor, TiledPredictor)
-    dataset = ImageFolder(folder, predictor.preprocessing, native=is_tiled)
+    dataset = ImageFolder(folder, predictor.preprocessing, native=is_tiled, max_pixels=max_pixels)
     image_scores: list[float] = []
     reductions: dict[str, list[float]] = {key: [] for key in ("max", "topk_mean", "mean")}
     used: list[str] = []
@@ -578,6 +613,7 @@ def calibrate(config: CalibrateConfig, overrides: dict[str, Any]) -> Path:
         config.batch_size,
         config.num_workers,
         config.progress,
+        config.max_image_pixels,
     )
     calibration.update({"model": provenance, "graph": graph, "overrides": overrides})
     calib.save_calibration(path, calibration)
@@ -588,10 +624,11 @@ def calibrate(config: CalibrateConfig, overrides: dict[str, Any]) -> Path:
 def read_labels(path: Path, files: list[str]) -> dict[str, int]:
     """labels.csv (header `file,label`, label 0/1) -> {relative file: label} for `files`.
 
-    A label's file matches a relative path, or else a unique base name."""
+    A label's file matches a relative path, or else a unique base name; `files` are
+    `printable`, and a label names a file that is not UTF-8 by its bytes or their `\\xNN` form."""
     if not Path(path).is_file():
         raise DataError(f"labels file {path} does not exist; pass a CSV with columns file,label")
-    with open(path, newline="") as handle:
+    with open(path, newline="", encoding="utf-8", errors="surrogateescape") as handle:
         reader = csv.DictReader(handle)
         if not reader.fieldnames or not {"file", "label"} <= set(reader.fieldnames):
             raise DataError(f"{path} needs a header with columns file,label")
@@ -606,7 +643,7 @@ def read_labels(path: Path, files: list[str]) -> dict[str, int]:
         value = (row["label"] or "").strip()
         if value not in ("0", "1"):
             raise DataError(f"{path}: label {value!r} for {row['file']!r} is not 0 or 1")
-        key = Path(row["file"].strip()).as_posix()
+        key = printable(Path(row["file"].strip()).as_posix())
         if key not in known:
             candidates = by_name.get(Path(key).name, [])
             if len(candidates) != 1:
@@ -630,19 +667,75 @@ def _csv_cell(value: Any) -> Any:
     return value
 
 
-def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=SCORE_COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows({key: _csv_cell(value) for key, value in row.items()} for row in rows)
-    atomic_write(path, lambda file: file.write(buffer.getvalue()), mode="w")
+class ScoresFile:
+    """scores.csv written as the files are scored: each row is appended to
+    `scores.partial.csv` in the output folder and flushed at once, so a run that dies keeps
+    the rows before (and a previous scores.csv stays as it was); `finish` moves it over
+    scores.csv. UTF-8 (names are `printable`); a failed write raises StorageError. A context
+    manager: leaving it closes the file, finished or not."""
+
+    def __init__(self, out: Path) -> None:
+        self.path = Path(out) / "scores.csv"
+        self.partial = Path(out) / PARTIAL_SCORES
+        try:
+            self._handle = open(self.partial, "w", newline="", encoding="utf-8")
+        except OSError as error:
+            raise storage_error(self.partial, error) from error
+        self._writer = csv.DictWriter(self._handle, fieldnames=SCORE_COLUMNS, lineterminator="\n")
+        self._write(self._writer.writeheader)
+
+    def write(self, row: dict[str, Any]) -> None:
+        self._write(lambda: self._writer.writerow({k: _csv_cell(v) for k, v in row.items()}))
+
+    def __enter__(self) -> ScoresFile:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self._handle.close()
+
+    def finish(self) -> Path:
+        """Close the file and move it over scores.csv; returns scores.csv's path."""
+        self._write(lambda: os.fsync(self._handle.fileno()))
+        self._handle.close()
+        try:
+            os.replace(self.partial, self.path)
+        except OSError as error:
+            raise storage_error(self.path, error) from error
+        return self.path
+
+    def _write(self, write: Any) -> None:
+        try:
+            write()
+            self._handle.flush()
+        except OSError as error:
+            self._handle.close()
+            raise storage_error(self.partial, error) from error
+
+
+def _save_pictures(
+    config: ScoreConfig,
+    picture: Pictures,
+    item: FieldImage,
+    anomaly_map: np.ndarray,
+    calibration: dict,
+) -> None:
+    """A scored file's thumbnail, heat thumbnail and (with --overlays) overlay, drawn from its
+    preview (`original`): StorageError when one cannot be written."""
+    save_thumbnail(config.out / picture.thumbnail, item.original)
+    geometry = item.picture_geometry()
+    save_heat_thumbnail(
+        config.out / picture.heat, item.original, anomaly_map, geometry, calibration
+    )
+    if config.overlays:
+        _save_overlay(config.out / picture.overlay, item, anomaly_map, calibration)
 
 
 def _save_overlay(path: Path, item: FieldImage, anomaly_map: np.ndarray, calibration: dict) -> None:
-    """Overlay over the region the model saw, at the image's resolution: content rectangle
-    cropped, calibration-scaled heat."""
-    heat = calib.heat(item.geometry.to_original(anomaly_map), calibration)
-    left, top, right, bottom = item.geometry.crop
+    """Overlay over the region the model saw, at the preview's resolution (`original`: the
+    image's, up to PREVIEW_SIDE px): content rectangle cropped, calibration-scaled heat."""
+    geometry = item.picture_geometry()
+    heat = calib.heat(geometry.to_original(anomaly_map), calibration)
+    left, top, right, bottom = geometry.crop
     picture = Image.fromarray(overlay(item.original[top:bottom, left:right], heat))
     atomic_write(path, lambda file: picture.save(file, format="PNG"))
 
@@ -1036,7 +1129,7 @@ def score(config: ScoreConfig, overrides: dict[str, Any]) -> dict[str, Any]:
     known_labels: dict[str, int] = {}
     if config.labels is not None:  # a wrong labels file fails before any image is scored
         known_labels = read_labels(
-            config.labels, [path.relative_to(config.input).as_posix() for path in files]
+            config.labels, [printable(path.relative_to(config.input).as_posix()) for path in files]
         )
         if not known_labels:
             raise DataError(
@@ -1092,6 +1185,7 @@ def score(config: ScoreConfig, overrides: dict[str, Any]) -> dict[str, Any]:
         keep_original=True,  # thumbnails for the review page, overlays
         files=files,
         native=config.tile > 0,
+        max_pixels=config.max_image_pixels,
     )
     predictor = tiled(predictor, config, config.batch_size)
     stats = calibration["stats"]
@@ -1099,60 +1193,57 @@ def score(config: ScoreConfig, overrides: dict[str, Any]) -> dict[str, Any]:
     names = picture_names([dataset.relative_name(index) for index in range(len(dataset))])
     pictures: dict[str, Pictures] = {}
     scored: list[tuple[int, float, float]] = []  # (row index, image score, map score)
-    for item, result in score_images(
-        predictor,
-        dataset,
-        class_name,
-        config.batch_size,
-        config.num_workers,
-        calibration["top_fraction"],
-        config.progress,
-    ):
-        if result is None:
-            logger.warning("unreadable: %s", item.error)
-            rows.append(
-                {**dict.fromkeys(SCORE_COLUMNS, ""), "file": item.file, "error": item.error}
-            )
-            continue
-        image_score, map_score = result["image_score"], result[reduction]
-        decision, fired = calib.decide(
-            calibration, np.array([image_score]), np.array([map_score]), rule, reduction
-        )
-        rows.append(
-            {
-                "file": item.file,
-                "image_score": f"{image_score:.8g}",
-                "image_z": f"{calib.z_score(image_score, stats['image']):.6g}",
-                "map_score": f"{map_score:.8g}",
-                "map_z": f"{calib.z_score(map_score, stats[reduction]):.6g}",
-                "decision": "anomalous" if decision[0] else "normal",
-                "fired": fired[0],
-                "error": "",
-            }
-        )
-        scored.append((len(rows) - 1, image_score, map_score))
-        pictures[item.file] = picture = names[item.file]
-        save_thumbnail(config.out / picture.thumbnail, item.original)
-        save_heat_thumbnail(
-            config.out / picture.heat,
-            item.original,
-            result["anomaly_map"],
-            item.geometry,
-            calibration,
-        )
-        if config.overlays:
-            _save_overlay(
-                config.out / picture.overlay,
-                item,
-                result["anomaly_map"],
-                calibration,
-            )
-    _write_csv(config.out / "scores.csv", rows)
+    with ScoresFile(config.out) as scores:
+        for item, result in score_images(
+            predictor,
+            dataset,
+            class_name,
+            config.batch_size,
+            config.num_workers,
+            calibration["top_fraction"],
+            config.progress,
+        ):
+            error_row = {**dict.fromkeys(SCORE_COLUMNS, ""), "file": item.file}
+            if result is None:
+                logger.warning("unreadable: %s", item.error)
+                row = {**error_row, "error": item.error}
+            else:
+                image_score, map_score = result["image_score"], result[reduction]
+                decision, fired = calib.decide(
+                    calibration, np.array([image_score]), np.array([map_score]), rule, reduction
+                )
+                row = {
+                    "file": item.file,
+                    "image_score": f"{image_score:.8g}",
+                    "image_z": f"{calib.z_score(image_score, stats['image']):.6g}",
+                    "map_score": f"{map_score:.8g}",
+                    "map_z": f"{calib.z_score(map_score, stats[reduction]):.6g}",
+                    "decision": "anomalous" if decision[0] else "normal",
+                    "fired": fired[0],
+                    "error": "",
+                }
+                try:
+                    _save_pictures(
+                        config, names[item.file], item, result["anomaly_map"], calibration
+                    )
+                except StorageError as error:
+                    if out_of_space(error):  # every later write would fail too
+                        raise StorageError(
+                            f"{error}; the {len(rows)} rows scored before are in {scores.partial}"
+                        ) from error
+                    logger.warning("%s: %s", item.file, error)
+                    row = {**error_row, "error": printable(f"pictures not written: {error}")}
+                else:
+                    scored.append((len(rows), image_score, map_score))
+                    pictures[item.file] = names[item.file]
+            rows.append(row)
+            scores.write(row)
+        scores_path = scores.finish()
     errors = sum(1 for row in rows if row["error"])
     anomalous = sum(1 for row in rows if row["decision"] == "anomalous")
     print(
         f"scored {len(scored)} of {len(rows)} files: {anomalous} anomalous "
-        f"(rule {rule}, {reduction}), {errors} unreadable -> {config.out / 'scores.csv'}"
+        f"(rule {rule}, {reduction}), {errors} with errors -> {scores_path}"
     )
     report, labelled = None, None
     if config.labels is not None:

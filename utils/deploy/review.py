@@ -31,10 +31,12 @@ from sklearn.metrics import roc_curve
 
 from datasets.preprocessing import Geometry
 from utils.core.checkpoint import atomic_write
+from utils.core.names import short_stem
 from utils.deploy import calibration as calib
 from utils.evaluation.visualize import TURBO_LUT, overlay
 
 THUMBNAIL_SIDE = 128
+STEM_RESERVE = 40  # bytes a picture name adds to its stem: `_tiff_<n>_overlay.png`
 CONTOUR_COLOR = (255, 0, 255)  # magenta: not a turbo colour, so it stands out on any heat
 MARKS = ("tp", "fp", "fn", "tn")
 
@@ -302,14 +304,16 @@ def picture_names(files: list[str]) -> dict[str, Pictures]:
     stem (`good/a.png` -> `thumbnails/good/a.png`, `thumbnails/good/a_overlay.png`,
     `overlays/good/a_overlay.png`). A stem that an earlier file of the folder took (`a.jpg`,
     then `a.png` or `A.png`: case-insensitive disks would merge those) or that names a folder
-    gets the extension (`a_png`), then a number."""
+    gets the extension (`a_png`), then a number. A stem too long for the names derived from it
+    (255 bytes) keeps its start and a hash of the whole (`short_stem`)."""
     used = {str(parent).lower() for file in files for parent in PurePosixPath(file).parents}
     names: dict[str, Pictures] = {}
     for file in files:
         path = PurePosixPath(file)
         extension = path.suffix.lstrip(".")
-        numbered = (f"{path.stem}_{extension}_{index}" for index in count(2))
-        for stem in chain((path.stem, f"{path.stem}_{extension}"), numbered):
+        short = short_stem(path.stem, STEM_RESERVE)
+        numbered = (f"{short}_{extension}_{index}" for index in count(2))
+        for stem in chain((short, f"{short}_{extension}"), numbered):
             base = str(path.with_name(stem))
             taken = {f"{base}.png".lower(), f"{base}_overlay.png".lower()}
             if not taken & used:
