@@ -45,7 +45,7 @@ from models.predictor import AnomalyPredictor  # noqa: E402
 from models.registry import load_trained_model, model_class  # noqa: E402
 from utils.core.checkpoint import save_checkpoint  # noqa: E402
 from utils.core.config import HelpFormatter  # noqa: E402
-from utils.core.runtime import cpu_kind, native_bf16  # noqa: E402
+from utils.core.runtime import cpu_kind, native_bf16, peak_rss_bytes  # noqa: E402
 from utils.deploy import field  # noqa: E402
 from utils.deploy.export import ExportedPredictor  # noqa: E402
 from utils.engine import job  # noqa: E402
@@ -148,16 +148,7 @@ def measure_row(spec: dict) -> dict:
     eight = torch.rand(8, 3, size, size, generator=generator)
     latency = seconds_per_call(lambda: predictor.predict(one, ["object"]), CPU, spec["repeats"])
     batch = seconds_per_call(lambda: predictor.predict(eight, ["object"] * 8), CPU, 1)
-    return {"latency": latency, "images_per_s": 8 / batch, "peak_gib": peak_rss_gib()}
-
-
-def peak_rss_gib() -> float:
-    """This process's peak resident memory: VmHWM (ru_maxrss would carry the forking parent's
-    peak across exec)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 2**20  # KiB -> GiB
-    return float("nan")
+    return {"latency": latency, "images_per_s": 8 / batch, "peak_gib": peak_rss_bytes() / 2**30}
 
 
 def flops_per_image(checkpoint: Path, size: int) -> float:

@@ -57,6 +57,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from models.aaclip import aaclip_image_scores  # noqa: E402
 from models.base import MapExtrema  # noqa: E402
 from utils.core.config import HelpFormatter  # noqa: E402
+from utils.core.runtime import peak_rss_bytes  # noqa: E402
 from utils.evaluation.metrics import (  # noqa: E402
     COLUMNS_FULL,
     ClassEvaluator,
@@ -228,18 +229,6 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def _peak_rss() -> int:
-    """Peak RSS in bytes: VmHWM (resettable) where readable, else ru_maxrss (KiB on Linux)."""
-    try:
-        with open("/proc/self/status") as file:
-            for line in file:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 class Row:
     """One timed call: seconds, value, extra traced numpy memory and peak process RSS."""
 
@@ -251,7 +240,7 @@ class Row:
         self.value = function()
         self.seconds = time.perf_counter() - start
         self.traced_peak = tracemalloc.get_traced_memory()[1] - traced_before
-        self.rss_peak = _peak_rss() if rss_reset else None
+        self.rss_peak = peak_rss_bytes() if rss_reset else None
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -18,7 +18,7 @@ a method's quality.
 Speed: one 2448 x 2048 image (MVTec AD 2's largest) through AA-CLIP on `--speed_model_name`
 (random weights; speed does not depend on them) at `--speed_size` px, fp32 on the CPU, whole
 and tiled (tile = the model input, overlap 0.25). Each row runs in a child process; its peak
-memory is that process's ru_maxrss (torch, the model and the image included).
+memory is that process's own peak RSS, VmHWM (torch, the model and the image included).
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import logging
 import multiprocessing
-import resource
 import subprocess
 import sys
 import tempfile
@@ -49,7 +48,7 @@ from models.predictor import AnomalyPredictor  # noqa: E402
 from models.registry import load_trained_model, model_class  # noqa: E402
 from models.tiling import NativePredictor, TiledPredictor  # noqa: E402
 from utils.core.config import HelpFormatter  # noqa: E402
-from utils.core.runtime import cpu_kind  # noqa: E402
+from utils.core.runtime import cpu_kind, peak_rss_bytes  # noqa: E402
 from utils.engine import job as training_job  # noqa: E402
 from utils.evaluation.evaluate import NormalMaps, collate_test, predict_class_native  # noqa: E402
 from utils.evaluation.metrics import ClassEvaluator, ValidationThreshold  # noqa: E402
@@ -102,7 +101,7 @@ def quality_rows(root: Path, checkpoint: Path) -> list[str]:
 
 
 def speed_row(args: dict, queue: multiprocessing.Queue) -> None:
-    """One speed row in this (child) process: seconds, tiles and its ru_maxrss."""
+    """One speed row in this (child) process: seconds, tiles and its peak RSS."""
     torch.set_num_threads(args["threads"])
     aaclip = model_class("aaclip")
     config = aaclip.config_class(
@@ -125,7 +124,7 @@ def speed_row(args: dict, queue: multiprocessing.Queue) -> None:
     output = scorer.predict_image(image, "can")
     seconds = time.perf_counter() - start
     assert output.anomaly_map.shape == (height, width)
-    peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    peak_gib = peak_rss_bytes() / 2**30  # this process's own (VmHWM)
     queue.put({"seconds": seconds, "tiles": tiles, "peak_gib": peak_gib})
 
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -48,7 +47,7 @@ from models.forward_utils import (  # noqa: E402
 from models.predictor import AnomalyPredictor  # noqa: E402
 from models.registry import model_class  # noqa: E402
 from utils.core.config import HelpFormatter  # noqa: E402
-from utils.core.runtime import cpu_kind, grad_scaler, resolve_device  # noqa: E402
+from utils.core.runtime import cpu_kind, grad_scaler, peak_rss_bytes, resolve_device  # noqa: E402
 from utils.engine.training import StageForward, training_step  # noqa: E402
 
 CLASS = "tile"  # a Synthetic class: the training stages look its anchors up
@@ -242,7 +241,7 @@ def measure_row(name: str, args: argparse.Namespace) -> dict:
 def peak_memory_gib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    return peak_rss_bytes() / 2**30  # this process's own (VmHWM)
 
 
 def synthetic_metric_shift(args: argparse.Namespace) -> dict:

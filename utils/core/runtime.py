@@ -7,6 +7,7 @@ import dataclasses
 import logging
 import os
 import random
+import resource
 import signal
 import sys
 import threading
@@ -251,6 +252,21 @@ def native_bf16(device: torch.device) -> bool:
     if device.type == "cpu":
         return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
     return False
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory in bytes: VmHWM from /proc (Linux), else ru_maxrss.
+    A process's ru_maxrss also counts the memory of the process it was forked from (Linux keeps
+    the high-water mark of the address space that exec replaced), so a child of a large parent
+    reports the parent's size; VmHWM is this address space's own."""
+    try:
+        with open("/proc/self/status") as file:
+            for line in file:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # KiB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
 def cpu_kind() -> str:
