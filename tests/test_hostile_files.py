@@ -156,11 +156,17 @@ def test_a_name_that_is_not_utf8_is_written_with_its_bytes_escaped(calibrated, t
     assert (out / "overlays" / "bad\\xff\\xfe_overlay.png").is_file()
 
 
-def test_a_file_deleted_after_listing_is_an_error_row(calibrated, tmp_path, monkeypatch):
+def three_images(calibrated, tmp_path: Path) -> Path:
+    """`incoming/` with normal images a.png, b.png, c.png (scored in that order)."""
     folder = tmp_path / "incoming"
     folder.mkdir()
     for name in ("a.png", "b.png", "c.png"):
         _normal_image(calibrated[0]).save(folder / name)
+    return folder
+
+
+def test_a_file_deleted_after_listing_is_an_error_row(calibrated, tmp_path, monkeypatch):
+    folder = three_images(calibrated, tmp_path)
     listed = field.list_images
 
     def list_then_delete(path):
@@ -193,10 +199,7 @@ def _failing_save(fail_on: str, code: int):
 def test_a_picture_that_cannot_be_written_is_that_files_error_row(
     calibrated, tmp_path, monkeypatch
 ):
-    folder = tmp_path / "incoming"
-    folder.mkdir()
-    for name in ("a.png", "b.png", "c.png"):
-        _normal_image(calibrated[0]).save(folder / name)
+    folder = three_images(calibrated, tmp_path)
     monkeypatch.setattr(field, "atomic_write", _failing_save("b_overlay", errno.ENAMETOOLONG))
     out = tmp_path / "out"
     assert predict.main(score_argv(calibrated[1], folder, out)) == 0
@@ -210,10 +213,7 @@ def test_a_picture_that_cannot_be_written_is_that_files_error_row(
 def test_a_full_disk_late_in_a_run_keeps_the_rows_before(
     calibrated, tmp_path, monkeypatch, one_line_error
 ):
-    folder = tmp_path / "incoming"
-    folder.mkdir()
-    for name in ("a.png", "b.png", "c.png"):
-        _normal_image(calibrated[0]).save(folder / name)
+    folder = three_images(calibrated, tmp_path)
     monkeypatch.setattr(field, "atomic_write", _failing_save("c_overlay", errno.ENOSPC))
     out = tmp_path / "out"
     before = files_under(tmp_path)
