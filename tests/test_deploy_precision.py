@@ -291,6 +291,8 @@ def test_tiled_int8_feeds_are_tiles_and_accuracy_control_is_refused(runs, tmp_pa
     tiler = Tiler(preprocessing, TileConfig(tile=48))
     feeds = field._feeds(normal, preprocessing, 5, tiler)
     assert len(feeds) == 5
+    limit = 3 * len(field.list_images(normal)) - 1  # 3 tiles per image, rounded up: one less
+    assert len(field._feeds(normal, preprocessing, limit, tiler)) == limit
     assert all(
         feed["image"].shape == (1, 3, preprocessing.size, preprocessing.size) for feed in feeds
     )

@@ -851,7 +851,7 @@ def _feeds(
                 prepared = [preprocessing.load(path)[:2]]
             else:
                 image = tiling.scaled(read_image(path, preprocessing.pad_color))
-                per_image = -(-(limit or len(files)) // len(files))
+                per_image = None if limit is None else -(-limit // len(files))  # ceil
                 prepared = []
                 for top, left in _spread(tiling.positions(image), per_image):
                     crop = crop_tile(image, top, left, tiling.size, preprocessing.pad_color)
@@ -868,7 +868,7 @@ def _feeds(
             feeds.append(feed)
     if not feeds:
         raise DataError(f"no image under {folder} could be read")
-    return feeds
+    return _spread(feeds, limit)  # tiles: a few per image, rounded up
 
 
 def _quantization(config: ExportConfig, preprocessing: Preprocessing, several: bool) -> Any:
