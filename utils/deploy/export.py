@@ -7,13 +7,13 @@ cross-attention variant's text context) is computed once at export and baked in 
 the graph has no text tower and needs no tokenizer; so is SOWA's k-shot memory of each class
 (`memories`), so a k-shot SOWA deploys as k-shot. Beside the graph, `model.json` records what a
 runtime needs to feed it and to decide: the predictor's exact preprocessing
-(`Preprocessing.to_dict`: size, geometry, resize backend, interpolation, pad colour, mean, std),
-the classes (name and prompt), the domain, the k-shot support (and the tiling its memory was
-encoded at), the precision, the model settings
-given, the calibration when there is one, the SHA-256 of every graph file and what produced it
-(model name and config, checkpoint hash). `ExportedPredictor` rebuilds that preprocessing from
-model.json and applies exactly it; opening a folder (`read_info`) checks model.json whole, its
-file names (inside the folder), `export_id` against `files` and each file against its SHA-256.
+(`Preprocessing.to_dict`: size, geometry, resize backend, interpolation, pad colour, mean, std), the
+classes (name and prompt), the domain, the k-shot support (and the tiling its memory was encoded
+at), the precision, the model settings given, the calibration when there is one, the SHA-256 of
+every graph file and what produced it (model name and config, checkpoint hash). `ExportedPredictor`
+rebuilds that preprocessing from model.json and applies exactly it; opening a folder (`read_info`)
+checks model.json whole, its file names (inside the folder), `export_id` against `files` and each
+file against its SHA-256.
 
 Precisions (`--precision`, OpenVINO graphs): fp32; bf16, OpenVINO's inference precision hint,
 only where the CPU computes bf16 natively (AMX, AVX512-bf16); int8, NNCF's post-training
