@@ -236,15 +236,18 @@ class Tiler:
         """The tiles of an image already `scaled`, `batch_size` at a time (only one batch of
         tiles is held)."""
         positions = self.positions(image)
-        fill = self.preprocessing.pad_color
         for start in range(0, len(positions), batch_size):
-            chunk = positions[start : start + batch_size]
-            tiles = [
-                self.preprocessing(crop_tile(image, top, left, self.size, fill)).image
-                for top, left in chunk
-            ]
-            valid = [self.valid_mask(image, top, left) for top, left in chunk]
-            yield TileBatch(torch.stack(tiles), torch.stack(valid), chunk)
+            yield self.batch(image, positions[start : start + batch_size])
+
+    def batch(self, image: Image.Image, positions: list[tuple[int, int]]) -> TileBatch:
+        """The tiles at `positions` (top, left) of an image already `scaled`, prepared."""
+        fill = self.preprocessing.pad_color
+        tiles = [
+            self.preprocessing(crop_tile(image, top, left, self.size, fill)).image
+            for top, left in positions
+        ]
+        valid = [self.valid_mask(image, top, left) for top, left in positions]
+        return TileBatch(torch.stack(tiles), torch.stack(valid), positions)
 
     def tiles(self, image: Image.Image) -> torch.Tensor:
         """Every tile of an image (scaled here): `[T, 3, S_in, S_in]` (support sets)."""

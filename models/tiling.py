@@ -137,7 +137,7 @@ class TiledPredictor(NativePredictor):
 
 def tiled(predictor: Predictor, tiling: TileConfig, batch_size: int) -> Predictor | TiledPredictor:
     """`predictor` over tiles when `tiling.tile` is set, else `predictor` itself."""
-    return TiledPredictor(predictor, tiling, batch_size) if tiling.tile else predictor
+    return at_resolution(predictor, tiling, batch_size, native=False)
 
 
 def at_resolution(

@@ -61,7 +61,7 @@ from datasets.preprocessing import (
     read_image,
 )
 from datasets.support import draw_support, load_images
-from datasets.tiling import TileConfig, Tiler, crop_tile
+from datasets.tiling import TileConfig, Tiler
 from models.base import FrozenCLIPModel
 from models.predictor import AnomalyPredictor
 from models.registry import MODELS, find_checkpoint, load_trained_model
@@ -852,12 +852,8 @@ def _feeds(
             else:
                 image = tiling.scaled(read_image(path, preprocessing.pad_color))
                 per_image = None if limit is None else -(-limit // len(files))  # ceil
-                prepared = []
-                for top, left in _spread(tiling.positions(image), per_image):
-                    crop = crop_tile(image, top, left, tiling.size, preprocessing.pad_color)
-                    prepared.append(
-                        (preprocessing(crop).image, tiling.valid_mask(image, top, left))
-                    )
+                tiles = tiling.batch(image, _spread(tiling.positions(image), per_image))
+                prepared = list(zip(tiles.images, tiles.valid_mask, strict=True))
         except DataError as error:
             logger.warning("skipped: %s", error)
             continue
