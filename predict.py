@@ -12,7 +12,9 @@
 
 The model's own preprocessing is the default (`--preprocess letterbox --pad_color R G B`, or
 any test-time model setting, override it; calibrate records them, score and export reuse them).
-The work is in utils/deploy/field.py; every flag is a setting of its config dataclasses.
+The work is in utils/deploy/ (calibrate.py, score.py, package.py); every flag is a setting of
+their config dataclasses, and `--help` lists the model settings of the model `--checkpoint`
+holds.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import argparse
 import contextlib
 import logging
 
-from models.registry import config_classes
+from models.registry import MODELS
 from utils.core.checkpoint import check_writable, folder_lock
 from utils.core.config import (
     HelpFormatter,
@@ -30,21 +32,26 @@ from utils.core.config import (
     parse_config,
 )
 from utils.core.runtime import run_script, setup_logging
-from utils.deploy import field
+from utils.deploy.calibrate import CalibrateConfig, calibrate
+from utils.deploy.field import FieldConfig
+from utils.deploy.package import ExportConfig, export
+from utils.deploy.score import ScoreConfig, score
+from utils.inference.source import flag_models
 
 logger = logging.getLogger("predict")
 
 SCORE_LOCK = "score.lock"  # held in --out while a score writes there
 
 COMMANDS = {
-    "calibrate": (field.CalibrateConfig, field.calibrate),
-    "score": (field.ScoreConfig, field.score),
-    "export": (field.ExportConfig, field.export),
+    "calibrate": (CalibrateConfig, calibrate),
+    "score": (ScoreConfig, score),
+    "export": (ExportConfig, export),
 }
 
 
-def build_parser(command: str) -> argparse.ArgumentParser:
-    """One command's flags: its config's, and every model's test-time and architectural ones."""
+def build_parser(command: str, models: list[str]) -> argparse.ArgumentParser:
+    """One command's flags: its config's, and the test-time and architectural ones of
+    `models` (the model the checkpoint holds, when known)."""
     config_class, _ = COMMANDS[command]
     parser = argparse.ArgumentParser(
         prog=f"predict.py {command}",
@@ -57,12 +64,12 @@ def build_parser(command: str) -> argparse.ArgumentParser:
             "model settings: default the checkpoint's (the calibration's overrides for score and "
             "export); test-time ones override it, architectural ones must equal it"
         ),
-        config_classes(),
+        [MODELS[name].config_class for name in models],
     )
     return parser
 
 
-def parse_args(argv: list[str] | None) -> tuple[str, field.FieldConfig, dict]:
+def parse_args(argv: list[str] | None) -> tuple[str, FieldConfig, dict]:
     """(command, its checked config, the model settings given)."""
     top = argparse.ArgumentParser(
         description=__doc__.split("\n")[0],
@@ -72,8 +79,10 @@ def parse_args(argv: list[str] | None) -> tuple[str, field.FieldConfig, dict]:
     top.add_argument("flags", nargs=argparse.REMAINDER, help="the command's flags")
     known = top.parse_args(argv)
     config_class, _ = COMMANDS[known.command]
-    parser = build_parser(known.command)
-    config, overrides = parse_config(parser, known.flags, config_class, config_classes())
+    models = flag_models(known.flags)
+    parser = build_parser(known.command, models)
+    classes = [MODELS[name].config_class for name in models]
+    config, overrides = parse_config(parser, known.flags, config_class, classes)
     return known.command, config, overrides
 
 

@@ -4,7 +4,7 @@
     python test.py --save_path ckpt/x --dataset MVTec --all_epochs
     python test.py --checkpoint ckpt/x/image_adapter_15.pth --dataset BTAD --metrics official
 
-    python test.py --backend openvino --export deploy/x --dataset MVTec   # an exported graph
+    python test.py --backend openvino --checkpoint deploy/x --dataset MVTec   # an export
 
     python test.py --save_path ckpt/x --dataset MVTecAD2 --tile 336       # SegF1, AUPRO@0.05, ...
     python test.py --save_path ckpt/x --dataset MVTecAD2 --tile 336 --split test_private \
@@ -35,9 +35,8 @@ from utils.core.config import (
 )
 from utils.core.errors import ConfigError
 from utils.core.runtime import run_script, setup_logging
-from utils.deploy.export import open_export
 from utils.engine.training import RunConfig
-from utils.evaluation.evaluate import EvalConfig, evaluate, evaluate_export
+from utils.evaluation.evaluate import EvalConfig, evaluate
 from utils.evaluation.report import format_table
 
 logger = logging.getLogger("test")
@@ -74,10 +73,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[EvalConfig, dict]:
 def check_source(config: EvalConfig) -> None:
     """What is evaluated exists, before its folder receives results and test.log (a missing
     one is never created)."""
-    if config.backend != "torch":
-        source, flag = config.export, "--export"
-    elif config.checkpoint is not None:
+    if config.checkpoint is not None:
         source, flag = config.checkpoint, "--checkpoint"
+    elif config.graph:
+        raise ConfigError(
+            f"--backend {config.backend} evaluates an export: pass its folder with --checkpoint"
+        )
     else:
         source, flag = config.save_path, "--save_path"
     if source is not None and not Path(source).exists():
@@ -100,11 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         check_writable(out_dir, "--results_dir")  # before any work, not after an hour
         setup_logging(out_dir / "test.log", config.log_level)
         config = config.resolve()
-        if config.backend == "torch":
-            results = evaluate(config, overrides)
-        else:  # an export's graph
-            exported = open_export(config.export, config.backend, overrides, config.skip_hash_check)
-            results = [evaluate_export(config, exported)]
+        results = evaluate(config, overrides)
         for result in results if config.columns else []:  # unlabelled: the maps are the output
             print(f"\n{config.dataset} | {result.path.name} (epoch {result.epoch})\n")
             table = format_table(

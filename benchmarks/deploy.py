@@ -41,16 +41,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from device import seconds_per_call  # noqa: E402
 
 from datasets.synthetic import ensure_synthetic  # noqa: E402
-from models.predictor import AnomalyPredictor  # noqa: E402
 from models.registry import load_trained_model, model_class  # noqa: E402
 from utils.core.checkpoint import save_checkpoint  # noqa: E402
 from utils.core.config import HelpFormatter  # noqa: E402
 from utils.core.runtime import cpu_kind, native_bf16, peak_rss_bytes  # noqa: E402
-from utils.deploy import field  # noqa: E402
-from utils.deploy.export import ExportedPredictor  # noqa: E402
+from utils.deploy.package import ExportConfig, export  # noqa: E402
 from utils.engine import job  # noqa: E402
 from utils.engine.training import RunConfig, checkpoint_config  # noqa: E402
-from utils.evaluation.evaluate import EvalConfig, evaluate, evaluate_export  # noqa: E402
+from utils.evaluation.evaluate import EvalConfig, evaluate  # noqa: E402
+from utils.inference.graph import ExportedPredictor  # noqa: E402
+from utils.inference.predictor import AnomalyPredictor  # noqa: E402
 
 CPU = torch.device("cpu")
 FLAGS = ("avx2", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
@@ -119,7 +119,7 @@ def export_all(checkpoint: Path, folder: Path, normal: Path, precisions: list[st
     for precision in precisions:
         out = folder / precision
         formats = ["onnx", "openvino"] if precision == "fp32" else ["openvino"]
-        config = field.ExportConfig(
+        config = ExportConfig(
             checkpoint=checkpoint,
             out=out,
             format=formats,
@@ -130,7 +130,7 @@ def export_all(checkpoint: Path, folder: Path, normal: Path, precisions: list[st
         )
         started = time.perf_counter()
         with contextlib.redirect_stdout(io.StringIO()):  # its own report lines
-            field.export(config, {})
+            export(config, {})
         exports[precision] = (out, time.perf_counter() - started)
     return exports
 
@@ -245,8 +245,8 @@ def accuracy_table(scratch: Path, data_root: Path) -> None:
         out = scratch / f"trained_{precision}"
         formats = ["onnx", "openvino"] if precision == "fp32" else ["openvino"]
         with contextlib.redirect_stdout(io.StringIO()):
-            field.export(
-                field.ExportConfig(
+            export(
+                ExportConfig(
                     checkpoint=run,
                     out=out,
                     format=formats,
@@ -260,9 +260,8 @@ def accuracy_table(scratch: Path, data_root: Path) -> None:
             )
         backends = ["onnxruntime", "openvino"] if precision == "fp32" else ["openvino"]
         for backend in backends:
-            evaluated = evaluate_export(
-                dataclasses.replace(config, backend=backend, export=out),
-                ExportedPredictor(out, backend),
+            (evaluated,) = evaluate(
+                dataclasses.replace(config, backend=backend, checkpoint=out), {}
             )
             rows.append((f"{backend} {precision}", evaluated))
     print("\nAccuracy: the tiny AA-CLIP trained on the synthetic set (3 classes, 96 test images), "

@@ -15,8 +15,8 @@ since TF32 is off by default), or `--peak_tflops` for others; CPUs print n/a wit
 memory is CUDA's max allocated, or the process's RSS on a CPU.
 
 A tiled row scores one 2448 x 2048 image (MVTec AD 2's largest) with AA-CLIP by tiles of its
-input side, overlap 0.25, at the largest batch (`models.tiling.TiledPredictor`, stitching
-included): tiles/s and peak memory.
+input side, overlap 0.25, at the largest batch (`utils.inference.resolution.TiledPredictor`,
+stitching included): tiles/s and peak memory.
 
 A last table puts `torch.compile` on the test-time forward + maps (`_predict`) of the models in
 `--compile_models` beside eager at the largest batch, in the modes of `--compile_modes` (on CUDA
@@ -50,11 +50,11 @@ from throughput import (  # noqa: E402
 )
 
 from datasets.tiling import TileConfig  # noqa: E402
-from models.predictor import AnomalyPredictor  # noqa: E402
 from models.registry import MODELS, model_class  # noqa: E402
-from models.tiling import TiledPredictor  # noqa: E402
 from utils.core.config import HelpFormatter  # noqa: E402
 from utils.core.runtime import cpu_kind, resolve_device  # noqa: E402
+from utils.inference.predictor import AnomalyPredictor  # noqa: E402
+from utils.inference.resolution import TiledPredictor  # noqa: E402
 
 # Dense peak TFLOP/s (fp32 non-tensor, bf16 tensor) by a part of the device's name.
 PEAKS = {

@@ -39,12 +39,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from metrics import MVTEC_TEST  # noqa: E402  (MVTec AD's classes and test-split sizes)
 
 from datasets.synthetic import ensure_synthetic  # noqa: E402
-from models.predictor import AnomalyPredictor  # noqa: E402
 from utils.core.config import HelpFormatter  # noqa: E402
 from utils.core.runtime import cpu_kind  # noqa: E402
 from utils.engine import job  # noqa: E402
 from utils.evaluation import evaluate as evaluation  # noqa: E402
 from utils.evaluation.metrics import ClassEvaluator  # noqa: E402
+from utils.inference.predictor import AnomalyPredictor  # noqa: E402
 
 TRAIN_GOOD = 4  # the layout has a train split; test.py does not read it
 

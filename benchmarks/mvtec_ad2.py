@@ -41,17 +41,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from datasets.anomaly import build_test_datasets  # noqa: E402
 from datasets.catalog import mvtec_ad2_info, real_name  # noqa: E402
+from datasets.items import collate_items  # noqa: E402
 from datasets.metadata import build_records  # noqa: E402
 from datasets.synthetic_mvtec_ad2 import generate  # noqa: E402
 from datasets.tiling import TileConfig  # noqa: E402
-from models.predictor import AnomalyPredictor  # noqa: E402
 from models.registry import load_trained_model, model_class  # noqa: E402
-from models.tiling import NativePredictor, TiledPredictor  # noqa: E402
 from utils.core.config import HelpFormatter  # noqa: E402
 from utils.core.runtime import cpu_kind, peak_rss_bytes  # noqa: E402
 from utils.engine import job as training_job  # noqa: E402
-from utils.evaluation.evaluate import NormalMaps, collate_test, predict_class_native  # noqa: E402
+from utils.evaluation.evaluate import NormalMaps, predict_class  # noqa: E402
 from utils.evaluation.metrics import ClassEvaluator, ValidationThreshold  # noqa: E402
+from utils.inference.predictor import AnomalyPredictor  # noqa: E402
+from utils.inference.resolution import NativePredictor, TiledPredictor  # noqa: E402
 
 COLUMNS = ["P-AUROC", "AUPRO", "AUPRO@0.05", "SegF1"]
 OVERLAP = 0.25
@@ -60,7 +61,7 @@ SPEED_IMAGE = (2448, 2048)  # width, height
 
 def class_loader(dataset) -> DataLoader:
     """One native image per batch, as test.py's tiled path reads them."""
-    return DataLoader(dataset, batch_size=1, collate_fn=collate_test)
+    return DataLoader(dataset, batch_size=1, collate_fn=collate_items)
 
 
 def quality_rows(root: Path, checkpoint: Path) -> list[str]:
@@ -85,11 +86,11 @@ def quality_rows(root: Path, checkpoint: Path) -> list[str]:
         prompt = real_name(info, class_name)
         for mode, scorer in modes.items():
             threshold = ValidationThreshold()
-            predict_class_native(
+            predict_class(
                 scorer, class_loader(normals[class_name]), prompt, NormalMaps(threshold), False
             )
             evaluator = ClassEvaluator(COLUMNS, seg_threshold=threshold.compute())
-            predict_class_native(scorer, class_loader(dataset), prompt, evaluator, False)
+            predict_class(scorer, class_loader(dataset), prompt, evaluator, show_progress=False)
             values = evaluator.compute(None, None)
             means[mode].append([values[column] for column in COLUMNS])
             cells = " | ".join(f"{100 * values[column]:.1f}" for column in COLUMNS)

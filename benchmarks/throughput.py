@@ -44,11 +44,11 @@ from models.forward_utils import (  # noqa: E402
     calculate_similarity_map,
     get_adapted_single_class_text_embedding,
 )
-from models.predictor import AnomalyPredictor  # noqa: E402
 from models.registry import model_class  # noqa: E402
 from utils.core.config import HelpFormatter  # noqa: E402
 from utils.core.runtime import cpu_kind, grad_scaler, peak_rss_bytes, resolve_device  # noqa: E402
 from utils.engine.training import StageForward, training_step  # noqa: E402
+from utils.inference.predictor import AnomalyPredictor  # noqa: E402
 
 CLASS = "tile"  # a Synthetic class: the training stages look its anchors up
 
@@ -249,6 +249,7 @@ def synthetic_metric_shift(args: argparse.Namespace) -> dict:
     import numpy as np
 
     from datasets.anomaly import build_test_datasets
+    from datasets.items import collate_items
     from datasets.metadata import load_test_records
     from datasets.preprocessing import Preprocessing
     from datasets.synthetic import ensure_synthetic
@@ -265,21 +266,22 @@ def synthetic_metric_shift(args: argparse.Namespace) -> dict:
     shifts: dict[str, list[float]] = {"P-AUROC": [], "AUPRO": [], "I-AUROC": []}
     for dataset in datasets.values():
         indices = range(0, len(dataset), max(1, len(dataset) // args.metric_images))
-        batch = torch.utils.data.default_collate([dataset[i] for i in indices])
+        items = [dataset[i] for i in indices]
+        batch = collate_items(items)
         scores = {}
         for amp in ("none", args.amp):
             with torch.inference_mode():
                 output = AnomalyPredictor(model, amp=amp).predict(
-                    batch["image"], list(batch["class_name"])
+                    batch.images, [item.class_name for item in items]
                 )
             maps = output.anomaly_map.cpu().numpy()
             det = output.image_score.cpu().numpy()
             image_scores = aaclip_image_scores(MapExtrema.of(maps), det, "Industrial")
             scores[amp] = evaluate_class(
                 maps,
-                batch["mask"][:, 0].numpy().astype(bool),
+                np.stack([item.mask[0].numpy().astype(bool) for item in items]),
                 image_scores,
-                batch["label"].numpy(),
+                np.array([item.label for item in items]),
                 list(shifts),
             )
         for column in shifts:

@@ -1,15 +1,16 @@
 """Records to tensors: AA-CLIP's training set and per-class test sets (spec aaclip.md §12.4-12.5),
 through the model's one `datasets.preprocessing.Preprocessing`.
 
-An item is a dict: `image` [3, S, S] (normalised), `mask` [1, S, S] in {0, 1}, `valid_mask`
-[S, S] bool (False on letterbox padding), `label` (int64 scalar), `mask_known` (bool scalar:
-False for an anomalous image without a mask, whose defect pixels nobody marked; a normal
-image's all-zero mask is known), `file_name` (the record's relative path) and `class_name`.
+A training item is a dict: `image` [3, S, S] (normalised), `mask` [1, S, S] in {0, 1}, `label`
+(int64 scalar), `mask_known` (bool scalar: False for an anomalous image without a mask, whose
+defect pixels nobody marked; a normal image's all-zero mask is known), `file_name` (the record's
+relative path) and `class_name`. A test item is a `datasets.items.ImageItem` (the prediction
+stream's one item type) with the same image, mask, valid mask, label and class.
 
 At native resolution (`datasets.tiling`): a training set with `tile` S takes the same random
 S x S crop of an image and of its mask (one holding a defect pixel when the mask has any), then
-prepares the crop as a whole image; a `native` test set hands the image as read, `image`
-`[H, W, 3]` uint8, and its mask `[1, H, W]` bool at the image's resolution (tiled inference).
+prepares the crop as a whole image; a `native` test set hands the image as read (`original`,
+`[H, W, 3]` uint8) and its mask `[1, H, W]` bool at the image's resolution.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ import torch
 from torch.utils.data import Dataset
 from torchvision import transforms
 
-from datasets.preprocessing import Preprocessing, read_image
+from datasets.items import ImageItem
+from datasets.preprocessing import Geometry, Preprocessing, read_image
 from datasets.tiling import random_crop
 
 logger = logging.getLogger(__name__)
@@ -127,8 +129,9 @@ class TrainDataset(_RecordDataset):
 
 
 class TestDataset(_RecordDataset):
-    """One class's test images, no augmentation; items add `image_path` (absolute). `native`:
-    the image and mask at their own resolution (tiled inference)."""
+    """One class's test images, no augmentation, as `ImageItem`s (`file`: the record's relative
+    path; `path`: absolute). `native`: the image as read (`original`) and its mask at its own
+    resolution (tiled inference, maps at native resolution)."""
 
     __test__ = False  # not a pytest test class despite the name
 
@@ -142,27 +145,36 @@ class TestDataset(_RecordDataset):
         super().__init__(records, root, preprocessing)
         self.native = native
 
-    def __getitem__(self, index: int) -> dict:
-        item = self._load_native(index) if self.native else self._load(index, jitter=False)
-        item["image_path"] = os.path.abspath(self.root / self.records[index]["image_path"])
-        return item
-
-    def _load_native(self, index: int) -> dict:
-        """`image` `[H, W, 3]` uint8 as read, `mask` `[1, H, W]` bool at its resolution."""
+    def __getitem__(self, index: int) -> ImageItem:
         record = self.records[index]
+        path = os.path.abspath(self.root / record["image_path"])
+        label = int(record["label"])
+        if not self.native:
+            item = self._load(index, jitter=False)
+            return ImageItem(
+                record["image_path"],
+                image=item["image"],
+                valid_mask=item["valid_mask"],
+                mask=item["mask"],
+                label=label,
+                class_name=record["class_name"],
+                path=path,
+            )
         image = read_image(self.root / record["image_path"], self.preprocessing.pad_color)
         mask_path = record.get("mask_path") or ""
         mask = self.preprocessing.load_native_mask(
             self.root / mask_path if mask_path else None, image.size
         )
         defect = np.zeros((image.height, image.width), bool) if mask is None else np.asarray(mask)
-        return {
-            "image": torch.from_numpy(np.array(image)),
-            "mask": torch.from_numpy(defect > 0)[None],
-            "label": torch.tensor(int(record["label"]), dtype=torch.int64),
-            "file_name": record["image_path"],
-            "class_name": record["class_name"],
-        }
+        return ImageItem(
+            record["image_path"],
+            original=np.asarray(image, dtype=np.uint8),
+            geometry=Geometry.native(*image.size),
+            mask=torch.from_numpy(defect > 0)[None],  # [1, H, W]
+            label=label,
+            class_name=record["class_name"],
+            path=path,
+        )
 
 
 def build_test_datasets(

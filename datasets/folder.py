@@ -3,7 +3,7 @@ feclip.md §14.1; predict.py).
 
 Each file is read by `datasets.preprocessing.read_image` and prepared by the predictor's
 `Preprocessing` (the same object test.py's loader and the exported predictor use); an unreadable
-file becomes an error string for that file (`FieldImage.error`), never an exception, so one
+file becomes an item with its error (`ImageItem.error`), never an exception, so one
 corrupt file cannot stop a run.
 
 Memory: each file is checked against the pixel budget (`max_pixels`, `--max_image_pixels`) on
@@ -17,14 +17,13 @@ file system holds.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from datasets.items import ImageItem
 from datasets.metadata import IMAGE_EXTENSIONS
 from datasets.preprocessing import DEFAULT_MAX_IMAGE_PIXELS, Geometry, Preprocessing, read_image
 from utils.core.errors import DataError
@@ -59,25 +58,6 @@ def list_images(folder: Path | str) -> list[Path]:
     return files
 
 
-@dataclass
-class FieldImage:
-    """One loaded file: network input, valid mask, geometry, or the error that stopped it."""
-
-    file: str
-    image: torch.Tensor | None = None  # [3, S, S]
-    valid_mask: torch.Tensor | None = None  # [S, S] bool
-    geometry: Geometry | None = None  # of the image as read
-    original: np.ndarray | None = None  # [h, w, 3] uint8 when kept: a preview (native: whole)
-    error: str = ""
-
-    def picture_geometry(self) -> Geometry:
-        """`geometry` for `original`, which may be a reduced copy of the image read."""
-        height, width = self.original.shape[:2]
-        if (height, width) == (self.geometry.height, self.geometry.width):
-            return self.geometry
-        return self.geometry.resized(width, height)
-
-
 def preview(image: Image.Image) -> Image.Image:
     """`image` at most PREVIEW_SIDE px on its long side (bilinear after an integer reduction);
     itself when smaller."""
@@ -89,7 +69,7 @@ def preview(image: Image.Image) -> Image.Image:
 
 
 class ImageFolder(Dataset):
-    """Files of a folder -> FieldImage items (errors as items, never raised), prepared by
+    """Files of a folder -> `ImageItem`s (errors as items, never raised), prepared by
     `preprocessing` (the predictor's).
 
     `file` is the path relative to `root` in POSIX form, `printable` (the key of scores.csv
@@ -120,8 +100,8 @@ class ImageFolder(Dataset):
     def relative_name(self, index: int) -> str:
         return printable(self.files[index].relative_to(self.root).as_posix())
 
-    def __getitem__(self, index: int) -> FieldImage:
-        item = FieldImage(self.relative_name(index))
+    def __getitem__(self, index: int) -> ImageItem:
+        item = ImageItem(self.relative_name(index))
         try:
             rgb = read_image(
                 self.files[index],
@@ -140,8 +120,3 @@ class ImageFolder(Dataset):
         if self.keep_original:
             item.original = np.asarray(preview(rgb), dtype=np.uint8)
         return item
-
-
-def collate(items: list[FieldImage]) -> list[FieldImage]:
-    """DataLoader collate: keep the list (images of different sizes, errors)."""
-    return items

@@ -1,7 +1,7 @@
 """Tiles of high-resolution images: the tiled-inference settings, the tile grid, the blend window,
 the stitcher that blends tile maps into one full-resolution map, and the random crops of
-training at native resolution. No model here: `models.tiling.TiledPredictor` runs the tiles
-through a predictor.
+training at native resolution. No model here: `utils.inference.resolution.TiledPredictor` runs
+the tiles through a predictor.
 
 Grid (`tile_starts`): the image, resized by `tile_scale` (bicubic; 1 = native), is covered by
 S x S tiles. Along a side of length L they start every `stride = max(1, round(S * (1 -

@@ -2,10 +2,11 @@
 frozen-CLIP base class with one inference verb and one training interface.
 
 A model answers `predict(images, class_names, valid_mask=None) -> AnomalyOutput`. The keyword
-arguments after it (`text`, `memory`, `domain`) are the state a `models.predictor.AnomalyPredictor`
-owns and hands in: cached class texts, a k-shot memory, the test domain. Training goes through
-`utils.engine.training.fit`, which asks the model for its `stages()`, each stage's optimizer
-(`configure_optimizer`), forward (`forward_train`), `loss(output, batch)` and checkpoint entries.
+arguments after it (`text`, `memory`, `domain`) are the state a predictor
+(`utils.inference.predictor.AnomalyPredictor`) owns and hands in: cached class texts, a k-shot
+memory, the test domain. Training goes through `utils.engine.training.fit`, which asks the model
+for its `stages()`, each stage's optimizer (`configure_optimizer`), forward (`forward_train`),
+`loss(output, batch)` and checkpoint entries.
 """
 
 from __future__ import annotations

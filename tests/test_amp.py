@@ -12,12 +12,12 @@ import shutil
 import pytest
 import torch
 import yaml
-from torch.utils.data import default_collate
 
 import predict
 import test as test_script
 import train
 from datasets.anomaly import build_test_datasets
+from datasets.items import collate_items
 from datasets.metadata import load_test_records
 from datasets.preprocessing import Preprocessing
 from models.aaclip import AAClip
@@ -35,10 +35,11 @@ def test_bf16_predictions_stay_close_to_fp32(tiny_clip, synthetic_root):
         load_test_records("Synthetic", synthetic_root), synthetic_root, Preprocessing(64)
     )
     for dataset in datasets.values():
-        batch = default_collate([dataset[index] for index in range(len(dataset))])
-        reference = model.predict(batch["image"], batch["class_name"], text=anchors)
+        batch = collate_items([dataset[index] for index in range(len(dataset))])
+        names = [item.class_name for item in batch.items]
+        reference = model.predict(batch.images, names, text=anchors)
         with autocast(torch.device("cpu"), "bf16"):
-            reduced = model.predict(batch["image"], batch["class_name"], text=anchors)
+            reduced = model.predict(batch.images, names, text=anchors)
         assert reduced.anomaly_map.dtype == torch.float32
         span = reference.anomaly_map.max() - reference.anomaly_map.min()
         assert (reduced.anomaly_map - reference.anomaly_map).abs().max() <= 0.05 * span

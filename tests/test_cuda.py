@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from models.backbone import tiny_clip
-from models.predictor import AnomalyPredictor
 from models.registry import MODELS, model_class
 from utils.core.runtime import grad_scaler, resolve_amp
 from utils.engine.training import StageForward, training_step
+from utils.inference.predictor import AnomalyPredictor
 
 pytestmark = [
     pytest.mark.cuda,

@@ -21,11 +21,13 @@ import torch
 
 import predict
 import train
-from datasets.folder import ImageFolder, collate
-from models.predictor import AnomalyPredictor
+from datasets.folder import ImageFolder
+from datasets.items import collate_items
 from models.registry import load_trained_model
 from utils.core.errors import CheckpointError, ConfigError
-from utils.deploy import export, field
+from utils.deploy import export, package
+from utils.inference.graph import ExportedPredictor, require
+from utils.inference.predictor import AnomalyPredictor
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["--device", "cpu", "--training_mode", "few_shot", "--shot", "4"]
@@ -117,10 +119,8 @@ def read_scores(path):
 def a_batch(data_root, preprocessing):
     """Five test images as the scoring loads them: `[5, 3, S, S]` and valid masks `[5, S, S]`."""
     folder = ImageFolder(data_root / CLASS / "test", preprocessing)
-    items = collate([folder[index] for index in (0, 3, 9, 17, 30)])
-    return torch.stack([item.image for item in items]), torch.stack(
-        [item.valid_mask for item in items]
-    )
+    batch = collate_items([folder[index] for index in (0, 3, 9, 17, 30)])
+    return batch.images, batch.valid_mask
 
 
 @pytest.mark.parametrize("name", ["aaclip", "aaclip_cross_attn", "feclip", "sowa"])
@@ -150,7 +150,7 @@ def test_export_matches_the_torch_backend(exports, name, tmp_path):
     expected = predictor.predict(images, [CLASS] * len(images), mask)
     span = float(expected.anomaly_map.max() - expected.anomaly_map.min())
     for backend in BACKENDS:
-        exported = export.ExportedPredictor(folder, backend)
+        exported = ExportedPredictor(folder, backend)
         assert exported.preprocessing == predictor.preprocessing  # it applies exactly that
         read = ImageFolder(data_root / CLASS / "test", exported.preprocessing)[9]
         assert torch.equal(read.image, images[2]) and torch.equal(read.valid_mask, valid[2])
@@ -228,7 +228,7 @@ def test_cross_attention_both_and_missing_packages_are_one_line(tiny_clip, monke
 
     monkeypatch.setattr(importlib, "import_module", without_onnxruntime)
     with pytest.raises(ConfigError, match="pip install -r requirements-deploy.txt"):
-        export.require("onnxruntime", "--backend onnxruntime")
+        require("onnxruntime", "--backend onnxruntime")
 
 
 def _copy_export(folders, tmp_path) -> Path:
@@ -312,8 +312,8 @@ def test_skip_hash_check_opens_an_edited_graph_and_says_so(exports, tmp_path, ca
     graph.doc_string = "edited on purpose"
     onnx.save(graph, str(folder / "model.onnx"))
     with pytest.raises(CheckpointError, match="--skip_hash_check"):
-        export.ExportedPredictor(folder, BACKENDS[0])
-    export.ExportedPredictor(folder, BACKENDS[0], skip_hash_check=True)
+        ExportedPredictor(folder, BACKENDS[0])
+    ExportedPredictor(folder, BACKENDS[0], skip_hash_check=True)
     assert "--skip_hash_check: the files of" in caplog.text
     argv = ["score", "--checkpoint", str(folder), "--input", "x", "--out", "y", "--skip_hash_check"]
     assert predict.parse_args(argv)[1].skip_hash_check
@@ -323,7 +323,7 @@ def test_a_changed_mean_in_model_json_is_applied(exports, tmp_path):
     _, _, folders = exports
     folder = _copy_export(folders, tmp_path)
     _edit_info(folder, lambda info: info["preprocessing"].update(mean=[0.5, 0.5, 0.5]))
-    assert export.ExportedPredictor(folder, BACKENDS[0]).preprocessing.mean == (0.5, 0.5, 0.5)
+    assert ExportedPredictor(folder, BACKENDS[0]).preprocessing.mean == (0.5, 0.5, 0.5)
 
 
 def test_an_export_replaces_its_folder_whole(
@@ -341,7 +341,7 @@ def test_an_export_replaces_its_folder_whole(
         raise KeyboardInterrupt
 
     before = {path.name: path.read_bytes() for path in out.iterdir()}
-    monkeypatch.setattr(field, "export_graph", interrupted)
+    monkeypatch.setattr(package, "export_graph", interrupted)
     assert predict.main(argv) == 130  # interrupted: A stays whole, no temporary folder left
     assert {path.name: path.read_bytes() for path in out.iterdir()} == before
     assert sorted(path.name for path in tmp_path.iterdir()) == ["export", "run_b"]

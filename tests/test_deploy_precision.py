@@ -16,15 +16,17 @@ from sklearn.metrics import roc_auc_score
 import predict
 import test as test_script
 import train
-from datasets.folder import ImageFolder, collate
+from datasets.folder import ImageFolder, list_images
+from datasets.items import collate_items
 from datasets.preprocessing import read_image
 from datasets.support import draw_support, load_images
-from datasets.tiling import TileConfig, Tiler
-from models.predictor import AnomalyPredictor
+from datasets.tiling import TileConfig
 from models.registry import load_trained_model
-from models.tiling import TiledPredictor
 from utils.core.runtime import native_bf16
-from utils.deploy import export, field
+from utils.deploy import export, package
+from utils.inference.graph import ExportedPredictor
+from utils.inference.predictor import AnomalyPredictor
+from utils.inference.resolution import TiledPredictor
 
 for module in ("onnx", "onnxscript", "onnxruntime", "openvino", "nncf"):
     pytest.importorskip(module)
@@ -197,12 +199,11 @@ def test_a_multi_class_export_scores_each_class_as_its_own_and_test_py_evaluates
     info = json.loads((together / "model.json").read_text())
     assert [entry["name"] for entry in info["classes"]] == ["tile", "stripes", "dots"]
     assert info["inputs"] == ["image", "class_index"]
-    several = export.ExportedPredictor(together, "onnxruntime")
-    single = export.ExportedPredictor(alone, "onnxruntime")
-    items = collate(
+    several = ExportedPredictor(together, "onnxruntime")
+    single = ExportedPredictor(alone, "onnxruntime")
+    images = collate_items(
         [ImageFolder(data_root / "dots" / "test", several.preprocessing)[i] for i in range(6)]
-    )
-    images = torch.stack([item.image for item in items])
+    ).images
     mixed = ["dots", "tile", "dots", "stripes", "dots", "dots"]  # another class per image too
     got = several.predict(images, mixed)
     expected = single.predict(images, ["dots"] * 6)
@@ -239,7 +240,7 @@ def test_sowa_deploys_its_k_shot_memory(runs, tmp_path):
     images = torch.stack([folder[index].image for index in (0, 9, 20)])
     names = ["gray textured tile"] * 3  # the prompt name (the class name works too)
     expected = predictor.predict(images, names)
-    got = export.ExportedPredictor(out, "onnxruntime").predict(images, [CLASS] * 3)
+    got = ExportedPredictor(out, "onnxruntime").predict(images, [CLASS] * 3)
     torch.testing.assert_close(got.image_score, expected.image_score, atol=1e-5, rtol=0)
     span = float(expected.anomaly_map.max() - expected.anomaly_map.min())
     torch.testing.assert_close(got.anomaly_map, expected.anomaly_map, atol=1e-5 * span, rtol=0)
@@ -266,7 +267,7 @@ def test_a_tiled_k_shot_export_scores_as_tiled_torch_does(runs, tmp_path, one_li
     torch_tiles.set_support(
         torch_tiles.support_images(draw_support("Synthetic", data_root, CLASS, 1, 42))
     )
-    graph_tiles = TiledPredictor(export.ExportedPredictor(out, "onnxruntime"), config, 4)
+    graph_tiles = TiledPredictor(ExportedPredictor(out, "onnxruntime"), config, 4)
     image = read_image(sorted((data_root / CLASS / "test").rglob("*.png"))[-1])
     expected = torch_tiles.predict_image(image, CLASS)
     got = graph_tiles.predict_image(image, CLASS)
@@ -287,12 +288,13 @@ def test_tiled_int8_feeds_are_tiles_and_accuracy_control_is_refused(runs, tmp_pa
     data_root, folders = runs
     normal = data_root / CLASS / "train" / "good"
     _, model, _ = load_trained_model(folders["aaclip"])
-    preprocessing = AnomalyPredictor(model).preprocessing
-    tiler = Tiler(preprocessing, TileConfig(tile=48))
-    feeds = field._feeds(normal, preprocessing, 5, tiler)
+    predictor = AnomalyPredictor(model)
+    preprocessing = predictor.preprocessing
+    tiles = TiledPredictor(predictor, TileConfig(tile=48), 4)
+    feeds = package.feeds(normal, tiles, 5)
     assert len(feeds) == 5
-    limit = 3 * len(field.list_images(normal)) - 1  # 3 tiles per image, rounded up: one less
-    assert len(field._feeds(normal, preprocessing, limit, tiler)) == limit
+    limit = 3 * len(list_images(normal)) - 1  # 3 tiles per image, rounded up: one less
+    assert len(package.feeds(normal, tiles, limit)) == limit
     assert all(
         feed["image"].shape == (1, 3, preprocessing.size, preprocessing.size) for feed in feeds
     )

@@ -23,7 +23,6 @@ import predict
 import test as test_script
 import train
 from models.feclip import FEClip
-from models.predictor import AnomalyPredictor
 from models.registry import find_checkpoint
 from utils.core import checkpoint
 from utils.core.errors import TrainingDiverged
@@ -32,6 +31,7 @@ from utils.engine import job, training
 from utils.engine.distributed import Distributed
 from utils.engine.training import training_step
 from utils.evaluation import evaluate
+from utils.inference.predictor import AnomalyPredictor
 
 ROOT = Path(__file__).resolve().parents[1]
 FECLIP_RUN = [

@@ -23,7 +23,7 @@ from tests.test_hostile_inputs import files_under
 from tests.test_predict import _normal_image
 from utils.core import checkpoint as storage
 from utils.core.names import NAME_BYTES, printable
-from utils.deploy import field
+from utils.deploy import field, score
 
 REPO = Path(__file__).resolve().parents[1]
 HUGE_SIDE = 13000  # 169 MP: under PIL's bomb limit (179 MP), over the default budget (64 MP)
@@ -167,7 +167,7 @@ def three_images(calibrated, tmp_path: Path) -> Path:
 
 def test_a_file_deleted_after_listing_is_an_error_row(calibrated, tmp_path, monkeypatch):
     folder = three_images(calibrated, tmp_path)
-    listed = field.list_images
+    listed = score.list_images
 
     def list_then_delete(path):
         files = listed(path)
@@ -220,8 +220,8 @@ def test_a_full_disk_late_in_a_run_keeps_the_rows_before(
     assert predict.main(score_argv(calibrated[1], folder, out, "--batch_size", "1")) == 2
     message = one_line_error()
     assert "No space left on device" in message and "free space" in message
-    assert field.PARTIAL_SCORES in message
-    with open(out / field.PARTIAL_SCORES, newline="", encoding="utf-8") as handle:
+    assert score.PARTIAL_SCORES in message
+    with open(out / score.PARTIAL_SCORES, newline="", encoding="utf-8") as handle:
         kept = [row["file"] for row in csv.DictReader(handle)]
     assert kept == ["a.png", "b.png"]
     assert all(path.is_relative_to(out) for path in files_under(tmp_path) - before)
@@ -247,7 +247,7 @@ def test_labels_name_a_file_that_is_not_utf8_by_its_escaped_form(tmp_path):
     labels = tmp_path / "labels.csv"
     labels.write_text("file,label\nsub/bad\\xff.png,1\n", encoding="utf-8")
     name = printable(os.fsdecode(b"sub/bad\xff.png"))
-    assert field.read_labels(labels, [name, "sub/good.png"]) == {name: 1}
+    assert score.read_labels(labels, [name, "sub/good.png"]) == {name: 1}
 
 
 @pytest.mark.parametrize(

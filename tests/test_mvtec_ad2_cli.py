@@ -17,12 +17,12 @@ import train
 from datasets.catalog import mvtec_ad2_info
 from datasets.metadata import build_records
 from datasets.preprocessing import read_image
-from models.predictor import AnomalyPredictor
 from models.registry import load_trained_model
-from models.tiling import NativePredictor, TiledPredictor
 from utils.evaluation.evaluate import EvalConfig
 from utils.evaluation.metrics import COLUMNS_MVTEC_AD2, ClassEvaluator, ValidationThreshold
 from utils.evaluation.submission import check_submission
+from utils.inference.predictor import AnomalyPredictor
+from utils.inference.resolution import NativePredictor, TiledPredictor
 
 # A few tiles per image: 64 px tiles of the images shrunk to 5 % (the tree's are 1000-2232 px).
 TILE = ["--tile", "64", "--tile_scale", "0.05"]

@@ -20,8 +20,8 @@ from datasets.catalog import CATALOG
 from models.registry import MODELS, find_checkpoint
 from utils.core.config import CONFIG_DIR
 from utils.deploy import calibration as calib
-from utils.deploy import field
 from utils.engine import job
+from utils.inference.source import training_domain
 
 FAST = ["--device", "cpu", "--training_mode", "few_shot", "--shot", "4"]
 # Non-default architecture per model (the defect: AA-CLIP was rebuilt from test.py's flags).
@@ -135,8 +135,8 @@ def test_the_domain_is_the_training_sets_and_travels_in_the_calibration(runs, tm
         assert calibration["domain"] == (domain or "Industrial")
         thresholds[domain] = calibration["thresholds"]["max"]
     assert thresholds[None] != thresholds["Medical"]  # the medical blur reached the maps
-    assert field.training_domain({"config": {"dataset": "Liver"}}) == "Medical"
-    assert field.training_domain({"config": {"dataset": "MVTec"}}) == "Industrial"
+    assert training_domain({"config": {"dataset": "Liver"}}) == "Medical"
+    assert training_domain({"config": {"dataset": "MVTec"}}) == "Industrial"
 
 
 def test_every_checkpoint_kind_loads_without_pickle(runs):

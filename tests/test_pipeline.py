@@ -21,8 +21,8 @@ from datasets.anomaly import TestDataset
 from datasets.folder import ImageFolder
 from datasets.preprocessing import Preprocessing
 from models import backbone
-from models.predictor import AnomalyPredictor
 from models.registry import MODELS
+from utils.inference.predictor import AnomalyPredictor
 
 
 @pytest.fixture(scope="module")
@@ -57,13 +57,13 @@ def test_every_path_feeds_the_model_the_same_tensor(picture, name, overrides):
     recorded = json.loads(json.dumps(preprocessing.to_dict()))  # model.json's, via a file
     exported = ImageFolder(picture / "images", Preprocessing.from_dict(recorded))[0]
     for item in (read, exported):
-        assert torch.equal(item.image, loaded["image"])
-        assert torch.equal(item.valid_mask, loaded["valid_mask"])
-    assert loaded["mask"].shape == (1, 64, 64) and loaded["mask"].any()
+        assert torch.equal(item.image, loaded.image)
+        assert torch.equal(item.valid_mask, loaded.valid_mask)
+    assert loaded.mask.shape == (1, 64, 64) and loaded.mask.any()
     geometry = overrides.get("preprocess", MODELS[name].config_class().preprocess)
     backend = "torch" if name == "feclip" else "pil"  # each original's own resize
     assert (preprocessing.geometry, preprocessing.backend) == (geometry, backend)
-    assert bool(loaded["valid_mask"].all()) == (geometry != "letterbox")
+    assert bool(loaded.valid_mask.all()) == (geometry != "letterbox")
 
 
 def test_feclip_scores_a_file_the_same_in_test_py_and_predict_py(synthetic_root, tmp_path):

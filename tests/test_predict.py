@@ -22,13 +22,13 @@ import predict
 import train
 from datasets.folder import ImageFolder
 from datasets.preprocessing import Preprocessing
-from models.predictor import AnomalyPredictor
 from models.registry import load_trained_model
 from tests.utils.deploy.test_review import ReviewPage
 from utils.deploy import calibration as calib
 from utils.deploy.field import score_images
 from utils.deploy.review import THUMBNAIL_SIDE
 from utils.evaluation.metrics import auroc
+from utils.inference.predictor import AnomalyPredictor
 
 CLASS = "tile"
 

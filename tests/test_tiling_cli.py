@@ -17,12 +17,12 @@ import predict
 import test as test_script
 import train
 from models import backbone
-from models.predictor import AnomalyPredictor
 from models.registry import MODELS
-from models.tiling import TiledPredictor
 from utils.deploy import calibration as calib
 from utils.deploy.review import picture_names
 from utils.evaluation import evaluate
+from utils.inference.predictor import AnomalyPredictor
+from utils.inference.resolution import TiledPredictor
 
 CLASS = "tile"
 TILE = ["--tile", "48", "--tile_overlap", "0.25"]

@@ -39,12 +39,13 @@ def test_no_augment_equals_test_dataset(records, synthetic_root):
     test = TestDataset(records, synthetic_root, SQUARE)
     for index in range(len(records)):
         train_item, test_item = train[index], test[index]
-        torch.testing.assert_close(train_item["image"], test_item["image"])
-        torch.testing.assert_close(train_item["mask"], test_item["mask"])
-        assert train_item["label"] == test_item["label"] == records[index]["label"]
-        assert test_item["mask"].any() == bool(records[index]["label"])
-        assert test_item["valid_mask"].all() and "valid_mask" not in train_item
-    assert test[0]["image_path"] == os.path.abspath(synthetic_root / records[0]["image_path"])
+        torch.testing.assert_close(train_item["image"], test_item.image)
+        torch.testing.assert_close(train_item["mask"], test_item.mask)
+        assert train_item["label"] == test_item.label == records[index]["label"]
+        assert test_item.mask.any() == bool(records[index]["label"])
+        assert test_item.valid_mask.all() and "valid_mask" not in train_item
+        assert test_item.file == records[index]["image_path"] and test_item.class_name == "tile"
+    assert test[0].path == os.path.abspath(synthetic_root / records[0]["image_path"])
 
 
 def test_load_image_normalises_and_converts_gray(tmp_path):
@@ -139,8 +140,8 @@ def test_the_feclip_default_preprocessing_is_the_forks_float_resize_and_centre_c
     float_image = v2.functional.to_dtype(v2.functional.to_image(image), torch.float32, scale=True)
     fork_mask = tv_tensors.Mask(torch.from_numpy(mask // 255))
     expected, expected_mask = fork(tv_tensors.Image(float_image), fork_mask)
-    torch.testing.assert_close(item["image"], expected.as_subclass(torch.Tensor), rtol=0, atol=0)
-    torch.testing.assert_close(item["mask"][0], expected_mask.float(), rtol=0, atol=0)
+    torch.testing.assert_close(item.image, expected.as_subclass(torch.Tensor), rtol=0, atol=0)
+    torch.testing.assert_close(item.mask[0], expected_mask.float(), rtol=0, atol=0)
     # --resize_backend pil: the 8-bit PIL resize this project used before
     pil = dataclasses.replace(preprocessing, backend="pil")
     crop = transforms.Compose(
@@ -153,7 +154,7 @@ def test_the_feclip_default_preprocessing_is_the_forks_float_resize_and_centre_c
         transforms.functional.to_tensor(crop(image)), CLIP_MEAN, CLIP_STD
     )
     torch.testing.assert_close(pil(image).image, expected_pil, rtol=0, atol=0)
-    assert not torch.equal(pil(image).image, item["image"])
+    assert not torch.equal(pil(image).image, item.image)
 
 
 def test_sowa_masks_are_bilinear_with_the_originals_train_and_test_thresholds(tmp_path):

@@ -22,8 +22,8 @@ from models.aaclip import AAClip, AAClipConfig
 from models.aaclip_cross_attn import AAClipCrossAttn, AAClipCrossAttnConfig
 from models.base import MapExtrema
 from models.feclip import FEClip, FEClipConfig
-from models.predictor import AnomalyPredictor
 from models.sowa import SOWA, SOWAConfig
+from utils.inference.predictor import AnomalyPredictor
 
 PINNED = Path(__file__).with_name("pinned_outputs.pt")
 NAMES = ["tile", "dots"]

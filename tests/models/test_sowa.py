@@ -17,7 +17,6 @@ from datasets.preprocessing import Preprocessing
 from models import backbone
 from models.base import MapExtrema
 from models.forward_utils import gaussian_smooth
-from models.predictor import AnomalyPredictor
 from models.sowa import (
     SOWA,
     HFWAAdapter,
@@ -27,6 +26,7 @@ from models.sowa import (
     window_reverse,
 )
 from utils.core.errors import ConfigError
+from utils.inference.predictor import AnomalyPredictor
 
 
 def sowa_loss(model, output, mask, label):

@@ -94,10 +94,11 @@ def setting(
 
 def redefault(config_class: type, name: str, default: Any, **metadata: Any) -> Any:
     """The field `name` of `config_class` with another default (a subclass's own value) and,
-    where given, its own `help`, `aliases` or `original` (the model's name of a shared setting);
-    its type, kind and checks stay the declaration's."""
+    where given, its own `help`, `aliases`, `original` (the model's name of a shared setting) or
+    `required` (a flag a command must be given); its type, kind and checks stay the
+    declaration's."""
     base = next(field for field in dataclasses.fields(config_class) if field.name == name)
-    unknown = set(metadata) - {"help", "aliases", "original"}
+    unknown = set(metadata) - {"help", "aliases", "original", "required"}
     assert not unknown, unknown
     merged = {**base.metadata, **metadata}
     if isinstance(default, list):

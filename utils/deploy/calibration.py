@@ -32,6 +32,7 @@ from datasets.tiling import is_tiling
 from utils.core.checkpoint import atomic_write
 from utils.core.errors import CheckpointError, ConfigError, DataError
 from utils.evaluation.metrics import auroc, average_precision
+from utils.inference.source import Opened, tiling_flags
 
 logger = logging.getLogger(__name__)
 
@@ -394,3 +395,67 @@ def format_report(report: dict[str, Any], decimals: int = 4) -> str:
         f"F1 {number(matrix['f1'])}, FPR {number(matrix['fpr'])}",
     ]
     return "\n".join(lines)
+
+
+def check_compatible(
+    calibration: dict[str, Any], path: Path | str, opened: Opened, tiling: dict[str, Any] | None
+) -> None:
+    """Whether `calibration`'s thresholds fit the maps of `opened` at `tiling`, checked once
+    before any image is read: the same graph (a calibration of an export fits that export; one of
+    the checkpoint fits it and its fp32 exports), the same model at the same input size, the
+    same tiling (a one-line ConfigError otherwise); another amp, preprocessing or checkpoint file
+    is a warning."""
+    graph = calibration.get("graph") or {"backend": "torch"}
+    here = opened.graph
+    same_checkpoint = (
+        calibration["model"].get("checkpoint_sha256") == opened.provenance["checkpoint_sha256"]
+    )
+    if here["backend"] == "torch":
+        fits, where = graph["backend"] == "torch", "the checkpoint (torch)"
+    else:
+        fits = graph.get("export_id") == here["export_id"] or (
+            graph["backend"] == "torch" and here["precision"] == "fp32" and same_checkpoint
+        )
+        where = f"this {here['precision']} export"
+    if not fits:
+        made = (
+            "torch"
+            if graph["backend"] == "torch"
+            else f"a {graph.get('precision')} export {graph.get('export_id', '?')[:12]}"
+        )
+        raise ConfigError(
+            f"{path} was calibrated on {made}, not on {where}: thresholds move with the graph and "
+            "its precision; calibrate on it (predict.py calibrate with its --backend and "
+            "--checkpoint, or export with --calibration_dir)"
+        )
+    preprocessing = opened.predictor.preprocessing
+    calibrated = Preprocessing.from_dict(calibration["preprocessing"], str(path))
+    if opened.name != calibration["model"]["name"] or preprocessing.size != calibrated.size:
+        raise ConfigError(
+            f"{path} calibrates a {calibration['model']['name']} model at {calibrated.size} px, "
+            f"not this {opened.name} at {preprocessing.size} px; recalibrate"
+        )
+    if calibration.get("tiling") != tiling:
+        raise ConfigError(
+            f"{path} was calibrated {tiling_flags(calibration.get('tiling'))}, not "
+            f"{tiling_flags(tiling)}: thresholds move with the tiling; score with the "
+            "calibration's flags or recalibrate"
+        )
+    if preprocessing != calibrated:
+        now, then = preprocessing.to_dict(), calibrated.to_dict()
+        differ = {key: (value, then[key]) for key, value in now.items() if value != then[key]}
+        logger.warning(
+            "scoring with other preprocessing than the thresholds were calibrated with "
+            "(now, then): %s",
+            differ,
+        )
+    if opened.predictor.amp != calibration["amp"]:
+        logger.warning(
+            "scoring with amp %s but the thresholds come from amp %s maps",
+            opened.predictor.amp,
+            calibration["amp"],
+        )
+    if not same_checkpoint:
+        logger.warning(
+            "%s was calibrated with another checkpoint file; thresholds may not fit", opened.file
+        )

@@ -1,19 +1,21 @@
-"""The evaluation loop of test.py: trained checkpoints on a labelled data set, class by class,
-then the macro mean, written as results_<dataset>.{json,csv,md}.
+"""The evaluation loop of test.py: trained checkpoints, or an export's graph, on a labelled data
+set, class by class, then the macro mean, written as results_<dataset>.{json,csv,md}.
 
-The model is read from the checkpoint (`--model` picks one when a folder holds several) and
-scores through its predictor, with its own preprocessing. Each model's paper protocol gives the
-image score; AA-CLIP's (spec aaclip.md §14): maps summed over levels, per-class min-max of maps
-and detection scores, image score `0.5 * map max + 0.5 * det` (industrial) or the map max
-(medical). That min-max is transductive: fine for paper tables, not for deployment (predict.py).
+The model source (`utils.inference.source`: a checkpoint, `--model` picking one when a folder
+holds several, or with `--backend onnxruntime|openvino` an export) is opened as a predictor, and
+every map comes through the one prediction stream (`utils.inference.stream.predict_images`),
+with the source's own preprocessing. Each model's paper protocol gives the table's image score;
+AA-CLIP's (its `test.py`): maps summed over levels, per-class min-max of maps and detection
+scores, image score `0.5 * map max + 0.5 * det` (industrial) or the map max (medical). That
+min-max is transductive: fine for paper tables, not for deployment (predict.py).
 
 Classes stream through one loader: a class's maps go batch by batch into its metrics, so no
 full-size map of a class is held unless panels are asked for; with several checkpoints
 (`--all_epochs`) a class is decoded once and scored by each of them. At native resolution
 (`--metric_resolution native`: MVTec AD 2's default, and `--tile`'s) the images and masks are
 read at their own resolution, one image per batch, and each image's map at that resolution
-(`models.tiling`: whole, resized back from the input; or stitched from tiles) streams into the
-metrics against the full-resolution mask.
+(`utils.inference.resolution`: whole, resized back from the input; or stitched from tiles)
+streams into the metrics against the full-resolution mask.
 
 MVTec AD 2 (`--metrics mvtec_ad2`, its default): before a class's test images, its
 validation/good images are predicted by exactly the same predictor, preprocessing, tiling and
@@ -39,7 +41,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import ConcatDataset, DataLoader, default_collate
+from torch.utils.data import ConcatDataset, DataLoader
 
 from datasets.anomaly import TestDataset, build_test_datasets
 from datasets.catalog import (
@@ -49,21 +51,18 @@ from datasets.catalog import (
     mvtec_ad2_info,
     real_name,
 )
+from datasets.items import ItemBatch, collate_items
 from datasets.metadata import load_test_records, log_resized_masks
 from datasets.preprocessing import read_image
-from datasets.support import draw_support, load_images
 from datasets.synthetic import ensure_synthetic
 from datasets.tiling import TileConfig
 from models.base import MapExtrema
-from models.predictor import AnomalyPredictor, Predictor
-from models.registry import MODELS, checkpoint_stem, find_checkpoint, load_trained_model
-from models.tiling import NativePredictor, at_resolution
+from models.registry import MODELS, checkpoint_stem, find_checkpoint
 from utils.core.checkpoint import TRAIN_LOCK, held
-from utils.core.config import RUN, TEST, setting, settings_of, to_mapping
+from utils.core.config import RUN, setting, to_mapping
 from utils.core.errors import CheckpointError, ConfigError, DataError
 from utils.core.names import safe_name, safe_relative
 from utils.core.runtime import (
-    ExportReadConfig,
     RuntimeConfig,
     loader_workers,
     progress,
@@ -82,6 +81,11 @@ from utils.evaluation.metrics import (
 from utils.evaluation.report import write_results
 from utils.evaluation.submission import check_submission, write_anomaly_map, write_float16_tiff
 from utils.evaluation.visualize import save_panels
+from utils.inference.predictor import Predictor
+from utils.inference.resolution import at_resolution
+from utils.inference.source import ModelSource, open_predictor
+from utils.inference.stream import predict_images
+from utils.inference.support import SupportConfig, set_class_support, support_paths
 
 logger = logging.getLogger("test")
 
@@ -91,23 +95,11 @@ MapSink = Callable[[str, np.ndarray], None]
 
 
 @dataclasses.dataclass
-class EvalConfig(TileConfig, ExportReadConfig, RuntimeConfig, DataConfig):
+class EvalConfig(TileConfig, SupportConfig, ModelSource, RuntimeConfig, DataConfig):
     """test.py: which checkpoints, on which data, with which metrics and outputs."""
 
     save_path: Path = setting(
         Path("ckpt/aaclip"), "run folder whose checkpoints are evaluated", kind=RUN
-    )
-    model: str | None = setting(
-        None,
-        "which model's checkpoints to evaluate; default: the one found in the save path",
-        kind=RUN,
-        choices=tuple(MODELS),
-    )
-    checkpoint: Path | None = setting(
-        None,
-        "evaluate this checkpoint file, or this run folder's evaluated file (default: the save "
-        "path's image_adapter.pth, feclip_best.pth, ...)",
-        kind=RUN,
     )
     all_epochs: bool = setting(
         False,
@@ -143,15 +135,6 @@ class EvalConfig(TileConfig, ExportReadConfig, RuntimeConfig, DataConfig):
     fpr_limit: float = setting(
         0.3, "AUPRO integrates the PRO curve up to this FPR", kind=RUN, above=0, maximum=1
     )
-    k_shot: int = setting(
-        0,
-        "SOWA: a memory of k normal train-split images per class (0: zero-shot)",
-        kind=RUN,
-        minimum=0,
-    )
-    support_seed: int = setting(
-        42, "seed of the k-shot support draw (the original draws unseeded)", kind=RUN
-    )
     undefined_metric: str | None = setting(
         None,
         "undefined metrics (one label only): NaN skipped in the mean, or 0 as the original; "
@@ -170,16 +153,6 @@ class EvalConfig(TileConfig, ExportReadConfig, RuntimeConfig, DataConfig):
         "panel resolution: the model input or the image's own size",
         kind=RUN,
         choices=("model", "original"),
-    )
-    backend: str = setting(
-        "torch",
-        "torch: the checkpoints; onnxruntime, openvino: the graph of --export, with exactly "
-        "these metrics and tables",
-        kind=RUN,
-        choices=("torch", "onnxruntime", "openvino"),
-    )
-    export: Path | None = setting(
-        None, "with --backend onnxruntime|openvino: a `predict.py export` folder", kind=RUN
     )
     submission: Path | None = setting(
         None,
@@ -238,6 +211,12 @@ class EvalConfig(TileConfig, ExportReadConfig, RuntimeConfig, DataConfig):
                 "--submission holds MVTec AD 2's private splits; use it with --dataset MVTecAD2 "
                 f"--split {' or '.join(MVTEC_AD2_PRIVATE_SPLITS)}"
             )
+        if self.graph and self.all_epochs:
+            raise ConfigError(
+                "--all_epochs evaluates a run's checkpoint files; an export is one graph: drop "
+                "--all_epochs, or evaluate the run with --backend torch"
+            )
+        self.check_support()
         for flag, value in (("--submission", self.submission), ("--save_maps", self.save_maps)):
             if value is not None and self.all_epochs:
                 raise ConfigError(
@@ -284,11 +263,10 @@ class EvalConfig(TileConfig, ExportReadConfig, RuntimeConfig, DataConfig):
         return "SegF1" in self.columns or self.submission is not None
 
     def output_folder(self) -> Path:
-        """Where results, panels and test.log go: --results_dir, else the checkpoint's folder."""
+        """Where results, panels and test.log go: --results_dir, else the checkpoint's folder
+        (an export's own)."""
         if self.results_dir is not None:
             return self.results_dir
-        if self.backend != "torch" and self.export is not None:
-            return self.export
         if self.checkpoint is not None:
             return self.checkpoint if self.checkpoint.is_dir() else self.checkpoint.parent
         return self.save_path
@@ -316,9 +294,12 @@ class ClassResult:
     threshold: float | None = None  # SegF1's, from the class's validation/good maps
 
 
-def checkpoint_files(config: EvalConfig) -> tuple[str, list[Path]]:
-    """(model name, files to evaluate); every per-epoch file in numeric order for --all_epochs."""
+def checkpoint_files(config: EvalConfig) -> tuple[str | None, list[Path]]:
+    """(model name, files to evaluate); every per-epoch file in numeric order for --all_epochs;
+    an export's folder as it is (its model.json names the model)."""
     trust = config.trust_checkpoint
+    if config.graph:
+        return None, [config.checkpoint or config.save_path]
     if config.checkpoint is not None:
         if not config.checkpoint.exists():
             raise CheckpointError(f"--checkpoint {config.checkpoint} does not exist")
@@ -367,16 +348,9 @@ class ClassOutputs:
     pixels: np.ndarray | None = None  # [n, S, S, 3] uint8: the model's input before normalising
 
 
-def collate_test(items: list[dict]) -> dict:
-    """`default_collate`, with masks as bool `[B, S, S]` (a quarter of the float masks)."""
-    batch = default_collate(items)
-    batch["mask"] = batch["mask"][:, 0].bool()
-    return batch
-
-
 def class_batches(
     datasets: dict[str, TestDataset], batch_size: int, num_workers: int, device: torch.device
-) -> Iterator[tuple[str, Iterator[dict]]]:
+) -> Iterator[tuple[str, Iterator[ItemBatch]]]:
     """(class name, that class's batches) in order, from one loader over every class: its
     workers start once and keep decoding the next class while a class's metrics are computed
     (a loader per class would idle the device at every class's start). No batch mixes classes.
@@ -393,9 +367,9 @@ def class_batches(
         batch_sampler=ranges,
         num_workers=num_workers,
         pin_memory=device.type == "cuda",
-        collate_fn=collate_test,
+        collate_fn=collate_items,
     )
-    return itertools.groupby(loader, key=lambda batch: batch["class_name"][0])
+    return itertools.groupby(loader, key=lambda batch: batch.items[0].class_name)
 
 
 def full_resolution(preprocessing: Any, anomaly_map: np.ndarray, image_path: str) -> np.ndarray:
@@ -419,71 +393,66 @@ class NormalMaps:
 
 
 def validation_threshold(
-    predictor: Predictor | NativePredictor,
+    predictor: Predictor,
     dataset: TestDataset,
-    batches: Iterable[dict],
+    batches: Iterable[ItemBatch],
     prompt_name: str,
     show_progress: bool = True,
 ) -> float:
     """SegF1's threshold of a class: its validation/good images (`dataset`, as `batches`)
     predicted exactly as its test images are (this predictor, preprocessing, tiling and k-shot
     memory), their maps streamed into `ValidationThreshold`."""
-    if isinstance(predictor, NativePredictor):  # maps at each image's own resolution
+    if predictor.native:  # maps at each image's own resolution
         capacity = 0
         for record in dataset.records:
             with Image.open(dataset.root / record["image_path"]) as image:
                 capacity += image.width * image.height
-        threshold = ValidationThreshold(DEFAULT_SEG_PERCENTILE, capacity)
-        predict_class_native(
-            predictor, batches, prompt_name, NormalMaps(threshold), show_progress=show_progress
-        )
     else:
         capacity = len(dataset) * predictor.preprocessing.size**2
-        threshold = ValidationThreshold(DEFAULT_SEG_PERCENTILE, capacity)
-        predict_class(
-            predictor, batches, prompt_name, NormalMaps(threshold), show_progress=show_progress
-        )
+    threshold = ValidationThreshold(DEFAULT_SEG_PERCENTILE, capacity)
+    predict_class(
+        predictor, batches, prompt_name, NormalMaps(threshold), show_progress=show_progress
+    )
     return threshold.compute()
 
 
-@torch.no_grad()
 def predict_class(
     predictor: Predictor,
-    batches: Iterable[dict],
+    batches: Iterable[ItemBatch],
     prompt_name: str,
     evaluator: ClassEvaluator | NormalMaps,
     keep_maps: bool = False,
     show_progress: bool = True,
     sink: MapSink | None = None,
 ) -> ClassOutputs:
-    """Predict a class batch by batch, streaming maps `[B, S, S]`, masks and valid masks into
-    `evaluator` (letterbox padding is never scored); with `keep_maps` the maps, masks and
-    pixels are also kept (panels); `sink` gets each map at its image's full resolution."""
+    """Predict a class through the one stream (`predict_images`), each map (`[S, S]` at the model
+    input, `[H, W]` at native resolution) with its mask and valid mask streamed into `evaluator`
+    (letterbox padding is never scored) and dropped; with `keep_maps` the model-input maps,
+    masks and pixels are kept (panels); `sink` gets each map at its image's full resolution."""
     kept: dict[str, list[np.ndarray]] = {"maps": [], "masks": [], "pixels": []}
     scores, labels, paths, file_names, extrema = [], [], [], [], []
-    for batch in progress(batches, show_progress, desc="batches", leave=False):
-        images, valid = batch["image"], batch["valid_mask"]
-        output = predictor.predict(images, [prompt_name] * len(images), valid)
-        maps = output.anomaly_map.cpu().numpy().astype(np.float32, copy=False)
-        masks = batch["mask"].numpy()
-        evaluator.update(maps, masks, valid.numpy() if predictor.preprocessing.pads else None)
+    preprocessing = predictor.preprocessing
+    for result in predict_images(predictor, batches, prompt_name, show_progress):
+        item = result.item
+        maps = result.anomaly_map[None]  # [1, h, w]
+        masks = item.mask.bool().numpy()  # [1, h, w]
+        evaluator.update(maps, masks, None if result.valid is None else result.valid[None])
         extrema.append(MapExtrema.of(maps))
         if sink is not None:
-            for anomaly_map, path, name in zip(
-                maps, batch["image_path"], batch["file_name"], strict=True
-            ):
-                sink(name, full_resolution(predictor.preprocessing, anomaly_map, path))
+            native = predictor.native  # already at the image's resolution
+            full = maps[0] if native else full_resolution(preprocessing, maps[0], item.path)
+            sink(item.file, full)
         if keep_maps:
             kept["maps"].append(maps)
             kept["masks"].append(masks)
-            kept["pixels"].append(predictor.preprocessing.to_pixels(images))
-        scores.append(output.image_score.cpu().numpy())
-        labels.append(batch["label"].numpy())
-        paths.extend(batch["image_path"])
-        file_names.extend(batch["file_name"])
+            kept["pixels"].append(preprocessing.to_pixels(result.image[None]))
+        scores.append(result.image_score)
+        labels.append(item.label)
+        paths.append(item.path)
+        file_names.append(item.file)
     return ClassOutputs(
-        det_scores=np.concatenate(scores),
-        labels=np.concatenate(labels).astype(np.int64),
+        det_scores=np.asarray(scores, dtype=np.float32),
+        labels=np.asarray(labels, dtype=np.int64),
         extrema=MapExtrema.concatenate(extrema),
         paths=paths,
         file_names=file_names,
@@ -491,66 +460,35 @@ def predict_class(
     )
 
 
-@torch.no_grad()
-def predict_class_native(
-    predictor: NativePredictor,
-    batches: Iterable[dict],
-    prompt_name: str,
-    evaluator: ClassEvaluator | NormalMaps,
-    show_progress: bool = True,
-    sink: MapSink | None = None,
-) -> ClassOutputs:
-    """`predict_class` at native resolution: each native image `[H, W, 3]` becomes its map
-    `[H, W]` (stitched from tiles, or resized from the input's), which streams into `evaluator`
-    against its full-resolution mask (and `sink`) and is dropped."""
-    scores, labels, paths, file_names, extrema = [], [], [], [], []
-    for batch in progress(batches, show_progress, desc="images", leave=False):
-        for pixels, mask, name in zip(
-            batch["image"], batch["mask"], batch["file_name"], strict=True
-        ):
-            output = predictor.predict_image(Image.fromarray(pixels.numpy()), prompt_name)
-            maps = output.anomaly_map[None]  # [1, H, W]
-            evaluator.update(maps, mask[None].numpy())
-            extrema.append(MapExtrema.of(maps))
-            if sink is not None:
-                sink(name, output.anomaly_map)
-            scores.append(output.image_score)
-        labels.append(batch["label"].numpy())
-        paths.extend(batch["image_path"])
-        file_names.extend(batch["file_name"])
-    return ClassOutputs(
-        det_scores=np.asarray(scores, dtype=np.float32),
-        labels=np.concatenate(labels).astype(np.int64),
-        extrema=MapExtrema.concatenate(extrema),
-        paths=paths,
-        file_names=file_names,
-    )
-
-
 def class_metrics(
-    predictor: Predictor | NativePredictor,
-    batches: Iterable[dict],
+    predictor: Predictor,
+    batches: Iterable[ItemBatch],
     class_name: str,
     size: int,
     config: EvalConfig,
     info: DatasetInfo,
     panels: bool = False,
     support: dict[str, list[str]] | None = None,
-    normal: tuple[TestDataset, Iterable[dict]] | None = None,
+    normal: tuple[TestDataset, Iterable[ItemBatch]] | None = None,
+    several: bool = True,
 ) -> ClassResult:
     """One class's metrics and image scores under one trained model (`size` test images);
     with `panels`, its panels are written.
 
-    With `--k_shot` > 0 the predictor's support set holds k normal train-split images of the
-    class while it is predicted and scored; their paths go into `support`. `normal` (MVTec AD
-    2: the class's validation/good images and their batches) gives SegF1's threshold first,
-    which also binarises the `--submission` maps; `--submission` and `--save_maps` get each
-    full-resolution map as it is predicted.
+    A predictor that needs support (`--k_shot` > 0 on a checkpoint) holds k normal images of the
+    class while it is predicted and scored (from `--support_dir`, its `<class>/` folder when the
+    data set has `several` classes, or the train split); their paths go into `support`.
+    `normal` (MVTec AD 2: the class's validation/good images and their batches) gives SegF1's
+    threshold first, which also binarises the `--submission` maps; `--submission` and
+    `--save_maps` get each full-resolution map as it is predicted.
     """
-    is_native = isinstance(predictor, NativePredictor)
-    capacity = None if is_native else size * predictor.preprocessing.size**2  # native: any sizes
-    if config.k_shot > 0:
-        set_support(predictor, class_name, config, info, support)
+    # native: maps of any size, so no preallocated pixel buffer
+    capacity = None if predictor.native else size * predictor.preprocessing.size**2
+    if predictor.needs_support:
+        paths = support_paths(config, class_name, several, info, config.data_root)
+        if support is not None:
+            support[class_name] = [_relative(path, config.data_root) for path in paths]
+        set_class_support(predictor, paths)
     try:
         prompt_name = real_name(info, class_name)
         threshold = None
@@ -561,17 +499,12 @@ def class_metrics(
             config.columns, config.fpr_limit, config.pro_variant, capacity, class_name, threshold
         )
         sink = map_sink(config, threshold)
-        if is_native:
-            outputs = predict_class_native(
-                predictor, batches, prompt_name, evaluator, config.progress, sink
-            )
-        else:
-            outputs = predict_class(
-                predictor, batches, prompt_name, evaluator, panels, config.progress, sink
-            )
+        outputs = predict_class(
+            predictor, batches, prompt_name, evaluator, panels, config.progress, sink
+        )
         image_scores = predictor.table_image_scores(outputs.extrema, outputs.det_scores)
     finally:
-        if config.k_shot > 0:
+        if predictor.needs_support:
             predictor.set_support(None)
     metrics = evaluator.compute(image_scores, outputs.labels)
     if panels:
@@ -583,6 +516,12 @@ def class_metrics(
         )
     ]
     return ClassResult(metrics, images, threshold)
+
+
+def _relative(path: Path, root: Path) -> str:
+    """A support file as results record it: relative to the data root when under it."""
+    path = Path(path)
+    return path.relative_to(root).as_posix() if path.is_relative_to(root) else str(path)
 
 
 def map_sink(config: EvalConfig, threshold: float | None) -> MapSink | None:
@@ -599,25 +538,6 @@ def map_sink(config: EvalConfig, threshold: float | None) -> MapSink | None:
             folder / safe_relative(path).with_suffix(".tiff"), anomaly_map, path
         )
     return None
-
-
-def set_support(
-    predictor: AnomalyPredictor | NativePredictor,
-    class_name: str,
-    config: EvalConfig,
-    info: DatasetInfo,
-    support: dict[str, list[str]] | None,
-) -> None:
-    """Draw the class's k-shot support set (seeded) and hand it to the predictor, prepared as
-    the test images are (tiled: every tile of each support image)."""
-    root = config.data_root
-    paths = draw_support(info, root, class_name, config.k_shot, config.support_seed)
-    if support is not None:
-        support[class_name] = [Path(path).relative_to(root).as_posix() for path in paths]
-    if isinstance(predictor, NativePredictor):
-        predictor.set_support(predictor.support_images(paths))
-    else:
-        predictor.set_support(load_images(paths, predictor.preprocessing))
 
 
 def write_panels(
@@ -662,41 +582,58 @@ def variant(config: EvalConfig, k_shot: int, backend: str = "torch") -> dict[str
     return tags
 
 
-def results_stem(dataset: str, checkpoint: Path, model: str, tags: Iterable[str] = ()) -> str:
+def results_stem(
+    dataset: str, checkpoint: Path | None, model: str, tags: Iterable[str] = ()
+) -> str:
     """`results_<dataset>` for the evaluated checkpoint of a run (`<stem>.pth`, or the kept
-    `<stem>_best.pth`), else with the file's stem appended; then the `variant` tags, so a k-shot,
-    tiled or exported evaluation never overwrites the zero-shot table."""
+    `<stem>_best.pth`) or an export (`checkpoint` None), else with the file's stem appended; then
+    the `variant` tags, so a k-shot, tiled or exported evaluation never overwrites the zero-shot
+    table."""
     parts = [f"results_{dataset}"]
-    if checkpoint.stem not in (checkpoint_stem(model), f"{checkpoint_stem(model)}_best"):
+    main = (checkpoint_stem(model), f"{checkpoint_stem(model)}_best")
+    if checkpoint is not None and checkpoint.stem not in main:
         parts.append(checkpoint.stem)
     return "_".join([*parts, *tags])
 
 
 def evaluate(config: EvalConfig, overrides: dict[str, Any]) -> list[EvaluatedFile]:
-    """Evaluate the configured checkpoints (`overrides`: the model settings given) and write
-    each one's results files; returns them in order."""
+    """Evaluate the configured checkpoints, or an export's graph (`overrides`: the model
+    settings given), and write each one's results files; returns them in order."""
     config = config.resolve()
     device = resolve_device(config.device)
     seed_everything(config.seed)
     info, records = _test_records(config)
     model_name, files = checkpoint_files(config)
     trust = config.trust_checkpoint
-    _, model, payload = load_trained_model(
-        files[0], device, model_name, overrides, config.dataset, trust
+    opened = open_predictor(
+        dataclasses.replace(config, model=model_name),
+        overrides,
+        path=files[0],
+        device=device,
+        domain=info.domain,
+        amp=config.amp,
+        k_shot=config.k_shot,
+        dataset=config.dataset,
+        trust=trust,
     )
-    payloads = {files[0]: payload}
-    sources = {files[0]: model.weight_sources}
-    predictor = AnomalyPredictor(model, info.domain, config.amp, config.k_shot)
-    preprocessing = dataclasses.replace(predictor.preprocessing, resize_masks=config.resize_masks)
+    opened.predictor.check_classes(
+        [real_name(info, name) for name in dict.fromkeys(r["class_name"] for r in records)]
+    )
+    k_shot = opened.predictor.k_shot
+    sources = {files[0]: opened.describe()}
+    preprocessing = dataclasses.replace(
+        opened.predictor.preprocessing, resize_masks=config.resize_masks
+    )
     datasets = build_test_datasets(records, config.data_root, preprocessing, config.native)
     normal_sets = validation_datasets(config, preprocessing, datasets)
-    workers = loader_workers(config.num_workers, device, evaluation=True)
+    workers = loader_workers(config.num_workers, opened.predictor.device, evaluation=True)
     log_outputs(config)
     # Several checkpoints: class by class, each class decoded once and scored by every one.
     cache = len(files) > 1
     logger.info(
-        "evaluating %s on %s: %s%s",
-        model_name,
+        "evaluating %s (%s) on %s: %s%s",
+        opened.name,
+        config.backend,
         config.dataset,
         ", ".join(path.name for path in files),
         " (each class decoded once and held for every checkpoint)" if cache else "",
@@ -704,7 +641,8 @@ def evaluate(config: EvalConfig, overrides: dict[str, Any]) -> list[EvaluatedFil
     per_file: dict[Path, dict[str, ClassResult]] = {path: {} for path in files}
     supports: dict[Path, dict[str, list[str]]] = {path: {} for path in files}
     # native: one image per loader batch (tiled: --batch_size tiles per forward)
-    groups = class_batches(datasets, 1 if config.native else config.batch_size, workers, device)
+    batch_size = 1 if config.native else config.batch_size
+    groups = class_batches(datasets, batch_size, workers, opened.predictor.device)
     bars = config.progress
     for class_name, batches in progress(groups, bars, total=len(datasets), desc="classes"):
         normal = normal_images(normal_sets, class_name, config, workers, cache)
@@ -712,11 +650,10 @@ def evaluate(config: EvalConfig, overrides: dict[str, Any]) -> list[EvaluatedFil
             batches = list(progress(batches, bars, desc="loading", leave=False))
         for path in files:
             if cache:  # the same run's next file: same architecture, its weights
-                payloads[path] = model.load_trained(path, trust=trust)
-                sources[path] = model.weight_sources
-            predictor = AnomalyPredictor(model, info.domain, config.amp, config.k_shot)
+                opened.load(path, trust)
+                sources[path] = opened.describe()
             per_file[path][class_name] = class_metrics(
-                at_resolution(predictor, config, config.batch_size, config.native),
+                at_resolution(opened.predictor, config, config.batch_size, config.native),
                 batches,
                 class_name,
                 len(datasets[class_name]),
@@ -725,38 +662,28 @@ def evaluate(config: EvalConfig, overrides: dict[str, Any]) -> list[EvaluatedFil
                 panels=config.visualize and path == files[-1],
                 support=supports[path],
                 normal=normal,
+                several=len(datasets) > 1,
             )
         del batches, normal
-    settings = to_mapping(model.config)
-    tags = variant(config, config.k_shot)
+    tags = variant(config, k_shot, config.backend)
     results = []
     for path in files:
-        payload, support = payloads[path], supports[path]
+        described = sources[path]
         per_class = {name: result.metrics for name, result in per_file[path].items()}
         images = {name: result.images for name, result in per_file[path].items()}
         meta = {
             "dataset": config.dataset,
-            "model": model_name,
-            "checkpoint": str(path),
-            "epoch": payload.get("epoch"),
-            "train_seed": (payload.get("config") or {}).get("seed"),
-            **sources[path],
-            **{
-                field.name: settings[field.name]
-                for field in settings_of(type(model.config), (TEST,))
-                if field.name not in model.config.preprocessing_settings  # in "preprocessing"
-            },
-            "model_settings": settings,
-            "smoothing": model.smoothing,
-            **scoring_meta(config, predictor, preprocessing),
-            "k_shot": config.k_shot,
-            "support_seed": config.support_seed if config.k_shot > 0 else None,
-            "support": support,
+            **described,
+            **scoring_meta(config, opened.predictor, preprocessing),
+            "k_shot": k_shot,
+            "support_seed": config.support_seed if opened.predictor.needs_support else None,
+            "support": described.pop("support", None) or supports[path],
             "variant": ", ".join(tags.values()) or "zero-shot, whole image, torch",
             **threshold_meta(config, per_file[path]),
         }
-        result = EvaluatedFile(path, payload.get("epoch"), per_class, images, meta)
-        write_evaluated(config, results_stem(config.dataset, path, model_name, tags), result)
+        result = EvaluatedFile(path, described["epoch"], per_class, images, meta)
+        checkpoint = None if config.graph else path
+        write_evaluated(config, results_stem(config.dataset, checkpoint, opened.name, tags), result)
         results.append(result)
     report_submission(config)
     return results
@@ -797,7 +724,7 @@ def normal_images(
         dataset,
         batch_size=1 if config.native else config.batch_size,
         num_workers=workers,
-        collate_fn=collate_test,
+        collate_fn=collate_items,
     )
     return dataset, list(loader) if cache else loader
 
@@ -880,82 +807,3 @@ def _test_records(config: EvalConfig) -> tuple[DatasetInfo, list[dict]]:
     if config.resize_masks:
         log_resized_masks(records, config.data_root)
     return info, records
-
-
-def evaluate_export(config: EvalConfig, predictor: Any) -> EvaluatedFile:
-    """Evaluate an exported graph (`--backend onnxruntime|openvino --export DIR`; `predictor`
-    its `utils.deploy.export.ExportedPredictor`, which the caller builds) with the same loop,
-    metrics and tables as a checkpoint: its preprocessing, classes, domain and k-shot memory are the
-    export's; writes `results_<dataset>_<backend>`."""
-    config = config.resolve()
-    if config.k_shot not in (0, predictor.k_shot):
-        raise ConfigError(
-            f"--k_shot {config.k_shot}: the export's memory is {predictor.k_shot}-shot, baked in "
-            f"at export; leave --k_shot out, or export again with --k_shot {config.k_shot}"
-        )
-    seed_everything(config.seed)
-    info, records = _test_records(config)
-    if info.domain != predictor.domain:
-        raise ConfigError(
-            f"{config.dataset} is {info.domain} but the export was traced for {predictor.domain}; "
-            f"export again with --domain {info.domain}"
-        )
-    predictor.class_index(
-        [real_name(info, name) for name in dict.fromkeys(r["class_name"] for r in records)]
-    )
-    preprocessing = dataclasses.replace(predictor.preprocessing, resize_masks=config.resize_masks)
-    datasets = build_test_datasets(records, config.data_root, preprocessing, config.native)
-    normal_sets = validation_datasets(config, preprocessing, datasets)
-    workers = loader_workers(config.num_workers, predictor.device, evaluation=True)
-    log_outputs(config)
-    logger.info(
-        "evaluating the %s %s export %s on %s with %s",
-        predictor.precision,
-        predictor.model_name,
-        config.export,
-        config.dataset,
-        config.backend,
-    )
-    scoring = dataclasses.replace(config, k_shot=0)  # the memory is in the graph
-    per_class, images, results = {}, {}, {}
-    groups = class_batches(
-        datasets, 1 if config.native else config.batch_size, workers, predictor.device
-    )
-    for class_name, batches in progress(
-        groups, config.progress, total=len(datasets), desc="classes"
-    ):
-        result = class_metrics(
-            at_resolution(predictor, config, config.batch_size, config.native),
-            batches,
-            class_name,
-            len(datasets[class_name]),
-            scoring,
-            info,
-            panels=config.visualize,
-            normal=normal_images(normal_sets, class_name, config, workers),
-        )
-        per_class[class_name], images[class_name] = result.metrics, result.images
-        results[class_name] = result
-    exported = predictor.info
-    meta = {
-        "dataset": config.dataset,
-        "model": predictor.model_name,
-        "backend": config.backend,
-        "export": str(config.export),
-        "precision": predictor.precision,
-        "export_id": exported["export_id"],
-        "checkpoint": exported["model"]["checkpoint"],
-        "epoch": exported["model"].get("epoch"),
-        "model_settings": exported["model"].get("config"),
-        **scoring_meta(config, predictor, preprocessing),
-        "k_shot": predictor.k_shot,
-        "support": exported.get("support"),
-        **threshold_meta(config, results),
-    }
-    tags = variant(config, predictor.k_shot, config.backend)
-    meta["variant"] = ", ".join(tags.values())
-    epoch = exported["model"].get("epoch")
-    result = EvaluatedFile(Path(config.export), epoch, per_class, images, meta)
-    write_evaluated(config, "_".join([f"results_{config.dataset}", *tags]), result)
-    report_submission(config)
-    return result

@@ -1,42 +1,111 @@
-"""Inference state around a trained model, apart from it (segment-anything's `SamPredictor`
-beside `Sam`): the model's preprocessing, the test domain, the cached class texts, the k-shot
-support memory, the autocast setting, and the paper-protocol image score. test.py, predict.py and
-the export all score through it, so one checkpoint sees the same pixels on every path.
+"""The predictor interface, and the predictor around a trained model.
+
+Inference state lives apart from the model (segment-anything's `SamPredictor` beside `Sam`): the
+model's preprocessing, the test domain, the cached class texts, the k-shot support memory, the
+autocast setting and the paper-protocol image score. Every predictor (this one, an exported
+graph's in `utils.inference.graph`, and the native-resolution and tiled ones of
+`utils.inference.resolution` around either) answers the `Predictor` interface, so test.py,
+calibrate, score and export see the same pixels on every path.
 """
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from pathlib import Path
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 import torch
+from PIL import Image
 
 from datasets.catalog import DEFAULT_DOMAIN, check_domain
-from datasets.preprocessing import Preprocessing
+from datasets.preprocessing import Preprocessing, read_image
+from datasets.tiling import TileBatch
 from models.base import AnomalyOutput, FrozenCLIPModel, MapExtrema
 from utils.core.errors import ConfigError
 from utils.core.runtime import autocast, resolve_amp
 
 
+class ImageOutput(NamedTuple):
+    """One image's prediction at its own resolution (whole or tiled)."""
+
+    anomaly_map: np.ndarray  # [H, W] float32, the image's own resolution
+    image_score: float
+
+
 class Predictor(Protocol):
-    """What scores images: an `AnomalyPredictor` around a model, or a deployed graph's
-    (`utils.deploy.export.ExportedPredictor`)."""
+    """What scores images. `predict` runs model-input batches; a `native` predictor also maps
+    a whole image at its own resolution (`predict_image`), which is how the stream uses it."""
 
     preprocessing: Preprocessing
     domain: str
     amp: str
+    native: bool  # maps at each image's own resolution (predict_image), not at the model input
+    tiling: dict[str, Any] | None  # the tiling results and calibrations record (None: whole)
 
     @property
     def device(self) -> torch.device: ...
+
+    @property
+    def needs_support(self) -> bool:
+        """Whether k normal images of a class must be set (`set_support`) before predicting."""
+        ...
 
     def predict(
         self, images: torch.Tensor, class_names: list[str], valid_mask: torch.Tensor | None = None
     ) -> AnomalyOutput: ...
 
+    def predict_image(self, image: Image.Image, class_name: str) -> ImageOutput: ...
+
+    def check_classes(self, class_names: list[str]) -> None: ...
+
+    def inputs(self, image: Image.Image, limit: int | None = None) -> TileBatch: ...
+
+    def support_images(self, paths: list[Path]) -> torch.Tensor: ...
+
+    def set_support(self, images: torch.Tensor | None) -> None: ...
+
     def table_image_scores(self, extrema: MapExtrema, scores: np.ndarray) -> np.ndarray: ...
 
 
-class AnomalyPredictor:
+def spread(items: list[Any], limit: int | None) -> list[Any]:
+    """At most `limit` of `items`, evenly spaced over them (all when `limit` is None)."""
+    if limit is None or len(items) <= limit:
+        return items
+    step = len(items) / limit
+    return [items[int(index * step)] for index in range(limit)]
+
+
+class InputPredictor:
+    """What the predictors that run at the model input share: an image becomes one input
+    through `preprocessing`, and the maps are at the input size."""
+
+    preprocessing: Preprocessing
+    native = False
+    tiling: dict[str, Any] | None = None
+
+    def check_classes(self, class_names: list[str]) -> None:
+        """Refuse, in one line, classes this predictor cannot score (a model scores any)."""
+
+    def inputs(self, image: Image.Image, limit: int | None = None) -> TileBatch:
+        """What the model sees of an RGB image: its one prepared input `[1, 3, S, S]` and valid
+        mask `[1, S, S]` (`limit` bounds tiles, of which there are none here)."""
+        prepared = self.preprocessing(image)
+        return TileBatch(prepared.image[None], prepared.valid_mask[None], [(0, 0)])
+
+    def support_images(self, paths: list[Path]) -> torch.Tensor:
+        """Support images read and prepared as the test images are: `[N, 3, S, S]`."""
+        pad_color = self.preprocessing.pad_color
+        return torch.cat([self.inputs(read_image(path, pad_color)).images for path in paths])
+
+    def predict_image(self, image: Image.Image, class_name: str) -> ImageOutput:
+        """Only native predictors map an image at its own resolution."""
+        raise RuntimeError(
+            "this predictor maps at the model input; wrap it with "
+            "utils.inference.resolution.at_resolution(..., native=True) for predict_image"
+        )
+
+
+class AnomalyPredictor(InputPredictor):
     """Scores images with a trained model.
 
     Args:
@@ -76,6 +145,10 @@ class AnomalyPredictor:
     @property
     def device(self) -> torch.device:
         return self.model.device
+
+    @property
+    def needs_support(self) -> bool:
+        return self.k_shot > 0
 
     @torch.no_grad()
     def set_support(self, images: torch.Tensor | None) -> None:

@@ -1,5 +1,5 @@
-"""Maps at each image's own resolution from any predictor (`AnomalyPredictor`, or an export's
-`ExportedPredictor`, both running the model at its input size), one image at a time:
+"""Maps at each image's own resolution from any model-input predictor (`AnomalyPredictor`, or an
+export's `ExportedPredictor`), one image at a time:
 
 * `NativePredictor`: the whole image resized to the input, its map resized back (bilinear)
   over the region the model saw (`Geometry.to_image`): what test.py scores MVTec AD 2 with
@@ -9,38 +9,30 @@
   (`datasets.tiling`: grid, window, stitcher).
 
 Scores of a tiled image:
-* the image score (`predict`'s, the field score that calibrate and score threshold) is the
-  maximum over the image's tiles of their image scores (`tile_image_score`): a defect seen by
-  one tile makes the image anomalous, as the map's maximum does;
+* the image score (`predict_image`'s, the field score that calibrate and score threshold) is
+  the maximum over the image's tiles of their image scores (`tile_image_score`): a defect seen
+  by one tile makes the image anomalous, as the map's maximum does;
 * the paper-table score (test.py) is each model's own rule (`table_image_scores`) applied to the
   stitched maps' extrema and these image scores, as for whole images.
 
-A k-shot memory (SOWA) is built from the support images as the test images are seen
-(`support_images`: whole, or their tiles at the same scale), so support and test patches share
-one resolution.
+What the model sees of an image (`inputs`: the whole image, or its tiles at the same scale) is
+also what a k-shot memory is built from (`support_images`) and what int8 is calibrated on, so
+support, calibration and test patches share one resolution.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
 from datasets.preprocessing import Preprocessing, read_image
-from datasets.support import load_images
-from datasets.tiling import Stitcher, TileConfig, Tiler, resize_map
-from models.base import MapExtrema
-from models.predictor import Predictor
-
-
-class TiledOutput(NamedTuple):
-    """One image's prediction at its own resolution (whole or tiled)."""
-
-    anomaly_map: np.ndarray  # [H, W] float32, the image's own resolution
-    image_score: float
+from datasets.tiling import Stitcher, TileBatch, TileConfig, Tiler, resize_map
+from models.base import AnomalyOutput, MapExtrema
+from utils.inference.predictor import ImageOutput, Predictor, spread
 
 
 def tile_image_score(scores: torch.Tensor) -> float:
@@ -50,10 +42,11 @@ def tile_image_score(scores: torch.Tensor) -> float:
 
 class NativePredictor:
     """Scores an image of any size through `predictor`, whole, its map at the image's own
-    resolution; its preprocessing, domain, amp, device and paper-table rule are the
+    resolution; its preprocessing, domain, amp, device, support and paper-table rule are the
     predictor's."""
 
-    tiling: dict[str, Any] | None = None  # what a calibration or results file records
+    native = True
+    tiling: dict[str, Any] | None = None
 
     def __init__(self, predictor: Predictor) -> None:
         self.predictor = predictor
@@ -74,16 +67,35 @@ class NativePredictor:
     def device(self) -> torch.device:
         return self.predictor.device
 
+    @property
+    def needs_support(self) -> bool:
+        return self.predictor.needs_support
+
+    def check_classes(self, class_names: list[str]) -> None:
+        """Refuse classes the wrapped predictor cannot score."""
+        self.predictor.check_classes(class_names)
+
+    def predict(
+        self, images: torch.Tensor, class_names: list[str], valid_mask: torch.Tensor | None = None
+    ) -> AnomalyOutput:
+        """Model-input batches, as the wrapped predictor scores them."""
+        return self.predictor.predict(images, class_names, valid_mask)
+
+    def inputs(self, image: Image.Image, limit: int | None = None) -> TileBatch:
+        """What the model sees of an RGB image: the whole image, prepared `[1, 3, S, S]`."""
+        return self.predictor.inputs(image, limit)
+
     def support_images(self, paths: list[Path]) -> torch.Tensor:
         """The support images as the model sees test images: `[N, 3, S, S]`."""
-        return load_images(paths, self.preprocessing)
+        pad_color = self.preprocessing.pad_color
+        return torch.cat([self.inputs(read_image(path, pad_color)).images for path in paths])
 
     def set_support(self, images: torch.Tensor | None) -> None:
         """The k-shot memory from `support_images` `[N, 3, S, S]` (None clears)."""
         self.predictor.set_support(images)
 
     @torch.no_grad()
-    def predict_image(self, image: Image.Image, class_name: str) -> TiledOutput:
+    def predict_image(self, image: Image.Image, class_name: str) -> ImageOutput:
         """An RGB image of any size -> its map `[H, W]` (the input-size map resized bilinearly
         over the region the model saw) and its image score."""
         prepared = self.preprocessing(image)
@@ -91,7 +103,7 @@ class NativePredictor:
             prepared.image[None], [class_name], prepared.valid_mask[None]
         )
         anomaly_map = prepared.geometry.to_image(output.anomaly_map[0].float().cpu().numpy())
-        return TiledOutput(anomaly_map, float(output.image_score[0]))
+        return ImageOutput(anomaly_map, float(output.image_score[0]))
 
     def table_image_scores(self, extrema: MapExtrema, scores: np.ndarray) -> np.ndarray:
         """The model's paper-table rule on the full-resolution maps' extrema `[N]` and the image
@@ -109,13 +121,14 @@ class TiledPredictor(NativePredictor):
         self.tiling = tiling.tiling()
         self.batch_size = batch_size
 
-    def support_images(self, paths: list[Path]) -> torch.Tensor:
-        """Every tile of the support images, as the test images are tiled: `[N, 3, S, S]`."""
-        pad_color = self.preprocessing.pad_color
-        return torch.cat([self.tiler.tiles(read_image(path, pad_color)) for path in paths])
+    def inputs(self, image: Image.Image, limit: int | None = None) -> TileBatch:
+        """The tiles of an RGB image (scaled here), prepared: `[T, 3, S, S]`; at most `limit`,
+        spread over the image."""
+        scaled = self.tiler.scaled(image)
+        return self.tiler.batch(scaled, spread(self.tiler.positions(scaled), limit))
 
     @torch.no_grad()
-    def predict_image(self, image: Image.Image, class_name: str) -> TiledOutput:
+    def predict_image(self, image: Image.Image, class_name: str) -> ImageOutput:
         """An RGB image of any size -> its map `[H, W]` at its own resolution (the tiles'
         blend) and its image score (`tile_image_score`)."""
         scaled = self.tiler.scaled(image)
@@ -132,17 +145,12 @@ class TiledPredictor(NativePredictor):
         anomaly_map = stitcher.result()
         if scaled.size != image.size:
             anomaly_map = resize_map(anomaly_map, image.height, image.width)
-        return TiledOutput(anomaly_map, tile_image_score(torch.cat(scores)))
-
-
-def tiled(predictor: Predictor, tiling: TileConfig, batch_size: int) -> Predictor | TiledPredictor:
-    """`predictor` over tiles when `tiling.tile` is set, else `predictor` itself."""
-    return at_resolution(predictor, tiling, batch_size, native=False)
+        return ImageOutput(anomaly_map, tile_image_score(torch.cat(scores)))
 
 
 def at_resolution(
-    predictor: Predictor, tiling: TileConfig, batch_size: int, native: bool
-) -> Predictor | NativePredictor:
+    predictor: Predictor, tiling: TileConfig, batch_size: int, native: bool = False
+) -> Predictor:
     """`predictor` over tiles when `tiling.tile` is set, else with maps at each image's own
     resolution when `native`, else `predictor` itself (maps at the model input)."""
     if tiling.tile:

@@ -16,10 +16,10 @@ from datasets.preprocessing import Preprocessing
 from datasets.tiling import TileConfig, tile_grid
 from models import backbone
 from models.base import AnomalyOutput
-from models.predictor import AnomalyPredictor
 from models.registry import MODELS
-from models.tiling import TiledPredictor
 from tests.test_deploy import installed
+from utils.inference.predictor import AnomalyPredictor
+from utils.inference.resolution import TiledPredictor
 
 SIDE = 64  # the tiny model's input
 
@@ -135,7 +135,8 @@ def test_a_5000_px_image_holds_a_few_full_resolution_maps():
     reason="the deployment extra (requirements-deploy.txt) is not installed",
 )
 def test_an_export_scores_tiles_as_the_checkpoint_does(tmp_path):
-    from utils.deploy.export import ExportedPredictor, export
+    from utils.deploy.export import export
+    from utils.inference.graph import ExportedPredictor
 
     torch.manual_seed(0)
     predictor = AnomalyPredictor(tiny_model("feclip", preprocess="letterbox"))  # valid masks in
