@@ -20,7 +20,7 @@ from torch.testing import assert_close
 from models import backbone
 from models.aaclip import AAClip, AAClipConfig
 from models.aaclip_cross_attn import AAClipCrossAttn, AAClipCrossAttnConfig
-from models.base import MapExtrema
+from models.base import FrozenCLIPModel, MapExtrema, Stage
 from models.feclip import FEClip, FEClipConfig
 from models.predictor import AnomalyPredictor
 from models.sowa import SOWA, SOWAConfig
@@ -73,7 +73,7 @@ def step_sums(model: torch.nn.Module) -> torch.Tensor:
     )
 
 
-def train_step(model, stage, data) -> dict[str, torch.Tensor]:
+def train_step(model: FrozenCLIPModel, stage: Stage, data: dict) -> dict[str, torch.Tensor]:
     """One optimizer step of a stage on the batch, as `utils.engine.training.fit` takes it."""
     optimizer, _ = model.configure_optimizer(stage)
     model.train()
@@ -221,7 +221,7 @@ def current() -> dict[str, torch.Tensor]:
     }
 
 
-def test_outputs_equal_the_pinned_values():
+def test_outputs_equal_the_pinned_values() -> None:
     got = current()
     if os.environ.get("PIN_WRITE"):
         torch.save({"machine": machine(), "outputs": got}, PINNED)
