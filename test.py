@@ -21,7 +21,7 @@ import logging
 from pathlib import Path
 
 from datasets.synthetic import check_generatable
-from models.registry import config_classes
+from models.registry import MODELS, config_classes
 from utils.core.checkpoint import check_writable
 from utils.core.config import (
     ARCH,
@@ -38,12 +38,14 @@ from utils.core.runtime import run_script, setup_logging
 from utils.engine.training import RunConfig
 from utils.evaluation.evaluate import EvalConfig, evaluate
 from utils.evaluation.report import format_table
+from utils.inference.source import flag_models
 
 logger = logging.getLogger("test")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """test.py's flags: the evaluation's, and every model's test-time and architectural ones."""
+def build_parser(models: list[str] | None = None) -> argparse.ArgumentParser:
+    """test.py's flags: the evaluation's, and the test-time and architectural ones of `models`
+    (the model the checkpoint holds, when known; default every model's)."""
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n")[0], formatter_class=HelpFormatter
     )
@@ -54,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
             "architectural ones must equal it (or describe a file of the original code, which "
             "stores none)"
         ),
-        config_classes(),
+        [MODELS[name].config_class for name in models or MODELS],
     )
     return parser
 
@@ -65,8 +67,17 @@ def parse_args(argv: list[str] | None = None) -> tuple[EvalConfig, dict]:
     training_only = (keys_of(RunConfig) - keys_of(EvalConfig)) | setting_names(
         config_classes(), (ARCH, TRAIN)
     )
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--save_path", type=Path, default=EvalConfig.save_path)
+    models = flag_models(argv, default=pre.parse_known_args(argv)[0].save_path)
+    classes = [MODELS[name].config_class for name in models]
     return parse_config(
-        build_parser(), argv, EvalConfig, config_classes(), training_only, also_known=(RunConfig,)
+        build_parser(models),
+        argv,
+        EvalConfig,
+        classes,
+        training_only,
+        also_known=(RunConfig, *config_classes()),
     )
 
 

@@ -20,6 +20,7 @@ import pytest
 import torch
 
 import predict
+import test as test_script
 import train
 from datasets.folder import ImageFolder
 from datasets.items import collate_items
@@ -360,3 +361,54 @@ def test_an_export_replaces_its_folder_whole(
     assert predict.main(argv) == 2
     assert "is not an export" in one_line_error()
     assert [path.name for path in (tmp_path / "notes").iterdir()] == ["mine.txt"]
+
+
+def test_one_stream_gives_every_path_the_same_image_scores(exports, tmp_path):
+    """The same files give the same per-image scores (within 1e-5, fp32) through test.py and
+    predict.py score, the checkpoint in torch and its ONNX export, whole images and tiles: all
+    eight read maps from the one prediction stream (`utils.inference.stream`)."""
+    data_root, runs, folders = exports
+    field_set = tmp_path / "field"  # one class as a Folder data set: test.py and score read it
+    for kind, source in (("normal", "good"), ("abnormal", "blob")):
+        (field_set / kind).mkdir(parents=True)
+        for path in sorted((data_root / CLASS / "test" / source).glob("*.png"))[:3]:
+            shutil.copy(path, field_set / kind / path.name)
+    normal = data_root / CLASS / "train" / "good"
+    sources = {
+        "torch": ["--checkpoint", str(runs["feclip"]), "--preprocess", "letterbox"],
+        "onnxruntime": ["--checkpoint", str(folders["feclip"]), "--backend", "onnxruntime"],
+    }
+    tilings = {"whole": [], "tiled": ["--tile", "48"]}
+    common = ["--device", "cpu", "--class_name", CLASS]
+    scores: dict[str, dict[str, float]] = {}
+    for backend, source in sources.items():
+        for tiling, tile in tilings.items():
+            results = tmp_path / f"test_{backend}_{tiling}"
+            argv = [*source, *tile, *common, "--dataset", "Folder", "--data_root", str(field_set)]
+            assert test_script.main([*argv, "--results_dir", str(results)]) == 0
+            (written,) = results.glob("results_Folder*.json")
+            images = json.loads(written.read_text())["images"][CLASS]
+            scores[f"test.py {backend} {tiling}"] = {
+                image["file"]: image["score"] for image in images
+            }
+            calibration = tmp_path / f"calibration_{backend}_{tiling}.json"
+            argv = ["calibrate", *source, *tile, *common, "--normal_dir", str(normal)]
+            assert predict.main([*argv, "--output", str(calibration)]) == 0
+            out = tmp_path / f"score_{backend}_{tiling}"
+            argv = ["score", *source, *tile, *common, "--calibration", str(calibration)]
+            assert predict.main([*argv, "--input", str(field_set), "--out", str(out)]) == 0
+            scores[f"score {backend} {tiling}"] = {
+                row["file"]: float(row["image_score"])
+                for row in read_scores(out / "scores.csv")
+            }
+    reference = scores["test.py torch whole"]
+    assert len(reference) == 6
+    for tiling in tilings:
+        tiled = scores[f"test.py torch {tiling}"]
+        for path, values in scores.items():
+            if path.endswith(tiling):
+                assert values.keys() == tiled.keys(), path
+                for name, value in values.items():
+                    assert value == pytest.approx(tiled[name], abs=1e-5), (path, name)
+    # tiles see other pixels than the whole image: the two geometries are not the same scores
+    assert scores["test.py torch tiled"] != pytest.approx(reference, abs=1e-5)

@@ -1,5 +1,5 @@
-"""Thresholds from normal images, decisions, and evaluation with image labels only (spec
-feclip.md §14.2-14.3; predict.py).
+"""Thresholds from normal images, decisions, and evaluation with image labels only (predict.py
+calibrate and score).
 
 Calibration: per normal image the image score `s_img` and reductions of the anomaly map over valid
 pixels (`max`: sensitive to thin line defects; `topk_mean`: mean of the top `top_fraction` of the
@@ -328,7 +328,7 @@ def label_report(
     labels: np.ndarray,
     fpr_targets: tuple[float, ...] = DEFAULT_FPR_TARGETS,
 ) -> dict[str, Any]:
-    """Image-label-only evaluation (spec §14.3): AUROC, AP and TPR at fixed FPRs of the image
+    """Image-label-only evaluation: AUROC, AP and TPR at fixed FPRs of the image
     score and of the map reduction, and the confusion matrix of the calibrated decisions.
     All arguments `[N]`; labels in {0, 1}."""
     labels = np.asarray(labels).astype(bool)
