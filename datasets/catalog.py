@@ -231,6 +231,12 @@ def real_name(dataset: str | DatasetInfo | None, class_name: str) -> str:
     return class_name.replace("_", " ")
 
 
+def prompt_names(dataset: str | DatasetInfo) -> dict[str, str]:
+    """`{class_name: prompt name}` for every class of a data set, in catalog order."""
+    info = get_dataset_info(dataset)
+    return {name: real_name(info, name) for name in info.classes}
+
+
 def default_data_root(name: str) -> Path:
     """Where a data set lives unless `--data_root` says otherwise: `data/<name>`."""
     return Path("data") / name

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from open_clip.model import CLIP
 from torch import nn
 
-from datasets.catalog import DEFAULT_DOMAIN, DatasetInfo, check_domain
+from datasets.catalog import DEFAULT_DOMAIN, DatasetInfo, check_domain, prompt_names, real_name
 from models import backbone
 from models.adapters import SimpleAdapter, SimpleProj, residual_blend, xavier_init
 from models.base import AnomalyOutput, ClipConfig, FrozenCLIPModel, MapExtrema, Stage
@@ -223,7 +223,7 @@ class AAClip(FrozenCLIPModel):
         self.use_text_adapter = True
         self.tokenizer = backbone.get_tokenizer()
         self._token_cache: dict[tuple[str, ...], torch.Tensor] = {}
-        self.train_dataset: str | None = None
+        self.train_dataset: str | DatasetInfo | None = None
         self.stage_text: dict[str, torch.Tensor] = {}
         self._sources: dict[str, str] = {}
 
@@ -389,9 +389,11 @@ class AAClip(FrozenCLIPModel):
         return "gaussian on the patch grid (AA-CLIP)"
 
     def class_text(self, prompt_name: str) -> torch.Tensor:
-        """A class's anchors `[D, 2]` (normal, abnormal), float32 and without gradient."""
+        """A class's anchors `[D, 2]` (normal, abnormal), float32 and without gradient; `_` in
+        the name reads as a space (a bare class name, as the catalogue's fallback)."""
+        prompt = prompt_name.replace("_", " ")
         with torch.no_grad(), float32_island(self.device):
-            return get_adapted_single_class_text_embedding(self, None, prompt_name, self.device)
+            return get_adapted_single_class_text_embedding(self, prompt, self.device)
 
     def _predict(
         self,
@@ -506,7 +508,9 @@ class AAClip(FrozenCLIPModel):
         if stage.name == "image":
             self.eval()
             with torch.no_grad():
-                self.stage_text = get_adapted_text_embedding(self, dataset, self.device)
+                self.stage_text = get_adapted_text_embedding(
+                    self, prompt_names(dataset), self.device
+                )  # keyed by class name, as the batches' class_name
 
     def skip_stage(self, stage: Stage) -> bool:
         if stage.name == "text":
@@ -536,7 +540,7 @@ class AAClip(FrozenCLIPModel):
         anchors = torch.stack(
             [
                 get_adapted_single_class_text_embedding(
-                    self, self.train_dataset, name, self.device, image_context=context
+                    self, real_name(self.train_dataset, name), self.device, image_context=context
                 )
                 for name, context in zip(classes, contexts, strict=True)
             ]

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from open_clip.model import CLIP
 from torch import nn
 
-from datasets.catalog import DatasetInfo, get_dataset_info, real_name
+from datasets.catalog import DatasetInfo, prompt_names
 from models import backbone
 from models.aaclip import AAClip, AAClipConfig
 from models.adapters import residual_blend
@@ -356,7 +356,10 @@ class AAClipCrossAttn(AAClip):
             anchors = torch.stack(
                 [
                     get_adapted_single_class_text_embedding(
-                        self, None, name, images.device, image_context=image_context[i : i + 1]
+                        self,
+                        name.replace("_", " "),  # as AAClip.class_text reads a name
+                        images.device,
+                        image_context=image_context[i : i + 1],
                     )
                     for i, name in enumerate(class_names)
                 ]
@@ -405,8 +408,8 @@ class AAClipCrossAttn(AAClip):
         super().prepare_stage(stage, dataset)
         if stage.name == "image":
             self.stage_contexts = {
-                name: self.class_text_context(real_name(dataset, name))
-                for name in get_dataset_info(dataset).classes
+                name: self.class_text_context(prompt)
+                for name, prompt in prompt_names(dataset).items()
             }
 
     def skip_stage(self, stage: Stage) -> bool:
