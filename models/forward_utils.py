@@ -1,5 +1,5 @@
-"""Shared maths: class text anchors, similarity maps, smoothing, token masks and losses (spec
-aaclip.md §6, §9, §10; feclip.md §10, §14.1; sowa.md §4-5).
+"""Shared maths: class text anchors, similarity maps, smoothing, token masks and losses (AA-CLIP's
+`forward_utils.py`, FE-CLIP's Eq. 5 and token mask, SOWA's maps and losses).
 
 Every model imports these; none copies them. Names and argument order are the original's, except
 that the text anchors take prompt names where the original took a data set name: callers resolve
@@ -21,7 +21,7 @@ from models.prompts import build_prompts
 from utils.core.errors import DataError
 from utils.core.runtime import float32_island
 
-# Test-time blur on the patch grid, by domain (spec aaclip.md §9): kernel size, sigma.
+# Test-time blur on the patch grid by domain, as AA-CLIP's calculate_similarity_map: size, sigma.
 BLUR = {"Industrial": (7, 1.0), "Medical": (9, 1.5)}
 SIMILARITY_SCALE = 100.0
 FOCAL_SMOOTH = 1e-5
@@ -136,9 +136,9 @@ def token_valid_mask(
     valid_mask: torch.Tensor, grid: int, min_fraction: float = 0.5
 ) -> torch.Tensor:
     """Pixel validity `[..., S, S]` bool -> token validity `[..., g, g]` bool: a token is valid
-    when the valid fraction of its pixels is >= `min_fraction` (FE-CLIP's `token_valid_frac`,
-    spec feclip.md §14.1; 1.0 = all of its pixels valid). Exact when g divides S (one token = one
-    patch, as for ViT-L-14-336 and the tiny backbone); otherwise adaptive average-pool cells.
+    when the valid fraction of its pixels is >= `min_fraction` (FE-CLIP's `token_valid_frac`;
+    1.0 = all of its pixels valid). Exact when g divides S (one token = one patch, as for
+    ViT-L-14-336 and the tiny backbone); otherwise adaptive average-pool cells.
     """
     if not 0.0 < min_fraction <= 1.0:
         raise DataError(f"min_fraction {min_fraction} is outside (0, 1]; use e.g. 0.5")
@@ -207,7 +207,7 @@ def orthogonal_loss(epoch_text_feature: torch.Tensor) -> torch.Tensor:
 def binary_focal_loss(
     probs: torch.Tensor, target: torch.Tensor, gamma: float = 2.0, alpha: float | None = None
 ) -> torch.Tensor:
-    """Focal loss on a one-channel anomaly probability map (FE-CLIP, spec feclip.md §10):
+    """Focal loss on a one-channel anomaly probability map (FE-CLIP, the paper's Eq. 5):
     mean of `-α_t (1 - p_t)^γ log p_t`, p clamped to [1e-6, 1 - 1e-6]. `alpha` None weighs both
     classes 1 (AnomalyCLIP); a float weighs positives by α and negatives by 1 - α.
 
