@@ -1,5 +1,5 @@
-"""Fine-tune AA-CLIP + cross-attention from a trained AA-CLIP (the user's fork; spec
-cross_attention.md, the user's guide seeds/001).
+"""Fine-tune AA-CLIP + cross-attention from a trained AA-CLIP (the user's fork's
+`train_cross_attention.py`, wei-paul/AA-CLIP; the user's guide seeds/001).
 
     python train.py --save_path ckpt/baseline
     python train_cross_attention.py --save_path ckpt/cross_attn \\

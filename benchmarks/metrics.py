@@ -120,7 +120,8 @@ def synthetic_class(
 
 
 def area_to_limit(fpr: np.ndarray, pro: np.ndarray, fpr_limit: float) -> float:
-    """Trapezoid of pro(fpr) on [0, fpr_limit], interpolated at the limit (spec §5.1 step 5)."""
+    """Trapezoid of pro(fpr) on [0, fpr_limit], interpolated at the limit (MVTec AD's
+    `generic_util.trapezoid`)."""
     n = int(np.searchsorted(fpr, fpr_limit, side="right"))  # points with fpr <= limit
     area = float(np.sum((fpr[1:n] - fpr[: n - 1]) * (pro[1:n] + pro[: n - 1])) / 2)
     if fpr[n - 1] < fpr_limit:
@@ -131,7 +132,8 @@ def area_to_limit(fpr: np.ndarray, pro: np.ndarray, fpr_limit: float) -> float:
 
 
 def full_sort_aupro(maps: np.ndarray, masks: np.ndarray, fpr_limit: float = 0.3) -> float:
-    """MVTec AD official recipe (spec §7.2): argsort every pixel, cumsum, merge ties."""
+    """MVTec AD official recipe (`pro_curve_util.compute_pro`): argsort every pixel, cumsum,
+    merge ties."""
     labels = np.zeros(masks.shape, dtype=np.int64)
     num_regions = 0
     for i, mask in enumerate(masks):

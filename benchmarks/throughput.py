@@ -167,7 +167,7 @@ def straightforward_step(kind: str, model: AAClip, args, batch: dict) -> Callabl
         surgery_clip = copy.deepcopy(model.clipmodel)
 
         def step():
-            anchors = get_adapted_single_class_text_embedding(model, None, CLASS, device)
+            anchors = get_adapted_single_class_text_embedding(model, CLASS, device)
             features = straightforward_surgery_features(model, surgery_clip, images)
             anchors = anchors.float().expand(args.batch_size, -1, -1)
             maps = [calculate_similarity_map(f, anchors, args.img_size) for f in features]

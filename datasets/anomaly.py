@@ -1,5 +1,6 @@
-"""Records to tensors: AA-CLIP's training set and per-class test sets (spec aaclip.md §12.4-12.5),
-through the model's one `datasets.preprocessing.Preprocessing`.
+"""Records to tensors: AA-CLIP's training set and per-class test sets (its `dataset/__init__.py`,
+`BaseDataset` and `BaseSingleClassDataset`), through the model's one
+`datasets.preprocessing.Preprocessing`.
 
 A training item is a dict: `image` [3, S, S] (normalised), `mask` [1, S, S] in {0, 1}, `label`
 (int64 scalar), `mask_known` (bool scalar: False for an anomalous image without a mask, whose
@@ -40,7 +41,8 @@ _COLOR_JITTER = transforms.Compose(
 )
 # Both stages, on [image, mask] stacked; torchvision defaults: nearest interpolation, fill 0.
 # Fill 0 lands after normalisation, so uncovered corners get CLIP's mean colour rather than
-# black: an AA-CLIP quirk kept on purpose (spec §17.14). Nearest keeps the mask binary.
+# black: an AA-CLIP quirk kept on purpose (`BaseDataset` in its `dataset/__init__.py`). Nearest
+# keeps the mask binary.
 _JOINT_AUGMENT = transforms.Compose(
     [
         transforms.RandomApply([transforms.RandomRotation(30)], p=0.5),

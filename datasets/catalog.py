@@ -1,7 +1,7 @@
 """Known data sets: classes in the original's order, real names for prompts, domain, layout.
 
-Real names are copied exactly from AA-CLIP (spec aaclip.md §6.3), odd punctuation included:
-BTAD "01" ends with a period, so its prompts read "... outward. with flaw.".
+Real names are copied exactly from AA-CLIP's `dataset/constants.py::REAL_NAMES`, odd punctuation
+included: BTAD "01" ends with a period, so its prompts read "... outward. with flaw.".
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ class DatasetInfo:
     """One data set: `layout` names the on-disk builder in `datasets.metadata`."""
 
     name: str
-    domain: str  # "Industrial" | "Medical": picks the test-time blur (spec §9)
+    domain: str  # "Industrial" | "Medical": picks the test-time blur
     classes: tuple[str, ...]  # the original's class order, used for test loops and logs
     real_names: dict[str, str]
     layout: str  # the builder in datasets.metadata: "mvtec", "visa", "btad", "dagm", ...
@@ -229,6 +229,12 @@ def real_name(dataset: str | DatasetInfo | None, class_name: str) -> str:
     if info is not None and class_name in info.real_names:
         return info.real_names[class_name]
     return class_name.replace("_", " ")
+
+
+def prompt_names(dataset: str | DatasetInfo) -> dict[str, str]:
+    """`{class_name: prompt name}` for every class of a data set, in catalog order."""
+    info = get_dataset_info(dataset)
+    return {name: real_name(info, name) for name in info.classes}
 
 
 def default_data_root(name: str) -> Path:

@@ -1,5 +1,5 @@
-"""Folders of field images: listing and robust loading through the model's preprocessing (spec
-feclip.md §14.1; predict.py).
+"""Folders of field images for predict.py: listing and robust loading through the model's
+preprocessing.
 
 Each file is read by `datasets.preprocessing.read_image` and prepared by the predictor's
 `Preprocessing` (the same object test.py's loader and the exported predictor use); an unreadable

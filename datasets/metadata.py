@@ -1,8 +1,9 @@
-"""jsonl records `{"image_path", "label", "class_name", "mask_path"}` (spec aaclip.md §12).
+"""jsonl records `{"image_path", "label", "class_name", "mask_path"}` (AA-CLIP's metadata files).
 
 Paths are relative to the data set root; `mask_path` is "" for normal images. Every on-disk
 layout has one builder into this format. The "full-shot" records are the data set's TEST split,
-as in AA-CLIP (spec §12.2): AA-CLIP trains on one data set's test split and tests on another's.
+as in AA-CLIP's shipped `dataset/metadata/<Dataset>/full-shot.jsonl`: AA-CLIP trains on one data
+set's test split and tests on another's.
 MVTec AD 2's private test splits are records with label UNLABELLED (-1): they are predicted for
 the benchmark server and never trained on, sampled or scored (`require_labelled`).
 """
@@ -504,7 +505,8 @@ def require_labelled(records: list[dict], purpose: str) -> None:
 
 
 def sample_k_shot(records: list[dict], k: int, seed: int) -> list[dict]:
-    """k records per class: k // 2 normal and k - k // 2 anomalous (spec aaclip.md §12.3).
+    """k records per class: k // 2 normal and k - k // 2 anomalous (AA-CLIP's k-shot, as its
+    authors define it in Mwxinnn/AA-CLIP issues #8 and #51).
 
     Classes are visited in first-appearance order; candidates of each label are sorted by
     `image_path`, and one `random.Random(seed)` shared across classes draws

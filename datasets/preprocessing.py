@@ -24,7 +24,7 @@ Geometries (`geometry`), each computing what its original computes:
 * `square`: bicubic to S x S, the aspect ratio not kept (AA-CLIP, SOWA);
 * `short_side_crop`: bicubic short side to S, then the centre S x S (CLIP's, the FE-CLIP fork's);
 * `letterbox`: bicubic by `S / max(H, W)`, pasted centred on an S x S canvas of the pad colour;
-  the valid mask is False on the padding (field images, FE-CLIP spec §14.1).
+  the valid mask is False on the padding (field images).
 
 Resize backends (`backend`), the other half of "to the pixel":
 * `pil`: the 8-bit PIL image is resized and masks by PIL (AA-CLIP's and SOWA's transforms; PIL's

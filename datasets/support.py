@@ -1,10 +1,10 @@
 """k-shot support sets: normal images of a class from the TRAIN split of a test data set.
 
-SOWA's `KShotDataset` reads meta.json "train" of the test root (spec sowa.md §6): for MVTec, MPDD,
-MVTec AD 2 and the synthetic set that is `<class>/train/good/*`, for VisA the
-`split_csv/1cls.csv` rows with split train and label normal, for BTAD `<class>/train/ok/*`.
-The original draws `random.sample(items, k)` without a seed (§12.11); here candidates are sorted
-and drawn with `random.Random(seed)`, so a seed names the support set.
+SOWA's `KShotDataset` (`src/data/components/kshot_dataset.py`) reads meta.json "train" of the
+test root: for MVTec, MPDD, MVTec AD 2 and the synthetic set that is `<class>/train/good/*`, for
+VisA the `split_csv/1cls.csv` rows with split train and label normal, for BTAD `<class>/train/ok/*`.
+The original draws `random.sample(items, k)` without a seed (its `src/eval.py` never seeds); here
+candidates are sorted and drawn with `random.Random(seed)`, so a seed names the support set.
 """
 
 from __future__ import annotations

@@ -1,23 +1,26 @@
 """AA-CLIP: Enhancing Zero-Shot Anomaly Detection via Anomaly-Aware CLIP (Ma et al., CVPR 2025).
 
-Original code: github.com/Mwxinnn/AA-CLIP @ 53db195. Spec: specs/aaclip.md. Stage 1 trains
+Original code: github.com/Mwxinnn/AA-CLIP @ 53db195; paper: arXiv 2503.06661. Stage 1 trains
 residual text adapters (anomaly-aware anchors) against frozen "surgery" patch features; stage 2
 trains residual image adapters after the first vision blocks plus per-level projections.
 
 Quirks of the original reproduced here by default, each with the setting that corrects it:
 * `surgery_attention="batch_mix"`: the stage-1 value-value attention softmaxes over the images of
-  the batch instead of the tokens of an image (§8.3); `"per_image"` corrects it.
+  the batch instead of the tokens of an image (the attention `visual.DAPM_replace` installs);
+  `"per_image"` corrects it.
 * `relu=False`: seg/det projections are plain linear maps (the CLI default the published runs
   used), so checkpoint keys are `fc.weight`; `relu=True` is the class default of the original.
-* Stage-1 patch features are `normalize(f) + normalize(cls)`, not re-normalised (§8.4), and the
-  detection token is a mean of unit vectors, not re-normalised (§7).
-* The final text projection is a new trainable map; CLIP's `text_projection` is unused (§5).
+* Stage-1 patch features are `normalize(f) + normalize(cls)`, not re-normalised
+  (`train.py::train_text_adapter`), and the detection token is a mean of unit vectors, not
+  re-normalised (`model/adapter.py::AdaptedCLIP.forward`).
+* The final text projection is a new trainable map; CLIP's `text_projection` is unused
+  (`AdaptedCLIP.encode_text`).
 * `stage1_loss="last_level"`: the original overwrites the loss inside its level loop, so only the
   last level's segmentation loss (+ one orthogonal term) trains the text adapters;
   `"sum_levels"` sums all levels. The paper's stage-1 L_cls is absent; `stage1_cls_loss` adds it.
 * `cls_logit_scale=1`: stage-2 cross-entropy on un-scaled cosine logits.
 Resume follows the corrected rule (train while epoch < total, optimizer, scheduler and RNG states
-restored); the original skipped a stage-1 epoch and restarted the scheduler (§13).
+restored); the original skipped a stage-1 epoch and restarted the scheduler (`train.py::main`).
 
 Image labels alone: stage 2 has an image-level loss (cross-entropy on the detection token), so an
 anomalous image without a mask trains it from its label while the segmentation terms skip it
@@ -43,7 +46,7 @@ import torch.nn.functional as F
 from open_clip.model import CLIP
 from torch import nn
 
-from datasets.catalog import DEFAULT_DOMAIN, DatasetInfo, check_domain
+from datasets.catalog import DEFAULT_DOMAIN, DatasetInfo, check_domain, prompt_names, real_name
 from models import backbone
 from models.adapters import SimpleAdapter, SimpleProj, residual_blend, xavier_init
 from models.base import AnomalyOutput, ClipConfig, FrozenCLIPModel, MapExtrema, Stage
@@ -69,7 +72,7 @@ SURGERY_ATTENTION = {"batch_mix": "vv_batch_mix", "per_image": "vv_per_image"}
 
 @dataclasses.dataclass
 class AAClipConfig(ClipConfig):
-    """AA-CLIP's settings (spec aaclip.md §16; the original's defaults)."""
+    """AA-CLIP's settings (the original's defaults)."""
 
     name: ClassVar[str] = "aaclip"
     paper_img_size: ClassVar[int] = 518
@@ -139,9 +142,10 @@ class AAClipConfig(ClipConfig):
 
 
 def aaclip_image_scores(extrema: MapExtrema, det_scores: np.ndarray, domain: str) -> np.ndarray:
-    """AA-CLIP's image scores of one class (spec §14) from its maps' extrema and detection
-    scores `[N]`. Industrial: 0.5 * max of the class-min-max map + 0.5 * min-max detection score;
-    Medical: the map maximum only. Transductive (test-set statistics): for paper tables only."""
+    """AA-CLIP's image scores of one class (its `forward_utils.py::metrics_eval`) from its maps'
+    extrema and detection scores `[N]`. Industrial: 0.5 * max of the class-min-max map + 0.5 *
+    min-max detection score; Medical: the map maximum only. Transductive (test-set statistics):
+    for paper tables only."""
     check_domain(domain)
     # min-max is monotone, so the max of the normalised map is the normalised max; the range is
     # the class's (every map's minimum and maximum), skipped when its maximum is exactly 1
@@ -223,7 +227,7 @@ class AAClip(FrozenCLIPModel):
         self.use_text_adapter = True
         self.tokenizer = backbone.get_tokenizer()
         self._token_cache: dict[tuple[str, ...], torch.Tensor] = {}
-        self.train_dataset: str | None = None
+        self.train_dataset: str | DatasetInfo | None = None
         self.stage_text: dict[str, torch.Tensor] = {}
         self._sources: dict[str, str] = {}
 
@@ -260,7 +264,8 @@ class AAClip(FrozenCLIPModel):
         return self._token_cache[key]
 
     def encode_text(self, token_ids: torch.Tensor) -> torch.Tensor:
-        """Adapted text path (spec §5). `[N, 77]` -> `[N, D]`, not normalised.
+        """Adapted text path (the original's `AdaptedCLIP.encode_text`). `[N, 77]` -> `[N, D]`,
+        not normalised.
 
         Residual adapters follow the first `text_adapt_until` blocks (on all 77 positions); the
         end-of-text token goes through the trainable final projection. With
@@ -295,7 +300,7 @@ class AAClip(FrozenCLIPModel):
     # Image, adapted path (stage 2, test, predict)
 
     def encode_image(self, images: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """Adapted image path (spec §7).
+        """Adapted image path (the original's `AdaptedCLIP.forward`).
 
         images: `[B, 3, S, S]` -> (seg tokens: one `[B, g², D]` unit-norm tensor per level,
         det token `[B, D]`, the mean of unit vectors, norm <= 1).
@@ -349,8 +354,9 @@ class AAClip(FrozenCLIPModel):
         """Stage-1 patch features per level `[B, g², D]` and the clean CLS embedding `[B, D]`.
 
         Patch features are `normalize(ln_post(tokens) @ proj) + normalize(encode_image(images))`
-        (spec §8.4), not re-normalised; the surgery walk shares its first (standard) blocks with
-        the clean walk that yields the CLS embedding, so they are computed once.
+        (as `train.py::train_text_adapter`), not re-normalised; the surgery walk shares its first
+        (standard) blocks with the clean walk that yields the CLS embedding, so they are computed
+        once.
         """
         clip = self.clipmodel
         first_surgery = self.surgery_blocks().start
@@ -389,9 +395,11 @@ class AAClip(FrozenCLIPModel):
         return "gaussian on the patch grid (AA-CLIP)"
 
     def class_text(self, prompt_name: str) -> torch.Tensor:
-        """A class's anchors `[D, 2]` (normal, abnormal), float32 and without gradient."""
+        """A class's anchors `[D, 2]` (normal, abnormal), float32 and without gradient; `_` in
+        the name reads as a space (a bare class name, as the catalogue's fallback)."""
+        prompt = prompt_name.replace("_", " ")
         with torch.no_grad(), float32_island(self.device):
-            return get_adapted_single_class_text_embedding(self, None, prompt_name, self.device)
+            return get_adapted_single_class_text_embedding(self, prompt, self.device)
 
     def _predict(
         self,
@@ -402,10 +410,10 @@ class AAClip(FrozenCLIPModel):
         memory: Any,
         domain: str,
     ) -> AnomalyOutput:
-        """Anomaly map `[B, S, S]` (sum over levels of the blurred abnormal-minus-normal maps,
-        spec §9, the blur by `domain`) and image score `[B]` = `(det · t_abnormal + 1) / 2`;
-        `texts`: the anchors `[B or 1, D, 2]`. `valid_mask` is not used (the predictor keeps
-        padding out of its reductions)."""
+        """Anomaly map `[B, S, S]` (sum over levels of the blurred abnormal-minus-normal maps of
+        `calculate_similarity_map`, the blur by `domain`) and image score `[B]` =
+        `(det · t_abnormal + 1) / 2`; `texts`: the anchors `[B or 1, D, 2]`. `valid_mask` is not
+        used (the predictor keeps padding out of its reductions)."""
         anchors = texts.to(images.device)
         return self.maps_and_scores(*self.encode_image(images), anchors, domain)
 
@@ -506,7 +514,9 @@ class AAClip(FrozenCLIPModel):
         if stage.name == "image":
             self.eval()
             with torch.no_grad():
-                self.stage_text = get_adapted_text_embedding(self, dataset, self.device)
+                self.stage_text = get_adapted_text_embedding(
+                    self, prompt_names(dataset), self.device
+                )  # keyed by class name, as the batches' class_name
 
     def skip_stage(self, stage: Stage) -> bool:
         if stage.name == "text":
@@ -536,7 +546,7 @@ class AAClip(FrozenCLIPModel):
         anchors = torch.stack(
             [
                 get_adapted_single_class_text_embedding(
-                    self, self.train_dataset, name, self.device, image_context=context
+                    self, real_name(self.train_dataset, name), self.device, image_context=context
                 )
                 for name, context in zip(classes, contexts, strict=True)
             ]

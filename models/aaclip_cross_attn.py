@@ -1,6 +1,6 @@
 """AA-CLIP + cross-attention: the user's fork (wei-paul/AA-CLIP, branch cross_attention_feedback
-@ 5722abf). Spec: specs/cross_attention.md. Its losses are AA-CLIP's, and so is what it learns
-from image labels alone (models/aaclip.py).
+@ 5722abf: `model/adapter_cross_attention.py`, `train_cross_attention.py`). Its losses are
+AA-CLIP's, and so is what it learns from image labels alone (models/aaclip.py).
 
 Two modules join AA-CLIP, both inserted after block 0 of their tower, before adapter 0, through the
 walker hook: `text_cross_attn` (text tokens attend to an image context, stage 1) and
@@ -8,7 +8,8 @@ walker hook: `text_cross_attn` (text tokens attend to an image context, stage 1)
 norm-matched to the token it perturbs and added with weight 0.1. Contexts are arguments of the
 forward calls (`encode_text(ids, image_context)`, `forward(images, text_context)`), never state.
 
-The fork's quirks (spec §8) and the settings that reproduce or correct them:
+The fork's quirks (numbered as in the README's table) and the settings that reproduce or correct
+them:
 * Q1 a freshly added Xavier branch perturbs the base model by ~10% of each token's norm before
   any training: `cross_attn_init="xavier"` reproduces it; the default `"gated"` multiplies each
   branch by a learnable scalar gate initialised at 0, so step 0 equals the base model exactly.
@@ -37,7 +38,7 @@ import torch.nn.functional as F
 from open_clip.model import CLIP
 from torch import nn
 
-from datasets.catalog import DatasetInfo, get_dataset_info, real_name
+from datasets.catalog import DatasetInfo, prompt_names
 from models import backbone
 from models.aaclip import AAClip, AAClipConfig
 from models.adapters import residual_blend
@@ -57,7 +58,7 @@ TEST_MODES = ("image", "none", "both")
 
 @dataclasses.dataclass
 class AAClipCrossAttnConfig(AAClipConfig):
-    """AA-CLIP's settings plus the cross-attention modules' (spec cross_attention.md §11)."""
+    """AA-CLIP's settings plus the cross-attention modules'."""
 
     name: ClassVar[str] = "aaclip_cross_attn"
     run_defaults: ClassVar[dict[str, Any]] = {
@@ -170,16 +171,16 @@ class CrossAttention(nn.Module):
 
 
 def text_batch_context(context: torch.Tensor, num_prompts: int) -> torch.Tensor:
-    """The fork's text-side batch rule (spec §2.1): `[B_i, L, D]` is used as is when
-    B_i equals the prompt count (prompt n sees image n), else averaged over the images and
-    broadcast -> `[num_prompts, L, D]`."""
+    """The fork's text-side batch rule (its `model/adapter_cross_attention.py`): `[B_i, L, D]`
+    is used as is when B_i equals the prompt count (prompt n sees image n), else averaged over
+    the images and broadcast -> `[num_prompts, L, D]`."""
     if context.shape[0] == num_prompts:
         return context
     return context.mean(dim=0, keepdim=True).expand(num_prompts, -1, -1)
 
 
 def image_batch_context(context: torch.Tensor, batch: int) -> torch.Tensor:
-    """The image-side rule (spec §2.2): a single context is broadcast; otherwise batches match."""
+    """The fork's image-side rule: a single context is broadcast; otherwise batches match."""
     if context.shape[0] == batch:
         return context
     if context.shape[0] == 1:
@@ -223,7 +224,7 @@ class AAClipCrossAttn(AAClip):
     def _branch(
         self, x: torch.Tensor, attended: torch.Tensor, weight: float, gate: nn.Parameter | None
     ) -> torch.Tensor:
-        """`x + weight * gate * c`, c norm-matched to x per token (spec §3). `[B, L, D]`."""
+        """`x + weight * gate * c`, c norm-matched to x per token. `[B, L, D]`."""
         if self.config.cross_attn_norm_match:
             scale = x.norm(dim=-1, keepdim=True) / (attended.norm(dim=-1, keepdim=True) + NORM_EPS)
             attended = attended * scale
@@ -254,9 +255,9 @@ class AAClipCrossAttn(AAClip):
 
     @torch.no_grad()
     def class_text_context(self, prompt_name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """A class's text context (spec §4.2): its 16 prompts through text block 0 and adapter 0
-        (no cross-attention), tokens L2-normalised -> (`[16 * 77, D_t]`, key mask `[16 * 77]`,
-        True up to each prompt's end-of-text token)."""
+        """A class's text context: its 16 prompts through text block 0 and adapter 0 (no
+        cross-attention), tokens L2-normalised -> (`[16 * 77, D_t]`, key mask `[16 * 77]`, True
+        up to each prompt's end-of-text token)."""
         clip = self.clipmodel
         sentences = [sentence for group in build_prompts(prompt_name) for sentence in group]
         token_ids = self.tokenize(sentences).to(self.device)  # [16, 77]
@@ -356,7 +357,10 @@ class AAClipCrossAttn(AAClip):
             anchors = torch.stack(
                 [
                     get_adapted_single_class_text_embedding(
-                        self, None, name, images.device, image_context=image_context[i : i + 1]
+                        self,
+                        name.replace("_", " "),  # as AAClip.class_text reads a name
+                        images.device,
+                        image_context=image_context[i : i + 1],
                     )
                     for i, name in enumerate(class_names)
                 ]
@@ -405,8 +409,8 @@ class AAClipCrossAttn(AAClip):
         super().prepare_stage(stage, dataset)
         if stage.name == "image":
             self.stage_contexts = {
-                name: self.class_text_context(real_name(dataset, name))
-                for name in get_dataset_info(dataset).classes
+                name: self.class_text_context(prompt)
+                for name, prompt in prompt_names(dataset).items()
             }
 
     def skip_stage(self, stage: Stage) -> bool:
@@ -416,8 +420,8 @@ class AAClipCrossAttn(AAClip):
     def stage1_image_contexts(
         self, patch_features: list[torch.Tensor], class_names: list[str], classes: list[str]
     ) -> list[torch.Tensor]:
-        """The first level's stage-1 features `[B, g², D]` (§4.1), per class of the batch: the
-        whole batch (`batch_mean`, the fork) or the class's own images' mean."""
+        """The first level's stage-1 features `[B, g², D]`, per class of the batch: the whole
+        batch (`batch_mean`, the fork) or the class's own images' mean."""
         context = patch_features[0]
         if self.config.image_context_pairing == "batch_mean":
             return [context] * len(classes)
@@ -489,10 +493,10 @@ class AAClipCrossAttn(AAClip):
 
 
 def log_weight_check(model: AAClipCrossAttn, bases: dict[str, dict]) -> None:
-    """Seed 001 step 5, done right (spec §9.3): log each module's mean |weight| and the base
-    checkpoints' epochs. Magnitudes cannot tell a trained adapter from a fresh one (Xavier gives
-    ~0.03 for 768 x 768 and stage 1 moves weights by < 0.01); the epoch against the base run's
-    own total can, so an unfinished base is a warning."""
+    """Seed 001 step 5, done right: log each module's mean |weight| and the base checkpoints'
+    epochs. Magnitudes cannot tell a trained adapter from a fresh one (Xavier gives ~0.03 for
+    768 x 768 and stage 1 moves weights by < 0.01); the epoch against the base run's own total
+    can, so an unfinished base is a warning."""
     for name in ("text_adapter", "image_adapter", "text_cross_attn", "image_cross_attn"):
         weights = [p for p in getattr(model, name).parameters() if p.dim() > 1]
         magnitude = sum(p.abs().mean().item() for p in weights) / len(weights)

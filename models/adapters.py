@@ -21,7 +21,8 @@ class SimpleProj(nn.Module):
     """Bias-free projection, LeakyReLU only when `relu`.
 
     The key depends on `relu` (`fc.0.weight` with it, `fc.weight` without), exactly as in the
-    original, so checkpoints are not interchangeable across the flag (spec aaclip.md §17 Q4).
+    original, so checkpoints are not interchangeable across the flag (the original's `--relu`
+    is off by default, its `AdaptedCLIP` class default on).
     """
 
     def __init__(self, c_in: int, c_out: int, relu: bool = True) -> None:

@@ -76,8 +76,9 @@ def load_clip(
             `ViT-L-14-336px.pt` works); ignored for `tiny`.
         img_size: input side; positional embeddings are resized (bicubic, open_clip's
             `resize_pos_embed`, identical to the original's resize).
-        quick_gelu: the released AA-CLIP runs exact GELU with QuickGELU-trained weights
-            (spec aaclip.md §2.1); True uses QuickGELU as OpenAI trained it.
+        quick_gelu: the released AA-CLIP runs exact GELU with QuickGELU-trained weights (its
+            `model/clip.py::create_model` builds `nn.GELU`); True uses QuickGELU as OpenAI
+            trained it.
     """
     if model_name == TINY:
         model = tiny_clip(img_size=img_size or 64, quick_gelu=quick_gelu)
@@ -232,10 +233,10 @@ def value_value_attention(block: nn.Module, h: torch.Tensor, per_image: bool) ->
     """CLIP-Surgery/DPAM value-value attention with the block's own frozen weights.
 
     q and k are discarded; each head attends v against itself (scale head_dim^-0.5), then
-    `out_proj`. `per_image=False` reproduces AA-CLIP's quirk (spec aaclip.md §8.3): the original
-    fed a sequence-first tensor to a batch-first module, so the softmax runs over the *batch*
-    axis at every token position and images of a batch mix; `per_image=True` attends over the
-    tokens of each image, as CLIP Surgery intended.
+    `out_proj`. `per_image=False` reproduces AA-CLIP's quirk (the attention its
+    `visual.DAPM_replace` installs): the original fed a sequence-first tensor to a batch-first
+    module, so the softmax runs over the *batch* axis at every token position and images of a
+    batch mix; `per_image=True` attends over the tokens of each image, as CLIP Surgery intended.
 
     h: `[B, L, D]` (already `ln_1`-normalised) -> `[B, L, D]`.
     """

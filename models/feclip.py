@@ -1,5 +1,5 @@
 """FE-CLIP: Frequency Enhanced CLIP for zero-shot anomaly detection and segmentation
-(Gong et al., ICCV 2025). Spec: specs/feclip.md; the user's documents seeds/002, seeds/003.
+(Gong et al., ICCV 2025). The user's documents: seeds/002, seeds/003.
 
 No official code exists; the user's unofficial anomalib fork (taewanHwang/anomalib, commits
 3a5b1c6c/264cb5bb) measured the seeds' numbers. At tap blocks of the frozen ViT the patch tokens go
@@ -9,14 +9,14 @@ the CLS token with CLIP's frozen projection and maps the fused patches through a
 `fc_patch`; scores and maps are averaged over taps. The taps are `block_indices`, 0-based
 (the fork's name `tap_indices` is an alias).
 
-Training is one stage (spec §10, the paper's Eq. 4/5): BCE on each tap's image logit plus focal
+Training is one stage (the paper's Eq. 4/5): BCE on each tap's image logit plus focal
 and dice on each tap's anomaly probability map upsampled to the input, averaged over taps; Adam,
 no scheduler. Checkpoints `feclip.pth` / `feclip_<epoch>.pth` hold the trainable weights.
 Image labels alone: the BCE terms train on every image; focal and dice skip, per sample, the
 anomalous images without a mask (`--pixel_loss off` skips every mask).
 
-Choices where the paper is silent, following the user's fork by default (spec §15), each with the
-setting that changes it:
+Choices where the paper is silent, following the user's fork by default, each with the setting
+that changes it:
 * `block_indices=[15, 18, 21, 23]` (the fork's recommended "spread_3"); `[5, 11, 17, 23]` is the
   paper's most natural reading of "N = 4 blocks".
 * `patch_ln_post=True`: the frozen `ln_post` runs before `fc_patch` (the fork); False skips it.
@@ -26,7 +26,7 @@ setting that changes it:
 * `lfs_agg="mean"`: signed mean of the window's DCT coefficients (`abs`, `power` also measured).
 Deliberate departure: seed 003's masked LFS multiplies frequency coefficients by the spatial
 neighbour mask (two different index spaces); here the mask removes letterbox tokens from the
-window before the transform (spec §5.1). The grid's own border padding is treated as plain LFS
+window before the transform. The grid's own border padding is treated as plain LFS
 treats it, so an all-valid mask gives exactly the unmasked statistic.
 """
 
@@ -69,7 +69,7 @@ PAD_MODES = {"replicate": "replicate", "zero": "constant"}
 
 
 # --------------------------------------------------------------------------------------------
-# DCT on token windows (spec §3)
+# DCT on token windows (orthonormal DCT-II)
 
 
 def dct_basis(n: int, device: torch.device | str | None = None) -> torch.Tensor:
@@ -96,7 +96,7 @@ def idct2(y: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
 
 def mean_coefficient_kernel(basis: torch.Tensor) -> torch.Tensor:
     """`K = w wᵀ / n²` with `w` the basis' column sums: the mean of a window's 2-D DCT
-    coefficients is `Σ K ⊙ X` (spec §5). `[n, n]`."""
+    coefficients is `Σ K ⊙ X`. `[n, n]`."""
     column_sums = basis.sum(dim=0)
     return torch.outer(column_sums, column_sums) / basis.shape[0] ** 2
 
@@ -106,7 +106,7 @@ def mean_coefficient_kernel(basis: torch.Tensor) -> torch.Tensor:
 
 
 class FFEAdapter(nn.Module):
-    """Frequency-aware feature extraction (spec §4): non-overlapping P x P windows -> 2-D DCT ->
+    """Frequency-aware feature extraction: non-overlapping P x P windows -> 2-D DCT ->
     Linear(D, D) + GELU over channels -> inverse DCT. A grid that P does not divide is padded at
     the bottom/right (`pad`: replicate or zero) and cropped back."""
 
@@ -137,11 +137,11 @@ class FFEAdapter(nn.Module):
 
 
 class LFSAdapter(nn.Module):
-    """Local frequency statistics (spec §5): Q x Q sliding windows (stride 1, centred) -> 2-D DCT
+    """Local frequency statistics: Q x Q sliding windows (stride 1, centred) -> 2-D DCT
     -> mean (or mean |.|, mean square) of the Q² coefficients -> Conv2d(D, D, 3) + GELU.
 
     The signed mean is a fixed depthwise convolution (`mean_coefficient_kernel`); `abs`/`power`
-    unfold the windows. With a token mask the statistic covers valid neighbours only (§5.1):
+    unfold the windows. With a token mask the statistic covers valid neighbours only:
     invalid tokens are zeroed and the window rescaled by Q² / (number of valid neighbours).
     """
 
@@ -221,7 +221,7 @@ class LFSAdapter(nn.Module):
 
 @dataclasses.dataclass
 class FEClipConfig(SingleStageConfig):
-    """FE-CLIP's settings (spec feclip.md §17; the user's fork where the paper is silent)."""
+    """FE-CLIP's settings (the paper's; the user's fork's where the paper is silent)."""
 
     name: ClassVar[str] = "feclip"
     paper_img_size: ClassVar[int] = 336
@@ -233,7 +233,7 @@ class FEClipConfig(SingleStageConfig):
         "training_mode": "full_shot",
     }
 
-    quick_gelu: bool = redefault(ClipConfig, "quick_gelu", True)  # OpenAI's training (spec §2)
+    quick_gelu: bool = redefault(ClipConfig, "quick_gelu", True)  # as OpenAI trained it
     # The fork's pipeline: torchvision Resize(S) + CenterCrop(S) on float tensors (quirk: PIL's
     # 8-bit resize, the project's before, is --resize_backend pil).
     preprocess: str = redefault(ClipConfig, "preprocess", "short_side_crop")
@@ -419,7 +419,7 @@ class FEClip(FrozenCLIPModel):
             return (cosines[..., 1] - cosines[..., 0]) / self.config.temperature
 
     def forward(self, images: torch.Tensor, token_mask: torch.Tensor | None = None) -> TapLogits:
-        """Per-tap image and patch logits (spec §8). images `[B, 3, S, S]`."""
+        """Per-tap image and patch logits. images `[B, 3, S, S]`."""
         features = self.encode_image(images, token_mask)
         clip = self.clipmodel
         grid = backbone.grid_size(clip)
@@ -482,11 +482,11 @@ class FEClip(FrozenCLIPModel):
                 anomaly_map = anomaly_map * valid_mask
         return AnomalyOutput(anomaly_map, score)
 
-    # The table's image score is the tap-mean CLS probability itself (spec §1.1, §12): the
-    # base class's `table_image_scores`.
+    # The table's image score is the tap-mean CLS probability itself (the paper's S_a, the mean
+    # over taps of S_a,n): the base class's `table_image_scores`.
 
     # ---------------------------------------------------------------------------------------
-    # Training (single stage, spec §10)
+    # Training (single stage, the paper's Eq. 4/5)
 
     def stages(self) -> list[Stage]:
         config = self.config

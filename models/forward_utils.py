@@ -1,13 +1,15 @@
-"""Shared maths: class text anchors, similarity maps, smoothing, token masks and losses (spec
-aaclip.md §6, §9, §10; feclip.md §10, §14.1; sowa.md §4-5).
+"""Shared maths: class text anchors, similarity maps, smoothing, token masks and losses (AA-CLIP's
+`forward_utils.py`, FE-CLIP's Eq. 5 and token mask, SOWA's maps and losses).
 
-Every model imports these; none copies them. Names and argument order are the original's.
+Every model imports these; none copies them. Names and argument order are the original's, except
+that the text anchors take prompt names where the original took a data set name: callers resolve
+class names through the data catalogue.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -15,12 +17,11 @@ import torch
 import torch.nn.functional as F
 from torchvision.transforms.functional import gaussian_blur
 
-from datasets.catalog import DatasetInfo, get_dataset_info, real_name
 from models.prompts import build_prompts
 from utils.core.errors import DataError
 from utils.core.runtime import float32_island
 
-# Test-time blur on the patch grid, by domain (spec aaclip.md §9): kernel size, sigma.
+# Test-time blur on the patch grid by domain, as AA-CLIP's calculate_similarity_map: size, sigma.
 BLUR = {"Industrial": (7, 1.0), "Medical": (9, 1.5)}
 SIMILARITY_SCALE = 100.0
 FOCAL_SMOOTH = 1e-5
@@ -28,21 +29,19 @@ FOCAL_SMOOTH = 1e-5
 
 def get_adapted_single_class_text_embedding(
     model: torch.nn.Module,
-    dataset_name: str | DatasetInfo | None,
-    class_name: str,
+    prompt_name: str,
     device: torch.device | str,
     image_context: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Text anchors of one class: `[D, 2]`, column 0 normal, column 1 abnormal, unit columns.
 
-    Each state group's sentences are encoded, L2-normalised, averaged and normalised again.
-    `dataset_name` selects the class's real name (None: the class name, underscores as spaces).
-    `image_context` `[B_i, L, D]` conditions the text path of the cross-attention variant.
+    Each state group's sentences about `prompt_name` (the class's real name, used as given) are
+    encoded, L2-normalised, averaged and normalised again. `image_context` `[B_i, L, D]`
+    conditions the text path of the cross-attention variant.
     """
-    name = real_name(dataset_name, class_name) if dataset_name else class_name.replace("_", " ")
     context = {} if image_context is None else {"image_context": image_context}
     anchors = []
-    for sentences in build_prompts(name):
+    for sentences in build_prompts(prompt_name):
         token_ids = model.tokenize(sentences).to(device)  # [n, 77]
         features = F.normalize(model.encode_text(token_ids, **context), dim=-1)  # [n, D]
         anchors.append(F.normalize(features.mean(dim=0), dim=-1))  # [D]
@@ -50,13 +49,12 @@ def get_adapted_single_class_text_embedding(
 
 
 def get_adapted_text_embedding(
-    model: torch.nn.Module, dataset_name: str | DatasetInfo, device: torch.device | str
+    model: torch.nn.Module, prompt_names: Mapping[str, str], device: torch.device | str
 ) -> dict[str, torch.Tensor]:
-    """`{class_name: [D, 2]}` for every class of a catalogued data set, in catalog order."""
-    classes = get_dataset_info(dataset_name).classes
+    """`{class_name: [D, 2]}` from `{class_name: prompt name}`, in the given order."""
     return {
-        class_name: get_adapted_single_class_text_embedding(model, dataset_name, class_name, device)
-        for class_name in classes
+        class_name: get_adapted_single_class_text_embedding(model, prompt_name, device)
+        for class_name, prompt_name in prompt_names.items()
     }
 
 
@@ -138,9 +136,9 @@ def token_valid_mask(
     valid_mask: torch.Tensor, grid: int, min_fraction: float = 0.5
 ) -> torch.Tensor:
     """Pixel validity `[..., S, S]` bool -> token validity `[..., g, g]` bool: a token is valid
-    when the valid fraction of its pixels is >= `min_fraction` (FE-CLIP's `token_valid_frac`,
-    spec feclip.md §14.1; 1.0 = all of its pixels valid). Exact when g divides S (one token = one
-    patch, as for ViT-L-14-336 and the tiny backbone); otherwise adaptive average-pool cells.
+    when the valid fraction of its pixels is >= `min_fraction` (FE-CLIP's `token_valid_frac`;
+    1.0 = all of its pixels valid). Exact when g divides S (one token = one patch, as for
+    ViT-L-14-336 and the tiny backbone); otherwise adaptive average-pool cells.
     """
     if not 0.0 < min_fraction <= 1.0:
         raise DataError(f"min_fraction {min_fraction} is outside (0, 1]; use e.g. 0.5")
@@ -209,7 +207,7 @@ def orthogonal_loss(epoch_text_feature: torch.Tensor) -> torch.Tensor:
 def binary_focal_loss(
     probs: torch.Tensor, target: torch.Tensor, gamma: float = 2.0, alpha: float | None = None
 ) -> torch.Tensor:
-    """Focal loss on a one-channel anomaly probability map (FE-CLIP, spec feclip.md §10):
+    """Focal loss on a one-channel anomaly probability map (FE-CLIP, the paper's Eq. 5):
     mean of `-α_t (1 - p_t)^γ log p_t`, p clamped to [1e-6, 1 - 1e-6]. `alpha` None weighs both
     classes 1 (AnomalyCLIP); a float weighs positives by α and negatives by 1 - α.
 

@@ -1,4 +1,5 @@
-"""AA-CLIP's prompt ensemble: state words x templates, per class real name (spec aaclip.md §6.1)."""
+"""AA-CLIP's prompt ensemble: state words x templates, per class real name (its
+`dataset/constants.py::PROMPTS`)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """SOWA: Adapting Hierarchical Frozen Window Self-Attention to Visual-Language Models for Better
-Anomaly Detection (Hu & Zhang, arXiv 2407.03634). Spec: specs/sowa.md (the HFWA configuration).
+Anomaly Detection (Hu & Zhang, arXiv 2407.03634), in its HFWA configuration.
 
 Original code: github.com/huzongxiang/sowa @ d1898ab (`AnomalyCLIP`, config `sowa_hfwa.yaml`). The
 raw residual stream after the hooked vision blocks (`block_indices`, 0-based 5, 11, 17, 23; the
@@ -11,29 +11,33 @@ are summed and smoothed; with a k-shot memory the nearest-neighbour distance of 
 support images' patches is added. Image labels alone: the image CE trains on every image; the
 stages' focal + dice skip, per sample, the anomalous images without a mask.
 
-Quirks of the original reproduced by default (spec §12), each with the setting that corrects it:
-* Every stage has its own adapter, whatever `share_weight` says (§12.1): nothing to set.
+Quirks of the original reproduced by default, each with the setting that corrects it:
+* Every stage has its own adapter, whatever `share_weight` says (`VisionMapEncoder` builds one
+  `BasicLayer` per hooked block from the adapter partial): nothing to set.
 * The adapter runs CLIP's frozen `in_proj_weight` without `in_proj_bias` and without `ln_1` on
-  the raw residual stream (§12.2); `in_proj_bias=True` adds the bias.
-* 8 heads of width/8 channels, not CLIP's own heads (§12.4); `num_heads` sets them.
-* Patch tokens skip `ln_post` before the projection (§12.5); `patch_ln_post=True` applies it.
-* The image CE loss runs on softmax probabilities, a double softmax (§12.6);
-  `ce_on_probabilities=False` (`--no-ce_on_probabilities`) runs it on the logits.
-* Stage maps are summed, not averaged (§12.9); `stage_reduce="mean"` averages them.
-* The k-shot memory holds raw, un-adapted tokens (§12.10); `memory_features="adapted"` uses the
-  adapted stage features. The k-shot map is added unsmoothed (§12.10); `smooth_memory_map=True`
-  smooths it with the stage maps.
+  the raw residual stream (`WindowAttention`); `in_proj_bias=True` adds the bias.
+* 8 heads of width/8 channels, not CLIP's own heads (`sowa_hfwa.yaml`); `num_heads` sets them.
+* Patch tokens skip `ln_post` before the projection; `patch_ln_post=True` applies it.
+* The image CE loss runs on softmax probabilities, a double softmax (`AnomalyCLIP.forward`
+  returns softmaxed `text_probs`); `ce_on_probabilities=False` (`--no-ce_on_probabilities`) runs
+  it on the logits.
+* Stage maps are summed, not averaged; `stage_reduce="mean"` averages them.
+* The k-shot memory holds raw, un-adapted tokens; `memory_features="adapted"` uses the adapted
+  stage features. The k-shot map is added unsmoothed; `smooth_memory_map=True` smooths it with
+  the stage maps.
 * The test-table image score min-max normalises map maxima over the class's test images
-  (transductive, §6): `table_image_scores` only, never `predict`.
-Deliberate departures: the support images are drawn with a seed (§12.11, datasets/support.py);
-the fusion text Linear is shared and randomly initialised as the original (§12.8, not a flag);
-a window that does not divide the grid pads it (the original requires divisibility), and a
-window at least as large as the grid becomes one global window, as the original's Swin rule.
+  (transductive): `table_image_scores` only, never `predict`.
+Deliberate departures: the support images are drawn with a seed (the original's `src/eval.py`
+never seeds; datasets/support.py); the fusion text Linear is shared and randomly initialised as
+the original (not a flag); a window that does not divide the grid pads it (the original requires
+divisibility), and a window at least as large as the grid becomes one global window, as the
+original's Swin rule.
 
-Training is one stage (spec §5): `CE(text_probs, y) + Σ_stages [focal(P_s, m) + dice(P_s[1], m) +
-dice(P_s[0], 1 - m)]`, all weights 1; AdamW over every trainable parameter in one group (weight
-decay reaches LayerNorms, logit scales and contexts, as the original), with ReduceLROnPlateau
-(factor 0.1, patience 5) on the epoch loss, which cannot act within the default single epoch.
+Training is one stage (`src/models/anomaly_clip_module.py`): `CE(text_probs, y) +
+Σ_stages [focal(P_s, m) + dice(P_s[1], m) + dice(P_s[0], 1 - m)]`, all weights 1; AdamW over
+every trainable parameter in one group (weight decay reaches LayerNorms, logit scales and
+contexts, as the original), with ReduceLROnPlateau (factor 0.1, patience 5) on the epoch loss,
+which cannot act within the default single epoch.
 The original's MVTec mosaic augmentation is not reproduced (`--augment` selects the project's
 geometric augmentation; off by default, as the original for VisA).
 """
@@ -73,7 +77,7 @@ from utils.core.config import ARCH, TEST, redefault, setting
 from utils.core.errors import ConfigError, DataError
 from utils.core.runtime import float32_island
 
-CLASS_NAMES = ("object",)  # one object-agnostic prompt pair (spec §3)
+CLASS_NAMES = ("object",)  # one object-agnostic prompt pair
 NORMAL_TEMPLATES = ("{}",)
 ANOMALY_TEMPLATES = ("damaged {}",)
 LOGIT_SCALE_MAX = math.log(100.0)
@@ -118,7 +122,8 @@ def window_reverse(
 
 
 def relative_coords_table(window: int) -> torch.Tensor:
-    """SwinV2 log-spaced relative coordinates `[1, 2w-1, 2w-1, 2]` in about ±1.06 (spec §2.2)."""
+    """SwinV2 log-spaced relative coordinates `[1, 2w-1, 2w-1, 2]` in about ±1.06, as the
+    original's."""
     span = torch.arange(-(window - 1), window, dtype=torch.float32)
     table = torch.stack(torch.meshgrid(span, span, indexing="ij"), dim=-1)[None]
     table = table / max(window - 1, 1) * 8
@@ -136,11 +141,12 @@ def relative_position_index(window: int) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------
-# HFWA adapter (BasicLayer -> SwinTransformerBlock -> WindowAttention, spec §2)
+# HFWA adapter (BasicLayer -> SwinTransformerBlock -> WindowAttention, the original's
+# src/models/components/adapter.py)
 
 
 class WindowAttention(nn.Module):
-    """SwinV2 cosine window attention on a frozen CLIP block's projections (spec §2.3).
+    """SwinV2 cosine window attention on a frozen CLIP block's projections, as the original's.
 
     Trainable: per-head logit scale (init ln 10, capped at ln 100) and the continuous position
     bias MLP. The frozen `in_proj_weight` / `out_proj` are passed to `forward` (they belong to
@@ -214,8 +220,9 @@ class WindowAttention(nn.Module):
 
 
 class HFWABlock(nn.Module):
-    """One Swin block with post-norm (spec §2.3): `Z = X + LN1(attn(X))`, `Z + LN2(Z Wᵀ)`, the
-    MLP a single bias-free Linear with no activation."""
+    """One Swin block with post-norm, as the original's `SwinTransformerBlock`:
+    `Z = X + LN1(attn(X))`, `Z + LN2(Z Wᵀ)`, the MLP a single bias-free Linear with no
+    activation."""
 
     def __init__(
         self,
@@ -333,7 +340,7 @@ class HFWAAdapter(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------
-# Prompts (AnomalyPromptLearner, spec §3)
+# Prompts (the original's AnomalyPromptLearner, src/models/components/coop.py)
 
 
 class PromptLearner(nn.Module):
@@ -369,7 +376,7 @@ class PromptLearner(nn.Module):
 
 
 class SOWAOutput(NamedTuple):
-    """The training forward (spec §4)."""
+    """The training forward (the original's `AnomalyCLIP.forward`)."""
 
     text_probs: torch.Tensor  # [B, 2] softmax(cos / T), float32
     text_logits: torch.Tensor  # [B, 2] cos / T, float32
@@ -380,8 +387,8 @@ class SOWAOutput(NamedTuple):
 
 @dataclasses.dataclass
 class SOWAConfig(SingleStageConfig):
-    """SOWA's settings: the original's HFWA configuration (spec sowa.md §2, §5;
-    configs/model/sowa_hfwa.yaml)."""
+    """SOWA's settings: the original's HFWA configuration (configs/model/sowa_hfwa.yaml) and
+    training defaults."""
 
     name: ClassVar[str] = "sowa"
     paper_img_size: ClassVar[int] = 336
@@ -553,7 +560,7 @@ class SOWA(FrozenCLIPModel):
         )
         self.prompt_learner = PromptLearner(clip, config.prompt_length)
         dim = backbone.embed_dim(clip)
-        self.text_linear = nn.Linear(dim, dim)  # FusionModule's, default init (§12.8)
+        self.text_linear = nn.Linear(dim, dim)  # FusionModule's, default init
 
     # ---------------------------------------------------------------------------------------
 
@@ -611,7 +618,7 @@ class SOWA(FrozenCLIPModel):
         `text` `[2, D]`: the prompt features (`encode_text()[0]`, computed when None)."""
         global_embedding, raw_patches, stage_features = self.encode_image(images)
         if text is None:
-            text = self.encode_text()[0]  # [2, D]: every class uses the "object" row (§3)
+            text = self.encode_text()[0]  # [2, D]: every class uses the "object" row
         with float32_island(images.device):
             text = F.normalize(text.float(), dim=-1)
             image = F.normalize(global_embedding.float(), dim=-1)
@@ -632,7 +639,7 @@ class SOWA(FrozenCLIPModel):
         )
 
     # ---------------------------------------------------------------------------------------
-    # Few-shot memory (spec §6)
+    # Few-shot memory (the original's k_shot mode)
 
     @torch.no_grad()
     def encode_memory(self, support_images: torch.Tensor) -> list[torch.Tensor]:
@@ -678,7 +685,7 @@ class SOWA(FrozenCLIPModel):
         )
 
     def class_text(self, prompt_name: str) -> torch.Tensor:
-        """The learned prompts' features `[2, D]` (the same for every class, spec §3)."""
+        """The learned prompts' features `[2, D]` (the same for every class)."""
         with torch.no_grad():
             return self.encode_text()[0]
 
@@ -691,11 +698,11 @@ class SOWA(FrozenCLIPModel):
         memory: list[torch.Tensor] | None,
         domain: str,
     ) -> AnomalyOutput:
-        """Anomaly map `[B, S, S]` and image score `[B]` (spec §4, §6).
+        """Anomaly map `[B, S, S]` and image score `[B]` (the original's test step).
 
         Map: Σ over stages of the anomaly probability (`stage_reduce`), Gaussian-smoothed, plus
         the unsmoothed k-shot map when a `memory` (`encode_memory`) is given. Score: the image
-        softmax's anomaly probability. SOWA's prompts ignore the class names (§3); `valid_mask`
+        softmax's anomaly probability. SOWA's prompts ignore the class names; `valid_mask`
         is not used.
         """
         config = self.config
@@ -713,7 +720,7 @@ class SOWA(FrozenCLIPModel):
             if config.smoothing_sigma > 0:
                 anomaly_map = gaussian_smooth(anomaly_map, config.smoothing_sigma, border="scipy")
             if memory is not None and not config.smooth_memory_map:
-                anomaly_map = anomaly_map + memory_map  # unsmoothed, unweighted (§12.10)
+                anomaly_map = anomaly_map + memory_map  # unsmoothed, unweighted
         return AnomalyOutput(anomaly_map, output.text_probs[:, 1])
 
     @classmethod
@@ -728,7 +735,7 @@ class SOWA(FrozenCLIPModel):
         return 0.5 * (scores + minmax_normalize(extrema.maxima.astype(np.float64)))
 
     # ---------------------------------------------------------------------------------------
-    # Training (single stage, spec §5)
+    # Training (single stage)
 
     def stages(self) -> list[Stage]:
         return [

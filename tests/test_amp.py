@@ -17,6 +17,7 @@ import predict
 import test as test_script
 import train
 from datasets.anomaly import build_test_datasets
+from datasets.catalog import prompt_names
 from datasets.items import collate_items
 from datasets.metadata import load_test_records
 from datasets.preprocessing import Preprocessing
@@ -30,7 +31,7 @@ from utils.evaluation.metrics import pixel_metrics
 
 def test_bf16_predictions_stay_close_to_fp32(tiny_clip, synthetic_root):
     model = AAClip(None, tiny_clip).eval()
-    anchors = get_adapted_text_embedding(model, "Synthetic", "cpu")
+    anchors = get_adapted_text_embedding(model, prompt_names("Synthetic"), "cpu")
     datasets = build_test_datasets(
         load_test_records("Synthetic", synthetic_root), synthetic_root, Preprocessing(64)
     )

@@ -1,4 +1,5 @@
-# Sourced by aaclip_*.sh: AA-CLIP's cross-data-set protocol (spec aaclip.md §15, §18).
+# Sourced by aaclip_*.sh: AA-CLIP's cross-data-set protocol (the paper's Tables 1-2; the authors'
+# answers in Mwxinnn/AA-CLIP issues #3, #6, #8 and #27).
 #
 # Train on VisA, test on the ten other data sets; train on MVTec, test on VisA (the paper's VisA
 # row). SHOT is the training data set's shots per class (k/2 normal, k/2 anomalous) or "full"

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# FE-CLIP zero-shot tables (spec feclip.md §1.3-1.4, §12): fine-tune on MVTec AD's test split and
+# FE-CLIP zero-shot tables (the paper's Tables 1 and 2): fine-tune on MVTec AD's test split and
 # test on the other data sets; fine-tune on VisA's test split for the MVTec row. The epoch with the
 # lowest training loss (feclip_best.pth, the fork's choice) is evaluated; PRO is AnomalyCLIP's
 # 200-step variant, as the paper follows AnomalyCLIP.

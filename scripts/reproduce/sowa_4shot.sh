@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# SOWA 4-shot tables (spec sowa.md §5, §6, §9): train one epoch on VisA's test split and test on
+# SOWA 4-shot tables (the original's README): train one epoch on VisA's test split and test on
 # MVTec, train on MVTec's test split and test on VisA, BTAD, DAGM and DTD-Synthetic (README Table
 # A's rows); at test a memory of K = 4 normal images per class from the test data set's train
 # split (drawn with SUPPORT_SEED; the original drew without a seed). AUPRO is SOWA's own variant.

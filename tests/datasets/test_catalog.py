@@ -1,6 +1,13 @@
 import pytest
 
-from datasets.catalog import CATALOG, default_data_root, get_dataset_info, real_name
+from datasets.catalog import (
+    CATALOG,
+    default_data_root,
+    folder_info,
+    get_dataset_info,
+    prompt_names,
+    real_name,
+)
 from utils.core.errors import ConfigError
 
 
@@ -27,6 +34,13 @@ def test_real_name_fallbacks():
     assert real_name("MVTec", "my_widget") == "my widget"
     assert real_name("MyFactory", "solder_joint") == "solder joint"
     assert real_name("MVTec", "object") == "object"
+
+
+def test_prompt_names_follow_the_class_order():
+    names = prompt_names("MVTec")
+    assert list(names) == list(get_dataset_info("MVTec").classes)
+    assert names["metal_nut"] == "metal nut which has four notched edges"
+    assert prompt_names(folder_info("solder_joint")) == {"solder_joint": "solder joint"}
 
 
 def test_class_order_and_layout():

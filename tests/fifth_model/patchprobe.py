@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from open_clip.model import CLIP
 from torch import nn
 
-from datasets.catalog import DatasetInfo
+from datasets.catalog import DatasetInfo, prompt_names
 from models import backbone
 from models.base import AnomalyOutput, ClipConfig, FrozenCLIPModel, SingleStageConfig, Stage
 from models.forward_utils import (
@@ -78,7 +78,8 @@ class PatchProbe(FrozenCLIPModel):
 
     def class_text(self, prompt_name: str) -> torch.Tensor:
         with torch.no_grad(), float32_island(self.device):
-            return get_adapted_single_class_text_embedding(self, None, prompt_name, self.device)
+            prompt = prompt_name.replace("_", " ")
+            return get_adapted_single_class_text_embedding(self, prompt, self.device)
 
     def _predict(
         self,
@@ -110,7 +111,7 @@ class PatchProbe(FrozenCLIPModel):
 
     def prepare_stage(self, stage: Stage, dataset: str | DatasetInfo) -> None:
         with torch.no_grad():
-            self.stage_text = get_adapted_text_embedding(self, dataset, self.device)
+            self.stage_text = get_adapted_text_embedding(self, prompt_names(dataset), self.device)
 
     def forward_train(self, batch: dict[str, Any], stage: Stage) -> torch.Tensor:
         return self.patch_features(batch["image"])

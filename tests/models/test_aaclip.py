@@ -118,7 +118,7 @@ def test_surgery_features_match_a_straightforward_two_pass_computation(tiny_clip
 def test_shapes_and_norms(tiny_clip):
     model = AAClip(None, tiny_clip)
     images = torch.randn(3, 3, 64, 64)
-    anchors = get_adapted_single_class_text_embedding(model, "MVTec", "bottle", "cpu")
+    anchors = get_adapted_single_class_text_embedding(model, "dark bottle", "cpu")
     assert anchors.shape == (32, 2)
     assert_close(anchors.norm(dim=0), torch.ones(2))
     seg_tokens, det_token = model(images)
@@ -150,7 +150,7 @@ def test_stage2_gradients_reach_only_image_adapters(tiny_clip):
 
 def test_stage1_gradients_reach_only_text_adapters(tiny_clip):
     model = AAClip(None, tiny_clip)
-    anchors = get_adapted_single_class_text_embedding(model, "MVTec", "bottle", "cpu")
+    anchors = get_adapted_single_class_text_embedding(model, "dark bottle", "cpu")
     features = model.surgery_features(torch.randn(2, 3, 64, 64))[0]
     calculate_similarity_map(features[-1], anchors.expand(2, 32, 2), 64)[:, 1].mean().backward()
     for name, parameter in model.named_parameters():

@@ -168,7 +168,7 @@ def test_gradients_reach_only_the_stage_modules(pair):
     text_stage, image_stage = model.stages()
     model.trainable_parameters(text_stage)
     anchors = get_adapted_single_class_text_embedding(
-        model, None, "tile", "cpu", image_context=image_context(model, images)
+        model, "tile", "cpu", image_context=image_context(model, images)
     )
     anchors.sum().backward()
     model.trainable_parameters(image_stage)

@@ -64,7 +64,7 @@ def test_ffe_pads_and_crops_a_grid_the_window_does_not_divide():
 
 
 def explicit_window_mean(lfs: LFSAdapter, grid: torch.Tensor, mask=None) -> torch.Tensor:
-    """Spec §5 by its definition, one token at a time: the token's Q x Q window (border padded
+    """LFS by its definition, one token at a time: the token's Q x Q window (border padded
     as the adapter pads it), letterbox tokens zeroed and the window rescaled by Q² / its valid
     neighbours, through an explicit 2-D DCT, coefficients averaged. -> `[B, D, H, W]`."""
     q, r = lfs.window, lfs.window // 2

@@ -1,4 +1,4 @@
-"""Losses and similarity maps against values worked out by hand (spec aaclip.md §9, §10)."""
+"""Losses and similarity maps against values worked out by hand."""
 
 from __future__ import annotations
 

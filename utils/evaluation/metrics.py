@@ -1,6 +1,6 @@
-"""Exact, fast anomaly-detection metrics on numpy arrays (specs/metrics.md).
+"""Exact, fast anomaly-detection metrics on numpy arrays.
 
-Every threshold-free metric comes from one routine (§7.1): the negatives are sorted once, the
+Every threshold-free metric comes from one routine: the negatives are sorted once, the
 positives are grouped by distinct score, and binary searches give the false positives at each
 positive score. The results equal sklearn's `roc_auc_score`, `average_precision_score` and
 PR-curve F1-max (ties included), and the MVTec AD official AUPRO, without a full argsort.
@@ -118,7 +118,7 @@ def _warn_undefined(what: str, num_pos: int, num_neg: int) -> None:
 
 
 class _Curve(NamedTuple):
-    """Cumulative counts at each distinct positive score u_1 > ... > u_K (spec §7.1)."""
+    """Cumulative counts at each distinct positive score u_1 > ... > u_K."""
 
     scores: np.ndarray  # [K] u_k
     tp: np.ndarray  # [K] int64, #positives with score >= u_k
@@ -207,12 +207,14 @@ def _curve_aupro_anomalyclip(
     fpr_limit: float,
     image_negatives: list[np.ndarray] | None = None,
 ) -> float:
-    """AnomalyCLIP / April-GAN `cal_pro_score` (spec §5.3), its exceptions turned into NaN.
+    """AnomalyCLIP / April-GAN `cal_pro_score` (AnomalyCLIP's `metrics.py`, April-GAN's
+    `test.py`), its exceptions turned into NaN.
 
     200 thresholds `np.arange(min, max, (max - min) / 200)`, strict `A > t`, keep FPR < limit,
     min-max rescale of the kept FPRs, then sklearn's `auc` (trapezoid in threshold order).
     The FPR is pooled over the class's normal pixels; with `image_negatives` (each image's sorted
-    normal-pixel scores) it is SOWA's mean over images of the per-image FPR (sowa.md §7).
+    normal-pixel scores) it is SOWA's mean over images of the per-image FPR (its
+    `src/utils/metrics.py::cal_pro_score`).
     """
     low = min(neg_sorted[0], curve.scores[-1])  # numpy scalars: thresholds keep the maps' dtype
     high = max(neg_sorted[-1], curve.scores[0])
@@ -382,8 +384,9 @@ def aupro(maps: Any, masks: Any, fpr_limit: float = 0.3, variant: str = "exact")
     """AUPRO up to `fpr_limit`, normalised to [0, 1]. maps: [N, H, W]; masks: [N, H, W] bool.
 
     variant "exact": MVTec AD official definition (8-connected regions, global FPR over every
-    normal pixel, all thresholds). "anomalyclip": the 200-step approximation (spec §5.3).
-    "sowa": the same with SOWA's mean over images of the per-image FPR (sowa.md §7).
+    normal pixel, all thresholds). "anomalyclip": the 200-step approximation (AnomalyCLIP's
+    `cal_pro_score`). "sowa": the same with SOWA's mean over images of the per-image FPR (SOWA's
+    `cal_pro_score`).
     """
     return pixel_metrics(maps, masks, fpr_limit, variant)["aupro"]
 

@@ -1,4 +1,4 @@
-"""Result tables: per-class rows, the macro mean row, and JSON/CSV/Markdown files (spec §8).
+"""Result tables: per-class rows, the macro mean row, and JSON/CSV/Markdown files.
 
 Values are fractions in [0, 1] (NaN when undefined) and are printed as 100 x value.
 `undefined="nan"` (ours): the mean is over the defined classes and shows its coverage.

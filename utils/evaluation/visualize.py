@@ -1,7 +1,8 @@
 """Overlays of anomaly maps and ground truth for inspection; nothing here affects a number.
 
 Images are RGB uint8 [H, W, 3] throughout and are written with PIL, so there is no BGR swap
-(AA-CLIP's `cv2.imwrite` of an RGB array swaps red and blue; aaclip.md §14.1).
+(AA-CLIP's `forward_utils.py::visualize` passes an RGB array to `cv2.imwrite`, which swaps red
+and blue).
 """
 
 from __future__ import annotations

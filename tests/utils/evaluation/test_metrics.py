@@ -1,5 +1,5 @@
-"""utils/evaluation/metrics.py against the hand-checked vectors of specs/metrics.md §9, sklearn, a
-full-sort MVTec AUPRO oracle (spec §7.2) and a brute-force every-threshold AUPRO (spec §5.1)."""
+"""utils/evaluation/metrics.py against hand-checked vectors, sklearn, a full-sort MVTec AUPRO
+oracle (the MVTec AD evaluation scripts' recipe) and a brute-force every-threshold AUPRO."""
 
 import bisect
 import logging
@@ -27,7 +27,7 @@ from utils.evaluation.metrics import (
 
 
 # ----------------------------------------------------------------------------------------------
-# Oracle: the MVTec AD official recipe, full argsort of every pixel (spec §5.1 / §7.2).
+# Oracle: the MVTec AD official recipe (`pro_curve_util.compute_pro`), full argsort of every pixel.
 def full_sort_pro_curve(maps: np.ndarray, masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """maps, masks: [N, H, W] -> (fpr, pro) with (0,0) prepended, (1,1) appended, ties merged."""
     labels = np.zeros(masks.shape, dtype=np.int64)
@@ -70,7 +70,8 @@ def oracle_aupro(maps: np.ndarray, masks: np.ndarray, limit: float = 0.3) -> flo
 def literal_cal_pro_score(
     masks: np.ndarray, amaps: np.ndarray, expect_fpr: float = 0.3, per_image_fpr: bool = False
 ) -> float:
-    """AnomalyCLIP's `cal_pro_score` re-stated loop for loop (spec §5.3), scipy for skimage.
+    """AnomalyCLIP's `cal_pro_score` (its `metrics.py`) re-stated loop for loop, scipy for
+    skimage.
 
     per_image_fpr: SOWA's version, the FPR is the mean over images of each image's FPR.
     """
@@ -105,7 +106,7 @@ def literal_cal_pro_score(
 
 
 def brute_force_aupro(maps: np.ndarray, masks: np.ndarray, limit: float = 0.3) -> float:
-    """AUPRO by definition (spec §5.1), independent of both sort-based algorithms.
+    """AUPRO by definition (MVTec AD's), independent of both sort-based algorithms.
 
     Every distinct score t is a threshold (positive: A >= t). At each one: the overlap of every
     8-connected region of every mask, averaged over regions, and the FPR over all normal pixels
@@ -167,7 +168,7 @@ def sklearn_f1_max(scores: np.ndarray, labels: np.ndarray) -> float:
 
 
 # ----------------------------------------------------------------------------------------------
-# Test vectors, spec §9.
+# Test vectors worked out by hand.
 def tv_d() -> tuple[np.ndarray, np.ndarray]:
     masks = np.zeros((2, 4, 4), dtype=bool)
     masks[0, 0, 0] = True
@@ -273,7 +274,7 @@ def test_tv_j_image_metrics_with_ties():
 
 
 # ----------------------------------------------------------------------------------------------
-# Properties, spec §9 (i)-(iv).
+# Properties: equal to sklearn and the oracles, invariant to monotone maps and image order.
 @pytest.mark.parametrize("seed", range(6))
 def test_equals_sklearn_and_full_sort_oracle(seed):
     maps, masks = random_class(seed)
