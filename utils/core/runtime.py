@@ -71,19 +71,6 @@ class RuntimeConfig:
     )
 
 
-@dataclasses.dataclass
-class ExportReadConfig:
-    """How a script opens an export folder (predict.py calibrate/score, test.py --export)."""
-
-    skip_hash_check: bool = setting(
-        False,
-        "open an export whose graph files differ from the SHA-256 its model.json records (for a "
-        "graph edited on purpose; a warning is logged)",
-        kind=RUN,
-        command_line_only=True,
-    )
-
-
 _own_handlers: list[logging.Handler] = []
 
 
