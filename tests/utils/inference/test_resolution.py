@@ -1,7 +1,8 @@
-"""Tiled inference through the one predict path (models/tiling.py): one tile is the whole-image
-prediction for every model, blends have no seams and follow the documented formula, the image
-score is the tiles' maximum, SOWA's memory comes from support tiles, an export scores tiles as
-the checkpoint does, and a 5000 px image holds a bounded number of full-resolution maps."""
+"""Tiled inference through the one predict path (utils/inference/resolution.py): one tile is the
+whole-image prediction for every model, blends have no seams and follow the documented formula,
+the image score is the tiles' maximum, SOWA's memory comes from support tiles, an export scores
+tiles as the checkpoint does, and a 5000 px image holds a bounded number of full-resolution
+maps."""
 
 from __future__ import annotations
 
