@@ -677,7 +677,7 @@ def evaluate(config: EvalConfig, overrides: dict[str, Any]) -> list[EvaluatedFil
             **scoring_meta(config, opened.predictor, preprocessing),
             "k_shot": k_shot,
             "support_seed": config.support_seed if opened.predictor.needs_support else None,
-            "support": described.pop("support", None) or supports[path],
+            "support": described.get("support", supports[path]),  # an export: its own
             "variant": ", ".join(tags.values()) or "zero-shot, whole image, torch",
             **threshold_meta(config, per_file[path]),
         }

@@ -97,13 +97,6 @@ class InputPredictor:
         pad_color = self.preprocessing.pad_color
         return torch.cat([self.inputs(read_image(path, pad_color)).images for path in paths])
 
-    def predict_image(self, image: Image.Image, class_name: str) -> ImageOutput:
-        """Only native predictors map an image at its own resolution."""
-        raise RuntimeError(
-            "this predictor maps at the model input; wrap it with "
-            "utils.inference.resolution.at_resolution(..., native=True) for predict_image"
-        )
-
 
 class AnomalyPredictor(InputPredictor):
     """Scores images with a trained model.

@@ -111,7 +111,7 @@ class Opened:
                 "checkpoint": self.provenance["checkpoint"],
                 "epoch": self.provenance.get("epoch"),
                 "model_settings": self.provenance.get("config"),
-                "export_support": info.get("support"),
+                "support": info.get("support"),
             }
         settings = to_mapping(self.model.config)
         preprocessing = self.model.config.preprocessing_settings  # recorded under preprocessing
