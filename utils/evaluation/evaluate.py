@@ -714,7 +714,7 @@ def normal_images(
     config: EvalConfig,
     workers: int,
     cache: bool = False,
-) -> tuple[TestDataset, Iterable[dict]] | None:
+) -> tuple[TestDataset, Iterable[ItemBatch]] | None:
     """A class's validation/good images and their batches (as the test images are batched;
     held with `cache`, for several checkpoints); None without thresholds."""
     if class_name not in normal_sets:
