@@ -213,7 +213,7 @@ def test_a_multi_class_export_scores_each_class_as_its_own_and_test_py_evaluates
 
     common = ["--data_root", str(data_root), "--device", "cpu"]
     assert test_script.main([*common, "--save_path", str(run), "--results_dir", str(tmp_path)]) == 0
-    argv = [*common, "--backend", "onnxruntime", "--export", str(together)]
+    argv = [*common, "--backend", "onnxruntime", "--checkpoint", str(together)]
     assert test_script.main(argv) == 0
     reference = json.loads((tmp_path / "results_Synthetic.json").read_text())
     graph = json.loads((together / "results_Synthetic_onnxruntime.json").read_text())

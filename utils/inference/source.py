@@ -44,7 +44,6 @@ class ModelSource:
         "the model: a checkpoint file or a training run folder; with --backend onnxruntime or "
         "openvino, a `predict.py export` folder",
         kind=RUN,
-        aliases={"export": 0},
     )
     model: str | None = setting(
         None,
@@ -133,12 +132,12 @@ class Opened:
 
 def flag_models(argv: list[str] | None, default: Path | None = None) -> list[str]:
     """The models a command's model-setting flags can be for, read from its `--checkpoint`
-    (alias `--export`; else `default`), `--model` and `--backend` before the full parse: the
+    (else `default`), `--model` and `--backend` before the full parse: the
     model the source holds (an export's model.json names it, a checkpoint's config), else every
     registered model. `--help` then lists only that model's settings, and another model's flag
     is refused as unknown."""
     pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--checkpoint", "--export", type=Path, default=default)
+    pre.add_argument("--checkpoint", type=Path, default=default)
     pre.add_argument("--model", choices=tuple(MODELS), default=None)
     pre.add_argument("--backend", choices=BACKENDS, default="torch")
     known, _ = pre.parse_known_args(argv)
