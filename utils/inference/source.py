@@ -138,10 +138,10 @@ def flag_models(argv: list[str] | None, default: Path | None = None) -> list[str
     is refused as unknown."""
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--checkpoint", type=Path, default=default)
-    pre.add_argument("--model", choices=tuple(MODELS), default=None)
-    pre.add_argument("--backend", choices=BACKENDS, default="torch")
-    known, _ = pre.parse_known_args(argv)
-    if known.model is not None:
+    pre.add_argument("--model", default=None)
+    pre.add_argument("--backend", default="torch")
+    known, _ = pre.parse_known_args(argv)  # unknown values: the full parse refuses them
+    if known.model in MODELS:
         return [known.model]
     location = known.checkpoint
     try:
