@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import math
 import shlex
 import types
 import typing
@@ -246,14 +247,17 @@ def to_mapping(config: Any) -> dict[str, Any]:
 
 
 def validate(config: Any) -> None:
-    """Check every field's `choices`, `minimum`, `maximum` and `above`; one line naming the
-    flag."""
+    """Check every field's `choices`, `minimum`, `maximum` and `above`, and that every float is
+    finite (NaN passes no comparison, and no setting gives infinity a meaning); one line naming
+    the flag."""
     for field in dataclasses.fields(config):
         value = getattr(config, field.name)
         meta = field.metadata
         if value is None:
             continue
         values = value if isinstance(value, list) else [value]
+        if any(isinstance(item, float) and not math.isfinite(item) for item in values):
+            raise ConfigError(f"--{field.name} {value} must be a finite number")
         if meta["choices"] is not None and any(item not in meta["choices"] for item in values):
             wrong = next(item for item in values if item not in meta["choices"])
             hint = did_you_mean(str(wrong), [str(choice) for choice in meta["choices"]])
