@@ -207,8 +207,12 @@ def from_mapping(
 ) -> Any:
     """An instance from a mapping of field names or aliases (other keys are ignored, missing
     fields take their defaults): how a checkpoint's stored config is read back. A value of the
-    wrong type raises ConfigError naming `source` (`check_types`)."""
+    wrong type, or a float that is not finite, raises ConfigError naming `source`."""
     check_types(source, mapping, [config_class])
+    for key, value in mapping.items():
+        values = value if isinstance(value, list | tuple) else [value]
+        if any(isinstance(item, float) and not math.isfinite(item) for item in values):
+            raise ConfigError(f"{source}: {key}: {value} is not a finite number")
     values = {}
     for field in dataclasses.fields(config_class):
         if field.name in mapping:

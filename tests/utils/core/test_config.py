@@ -8,7 +8,7 @@ import dataclasses
 import pytest
 
 from datasets.tiling import TileConfig
-from utils.core.config import RUN, setting, validate
+from utils.core.config import RUN, from_mapping, setting, validate
 from utils.core.errors import ConfigError
 
 
@@ -43,3 +43,9 @@ def test_finite_values_and_unset_ones_pass():
 def test_a_tiling_flag_of_nan_or_inf_is_refused(name, value):
     with pytest.raises(ConfigError, match=f"--{name} {value} must be a finite number"):
         validate(TileConfig(tile=64, **{name: float(value)}))
+
+
+def test_a_stored_config_with_nan_is_refused_naming_its_source():
+    with pytest.raises(ConfigError, match=r"ckpt/x\.pth: lr: nan is not a finite number"):
+        from_mapping(Rates, {"lr": float("nan")}, "ckpt/x.pth")
+    assert from_mapping(Rates, {"lr": 0.5, "betas": [0.1, 0.2]}, "ckpt/x.pth").lr == 0.5
