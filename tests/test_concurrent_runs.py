@@ -7,12 +7,14 @@ rc 2, and write nothing."""
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 import shutil
 import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -76,6 +78,45 @@ def test_a_lock_is_released_however_the_run_ends(tmp_path):
     assert not (tmp_path / "x.lock").exists()
 
 
+def _hold_when(start: float, folder: str, queue: multiprocessing.Queue) -> None:
+    """A run that starts at `start` (time.time) on a folder with a dead owner's lock: puts
+    (took it, when it took it, when it let go), holding it 0.3 s."""
+    time.sleep(max(0.0, start - time.time()))
+    try:
+        with folder_lock(Path(folder), "x.lock", "scoring", "--out"):
+            taken = time.time()
+            time.sleep(0.3)
+            queue.put((True, taken, time.time()))
+    except ConfigError:
+        queue.put((False, 0.0, 0.0))
+
+
+def test_two_runs_on_a_stale_lock_never_both_hold_it(tmp_path):
+    """Issue 37, cause 6: runs that start together on a dead owner's lock; before, the second
+    deleted the first one's fresh lock and both held it (31 of 100 trials)."""
+    context = multiprocessing.get_context("fork")
+    for trial in range(10):
+        folder = tmp_path / str(trial)
+        folder.mkdir()
+        (folder / "x.lock").write_text(f"{dead_pid()} {socket.gethostname()}\n")
+        queue = context.Queue()
+        start = time.time() + 0.2
+        runs = [
+            context.Process(target=_hold_when, args=(start, str(folder), queue))
+            for _ in range(3)
+        ]
+        for run in runs:
+            run.start()
+        held_times = [queue.get(timeout=30) for _ in runs]
+        for run in runs:
+            run.join(timeout=30)
+        spans = sorted((taken, let_go) for took, taken, let_go in held_times if took)
+        assert spans, "nobody took the stale lock"
+        for (_, first_end), (second_start, _) in zip(spans, spans[1:], strict=False):
+            assert second_start >= first_end, f"trial {trial}: two runs held the lock at once"
+        assert not (folder / "x.lock").exists()
+
+
 # ---------------------------------------------------------------------------------------------
 # predict.py score
 
@@ -123,7 +164,7 @@ def test_a_stale_score_lock_is_taken_over(calibrated, tmp_path, caplog):
     lock.write_text(f"{dead_pid()} {socket.gethostname()}\n")  # a killed score left it
     with caplog.at_level(logging.WARNING):
         assert predict.main(score_argv(calibrated, out)) == 0
-    assert "removing the stale lock" in caplog.text and not lock.exists()
+    assert "taking over the stale lock" in caplog.text and not lock.exists()
     assert (out / "scores.csv").is_file()
 
 

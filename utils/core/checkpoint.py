@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import hashlib
 import logging
 import os
@@ -280,36 +281,81 @@ def folder_lock(folder: Path, name: str, what: str, flag: str) -> Iterator[Path]
     """Hold `<folder>/<name>` (PID and host) while a run (`what`: "training", "scoring")
     writes to `folder`: a second run into it is refused in one line (ConfigError naming the
     owner and `flag`, the way out); a stale lock (its process gone) is taken over; the lock is
-    removed on exit, however the run ends. Yields the lock file's path."""
+    removed on exit, however the run ends. Yields the lock file's path.
+
+    The holder also holds an advisory lock (`flock`) on the file, which the kernel releases when
+    its process dies: taking over a stale lock is holding that flock, so two runs that start
+    together on a dead owner's lock cannot both take it over (deleting and re-creating the file,
+    as before, let the second delete the first one's fresh lock)."""
     path = Path(folder) / name
-    for _ in range(2):
-        try:
-            handle = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, _CREATE_MODE)
+    for _ in range(8):  # a lock released and replaced meanwhile: look again
+        handle = _lock_file(path, folder, what, flag)
+        if handle is not None:
             break
-        except FileExistsError:
-            owner = lock_owner(path)
-            if owner is None:  # released meanwhile
-                continue
-            pid, host = owner
-            if _stale(owner):
-                logger.warning("removing the stale lock %s of PID %d (gone)", path, pid)
-                path.unlink(missing_ok=True)
-                continue
-            where = f"PID {pid} on {host or '?'}" if pid is not None else "another run"
-            raise ConfigError(
-                f"another {what} ({where}) is writing to {folder}; wait for it, choose another "
-                f"{flag}, or delete {path} if that run is gone"
-            ) from None
-        except OSError as error:
-            raise _storage_error(path, error) from error
     else:
         raise ConfigError(f"cannot take the lock {path}; delete it if no {what} runs there")
-    with os.fdopen(handle, "w") as file:
-        file.write(f"{os.getpid()} {socket.gethostname()}\n")
+    try:
+        os.ftruncate(handle, 0)
+        os.write(handle, f"{os.getpid()} {socket.gethostname()}\n".encode())
+    except OSError as error:
+        os.close(handle)
+        raise _storage_error(path, error) from error
     try:
         yield path
     finally:
-        path.unlink(missing_ok=True)
+        path.unlink(missing_ok=True)  # before the flock goes: a waiter then finds it gone
+        os.close(handle)
+
+
+def _lock_file(path: Path, folder: Path, what: str, flag: str) -> int | None:
+    """The descriptor of `path` with its flock held, or None when the file was replaced while
+    this looked (try again); a held lock is a ConfigError."""
+    try:
+        handle = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, _CREATE_MODE)
+        fcntl.flock(handle, fcntl.LOCK_EX)  # new and ours; a reader's flock is brief
+        created = True
+    except FileExistsError:
+        created = False
+    except OSError as error:
+        raise _storage_error(path, error) from error
+    if not created:
+        try:
+            handle = os.open(path, os.O_RDWR)
+        except FileNotFoundError:  # released meanwhile
+            return None
+        except OSError as error:
+            raise _storage_error(path, error) from error
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(handle)
+            raise _held_error(folder, what, flag, path, lock_owner(path)) from None
+    try:
+        same = os.stat(path).st_ino == os.fstat(handle).st_ino
+    except FileNotFoundError:
+        same = False
+    if not same:  # released (unlinked) while this waited for its flock
+        os.close(handle)
+        return None
+    owner = lock_owner(path)
+    if created or owner is None:
+        return handle
+    if _stale(owner):
+        logger.warning("taking over the stale lock %s of PID %d (gone)", path, owner[0])
+        return handle
+    os.close(handle)  # a live owner of another host or version, or one it does not name
+    raise _held_error(folder, what, flag, path, owner)
+
+
+def _held_error(
+    folder: Path, what: str, flag: str, path: Path, owner: tuple[int | None, str | None] | None
+) -> ConfigError:
+    pid, host = owner if owner is not None and not _stale(owner) else (None, None)
+    where = f"PID {pid} on {host or '?'}" if pid is not None else "another run"
+    return ConfigError(
+        f"another {what} ({where}) is writing to {folder}; wait for it, choose another "
+        f"{flag}, or delete {path} if that run is gone"
+    )
 
 
 def remove_stale_temporaries(folder: Path) -> int:
