@@ -45,7 +45,7 @@ def test_bf16_predictions_stay_close_to_fp32(tiny_clip, synthetic_root):
         span = reference.anomaly_map.max() - reference.anomaly_map.min()
         assert (reduced.anomaly_map - reference.anomaly_map).abs().max() <= 0.05 * span
         assert (reduced.image_score - reference.image_score).abs().max() <= 0.01
-        masks = batch["mask"][:, 0].bool().numpy()
+        masks = torch.stack([item.mask[0] for item in batch.items]).bool().numpy()
         auroc_fp32 = pixel_metrics(reference.anomaly_map.numpy(), masks)["auroc"]
         auroc_bf16 = pixel_metrics(reduced.anomaly_map.numpy(), masks)["auroc"]
         assert abs(auroc_fp32 - auroc_bf16) <= 0.01

@@ -23,7 +23,7 @@ from tests.test_hostile_inputs import files_under
 from tests.test_predict import _normal_image
 from utils.core import checkpoint as storage
 from utils.core.names import NAME_BYTES, printable
-from utils.deploy import field, score
+from utils.deploy import score
 
 REPO = Path(__file__).resolve().parents[1]
 HUGE_SIDE = 13000  # 169 MP: under PIL's bomb limit (179 MP), over the default budget (64 MP)
@@ -174,7 +174,7 @@ def test_a_file_deleted_after_listing_is_an_error_row(calibrated, tmp_path, monk
         (folder / "b.png").unlink()  # gone between listing and reading
         return files
 
-    monkeypatch.setattr(field, "list_images", list_then_delete)
+    monkeypatch.setattr(score, "list_images", list_then_delete)
     out = tmp_path / "out"
     assert predict.main(score_argv(calibrated[1], folder, out)) == 0
     rows = read_rows(out)
@@ -200,7 +200,7 @@ def test_a_picture_that_cannot_be_written_is_that_files_error_row(
     calibrated, tmp_path, monkeypatch
 ):
     folder = three_images(calibrated, tmp_path)
-    monkeypatch.setattr(field, "atomic_write", _failing_save("b_overlay", errno.ENAMETOOLONG))
+    monkeypatch.setattr(score, "atomic_write", _failing_save("b_overlay", errno.ENAMETOOLONG))
     out = tmp_path / "out"
     assert predict.main(score_argv(calibrated[1], folder, out)) == 0
     rows = read_rows(out)
@@ -214,7 +214,7 @@ def test_a_full_disk_late_in_a_run_keeps_the_rows_before(
     calibrated, tmp_path, monkeypatch, one_line_error
 ):
     folder = three_images(calibrated, tmp_path)
-    monkeypatch.setattr(field, "atomic_write", _failing_save("c_overlay", errno.ENOSPC))
+    monkeypatch.setattr(score, "atomic_write", _failing_save("c_overlay", errno.ENOSPC))
     out = tmp_path / "out"
     before = files_under(tmp_path)
     assert predict.main(score_argv(calibrated[1], folder, out, "--batch_size", "1")) == 2
