@@ -49,9 +49,9 @@ COMMANDS = {
 }
 
 
-def build_parser(command: str, models: list[str]) -> argparse.ArgumentParser:
+def build_parser(command: str, models: list[str] | None = None) -> argparse.ArgumentParser:
     """One command's flags: its config's, and the test-time and architectural ones of
-    `models` (the model the checkpoint holds, when known)."""
+    `models` (the model the checkpoint holds, when known; default every model's)."""
     config_class, _ = COMMANDS[command]
     parser = argparse.ArgumentParser(
         prog=f"predict.py {command}",
@@ -64,7 +64,7 @@ def build_parser(command: str, models: list[str]) -> argparse.ArgumentParser:
             "model settings: default the checkpoint's (the calibration's overrides for score and "
             "export); test-time ones override it, architectural ones must equal it"
         ),
-        [MODELS[name].config_class for name in models],
+        [MODELS[name].config_class for name in models or MODELS],
     )
     return parser
 
