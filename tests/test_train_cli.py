@@ -166,8 +166,8 @@ def test_one_loader_gives_each_class_its_batches_in_order(synthetic_root, worker
     seen = []
     for class_name, group in groups:
         batches = list(group)
-        names = [name for batch in batches for name in batch["file_name"]]
-        assert all(len(batch["file_name"]) <= 5 for batch in batches)
+        names = [item.file for batch in batches for item in batch.items]
+        assert all(len(batch.items) == len(batch.images) <= 5 for batch in batches)
         assert names == [record["image_path"] for record in datasets[class_name].records]
         seen.append(class_name)
     assert seen == list(datasets)
