@@ -23,6 +23,7 @@ from utils.deploy.review import picture_names
 from utils.evaluation import evaluate
 from utils.inference.predictor import AnomalyPredictor
 from utils.inference.resolution import TiledPredictor
+from utils.inference.support import set_class_support, support_paths
 
 CLASS = "tile"
 TILE = ["--tile", "48", "--tile_overlap", "0.25"]
@@ -118,9 +119,9 @@ def test_sowa_k_shot_support_is_tiled_like_the_test_images(synthetic_root):
     model_config = MODELS["sowa"].config_class(model_name="tiny", img_size=64)
     model = MODELS["sowa"](model_config, backbone.tiny_clip(64))
     predictor = TiledPredictor(AnomalyPredictor(model, k_shot=1), config, 8)
-    support: dict[str, list[str]] = {}
-    evaluate.set_support(predictor, CLASS, config, config.dataset_info(), support)
-    assert len(support[CLASS]) == 1
+    paths = support_paths(config, CLASS, True, config.dataset_info(), synthetic_root)
+    assert len(paths) == 1
+    set_class_support(predictor, paths)
     tiles = 3 * 3  # a 96 px image under 48 px tiles overlapping by 0.25: starts 0, 36, 48
     grid = backbone.grid_size(model.clipmodel)
     assert all(stage.shape[0] == tiles * grid * grid for stage in predictor.predictor._memory)

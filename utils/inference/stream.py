@@ -73,9 +73,9 @@ def predict_images(
         outputs = iter(())
         if batch.images is not None:
             names = [class_name] * len(batch.images)
-            output = predictor.predict(batch.images, names, batch.valid_mask)
-            maps = output.anomaly_map.float().cpu().numpy()  # [b, S, S]
-            scores = output.image_score.float().cpu().numpy()  # [b]
+            anomaly_map, image_score = predictor.predict(batch.images, names, batch.valid_mask)
+            maps = anomaly_map.float().cpu().numpy()  # [b, S, S]
+            scores = image_score.float().cpu().numpy()  # [b]
             valid = batch.valid_mask.numpy() if predictor.preprocessing.pads else None
             outputs = (
                 (maps[row], None if valid is None else valid[row], float(scores[row]), image)
