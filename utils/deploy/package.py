@@ -231,7 +231,7 @@ def _calibrations(
     several = len(classes) > 1
     if config.calibration_dir is not None:
         backend = "openvino" if "openvino" in config.format else "onnxruntime"
-        graph = open_predictor(ModelSource(folder, backend=backend), {})
+        graph = open_predictor(ModelSource(folder, backend=backend), {}, tiling=config.tiling())
         scorer = at_resolution(graph.predictor, config, config.batch_size)
         shipped = {}
         for entry in classes:
