@@ -141,8 +141,6 @@ def calibrate(config: CalibrateConfig, overrides: dict[str, Any]) -> Path:
     list_images(config.normal_dir)  # an empty folder fails before model loading
     path = config.output or calib.calibration_path(config.checkpoint)
     check_writable(Path(path).parent, "--output")
-    if config.domain:
-        logger.info("domain %s (--domain)", config.domain)
     opened = open_predictor(
         config,
         overrides,

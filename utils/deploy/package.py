@@ -164,8 +164,6 @@ def _export_into(config: ExportConfig, overrides: dict[str, Any], folder: Path) 
     recorded: dict[str, Any] = {}
     if config.calibration is not None or Path(calibration_file).is_file():
         recorded = calib.load_calibration(calibration_file)
-    if config.domain:
-        logger.info("domain %s (--domain)", config.domain)
     opened = open_predictor(
         config,
         overrides,

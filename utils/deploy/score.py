@@ -218,14 +218,12 @@ def score(config: ScoreConfig, overrides: dict[str, Any]) -> dict[str, Any]:
     given_class = config.one_class()
     rule = config.rule or calibration["rule"]
     reduction = config.reduction or calibration["reduction"]
-    if config.domain:
-        logger.info("domain %s (--domain)", config.domain)
-        if config.domain != calibration["domain"]:
-            logger.warning(
-                "scoring as %s but the thresholds come from %s maps",
-                config.domain,
-                calibration["domain"],
-            )
+    if config.domain and config.domain != calibration["domain"]:
+        logger.warning(
+            "scoring as %s but the thresholds come from %s maps",
+            config.domain,
+            calibration["domain"],
+        )
     files = list_images(config.input)  # an empty folder fails before model loading
     known_labels: dict[str, int] = {}
     if config.labels is not None:  # a wrong labels file fails before any image is scored

@@ -611,6 +611,7 @@ def evaluate(config: EvalConfig, overrides: dict[str, Any]) -> list[EvaluatedFil
         path=files[0],
         device=device,
         domain=info.domain,
+        domain_flag=f"--dataset {config.dataset}",
         amp=config.amp,
         k_shot=config.k_shot,
         dataset=config.dataset,

@@ -164,6 +164,7 @@ def open_predictor(
     device: torch.device | None = None,
     domain: str | None = None,
     recorded_domain: str | None = None,
+    domain_flag: str = "--domain",
     amp: str = "none",
     k_shot: int = 0,
     tiling: dict[str, Any] | None = None,
@@ -174,10 +175,12 @@ def open_predictor(
 
     `overrides`: the model settings given, which an export refuses (its model and
     preprocessing are fixed); a checkpoint applies `recorded_overrides` (a calibration's) under
-    them. `domain`: the images' domain as given (`--domain`, or a data
-    set's); unset, a checkpoint scores in `recorded_domain` (a calibration's) or its training
-    data set's, and an export in its own. `k_shot`: a checkpoint's support images per class; an
-    export's memory is baked in. `dataset`: what an original-code file's backbone defaults to.
+    them. `domain`: the images' domain as given (by `domain_flag`: --domain, or test.py's
+    --dataset); unset, a checkpoint scores in `recorded_domain` (a calibration's) or its
+    training data set's, and an export in its own; where it came from is logged. `k_shot`: a
+    checkpoint's support images per class; an export's memory is baked in, encoded at a tiling
+    that must be `tiling` (the images' tiling, None for whole images), since support and test
+    patches share a scale. `dataset`: what an original-code file's backbone defaults to.
     """
     location = path or source.checkpoint
     if location is None:
@@ -207,6 +210,7 @@ def open_predictor(
                 f"the export holds domain={exported.domain!r}, not {wanted!r}; export again "
                 f"with --domain {wanted} or score with its own"
             )
+        logger.info("domain %r: the export's (fixed at export)", exported.domain)
         _log_preprocessing(exported.preprocessing, "the export's (fixed at export)")
         info = exported.info
         graph = {"backend": source.backend, "export_id": info["export_id"]}
@@ -216,8 +220,7 @@ def open_predictor(
     overrides = {**(recorded_overrides or {}), **overrides}
     device = device or torch.device("cpu")
     _, model, payload = load_trained_model(file, device, name, overrides, dataset, trust)
-    if domain is None:
-        domain = field_domain(None, payload, recorded_domain)
+    domain = field_domain(domain, payload, recorded_domain, domain_flag)
     predictor = AnomalyPredictor(model, domain, amp, k_shot)
     given = sorted(set(overrides) & set(model.config.preprocessing_settings))
     _log_preprocessing(
@@ -268,19 +271,32 @@ def training_domain(payload: dict[str, Any]) -> str:
     return CATALOG[dataset].domain if dataset in CATALOG else DEFAULT_DOMAIN
 
 
-def field_domain(domain: str | None, payload: dict[str, Any], recorded: str | None = None) -> str:
-    """The domain a field command scores in: --domain, else the calibration's, else the
-    training data set's; logs where it came from."""
-    if domain:
-        logger.info("domain %s (--domain)", domain)
-        return domain
+def _resolved(
+    what: str, given: str | None, recorded: str | None, fallback: str, source: str, flag: str
+) -> str:
+    """A command's `what` (domain, class): `given` (by `flag`), else a calibration's
+    (`recorded`), else `fallback` from `source`; logs which, and how to override it."""
+    if given:
+        logger.info("%s %r (%s)", what, given, flag)
+        return given
     if recorded:
-        logger.info("domain %s: the calibration's (--domain overrides)", recorded)
+        logger.info("%s %r: the calibration's (%s overrides)", what, recorded, flag)
         return recorded
-    trained = training_domain(payload)
+    logger.info("%s %r: %s (%s overrides)", what, fallback, source, flag)
+    return fallback
+
+
+def field_domain(
+    domain: str | None,
+    payload: dict[str, Any],
+    recorded: str | None = None,
+    flag: str = "--domain",
+) -> str:
+    """The domain a command scores in: `domain` (given by `flag`: --domain, or test.py's
+    --dataset), else the calibration's, else the training data set's; logs where it came from."""
     dataset = (payload.get("config") or {}).get("dataset")
-    logger.info("domain %s: the training data set's (%s; --domain overrides)", trained, dataset)
-    return trained
+    source = f"the training data set's ({dataset})"
+    return _resolved("domain", domain, recorded, training_domain(payload), source, flag)
 
 
 def trained_class(payload: dict[str, Any]) -> tuple[str | None, str]:
@@ -303,18 +319,12 @@ def field_class(class_name: str | None, opened: Opened, recorded: str | None = N
     """The class (prompt name) a field command scores: --class_name, else the calibration's
     (`recorded`), else the class the checkpoint's run trained (an export's first class), else
     the generic 'object'; logs where it came from."""
-    if class_name:
-        logger.info("class %r (--class_name)", class_name)
-        return class_name
-    if recorded:
-        logger.info("class %r: the calibration's (--class_name overrides)", recorded)
-        return recorded
     if opened.model is None:
         trained, source = opened.predictor.classes[0]["prompt"], "the export's first class"
     else:
         trained, source = trained_class(opened.payload)
-    if trained is not None:
-        logger.info("class %r: the checkpoint's, %s (--class_name overrides)", trained, source)
-        return trained
-    logger.info("class 'object', the generic prompt: %s; --class_name names yours", source)
-    return "object"
+    flag = "--class_name"
+    if trained is None:
+        generic = f"the generic prompt ({source})"
+        return _resolved("class", class_name, recorded, "object", generic, flag)
+    return _resolved("class", class_name, recorded, trained, f"the checkpoint's, {source}", flag)
