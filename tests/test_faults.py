@@ -329,7 +329,7 @@ def test_a_second_training_into_the_same_folder_is_refused(good_run, one_line_er
     lock.write_text(f"{gone.stdout.strip()} {os.uname().nodename}\n")  # its process is gone
     caplog.clear()
     assert train.main([*argv, "--epochs", "2"]) == 0
-    assert "removing the stale lock" in caplog.text and not lock.exists()
+    assert "taking over the stale lock" in caplog.text and not lock.exists()
 
 
 def test_kill_9_at_random_points_leaves_loadable_checkpoints_and_the_same_final_weights(
